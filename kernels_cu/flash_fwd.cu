@@ -1,0 +1,127 @@
+// FlashAttention-2 forward: O = softmax(scale * Q K^T) V and lse, never writing S or P.
+//
+// One thread block owns kBlockM query rows of one (batch, head); each warp owns kWarpRows of
+// them. K/V tiles stream through kStages shared-memory slots with cp.async while the tensor
+// cores work on the previous slot. The tiles are visited from the last to the first so that the
+// few tiles that need a per-element mask (sequence tail, causal diagonal) come first and the
+// rest run unmasked. cupyflash/reference_tiled.py is the same algorithm in NumPy.
+//
+// Compile-time macros (set by cupyflash/build.py): CF_ELEMENT (Half | BFloat16), CF_HEAD_DIM,
+// CF_BLOCK_M, CF_BLOCK_N, CF_NUM_WARPS, CF_STAGES.
+#include "gemm.cuh"
+#include "mask.cuh"
+#include "softmax.cuh"
+#include "tile_io.cuh"
+#include "traits.cuh"
+
+namespace cf {
+using FwdKernel = RowTraits<CF_HEAD_DIM, CF_BLOCK_M, CF_BLOCK_N, CF_NUM_WARPS, CF_STAGES>;
+using Element = CF_ELEMENT;
+}  // namespace cf
+
+// q:   (batch, seqlen_q, heads_q, head_dim), 16-bit, last dim contiguous; strides in elements.
+// k/v: (batch, seqlen_k, heads_q / group_size, head_dim), same rules (MQA/GQA: q head h reads
+//      kv head h / group_size).
+// out: like q. lse: (batch, heads_q, seqlen_q) float32 contiguous, natural log, +inf for rows
+//      that see no key.
+// head_dim: the real head dim, <= CF_HEAD_DIM (columns past it are zero-filled / not stored).
+// window_left / window_right: keys [i + off - left, i + off + right] with off = seqlen_k -
+//      seqlen_q; -1 = unbounded; causal = right 0.
+// scale_log2: softmax_scale * log2(e), so that exp(scale * s) = exp2(scale_log2 * s).
+// Grid: (ceil(seqlen_q / kBlockM), heads_q, batch); block: kThreads; dynamic smem: FwdSmem.
+extern "C" __global__ void __launch_bounds__(cf::FwdKernel::kThreads)
+    flash_fwd(const cf::u16* __restrict__ q, const cf::u16* __restrict__ k, const cf::u16* __restrict__ v,
+              cf::u16* __restrict__ out, float* __restrict__ lse, cf::i64 q_batch_stride, cf::i64 q_row_stride,
+              cf::i64 q_head_stride, cf::i64 k_batch_stride, cf::i64 k_row_stride, cf::i64 k_head_stride,
+              cf::i64 v_batch_stride, cf::i64 v_row_stride, cf::i64 v_head_stride, cf::i64 o_batch_stride,
+              cf::i64 o_row_stride, cf::i64 o_head_stride, int seqlen_q, int seqlen_k, int heads_q,
+              int group_size, int head_dim, int window_left, int window_right, float scale_log2) {
+  using namespace cf;
+  using T = FwdKernel;
+  extern __shared__ Vec16 smem_raw[];
+  FwdSmem<T>& sm = *reinterpret_cast<FwdSmem<T>*>(smem_raw);
+
+  // Reversed so that, under a causal mask, the blocks with the most K tiles start first.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int head = blockIdx.y, batch = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
+  const int row_begin = m_block * T::kBlockM;
+  const int rows = min(T::kBlockM, seqlen_q - row_begin);
+  const int kv_head = head / group_size;
+
+  const u16* q_tile = q + batch * q_batch_stride + head * q_head_stride + row_begin * q_row_stride;
+  const u16* k_head = k + batch * k_batch_stride + kv_head * k_head_stride;
+  const u16* v_head = v + batch * v_batch_stride + kv_head * v_head_stride;
+  u16* o_tile = out + batch * o_batch_stride + head * o_head_stride + row_begin * o_row_stride;
+  float* lse_tile = lse + (static_cast<i64>(batch) * heads_q + head) * seqlen_q + row_begin;
+
+  int n_begin, n_end;
+  mask.key_tiles<T::kBlockN>(row_begin, row_begin + rows, n_begin, n_end);
+  if (n_end <= n_begin) {  // no row of this block sees a key: out = 0, lse = +inf
+    store_zero_tile<T::kBlockM, T::kHeadDim, T::kThreads>(o_tile, o_row_stride, rows, head_dim, tid);
+    for (int row = tid; row < rows; row += T::kThreads) lse_tile[row] = infinity();
+    return;
+  }
+  const int n_tiles = n_end - n_begin;
+  auto load_kv = [&](int slot, int n_block) {
+    const int key0 = n_block * T::kBlockN;
+    const int keys = min(T::kBlockN, seqlen_k - key0);
+    load_tile_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(sm.k[slot], k_head + key0 * k_row_stride,
+                                                                        k_row_stride, keys, head_dim, tid);
+    load_tile_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(sm.v[slot], v_head + key0 * v_row_stride,
+                                                                        v_row_stride, keys, head_dim, tid);
+  };
+
+  // Prologue: Q and the first kStages - 1 K/V tiles, one commit group per tile (Q joins the first).
+  load_tile_async<T::kBlockM, T::kHeadDim, T::kStride, T::kThreads>(sm.q, q_tile, q_row_stride, rows, head_dim, tid);
+#pragma unroll
+  for (int s = 0; s < T::kStages - 1; ++s) {
+    if (s < n_tiles) load_kv(s, n_end - 1 - s);
+    cp_async_commit();
+  }
+
+  float acc_o[T::kMTiles][T::kDTiles][4];
+  zero(acc_o);
+  OnlineSoftmax<T::kMTiles> softmax;
+  softmax.init();
+  const int warp_row0 = warp * T::kWarpRows;
+
+  for (int it = 0; it < n_tiles; ++it) {
+    // Tile `it` has landed once at most kStages - 2 younger groups are in flight; the barrier
+    // also tells every warp that the slot refilled below is no longer being read.
+    cp_async_wait<T::kStages - 2>();
+    __syncthreads();
+    const int next = it + T::kStages - 1;
+    if (next < n_tiles) load_kv(next % T::kStages, n_end - 1 - next);
+    cp_async_commit();
+
+    const int slot = it % T::kStages;
+    const int key0 = (n_end - 1 - it) * T::kBlockN;
+    float s[T::kMTiles][T::kNTiles][4];
+    zero(s);
+    gemm_nt<Element, T::kMTiles, T::kNTiles, T::kHeadDim>(s, sm.q, warp_row0, sm.k[slot], 0, lane);
+    if (!mask.tile_is_full(row_begin, row_begin + rows, key0, key0 + T::kBlockN))
+      mask_scores(s, mask, row_begin + warp_row0, key0, lane);
+    softmax.update(s, acc_o, scale_log2);
+    gemm_rn<Element, T::kMTiles, T::kDTiles, T::kNTiles>(acc_o, s, sm.v[slot], 0, lane);
+  }
+
+  float row_lse[T::kMTiles][2];
+  softmax.finalize(acc_o, row_lse, scale_log2);
+  // Each warp stages its own rows of O in its own rows of the Q tile, then stores them 16 bytes
+  // at a time; no other warp touches those rows, so a warp barrier suffices.
+  sync_warp();
+  store_frags_to_smem<Element>(sm.q, acc_o, warp_row0, 0, lane, 1.f);
+  sync_warp();
+  store_tile<T::kWarpRows, T::kHeadDim, T::kStride, 32>(o_tile + warp_row0 * o_row_stride, o_row_stride,
+                                                        &sm.q[warp_row0], rows - warp_row0, head_dim, lane);
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < T::kMTiles; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = warp_row0 + 16 * mt + g + 8 * h;
+      if (t == 0 && row < rows) lse_tile[row] = row_lse[mt][h];
+    }
+}

@@ -1,0 +1,153 @@
+// Warp-level matrix products on mma.sync m16n8k16 tiles (fp16/bf16 in, fp32 accumulate).
+//
+// Names say how each operand is stored, BLAS style: for A, "n" = A[m][k] (k contiguous),
+// "t" = stored as A^T[k][m], "r" = already in registers as fp32 accumulator fragments; for B,
+// "n" = B[k][n] (n contiguous) and "t" = stored as B^T[n][k]. Every product of the kernels is
+// one of these four:
+//   gemm_nt  S = Q K^T, S^T = K Q^T, dP = dO V^T, dP^T = V dO^T
+//   gemm_rn  O += P V, dQ += dS K (P, dS still in registers)
+//   gemm_nn  dV += P^T dO, dK += dS^T Q (P^T, dS^T in shared memory)
+//   gemm_tn  dQ += dS K (dS stored transposed, as dS^T)
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16; lane = 4 * g + t): A holds (g, 2t..2t+1),
+// (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..); B holds (k = 2t..2t+1, n = g) and (k = 2t+8.., n = g);
+// the accumulator holds (g, 2t..2t+1) and (g+8, 2t..2t+1). ldmatrix.x4 gives lane l's address
+// to matrix l / 8 and hands each lane row l / 4, columns 2 (l % 4) .. +1 of every matrix.
+#pragma once
+#include "ptx.cuh"
+
+namespace cf {
+
+// A fragment of rows [row0, row0 + 16), columns [k0, k0 + 16) of A[m][k].
+template <int kStride>
+__device__ __forceinline__ void load_a(u32 (&a)[4], const u16 (*smem)[kStride], int row0, int k0, int lane) {
+  ldmatrix_x4(a, smem_addr(&smem[row0 + (lane & 15)][k0 + (lane >> 4) * 8]));
+}
+
+// The same fragment when shared memory holds A^T[k][m].
+template <int kStride>
+__device__ __forceinline__ void load_a_trans(u32 (&a)[4], const u16 (*smem)[kStride], int row0, int k0, int lane) {
+  ldmatrix_x4_trans(a, smem_addr(&smem[k0 + (lane & 7) + (lane >> 4) * 8][row0 + ((lane >> 3) & 1) * 8]));
+}
+
+// B fragments of two n8 tiles (b[0..1]: columns n0.., b[2..3]: n0 + 8..), rows [k0, k0 + 16),
+// when shared memory holds B^T[n][k].
+template <int kStride>
+__device__ __forceinline__ void load_b_pair(u32 (&b)[4], const u16 (*smem)[kStride], int n0, int k0, int lane) {
+  ldmatrix_x4(b, smem_addr(&smem[n0 + (lane & 7) + (lane >> 4) * 8][k0 + ((lane >> 3) & 1) * 8]));
+}
+
+// The same two tiles when shared memory holds B[k][n].
+template <int kStride>
+__device__ __forceinline__ void load_b_pair_trans(u32 (&b)[4], const u16 (*smem)[kStride], int n0, int k0,
+                                                  int lane) {
+  ldmatrix_x4_trans(b, smem_addr(&smem[k0 + (lane & 7) + ((lane >> 3) & 1) * 8][n0 + (lane >> 4) * 8]));
+}
+
+// Two accumulator tiles (n8 each, 16 columns together) repacked as one A fragment: the m16n8
+// accumulator layout matches the A layout, so no data crosses lanes.
+template <class Element>
+__device__ __forceinline__ void pack_a(u32 (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = Element::pack(lo[0], lo[1]);
+  a[1] = Element::pack(lo[2], lo[3]);
+  a[2] = Element::pack(hi[0], hi[1]);
+  a[3] = Element::pack(hi[2], hi[3]);
+}
+
+template <class Element, int kMTiles, int kNTiles>
+__device__ __forceinline__ void mma_pairs(float (&acc)[kMTiles][kNTiles][4], const u32 (&a)[kMTiles][4],
+                                          const u32 (&b)[4], int nt) {
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    Element::mma(acc[mt][nt], a[mt], b[0], b[1]);
+    Element::mma(acc[mt][nt + 1], a[mt], b[2], b[3]);
+  }
+}
+
+// acc += A[a_row0 + (0..16 kMTiles), 0..kK] * (B^T[b_row0 + (0..8 kNTiles), 0..kK])^T
+template <class Element, int kMTiles, int kNTiles, int kK, int kStrideA, int kStrideB>
+__device__ __forceinline__ void gemm_nt(float (&acc)[kMTiles][kNTiles][4], const u16 (*a_smem)[kStrideA],
+                                        int a_row0, const u16 (*b_smem)[kStrideB], int b_row0, int lane) {
+  static_assert(kK % 16 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
+#pragma unroll
+  for (int k0 = 0; k0 < kK; k0 += 16) {
+    u32 a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) load_a(a[mt], a_smem, a_row0 + 16 * mt, k0, lane);
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; nt += 2) {
+      u32 b[4];
+      load_b_pair(b, b_smem, b_row0 + 8 * nt, k0, lane);
+      mma_pairs<Element>(acc, a, b, nt);
+    }
+  }
+}
+
+// acc += P * B[0..8 kKTiles, b_col0 + (0..8 kNTiles)], P given as fp32 accumulator fragments.
+template <class Element, int kMTiles, int kNTiles, int kKTiles, int kStrideB>
+__device__ __forceinline__ void gemm_rn(float (&acc)[kMTiles][kNTiles][4], const float (&p)[kMTiles][kKTiles][4],
+                                        const u16 (*b_smem)[kStrideB], int b_col0, int lane) {
+  static_assert(kKTiles % 2 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
+#pragma unroll
+  for (int kt = 0; kt < kKTiles; kt += 2) {
+    u32 a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) pack_a<Element>(a[mt], p[mt][kt], p[mt][kt + 1]);
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; nt += 2) {
+      u32 b[4];
+      load_b_pair_trans(b, b_smem, b_col0 + 8 * nt, 8 * kt, lane);
+      mma_pairs<Element>(acc, a, b, nt);
+    }
+  }
+}
+
+// acc += A[a_row0 + (0..16 kMTiles), 0..kK] * B[0..kK, b_col0 + (0..8 kNTiles)]
+template <class Element, int kMTiles, int kNTiles, int kK, int kStrideA, int kStrideB>
+__device__ __forceinline__ void gemm_nn(float (&acc)[kMTiles][kNTiles][4], const u16 (*a_smem)[kStrideA],
+                                        int a_row0, const u16 (*b_smem)[kStrideB], int b_col0, int lane) {
+  static_assert(kK % 16 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
+#pragma unroll
+  for (int k0 = 0; k0 < kK; k0 += 16) {
+    u32 a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) load_a(a[mt], a_smem, a_row0 + 16 * mt, k0, lane);
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; nt += 2) {
+      u32 b[4];
+      load_b_pair_trans(b, b_smem, b_col0 + 8 * nt, k0, lane);
+      mma_pairs<Element>(acc, a, b, nt);
+    }
+  }
+}
+
+// acc += A[a_row0 + (0..16 kMTiles), 0..kK] * B[0..kK, b_col0 + (0..8 kNTiles)], A stored as A^T.
+template <class Element, int kMTiles, int kNTiles, int kK, int kStrideA, int kStrideB>
+__device__ __forceinline__ void gemm_tn(float (&acc)[kMTiles][kNTiles][4], const u16 (*at_smem)[kStrideA],
+                                        int a_row0, const u16 (*b_smem)[kStrideB], int b_col0, int lane) {
+  static_assert(kK % 16 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
+#pragma unroll
+  for (int k0 = 0; k0 < kK; k0 += 16) {
+    u32 a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) load_a_trans(a[mt], at_smem, a_row0 + 16 * mt, k0, lane);
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; nt += 2) {
+      u32 b[4];
+      load_b_pair_trans(b, b_smem, b_col0 + 8 * nt, k0, lane);
+      mma_pairs<Element>(acc, a, b, nt);
+    }
+  }
+}
+
+template <int kMTiles, int kNTiles>
+__device__ __forceinline__ void zero(float (&acc)[kMTiles][kNTiles][4]) {
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
+}
+
+}  // namespace cf

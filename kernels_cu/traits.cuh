@@ -1,0 +1,114 @@
+// Compile-time numbers of every kernel: tile sizes, warps, pipeline depth, and what follows from
+// them. cupyflash/build.py sets the CF_* macros (one cubin per variant); cupyflash/config.py
+// mirrors the shared-memory arithmetic, and a CPU test checks the two agree.
+#pragma once
+#include "ptx.cuh"
+
+namespace cf {
+
+// The 16-bit element types. Each knows its tensor-core instruction and its conversions.
+struct Half {
+  static __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    mma_16816_f16(d, a, b0, b1);
+  }
+  static __device__ __forceinline__ u32 pack(float lo, float hi) { return pack_f16x2(lo, hi); }
+  static __device__ __forceinline__ void unpack(u32 v, float& lo, float& hi) { unpack_f16x2(v, lo, hi); }
+};
+
+struct BFloat16 {
+  static __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    mma_16816_bf16(d, a, b0, b1);
+  }
+  static __device__ __forceinline__ u32 pack(float lo, float hi) { return pack_bf16x2(lo, hi); }
+  static __device__ __forceinline__ void unpack(u32 v, float& lo, float& hi) { unpack_bf16x2(v, lo, hi); }
+};
+
+// Shared-memory rows are padded by one 16-byte chunk: with a row pitch of (head_dim + 8)
+// elements, the 8 rows one ldmatrix reads at the same column land in 8 different bank groups
+// whenever head_dim / 8 is even, which holds for every instantiated head dim.
+constexpr int kSmemPad = 8;
+// Elements per 16-byte chunk: the unit of every global <-> shared copy.
+constexpr int kChunk = 8;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Shared by the forward kernel and the backward dQ kernel: a warp owns kWarpRows query rows.
+template <int HeadDim, int BlockM, int BlockN, int NWarps, int Stages>
+struct RowTraits {
+  static constexpr int kHeadDim = HeadDim;
+  static constexpr int kBlockM = BlockM;
+  static constexpr int kBlockN = BlockN;
+  static constexpr int kNWarps = NWarps;
+  static constexpr int kStages = Stages;
+  static constexpr int kThreads = NWarps * 32;
+  static constexpr int kWarpRows = BlockM / NWarps;  // query rows per warp
+  static constexpr int kMTiles = kWarpRows / 16;     // m16 MMA tiles per warp
+  static constexpr int kNTiles = BlockN / 8;         // n8 tiles of S = Q K^T per warp
+  static constexpr int kDTiles = HeadDim / 8;        // n8 tiles of the head_dim accumulator
+  static constexpr int kStride = HeadDim + kSmemPad;  // shared row pitch, elements
+
+  static_assert(HeadDim % 32 == 0 && HeadDim <= 256, "instantiated head dims are multiples of 32 up to 256");
+  static_assert(BlockM % (16 * NWarps) == 0, "each warp owns a whole number of m16 tiles");
+  static_assert(kMTiles >= 1 && kMTiles <= 2, "one or two m16 tiles per warp");
+  static_assert(BlockN % 16 == 0, "K/V tiles are consumed 16 keys (one k16 step) at a time");
+  static_assert(Stages >= 2, "K/V tiles are at least double-buffered");
+};
+
+// Forward: Q tile, and kStages slots of K and V tiles.
+template <class T>
+struct FwdSmem {
+  u16 q[T::kBlockM][T::kStride];  // reused to stage O for coalesced stores
+  u16 k[T::kStages][T::kBlockN][T::kStride];
+  u16 v[T::kStages][T::kBlockN][T::kStride];
+};
+
+// Backward dK/dV: the block owns kBlockN keys; Q / dO tiles of kBlockM queries stream through
+// kStages slots. Warps form a kWarpsN x kWarpsD grid: warp (wn, wd) owns key rows
+// [16 kMTiles wn, +16 kMTiles) and, for S^T and dP^T, query columns [kBlockM / kWarpsD * wd, ...);
+// for dK and dV, head_dim columns [kHeadDim / kWarpsD * wd, ...). Splitting head_dim keeps the
+// two accumulators at 2 * kHeadDim / kWarpsD floats per thread (head_dim 256 needs kWarpsD 2).
+template <int HeadDim, int BlockM, int BlockN, int NWarps, int Stages, int WarpsD, bool AccumDq>
+struct DkdvTraits {
+  static constexpr int kHeadDim = HeadDim;
+  static constexpr int kBlockM = BlockM;
+  static constexpr int kBlockN = BlockN;
+  static constexpr int kNWarps = NWarps;
+  static constexpr int kStages = Stages;
+  static constexpr int kWarpsD = WarpsD;
+  static constexpr bool kAccumDq = AccumDq;
+  static constexpr int kThreads = NWarps * 32;
+  static constexpr int kWarpsN = NWarps / WarpsD;
+  static constexpr int kMTiles = BlockN / (16 * kWarpsN);    // m16 key tiles per warp
+  static constexpr int kQTiles = BlockM / WarpsD / 8;        // n8 query tiles of S^T per warp
+  static constexpr int kAccDTiles = HeadDim / WarpsD / 8;    // n8 head_dim tiles of dK, dV per warp
+  static constexpr int kStride = HeadDim + kSmemPad;
+  static constexpr int kPStride = BlockM + kSmemPad;         // P^T and dS^T rows: BlockM queries
+  // dQ = dS K (only with AccumDq): a kDqWarpsM x kDqWarpsD grid over (queries, head_dim).
+  static constexpr int kDqWarpsM = (BlockM / 16 < NWarps) ? BlockM / 16 : NWarps;
+  static constexpr int kDqWarpsD = NWarps / kDqWarpsM;
+  static constexpr int kDqMTiles = BlockM / 16 / kDqWarpsM;
+  static constexpr int kDqDTiles = HeadDim / kDqWarpsD / 8;
+
+  static_assert(HeadDim % 32 == 0 && HeadDim <= 256, "instantiated head dims are multiples of 32 up to 256");
+  static_assert(NWarps % WarpsD == 0, "warps split evenly between keys and head_dim");
+  static_assert(BlockN % (16 * kWarpsN) == 0 && kMTiles >= 1 && kMTiles <= 2, "one or two m16 key tiles per warp");
+  static_assert(BlockM % (16 * WarpsD) == 0, "query columns of S^T split into whole k16 steps");
+  static_assert(HeadDim % (16 * WarpsD) == 0, "head_dim columns of dK/dV split into n8 pairs");
+  static_assert(kDqWarpsM * kDqWarpsD == NWarps && (BlockM / 16) % kDqWarpsM == 0, "dQ rows split evenly");
+  static_assert(HeadDim % (16 * kDqWarpsD) == 0, "dQ head_dim columns split into n8 pairs");
+  static_assert(Stages >= 2, "Q/dO tiles are at least double-buffered");
+};
+
+template <class T>
+struct DkdvSmem {
+  u16 k[T::kBlockN][T::kStride];  // reused to stage dK for coalesced stores
+  u16 v[T::kBlockN][T::kStride];  // reused to stage dV
+  u16 q[T::kStages][T::kBlockM][T::kStride];
+  u16 dout[T::kStages][T::kBlockM][T::kStride];
+  float lse[T::kStages][T::kBlockM];    // 0 for rows past seqlen_q (their Q and dO rows are 0 too)
+  float delta[T::kStages][T::kBlockM];
+  u16 pt[T::kBlockN][T::kPStride];   // P^T, for dV = P^T dO
+  u16 dst[T::kBlockN][T::kPStride];  // dS^T, for dK = dS^T Q and dQ = dS K
+};
+
+}  // namespace cf
