@@ -42,6 +42,9 @@ __device__ __forceinline__ void add_dq_frags(float* dq_accum, i64 row_stride, co
 }
 }  // namespace cf
 
+// cupyflash/config.py computes the same size for the launch; the build passes it here.
+static_assert(sizeof(cf::DkdvSmem<cf::DkdvKernel>) == CF_SMEM_BYTES, "config.py smem_bytes() disagrees with the kernel's layout");
+
 // q, dout: (batch, seqlen_q, heads_q, head_dim); k, v, dk, dv: (batch, seqlen_k, heads_kv,
 //   head_dim); all 16-bit with a contiguous last dim, strides in elements. q head h belongs to
 //   kv head h / group_size.

@@ -24,6 +24,9 @@ struct DqSmem {
 };
 }  // namespace cf
 
+// cupyflash/config.py computes the same size for the launch; the build passes it here.
+static_assert(sizeof(cf::DqSmem<cf::DqKernel>) == CF_SMEM_BYTES, "config.py smem_bytes() disagrees with the kernel's layout");
+
 // q, dout, dq: (batch, seqlen_q, heads_q, head_dim); k, v: (batch, seqlen_k, heads_kv,
 //   head_dim); 16-bit, contiguous last dim, strides in elements.
 // lse, delta: (batch, heads_q, seqlen_q) float32 contiguous.

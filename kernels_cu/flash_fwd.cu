@@ -19,6 +19,9 @@ using FwdKernel = RowTraits<CF_HEAD_DIM, CF_BLOCK_M, CF_BLOCK_N, CF_NUM_WARPS, C
 using Element = CF_ELEMENT;
 }  // namespace cf
 
+// cupyflash/config.py computes the same size for the launch; the build passes it here.
+static_assert(sizeof(cf::FwdSmem<cf::FwdKernel>) == CF_SMEM_BYTES, "config.py smem_bytes() disagrees with the kernel's layout");
+
 // q:   (batch, seqlen_q, heads_q, head_dim), 16-bit, last dim contiguous; strides in elements.
 // k/v: (batch, seqlen_k, heads_q / group_size, head_dim), same rules (MQA/GQA: q head h reads
 //      kv head h / group_size).

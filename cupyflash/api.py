@@ -1,0 +1,147 @@
+"""The public functions: validate the inputs, pick a config, launch the kernels.
+
+Causal masking with seqlen_q != seqlen_k is aligned to the bottom-right corner, as in
+flash_attn: query i sees key j when j <= i + seqlen_k - seqlen_q. For seqlen_q = 3,
+seqlen_k = 5 (x = visible)::
+
+           key 0 1 2 3 4
+    query 0    x x x . .
+    query 1    x x x x .
+    query 2    x x x x x
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from . import launch, selection
+from .arrays import Placement, to_caller, to_gpu, wrap_all
+from .config import kernel_head_dim
+from .device import current_device_id, device_limits, gpu_count, require_cupy
+from .problem import Problem, check_seed
+
+ALIGN_ELEMENTS = 8  # cp.async moves 16 bytes: pointers and strides must be multiples of 8 elements
+
+
+def attention(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: float | None = None,
+              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
+              dropout_p: float = 0.0, seed: int | None = None, return_lse: bool = False) -> Any:
+    """Exact softmax attention, fused: ``softmax(softmax_scale * q @ k^T) @ v`` per head.
+
+    q: (batch, seqlen_q, heads_q, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim) with
+    heads_q a multiple of heads_kv (MQA/GQA); float16 or bfloat16; only the last dimension must
+    be contiguous. CuPy arrays, NumPy arrays (results come back as NumPy) or any DLPack /
+    __cuda_array_interface__ object. softmax_scale defaults to 1 / sqrt(head_dim).
+    causal: bottom-right aligned (see the module docstring). window_size (left, right): query i
+    sees keys [i + off - left, i + off + right], off = seqlen_k - seqlen_q, -1 = unbounded.
+
+    Returns out (batch, seqlen_q, heads_q, head_dim) in the input dtype, and with return_lse
+    also lse (batch, heads_q, seqlen_q) float32, the natural log of each row's softmax
+    denominator. A row that sees no key gets out = 0 and lse = +inf.
+    """
+    arrays, placement = wrap_all(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+    problem = Problem.from_arrays(arrays["q"], arrays["k"], arrays["v"], causal=causal,
+                                  softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                                  alibi_slopes=arrays.get("alibi_slopes"), dropout_p=dropout_p)
+    check_seed(seed)
+    _require_kernel_features(problem)
+    with _device_of(placement) as (device_id, stream):
+        q_, k_, v_ = (_kernel_ready(arrays[name]) for name in ("q", "k", "v"))
+        out, lse = _forward(problem, q_, k_, v_, device_id, stream)
+        out = out[..., : problem.head_dim]
+    out = to_caller(out, placement)
+    return (out, to_caller(lse, placement)) if return_lse else out
+
+
+def attention_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *, causal: bool = False,
+                       softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                       softcap: float = 0.0, alibi_slopes: Any = None, dropout_p: float = 0.0,
+                       seed: int | None = None, deterministic: bool = False) -> tuple[Any, Any, Any]:
+    """Gradients (dq, dk, dv) of ``attention`` given dout = dLoss/dout, out and lse from the
+    forward call with the same options. Shapes and dtypes as q, k, v; with GQA, dk and dv are
+    summed over the q heads that share each kv head. deterministic=True gives bitwise-repeatable
+    results (dQ in its own pass instead of float32 atomics, about 1.4x the matrix work).
+    """
+    arrays, placement = wrap_all(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=alibi_slopes)
+    problem = Problem.from_arrays(arrays["q"], arrays["k"], arrays["v"], causal=causal,
+                                  softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                                  alibi_slopes=arrays.get("alibi_slopes"), dropout_p=dropout_p)
+    problem.check_backward(arrays["dout"], arrays["out"], arrays["lse"])
+    check_seed(seed)
+    _require_kernel_features(problem)
+    with _device_of(placement) as (device_id, stream):
+        t = {name: _kernel_ready(arrays[name]) for name in ("dout", "q", "k", "v", "out")}
+        t["lse"] = require_cupy().ascontiguousarray(to_gpu(arrays["lse"]))
+        grads = _backward(problem, t, bool(deterministic), device_id, stream)
+    return tuple(to_caller(g[..., : problem.head_dim], placement) for g in grads)
+
+
+def _require_kernel_features(problem: Problem) -> None:
+    """Options the API accepts and the reference implements, but the GPU kernels do not yet."""
+    missing = [name for name, used in (("softcap", problem.softcap > 0), ("alibi_slopes", problem.has_alibi),
+                                       ("dropout_p", problem.dropout_p > 0)) if used]
+    if missing:
+        raise NotImplementedError(f"{', '.join(missing)} not yet supported by the GPU kernels; "
+                                  "cupyflash.reference implements them on the CPU")
+
+
+@contextmanager
+def _device_of(placement: Placement) -> Iterator[tuple[int, Any]]:
+    """Run on the inputs' GPU (the current one for NumPy inputs), on the current stream."""
+    if gpu_count() == 0:
+        raise RuntimeError("cupyflash found no CUDA GPU; cupyflash.reference computes attention on the CPU")
+    cupy = require_cupy()
+    device_id = current_device_id() if placement.on_host else placement.device_id
+    with cupy.cuda.Device(device_id):
+        yield device_id, cupy.cuda.get_current_stream()
+
+
+def _kernel_ready(array: Any) -> Any:
+    """On the GPU, head_dim padded with zeros to a multiple of 8, 16-byte aligned rows."""
+    cupy = require_cupy()
+    array = to_gpu(array)
+    head_dim = array.shape[3]
+    if head_dim % ALIGN_ELEMENTS:
+        padded = cupy.zeros(array.shape[:3] + (head_dim + (-head_dim) % ALIGN_ELEMENTS,), array.dtype)
+        padded[..., :head_dim] = array
+        return padded
+    aligned = array.data.ptr % 16 == 0 and all(
+        (stride // array.itemsize) % ALIGN_ELEMENTS == 0 for stride, n in zip(array.strides[:3], array.shape) if n > 1)
+    return array if aligned else cupy.ascontiguousarray(array)
+
+
+def _forward(problem: Problem, q: Any, k: Any, v: Any, device_id: int, stream: Any) -> tuple[Any, Any]:
+    cupy = require_cupy()
+    limits = device_limits(device_id)
+    kernel_dim = kernel_head_dim(q.shape[3])
+    out = cupy.empty(q.shape[:3] + (q.shape[3],), q.dtype)
+    lse = cupy.empty((problem.batch, problem.heads_q, problem.seqlen_q), cupy.float32)
+    if not problem.is_empty:
+        config = selection.fwd_config(problem, kernel_dim, limits)
+        launch.forward(problem, kernel_dim, config, q, k, v, out, lse, limits, device_id, stream)
+    return out, lse
+
+
+def _backward(problem: Problem, t: dict[str, Any], deterministic: bool, device_id: int,
+              stream: Any) -> tuple[Any, Any, Any]:
+    cupy = require_cupy()
+    limits = device_limits(device_id)
+    kernel_dim = kernel_head_dim(t["q"].shape[3])
+    t["dq"] = cupy.empty(t["q"].shape, t["q"].dtype)
+    t["dk"] = cupy.empty(t["k"].shape, t["k"].dtype)
+    t["dv"] = cupy.empty(t["v"].shape, t["v"].dtype)
+    if problem.batch == 0 or problem.heads_q == 0 or problem.seqlen_k == 0:
+        t["dq"].fill(0)  # nothing to attend to: every gradient is 0 (dk, dv are empty or 0-sized)
+        return t["dq"], t["dk"], t["dv"]
+    config = selection.bwd_config(problem, kernel_dim, limits)
+    t["delta"] = cupy.empty((problem.batch, problem.heads_q, problem.seqlen_q), cupy.float32)
+    launch.backward_delta(problem, t["out"], t["dout"], t["delta"], limits, device_id, stream)
+    if config.dq_atomic and not deterministic:
+        t["dq_accum"] = cupy.zeros(t["q"].shape, cupy.float32)
+        launch.backward_dkdv(problem, kernel_dim, config, True, t, limits, device_id, stream)
+        launch.backward_convert_dq(problem, t["dq_accum"], t["dq"], limits, device_id, stream)
+    else:
+        launch.backward_dkdv(problem, kernel_dim, config, False, t, limits, device_id, stream)
+        launch.backward_dq(problem, kernel_dim, config.dq, t, limits, device_id, stream)
+    return t["dq"], t["dk"], t["dv"]

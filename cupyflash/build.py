@@ -1,0 +1,165 @@
+"""Source -> cubin -> CuPy function.
+
+One path for every architecture: NVRTC compiles a kernels_cu/*.cu file with -D macros for one
+variant and an explicit -arch, producing a cubin (no GPU needed, so the CPU test suite compiles
+every variant). Cubins are cached on disk under a key that covers the hash of all of
+kernels_cu/ (CuPy's own cache ignores #included headers), the variant, the arch and the NVRTC
+version; files are written atomically, so a second process loads them without calling NVRTC.
+Loaded functions are memoized per device.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__, settings
+from .device import require_cupy
+
+
+def kernel_dir() -> Path:
+    """kernels_cu/: inside the installed package (wheels), else at the repository top."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels_cu", here.parent / "kernels_cu"):
+        if (candidate / "flash_fwd.cu").is_file():
+            return candidate
+    raise FileNotFoundError(f"kernel sources (kernels_cu/flash_fwd.cu) not found next to {here}")
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash() -> str:
+    """sha256 over every kernel source file, names included (first 16 hex digits)."""
+    digest = hashlib.sha256()
+    for path in sorted(kernel_dir().glob("*.cu*")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compiled variant: a source file, its entry point and its -D macros."""
+
+    source: str  # file name in kernels_cu/
+    entry: str  # extern "C" function name
+    defines: tuple[tuple[str, str], ...]
+
+    def options(self, arch: str) -> list[str]:
+        return [
+            f"-arch={arch}",
+            "-std=c++17",
+            f"-I{kernel_dir()}",
+            "--ptxas-options=-v",
+            *(f"-D{name}={value}" for name, value in self.defines),
+        ]
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    cubin: bytes
+    registers: int
+    spill_bytes: int  # spill stores + spill loads reported by ptxas
+    log: str
+
+
+def nvrtc_version() -> tuple[int, int]:
+    return tuple(require_cupy().cuda.nvrtc.getVersion())
+
+
+def _ptxas_numbers(log: str, entry: str) -> tuple[int, int]:
+    """Registers and spill bytes of `entry` from the -Xptxas=-v report."""
+    section = log.split(f"Function properties for {entry}")[-1]
+    regs = re.search(r"Used (\d+) registers", section)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", section)
+    if regs is None or spills is None:
+        raise RuntimeError(f"could not read the ptxas report for {entry}:\n{log}")
+    return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
+
+
+def compile_kernel(spec: KernelSpec, arch: str) -> CompiledKernel:
+    """NVRTC compile of one variant to a cubin for `arch` (e.g. "sm_90"); needs no GPU."""
+    nvrtc = require_cupy().cuda.nvrtc
+    source = (kernel_dir() / spec.source).read_text()
+    program = nvrtc.createProgram(source, spec.source, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, spec.options(arch))
+        except nvrtc.NVRTCError as error:
+            log = nvrtc.getProgramLog(program)
+            raise RuntimeError(f"NVRTC failed to compile {spec.source} ({spec.entry}, {arch}, "
+                               f"{dict(spec.defines)}):\n{log}") from error
+        log = nvrtc.getProgramLog(program)
+        cubin = nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    registers, spill_bytes = _ptxas_numbers(log, spec.entry)
+    return CompiledKernel(cubin, registers, spill_bytes, log)
+
+
+def cache_key(spec: KernelSpec, arch: str) -> str:
+    parts = [source_hash(), spec.source, spec.entry, repr(spec.defines), arch,
+             "nvrtc%d.%d" % nvrtc_version(), __version__]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_kernel(spec: KernelSpec, arch: str) -> CompiledKernel:
+    """The compiled variant, from the disk cache when present, else compiled and stored."""
+    if not settings.disk_cache_enabled():
+        return compile_kernel(spec, arch)
+    base = settings.kernel_cache_dir() / cache_key(spec, arch)
+    cubin_path, meta_path = base.with_suffix(".cubin"), base.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        return CompiledKernel(cubin_path.read_bytes(), meta["registers"], meta["spill_bytes"], meta["log"])
+    except (OSError, ValueError, KeyError):
+        pass  # absent or unreadable: compile again and overwrite
+    kernel = compile_kernel(spec, arch)
+    meta = {"registers": kernel.registers, "spill_bytes": kernel.spill_bytes, "log": kernel.log,
+            "source": spec.source, "entry": spec.entry, "defines": dict(spec.defines), "arch": arch}
+    write_atomic(cubin_path, kernel.cubin)
+    write_atomic(meta_path, json.dumps(meta, indent=1).encode())  # written last: marks the pair complete
+    return kernel
+
+
+_loaded: dict[tuple[int, KernelSpec], Any] = {}
+_lock = threading.Lock()
+
+
+def load_function(spec: KernelSpec, device_id: int, arch: str, smem_bytes: int) -> Any:
+    """The kernel as a CuPy function on device_id, allowed `smem_bytes` of dynamic shared memory."""
+    key = (device_id, spec)
+    function = _loaded.get(key)
+    if function is None:
+        cupy = require_cupy()
+        with _lock, cupy.cuda.Device(device_id):
+            function = _loaded.get(key)
+            if function is None:
+                module = cupy.cuda.function.Module()
+                module.load(cached_kernel(spec, arch).cubin)
+                function = module.get_function(spec.entry)
+                if smem_bytes > 48 * 1024:  # above 48 KB a block must opt in
+                    driver = cupy.cuda.driver
+                    driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                            smem_bytes)
+                _loaded[key] = function
+    return function

@@ -1,0 +1,181 @@
+"""Kernel configurations: tile sizes, warps and pipeline depth, as frozen (hashable,
+JSON-round-trippable) dataclasses, with the shared-memory arithmetic of the kernels' layouts
+and a feasibility check against a device's limits.
+
+``smem_bytes()`` mirrors the structs in kernels_cu/traits.cuh and the kernels; build.py passes
+it to every compile as CF_SMEM_BYTES, where a static_assert checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .device import DeviceLimits
+
+# Head dims with a compiled kernel; any other multiple of 8 runs on the next one up, with the
+# extra columns zero-filled on load and skipped on store.
+KERNEL_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)
+MAX_HEAD_DIM = KERNEL_HEAD_DIMS[-1]
+SMEM_PAD = 8  # elements of padding per shared row (kSmemPad)
+ELEMENT_BYTES = 2
+# Accumulator floats per thread above which a tile is not worth compiling: measured with ptxas
+# (kernels_cu), the forward spills past about 160 and the dK/dV kernel past about 200.
+FWD_MAX_ACC_FLOATS = 160
+BWD_MAX_ACC_FLOATS = 200
+
+
+def kernel_head_dim(head_dim: int) -> int:
+    """The compiled head dim that runs a problem of this head dim (head_dim <= 256)."""
+    return next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
+
+
+def _row_bytes(head_dim: int) -> int:
+    return (head_dim + SMEM_PAD) * ELEMENT_BYTES
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """The forward kernel and the deterministic dQ kernel: each warp owns block_m / num_warps
+    query rows (16 or 32); K/V tiles of block_n keys stream through `stages` slots."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    stages: int = 2
+
+    @property
+    def m_tiles(self) -> int:
+        return self.block_m // (16 * self.num_warps)
+
+    def problems(self, head_dim: int) -> list[str]:
+        """Why this config cannot be compiled for head_dim (empty when it can)."""
+        reasons = []
+        if self.block_m % (16 * self.num_warps) or self.m_tiles not in (1, 2):
+            reasons.append(f"block_m {self.block_m} must be 16 or 32 rows per warp for {self.num_warps} warps")
+        if self.block_n % 16:
+            reasons.append(f"block_n {self.block_n} must be a multiple of 16")
+        if self.stages < 2:
+            reasons.append("stages must be at least 2")
+        if head_dim not in KERNEL_HEAD_DIMS:
+            reasons.append(f"head_dim {head_dim} has no kernel; compiled head dims are {KERNEL_HEAD_DIMS}")
+        return reasons
+
+    def acc_floats(self, head_dim: int) -> int:
+        """fp32 accumulator registers per thread: O (or dQ) plus one S tile."""
+        return self.m_tiles * (head_dim + self.block_n) // 2
+
+    def smem_bytes(self, head_dim: int, kind: str = "fwd") -> int:
+        """Dynamic shared memory: FwdSmem (Q + stages x (K, V)) or DqSmem (Q, dO + stages x (K, V))."""
+        q_rows = self.block_m if kind == "fwd" else 2 * self.block_m
+        return (q_rows + 2 * self.stages * self.block_n) * _row_bytes(head_dim)
+
+    def fits(self, head_dim: int, limits: DeviceLimits, kind: str = "fwd") -> bool:
+        return (
+            not self.problems(head_dim)
+            and self.smem_bytes(head_dim, kind) <= limits.smem_per_block_optin
+            and self.acc_floats(head_dim) <= FWD_MAX_ACC_FLOATS
+            and self.num_warps * 32 <= 1024
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DkdvConfig:
+    """The dK/dV kernel: block_n keys per block, Q/dO tiles of block_m queries in `stages`
+    slots; warps form a (num_warps / warps_d) x warps_d grid over (keys, head_dim)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    stages: int = 2
+    warps_d: int = 1
+
+    @property
+    def m_tiles(self) -> int:
+        return self.block_n // (16 * (self.num_warps // self.warps_d))
+
+    def problems(self, head_dim: int) -> list[str]:
+        reasons = []
+        warps_n = self.num_warps // self.warps_d if self.num_warps % self.warps_d == 0 else 0
+        if not warps_n or self.block_n % (16 * warps_n) or self.block_n // (16 * warps_n) not in (1, 2):
+            reasons.append(f"block_n {self.block_n} must be 16 or 32 keys per warp row ({warps_n} warp rows)")
+        if self.block_m % (16 * self.warps_d):
+            reasons.append(f"block_m {self.block_m} must split into 16-query steps over {self.warps_d} warps")
+        if head_dim % (16 * self.warps_d):
+            reasons.append(f"head_dim {head_dim} must split into 16-column pairs over {self.warps_d} warps")
+        dq_warps_m = min(self.block_m // 16, self.num_warps)
+        if dq_warps_m == 0 or self.num_warps % dq_warps_m or (self.block_m // 16) % dq_warps_m:
+            reasons.append(f"block_m {self.block_m} rows of dQ must split evenly over {self.num_warps} warps")
+        elif head_dim % (16 * (self.num_warps // dq_warps_m)):
+            reasons.append(f"head_dim {head_dim} columns of dQ must split evenly over the warps")
+        if self.stages < 2:
+            reasons.append("stages must be at least 2")
+        if head_dim not in KERNEL_HEAD_DIMS:
+            reasons.append(f"head_dim {head_dim} has no kernel; compiled head dims are {KERNEL_HEAD_DIMS}")
+        return reasons
+
+    def acc_floats(self, head_dim: int) -> int:
+        """dK + dV accumulators plus the S^T and dP^T tiles, per thread."""
+        return self.m_tiles * (head_dim + self.block_m) // self.warps_d
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """DkdvSmem: K, V + stages x (Q, dO, lse, delta) + P^T and dS^T."""
+        kv = 2 * self.block_n * _row_bytes(head_dim)
+        q_do = 2 * self.stages * self.block_m * _row_bytes(head_dim)
+        stats = 2 * self.stages * self.block_m * 4
+        p_ds = 2 * self.block_n * (self.block_m + SMEM_PAD) * ELEMENT_BYTES
+        return kv + q_do + stats + p_ds
+
+    def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
+        return (
+            not self.problems(head_dim)
+            and self.smem_bytes(head_dim) <= limits.smem_per_block_optin
+            and self.acc_floats(head_dim) <= BWD_MAX_ACC_FLOATS
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """The backward pass: the dK/dV kernel, and how dQ is made. With dq_atomic, the dK/dV
+    kernel adds dQ into a float32 buffer with atomics (fast, not bitwise repeatable); without,
+    the dQ kernel (`dq` tiles) makes it in its own pass. deterministic=True forces the latter."""
+
+    dkdv: DkdvConfig
+    dq: TileConfig
+    dq_atomic: bool = True
+
+    def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
+        return self.dkdv.fits(head_dim, limits) and self.dq.fits(head_dim, limits, kind="dq")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dkdv": self.dkdv.to_dict(), "dq": self.dq.to_dict(), "dq_atomic": self.dq_atomic}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BwdConfig:
+        return cls(DkdvConfig(**data["dkdv"]), TileConfig(**data["dq"]), bool(data["dq_atomic"]))
+
+
+def fwd_candidates(head_dim: int, limits: DeviceLimits) -> list[TileConfig]:
+    """Every forward config worth timing for head_dim on this device."""
+    space = itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
+    configs = [TileConfig(m, n, w, s) for m, n, w, s in space]
+    return [c for c in configs if c.fits(head_dim, limits)]
+
+
+def dkdv_candidates(head_dim: int, limits: DeviceLimits) -> list[DkdvConfig]:
+    space = itertools.product((32, 64, 128), (64, 128), (4, 8), (2,), (1, 2))
+    configs = [DkdvConfig(m, n, w, s, wd) for m, n, w, s, wd in space]
+    return [c for c in configs if c.fits(head_dim, limits)]
+
+
+def dq_candidates(head_dim: int, limits: DeviceLimits) -> list[TileConfig]:
+    space = itertools.product((64, 128), (32, 64, 128), (4, 8), (2,))
+    configs = [TileConfig(m, n, w, s) for m, n, w, s in space]
+    return [c for c in configs if c.fits(head_dim, limits, kind="dq")]

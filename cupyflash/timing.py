@@ -1,0 +1,55 @@
+"""One timing function for everything that measures: the benchmark, the autotuner, scripts.
+
+Warm-up runs first (module load and compilation stay out of the numbers), then each timed run
+is bracketed by CUDA events on the current stream, with the L2 cache flushed before it so
+repeated runs over one buffer do not measure the cache; the median is reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .device import require_cupy
+
+L2_FLUSH_BYTES = 256 * 1024 * 1024  # several times any current L2 (H100: 50 MB)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+
+
+_flush_buffers: dict[int, Any] = {}
+
+
+def _flush_l2(cupy: Any) -> None:
+    device = cupy.cuda.runtime.getDevice()
+    buffer = _flush_buffers.get(device)
+    if buffer is None:
+        buffer = _flush_buffers[device] = cupy.empty(L2_FLUSH_BYTES // 4, dtype=cupy.int32)
+    buffer.fill(0)
+
+
+def do_bench(fn: Callable[[], Any], *, warmup: int = 3, runs: int = 20, flush_l2: bool = True) -> Timing:
+    """Median time of fn() in milliseconds, measured with CUDA events on the current stream."""
+    cupy = require_cupy()
+    stream = cupy.cuda.get_current_stream()
+    for _ in range(warmup):
+        fn()
+    stream.synchronize()
+    times = []
+    for _ in range(runs):
+        if flush_l2:
+            _flush_l2(cupy)
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    return Timing(statistics.median(times), min(times), max(times), runs)

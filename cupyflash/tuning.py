@@ -1,0 +1,118 @@
+"""The tuned-config cache: one JSON file per GPU model in settings.tuning_dir().
+
+A file holds a header (GPU, compute capability, CUDA runtime and NVRTC versions, cupyflash
+version, kernel source hash) and the winners per problem bucket. A file whose header does not
+match this process (a new driver, edited kernels) is stale: it is ignored with a warning, as
+is a corrupt one; neither ever raises. Writes are atomic (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import __version__, settings
+from .config import BwdConfig, TileConfig
+from .device import DeviceLimits
+from .problem import Problem
+
+FORMAT = 1
+_files: dict[Path, tuple[float, dict[str, Any] | None]] = {}  # path -> (mtime, entries)
+
+
+def seqlen_bucket(seqlen: int) -> int:
+    """Power of two at or above seqlen, clamped to [128, 16384]: tiles behave alike within one."""
+    bucket = 128
+    while bucket < min(seqlen, 16384):
+        bucket *= 2
+    return bucket
+
+
+def bucket_key(kind: str, problem: Problem, kernel_dim: int) -> str:
+    masked = "causal" if problem.causal else ("window" if problem.window != (-1, -1) else "full")
+    gqa = "gqa" if problem.group_size > 1 else "mha"
+    return f"{kind}/{problem.dtype}/d{kernel_dim}/{masked}/s{seqlen_bucket(max(problem.seqlen_q, problem.seqlen_k))}/{gqa}"
+
+
+def header(limits: DeviceLimits) -> dict[str, Any]:
+    from . import build  # imported late: build needs CuPy only when a GPU path runs
+    from .device import require_cupy
+
+    runtime = require_cupy().cuda.runtime
+    return {"format": FORMAT, "gpu": limits.name, "arch": limits.arch, "cuda_runtime": runtime.runtimeGetVersion(),
+            "cuda_driver": runtime.driverGetVersion(), "nvrtc": list(build.nvrtc_version()),
+            "cupyflash": __version__, "kernel_source": build.source_hash()}
+
+
+def tuning_file(limits: DeviceLimits) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", limits.name).strip("_") or "gpu"
+    return settings.tuning_dir() / f"{slug}-{limits.arch}.json"
+
+
+def _read_entries(path: Path, expected_header: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("header") != expected_header:
+            warnings.warn(f"ignoring tuned configs in {path}: made for {data.get('header')}, this process is "
+                          f"{expected_header}; run `cupyflash autotune` again", RuntimeWarning, stacklevel=3)
+            return None
+        return dict(data["entries"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        warnings.warn(f"ignoring unreadable tuned-config file {path}: {error}", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def load_entries(limits: DeviceLimits) -> dict[str, Any]:
+    """Bucket -> config dict for this GPU, {} when there is no usable file. Re-read on change."""
+    path = tuning_file(limits)
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return {}
+    cached = _files.get(path)
+    if cached is None or cached[0] != mtime:
+        cached = (mtime, _read_entries(path, header(limits)))
+        _files[path] = cached
+    return cached[1] or {}
+
+
+def lookup(kind: str, problem: Problem, kernel_dim: int, limits: DeviceLimits) -> TileConfig | BwdConfig | None:
+    entry = load_entries(limits).get(bucket_key(kind, problem, kernel_dim))
+    if entry is None:
+        return None
+    try:
+        config = TileConfig(**entry["config"]) if kind == "fwd" else BwdConfig.from_dict(entry["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        warnings.warn(f"ignoring malformed tuned config {entry!r}: {error}", RuntimeWarning, stacklevel=2)
+        return None
+    return config if config.fits(kernel_dim, limits) else None
+
+
+def store(limits: DeviceLimits, bucket: str, config: TileConfig | BwdConfig, record: dict[str, Any]) -> Path:
+    """Adds or replaces one bucket's winner; the file is rewritten atomically."""
+    from .build import write_atomic
+
+    path = tuning_file(limits)
+    entries = load_entries(limits)
+    entries[bucket] = {"config": config.to_dict(), **record}
+    data = {"header": header(limits), "entries": entries}
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
+    _files.pop(path, None)
+    return path
+
+
+def clear(limits: DeviceLimits | None = None) -> list[Path]:
+    """Removes this GPU's tuning file, or every tuning file when limits is None."""
+    paths = [tuning_file(limits)] if limits is not None else sorted(settings.tuning_dir().glob("*.json"))
+    removed = []
+    for path in paths:
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+        _files.pop(path, None)
+    return removed
