@@ -53,7 +53,9 @@ static_assert(sizeof(cf::DkdvSmem<cf::DkdvKernel>) == CF_SMEM_BYTES, "config.py 
 //   zeroed by the caller; unused (may be null) without CF_ACCUM_DQ.
 // window_left / window_right, head_dim, scale_log2: as in flash_fwd. softmax_scale scales dK.
 // Grid: (ceil(seqlen_k / kBlockN), heads_kv, batch); block: kThreads; dynamic smem: DkdvSmem.
-extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads)
+// minBlocksPerSM = 1: without it ptxas sometimes caps registers at 128 to fit two blocks
+// per SM and spills (seen on the head_dim 32 dK/dV kernel); one block per SM is the design.
+extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
     flash_bwd_dkdv(const cf::u16* __restrict__ q, const cf::u16* __restrict__ k, const cf::u16* __restrict__ v,
                    const cf::u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                    float* __restrict__ dq_accum, cf::u16* __restrict__ dk, cf::u16* __restrict__ dv,

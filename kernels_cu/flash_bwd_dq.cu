@@ -32,7 +32,9 @@ static_assert(sizeof(cf::DqSmem<cf::DqKernel>) == CF_SMEM_BYTES, "config.py smem
 // lse, delta: (batch, heads_q, seqlen_q) float32 contiguous.
 // window_left / window_right, head_dim, scale_log2: as in flash_fwd.
 // Grid: (ceil(seqlen_q / kBlockM), heads_q, batch); block: kThreads; dynamic smem: DqSmem.
-extern "C" __global__ void __launch_bounds__(cf::DqKernel::kThreads)
+// minBlocksPerSM = 1: without it ptxas sometimes caps registers at 128 to fit two blocks
+// per SM and spills (seen on the head_dim 32 dK/dV kernel); one block per SM is the design.
+extern "C" __global__ void __launch_bounds__(cf::DqKernel::kThreads, 1)
     flash_bwd_dq(const cf::u16* __restrict__ q, const cf::u16* __restrict__ k, const cf::u16* __restrict__ v,
                  const cf::u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                  cf::u16* __restrict__ dq, cf::i64 q_batch_stride, cf::i64 q_row_stride, cf::i64 q_head_stride,

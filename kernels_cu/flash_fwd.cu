@@ -32,7 +32,9 @@ static_assert(sizeof(cf::FwdSmem<cf::FwdKernel>) == CF_SMEM_BYTES, "config.py sm
 //      seqlen_q; -1 = unbounded; causal = right 0.
 // scale_log2: softmax_scale * log2(e), so that exp(scale * s) = exp2(scale_log2 * s).
 // Grid: (ceil(seqlen_q / kBlockM), heads_q, batch); block: kThreads; dynamic smem: FwdSmem.
-extern "C" __global__ void __launch_bounds__(cf::FwdKernel::kThreads)
+// minBlocksPerSM = 1: without it ptxas sometimes caps registers at 128 to fit two blocks
+// per SM and spills (seen on the head_dim 32 dK/dV kernel); one block per SM is the design.
+extern "C" __global__ void __launch_bounds__(cf::FwdKernel::kThreads, 1)
     flash_fwd(const cf::u16* __restrict__ q, const cf::u16* __restrict__ k, const cf::u16* __restrict__ v,
               cf::u16* __restrict__ out, float* __restrict__ lse, cf::i64 q_batch_stride, cf::i64 q_row_stride,
               cf::i64 q_head_stride, cf::i64 k_batch_stride, cf::i64 k_row_stride, cf::i64 k_head_stride,

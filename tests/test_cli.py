@@ -1,0 +1,371 @@
+"""The ``cupyflash`` command through click's CliRunner.
+
+The real GPU-less paths run as they are. The GPU paths (validate with a GPU, bench) are driven
+with the GPU count, the validation matrix and the bench module replaced by fakes: what is tested
+is the shell's plumbing and printing, the kernels themselves are tested by the GPU suite.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+import cupyflash
+from cupyflash import cli, validation
+from cupyflash.device import DeviceLimits, gpu_count
+from cupyflash.tolerance import Comparison
+
+REPO = Path(__file__).resolve().parents[1]
+no_real_gpu = pytest.mark.skipif(gpu_count() > 0, reason="checks the real behaviour without a CUDA GPU")
+H100 = DeviceLimits("NVIDIA H100 80GB HBM3", (9, 0), 132, 232448, 233472)
+
+
+def invoke(*args: str) -> Result:
+    try:
+        runner = CliRunner(mix_stderr=False)  # click 8.1: keep stderr out of stdout
+    except TypeError:
+        runner = CliRunner()  # click >= 8.2 always keeps them apart
+    return runner.invoke(cli.cli, list(args))
+
+
+def everything(result: Result) -> str:
+    """stdout and stderr together."""
+    return result.stdout + (result.stderr or "")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Caches in a temporary folder, so `info` reads what the test put there."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("CUPYFLASH_CACHE_DIR", str(root))
+    monkeypatch.delenv("CUPYFLASH_TUNING_DIR", raising=False)
+    return root
+
+
+# --------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["validate"], ["bench"]], ids=["group", "info", "validate", "bench"])
+def test_help(command: list[str]) -> None:
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0, everything(result)
+    assert result.stdout.startswith("Usage: ")
+    assert "--json" in result.stdout or not command
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert cupyflash.__version__ in result.stdout
+
+
+def test_main_runs_the_group_in_a_process(tmp_path: Path) -> None:
+    """The console-script entry point, with its exit codes (2 for a bad option value)."""
+    command = [sys.executable, "-c", "from cupyflash.cli import main; main()"]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run(command + ["--version"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0 and cupyflash.__version__ in ok.stdout, ok.stderr
+    bad = subprocess.run(command + ["bench", "--shape", "1,2"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "four positive integers B,S,H,D" in bad.stderr
+
+
+# --------------------------------------------------------------------------- info
+
+
+def test_info_text() -> None:
+    result = invoke("info")
+    assert result.exit_code == 0, everything(result)
+    for label in ("cupyflash", "python", "numpy", "cupy", "cuda runtime", "cuda driver", "nvrtc", "kernel sources",
+                  "source hash", "kernel cache", "tuning dir"):
+        assert f"\n{label} " in "\n" + result.stdout, label
+    from cupyflash import build
+
+    assert str(build.kernel_dir()) in result.stdout and build.source_hash() in result.stdout
+
+
+def _write_cache(root: Path) -> None:
+    (root / "kernels").mkdir(parents=True)
+    for name in ("a.cubin", "b.cubin", "a.json"):
+        (root / "kernels" / name).write_bytes(b"x")
+    (root / "tuning").mkdir()
+    entries = {"fwd/float16/d64/full/s1024/mha": {"config": {}}, "fwd/float16/d128/full/s1024/mha": {"config": {}}}
+    (root / "tuning" / "GPU_A-sm_90.json").write_text(json.dumps({"header": {}, "entries": entries}))
+    (root / "tuning" / "GPU_B-sm_80.json").write_text("{not json")
+    (root / "tuning" / "GPU_C-sm_86.json").write_text("[1, 2]")
+
+
+def test_info_json_reports_the_caches(isolated_cache: Path) -> None:
+    _write_cache(isolated_cache)
+    result = invoke("info", "--json")
+    assert result.exit_code == 0, everything(result)
+    facts = json.loads(result.stdout)
+    assert facts["cupyflash"] == cupyflash.__version__
+    assert facts["kernel_cache_dir"] == str(isolated_cache / "kernels") and facts["cubins"] == 2
+    assert facts["tuning_dir"] == str(isolated_cache / "tuning")
+    assert facts["tuned"] == [{"file": "GPU_A-sm_90.json", "entries": 2},
+                              {"file": "GPU_B-sm_80.json", "entries": "unreadable"},
+                              {"file": "GPU_C-sm_86.json", "entries": "unreadable"}]
+
+
+def test_info_text_lists_tuned_files(isolated_cache: Path) -> None:
+    _write_cache(isolated_cache)
+    result = invoke("info")
+    assert "(2 cubins)" in result.stdout
+    assert "GPU_A-sm_90.json" in result.stdout and "2 entries" in result.stdout
+    assert "GPU_B-sm_80.json" in result.stdout and "unreadable" in result.stdout
+
+
+@no_real_gpu
+def test_info_without_gpu() -> None:
+    facts = json.loads(invoke("info", "--json").stdout)
+    assert facts["gpus"] == []
+    assert "GPUs            none visible" in invoke("info").stdout
+
+
+def test_info_without_cupy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "cupy_module", lambda: None)
+    facts = json.loads(invoke("info", "--json").stdout)
+    assert facts["cupy"] == "not installed"
+    assert facts["cuda_runtime"] == facts["cuda_driver"] == "unavailable (CuPy not installed)"
+
+
+def test_info_with_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "gpu_count", lambda: 2)
+    monkeypatch.setattr(cli, "device_limits", lambda i: H100 if i == 0 else (_ for _ in ()).throw(RuntimeError("lost")))
+    facts = json.loads(invoke("info", "--json").stdout)
+    assert facts["gpus"][0] == {"id": 0, "name": H100.name, "compute_capability": "9.0", "arch": "sm_90",
+                                "sm_count": 132, "smem_per_block_optin": 232448, "smem_per_sm": 233472}
+    assert facts["gpus"][1] == "unavailable (lost)"
+    assert "GPU 0           NVIDIA H100 80GB HBM3, sm_90 (compute capability 9.0), 132 SMs" in invoke("info").stdout
+
+
+# --------------------------------------------------------------------------- validate without a GPU
+
+
+@no_real_gpu
+def test_validate_quick_without_gpu() -> None:
+    result = invoke("validate", "--quick")
+    assert result.exit_code == 0, everything(result)
+    assert cli.NO_GPU_VALIDATE in result.stdout
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:6] == ["case", "out", "lse", "dq", "dk", "dv"]
+    rows = [line for line in lines if line.endswith("  pass")]
+    assert len(rows) == len(validation.cpu_matrix(quick=True))
+    assert f"{len(rows)} cases: all passed" in result.stdout
+
+
+def test_validate_json_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "gpu_count", lambda: 0)
+    result = invoke("validate", "--quick", "--json")
+    assert result.exit_code == 0, everything(result)
+    report = json.loads(result.stdout)
+    assert report["gpu"] is False and report["failures"] == 0 and report["note"] == cli.NO_GPU_VALIDATE
+    assert len(report["rows"]) == report["cases"] == len(validation.cpu_matrix(quick=True))
+    assert all(row["ok"] and row["out"] <= validation.CPU_TOLERANCE for row in report["rows"])
+    assert cli.NO_GPU_VALIDATE in result.stderr
+
+
+def test_validate_cpu_failure_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "gpu_count", lambda: 0)
+    monkeypatch.setattr(validation, "cpu_matrix", lambda quick: [validation.CpuCase(3, 5, 2, 2, True)])
+    monkeypatch.setattr(validation, "run_cpu_case", lambda case: {"out": 1e-3, "lse": 0.0, "dq": float("nan"),
+                                                                  "dk": 0.0, "dv": 0.0})
+    result = invoke("validate", "--quick")
+    assert result.exit_code == 1
+    assert "  FAIL" in result.stdout and "1 FAILED" in result.stdout and cli.NO_GPU_VALIDATE in result.stdout
+
+
+# --------------------------------------------------------------------------- validate with a (fake) GPU
+
+CASES = [validation.Case("float16", 64, False, 113, 203), validation.Case("bfloat16", 128, True, 1, 1, group=4)]
+
+
+def _comparison(name: str, error: float) -> Comparison:
+    return Comparison(name, error, 1e-3, 4.9e-4, (0, 1, 2, 3), 0.5 + error, 0.5)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """One H100 and a two-case matrix; each run records its arguments."""
+    calls: dict[str, Any] = {"run": []}
+    monkeypatch.setattr(cli, "gpu_count", lambda: 1)
+    monkeypatch.setattr(cli, "current_device_id", lambda: 0)
+    monkeypatch.setattr(cli, "device_limits", lambda i: H100)
+
+    def gpu_matrix(quick: bool) -> list[validation.Case]:
+        calls["quick"] = quick
+        return CASES
+
+    monkeypatch.setattr(validation, "gpu_matrix", gpu_matrix)
+    return calls
+
+
+def _fake_run(calls: dict[str, Any], errors: dict[str, float]) -> Any:
+    def run_gpu_case(case: validation.Case, *, deterministic: bool = False) -> list[Comparison]:
+        calls["run"].append((case.id, deterministic))
+        return [_comparison(name, errors.get(name, 1e-3)) for name in ("out", "lse", "dq", "dk", "dv")]
+    return run_gpu_case
+
+
+def test_validate_gpu_pass(fake_gpu: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(validation, "run_gpu_case", _fake_run(fake_gpu, {}))
+    result = invoke("validate", "--quick", "--deterministic")
+    assert result.exit_code == 0, everything(result)
+    assert fake_gpu["quick"] is True and fake_gpu["run"] == [(case.id, True) for case in CASES]
+    assert "GPU 0: NVIDIA H100 80GB HBM3, sm_90" in result.stdout
+    assert "2 cases, 10 rows: all passed" in result.stdout
+    assert f"{CASES[0].id:<{cli.CASE_WIDTH}} dq      1.000e-03  1.000e-03    1.00  pass" in result.stdout
+    assert cli.NO_GPU_VALIDATE not in result.stdout
+
+
+def test_validate_gpu_failure_names_tensor_and_coordinate(fake_gpu: dict[str, Any],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(validation, "run_gpu_case", _fake_run(fake_gpu, {"dk": 0.5, "lse": float("nan")}))
+    result = invoke("validate")
+    assert result.exit_code == 1
+    assert fake_gpu["quick"] is False and fake_gpu["run"][0] == (CASES[0].id, False)
+    assert "2 cases, 10 rows: 4 FAILED" in result.stdout
+    assert "dk: max|ours - ref64| = 5.000e-01 at (0, 1, 2, 3)" in result.stdout
+
+
+def test_validate_gpu_case_that_raises_is_a_failure(fake_gpu: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(case: validation.Case, *, deterministic: bool = False) -> list[Comparison]:
+        raise RuntimeError("NVRTC failed to compile flash_fwd.cu\nlog line")
+
+    monkeypatch.setattr(validation, "run_gpu_case", crash)
+    result = invoke("validate", "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["gpu"] is True and report["failures"] == 2 and report["device"]["name"] == H100.name
+    assert report["rows"][0] == {"case": CASES[0].id, "tensor": None, "ok": False,
+                                 "exception": "RuntimeError: NVRTC failed to compile flash_fwd.cu"}
+
+
+def test_validate_gpu_json_has_no_infinities(fake_gpu: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(validation, "run_gpu_case", _fake_run(fake_gpu, {"out": float("inf")}))
+    result = invoke("validate", "--json")
+    report = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+    assert report["rows"][0]["error"] == "inf" and report["rows"][0]["ok"] is False
+
+
+# --------------------------------------------------------------------------- library errors
+
+
+@pytest.mark.parametrize("error, code", [(ValueError("window_size must be a pair"), 2),
+                                         (TypeError("q.dtype is float32"), 2),
+                                         (RuntimeError("cupyflash found no CUDA GPU"), 1),
+                                         (NotImplementedError("softcap not yet supported"), 1)],
+                         ids=["ValueError", "TypeError", "RuntimeError", "NotImplementedError"])
+def test_library_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, error: Exception, code: int) -> None:
+    def fail(quick: bool) -> list[Any]:
+        raise error
+
+    monkeypatch.setattr(cli, "gpu_count", lambda: 0)
+    monkeypatch.setattr(validation, "cpu_matrix", fail)
+    result = invoke("validate")
+    assert result.exit_code == code
+    assert everything(result).strip() == f"Error: {error}"
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@no_real_gpu
+def test_bench_without_gpu() -> None:
+    result = invoke("bench")
+    assert result.exit_code == 1
+    assert "Error: No CUDA GPU found: cupyflash bench times the GPU kernels and needs one" in everything(result)
+
+
+def test_bench_rejects_a_bad_shape() -> None:
+    result = invoke("bench", "--shape", "1,2,x,4")
+    assert result.exit_code == 2
+    assert "'1,2,x,4' must be four positive integers B,S,H,D" in everything(result)
+
+
+@pytest.fixture
+def fake_bench(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """A GPU and a stand-in for cupyflash.bench that records what the command asks of it."""
+    calls: dict[str, Any] = {}
+
+    def paper_grid(dtypes: Any, head_dims: Any, seqlens: Any, causal: Any) -> list[Any]:
+        calls["grid"] = (tuple(dtypes), tuple(head_dims), tuple(seqlens), tuple(causal))
+        return ["grid-shape"]
+
+    def run(shapes: list[Any], passes: Any = ("fwd", "bwd"), impls: Any = None, runs: int = 20, warmup: int = 3,
+            progress: Any = None) -> dict[str, Any]:
+        calls["run"] = (shapes, tuple(passes), runs)
+        progress("timing", "shape 1/1")
+        return {"rows": [{"tflops": 123.0}]}
+
+    def save(report: dict[str, Any], directory: Path, stem: str) -> list[Path]:
+        calls["save"] = (report, Path(directory), stem)
+        return [Path(directory) / f"{stem}.json"]
+
+    def plot(report: dict[str, Any], path: Path) -> Path:
+        calls["plot"] = Path(path)
+        return Path(path)
+
+    module = SimpleNamespace(paper_grid=paper_grid, run=run, save=save, plot=plot, calls=calls,
+                             BenchShape=lambda *args: ("shape",) + args,
+                             format_table=lambda report, which: f"table {which}")
+    monkeypatch.setattr(cli, "gpu_count", lambda: 1)
+    monkeypatch.setitem(sys.modules, "cupyflash.bench", module)
+    monkeypatch.setattr(cupyflash, "bench", module, raising=False)
+    return module
+
+
+def test_bench_defaults_run_the_paper_grid(fake_bench: SimpleNamespace) -> None:
+    result = invoke("bench")
+    assert result.exit_code == 0, everything(result)
+    assert fake_bench.calls["grid"] == (("float16", "bfloat16"), (64, 128, 256), cli.PAPER_SEQLENS, (False, True))
+    assert fake_bench.calls["run"] == (["grid-shape"], ("fwd", "bwd"), 20)
+    assert result.stdout == "table fwd\n\ntable bwd\n"
+    assert "timing shape 1/1" in result.stderr
+
+
+@pytest.mark.parametrize("flag, causal", [("--causal", (True,)), ("--no-causal", (False,)), ("--both", (False, True))])
+def test_bench_mask_flags(fake_bench: SimpleNamespace, flag: str, causal: tuple[bool, ...]) -> None:
+    assert invoke("bench", flag).exit_code == 0
+    assert fake_bench.calls["grid"][3] == causal
+
+
+def test_bench_grid_options(fake_bench: SimpleNamespace) -> None:
+    result = invoke("bench", "--dtype", "bfloat16", "--head-dim", "96", "--head-dim", "40", "--seqlen", "4097",
+                    "--pass", "bwd", "--runs", "5")
+    assert result.exit_code == 0, everything(result)
+    assert fake_bench.calls["grid"] == (("bfloat16",), (96, 40), (4097,), (False, True))
+    assert fake_bench.calls["run"] == (["grid-shape"], ("bwd",), 5)
+    assert result.stdout == "table bwd\n"
+
+
+def test_bench_custom_shape(fake_bench: SimpleNamespace) -> None:
+    result = invoke("bench", "--shape", "2,1024,16,64", "--dtype", "float16", "--causal", "--pass", "fwd")
+    assert result.exit_code == 0, everything(result)
+    assert "grid" not in fake_bench.calls
+    assert fake_bench.calls["run"][0] == [("shape", "float16", 64, 1024, True, 2, 16)]
+
+
+def test_bench_json_out_and_plot(fake_bench: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())  # matplotlib "installed"
+    result = invoke("bench", "--json", "--out", str(tmp_path / "results"), "--plot", str(tmp_path / "speed.png"))
+    assert result.exit_code == 0, everything(result)
+    assert json.loads(result.stdout) == {"rows": [{"tflops": 123.0}]}
+    report, directory, stem = fake_bench.calls["save"]
+    assert directory == tmp_path / "results" and stem.startswith("bench-")
+    assert fake_bench.calls["plot"] == tmp_path / "speed.png"
+
+
+def test_bench_plot_without_matplotlib_fails_before_timing(fake_bench: SimpleNamespace,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    result = invoke("bench", "--plot", "speed.png")
+    assert result.exit_code == 1 and "--plot needs matplotlib" in everything(result)
+    assert "run" not in fake_bench.calls
