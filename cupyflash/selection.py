@@ -1,19 +1,45 @@
 """Which config runs a problem: a tuned one from `cupyflash autotune` when the tuning cache has
-the problem's bucket, else the heuristic table. Nothing is timed during a normal call."""
+the problem's bucket, else the heuristic table. Nothing is timed during a normal call.
+
+`forced(...)` pins configs for the calls made inside it (this thread only): the autotuner
+times candidates through the real API path with it, and tests inject broken configs with it.
+"""
 
 from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 from . import heuristics, tuning
 from .config import BwdConfig, TileConfig
 from .device import DeviceLimits
 from .problem import Problem
 
+_override = threading.local()
+
+
+@contextmanager
+def forced(fwd: TileConfig | None = None, bwd: BwdConfig | None = None) -> Iterator[None]:
+    previous = getattr(_override, "configs", (None, None))
+    _override.configs = (fwd, bwd)
+    try:
+        yield
+    finally:
+        _override.configs = previous
+
 
 def fwd_config(problem: Problem, kernel_dim: int, limits: DeviceLimits) -> TileConfig:
+    pinned = getattr(_override, "configs", (None, None))[0]
+    if pinned is not None:
+        return pinned
     tuned = tuning.lookup("fwd", problem, kernel_dim, limits)
     return tuned if tuned is not None else heuristics.default_fwd_config(kernel_dim, limits)
 
 
 def bwd_config(problem: Problem, kernel_dim: int, limits: DeviceLimits) -> BwdConfig:
+    pinned = getattr(_override, "configs", (None, None))[1]
+    if pinned is not None:
+        return pinned
     tuned = tuning.lookup("bwd", problem, kernel_dim, limits)
     return tuned if tuned is not None else heuristics.default_bwd_config(kernel_dim, limits)

@@ -67,7 +67,8 @@ def gpu_matrix(quick: bool = False) -> list[Case]:
     return cases + extras
 
 
-def _numpy_dtype(name: str) -> Any:
+def numpy_dtype(name: str) -> Any:
+    """The NumPy dtype of a dtype name (bfloat16 comes from ml_dtypes)."""
     if name == "bfloat16":
         import ml_dtypes
 
@@ -79,7 +80,7 @@ def make_inputs(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
     """Signed normal q, k, v, dout on the host, already rounded to the case's dtype."""
     rng = np.random.default_rng(seed)
     heads_q = case.heads_kv * case.group
-    dtype = _numpy_dtype(case.dtype)
+    dtype = numpy_dtype(case.dtype)
     q = rng.standard_normal((case.batch, case.seqlen_q, heads_q, case.head_dim), np.float32) * case.q_scale
     k = rng.standard_normal((case.batch, case.seqlen_k, case.heads_kv, case.head_dim), np.float32)
     v = rng.standard_normal((case.batch, case.seqlen_k, case.heads_kv, case.head_dim), np.float32)

@@ -1,0 +1,5 @@
+"""`python -m cupyflash ...` runs the command-line interface (same as the `cupyflash` script)."""
+
+from .cli import main
+
+main()
