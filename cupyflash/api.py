@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from . import launch, selection
 from .arrays import Placement, to_caller, to_gpu, wrap_all
 from .config import kernel_head_dim
-from .device import current_device_id, device_limits, gpu_count, require_cupy
+from .device import INSTALL_HINT, cupy_module, current_device_id, device_limits, gpu_count, require_cupy
 from .problem import Problem, check_seed
 
 ALIGN_ELEMENTS = 8  # cp.async moves 16 bytes: pointers and strides must be multiples of 8 elements
@@ -90,7 +90,8 @@ def _require_kernel_features(problem: Problem) -> None:
 def _device_of(placement: Placement) -> Iterator[tuple[int, Any]]:
     """Run on the inputs' GPU (the current one for NumPy inputs), on the current stream."""
     if gpu_count() == 0:
-        raise RuntimeError("cupyflash found no CUDA GPU; cupyflash.reference computes attention on the CPU")
+        hint = "" if cupy_module() is not None else f" (CuPy is not installed: {INSTALL_HINT})"
+        raise RuntimeError(f"cupyflash found no CUDA GPU{hint}; cupyflash.reference computes attention on the CPU")
     cupy = require_cupy()
     device_id = current_device_id() if placement.on_host else placement.device_id
     with cupy.cuda.Device(device_id):

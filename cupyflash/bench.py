@@ -10,7 +10,8 @@ Implementations ("impls"), all fed the same random signed-normal q, k, v, dout o
 
     cupyflash        attention() / attention_backward() (out, lse made once, outside the timing)
     cupyflash-det    attention_backward(deterministic=True)                       (bwd only)
-    naive-cupy       dense attention in CuPy in the input dtype (S and P in device memory)
+    naive-cupy       dense attention in CuPy in the input dtype (S and P in device memory;
+                     bfloat16 runs in float32; at most NAIVE_MAX_RUNS timed runs)
     torch-flash      torch SDPA, FlashAttention-2 backend          } only when PyTorch imports;
     torch-cudnn      torch SDPA, cuDNN backend                      } PyTorch is a peer here,
     torch-efficient  torch SDPA, memory-efficient (xformers) backend} never a dependency
@@ -59,6 +60,8 @@ PASS_TENSORS = {"fwd": ("out",), "bwd": ("dq", "dk", "dv")}
 TOLERANCE = {"float16": 5e-3, "bfloat16": 2e-2}
 CHECK_ROWS = 64  # query rows of the float32 slice reference used when naive-cupy does not fit
 NAIVE_MEMORY_FRACTION = 0.4  # naive-cupy runs when its float32 (B, H, S, S) scores fit in this share
+# naive-cupy is 10-100x slower than the fused kernels and only there for scale: a few runs suffice.
+NAIVE_MAX_RUNS, NAIVE_MAX_WARMUP = 5, 1
 MIB = 2**20
 GB = 1e9
 MAX_MESSAGE = 600  # characters kept of an exception or warning text
@@ -182,16 +185,27 @@ def _causal_bias(seqlen: int, xp: Any) -> Array:
     return xp.where(cols > rows, np.float32(-np.inf), np.float32(0)).astype(np.float32, copy=False)
 
 
-def naive_forward(q: Array, k: Array, v: Array, causal: bool, xp: Any) -> tuple[Array, Array]:
-    """Dense attention in the input dtype: P (B, H, S, S) and out (B, H, S, D), both in q's dtype.
+NAIVE_BF16_NOTE = "bfloat16 computed in float32: CuPy 14's batched matmul has no bfloat16"
 
-    q, k, v: (B, S, H, D), seqlen_q == seqlen_k. Scores come out of xp.matmul in the input
-    dtype, the softmax runs in float32 in place, and P is rounded back to the input dtype for
-    the P·V matmul. Peak memory: 1.5 × the float32 score matrix.
+
+def _naive_operands(*arrays: Array) -> tuple[Array, ...]:
+    """Arrays in the dtype naive attention computes in: their own, except bfloat16, which runs
+    in float32 (exact for bfloat16 values) since CuPy's batched matmul rejects bfloat16."""
+    return tuple(to_float32(a) if a.dtype.name == "bfloat16" else a for a in arrays)
+
+
+def naive_forward(q: Array, k: Array, v: Array, causal: bool, xp: Any) -> tuple[Array, Array]:
+    """Dense attention in the input dtype: P (B, H, S, S) and out (B, H, S, D) in the compute dtype
+    (float16 for float16 inputs; float32 for bfloat16 ones, see _naive_operands).
+
+    q, k, v: (B, S, H, D), seqlen_q == seqlen_k. Scores come out of xp.matmul in the compute
+    dtype, the softmax runs in float32 in place, and P is rounded back to the compute dtype for
+    the P·V matmul. Peak memory: 1.5 × the float32 score matrix (1 × for bfloat16).
     """
+    q, k, v = _naive_operands(q, k, v)
     qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     scores = xp.matmul(qh, kh.transpose(0, 1, 3, 2))
-    probs = scores.astype(np.float32)
+    probs = scores.astype(np.float32, copy=False)
     del scores
     probs *= np.float32(reference.default_softmax_scale(q.shape[3]))
     if causal:
@@ -199,20 +213,20 @@ def naive_forward(q: Array, k: Array, v: Array, causal: bool, xp: Any) -> tuple[
     probs -= probs.max(axis=-1, keepdims=True)
     xp.exp(probs, out=probs)
     probs /= probs.sum(axis=-1, keepdims=True)
-    p = probs.astype(q.dtype)
+    p = probs.astype(q.dtype, copy=False)
     del probs
     return p, xp.matmul(p, vh)
 
 
 def naive_backward(dout: Array, q: Array, k: Array, v: Array, p: Array, out: Array,
                    xp: Any) -> tuple[Array, Array, Array]:
-    """Analytic gradients of naive_forward: dq, dk, dv (B, H, S, D) in the input dtype.
+    """Analytic gradients of naive_forward: dq, dk, dv (B, H, S, D) in its compute dtype.
 
     dout, q, k, v: (B, S, H, D); p, out: naive_forward's results. dV = Pᵀ·dO, dP = dO·Vᵀ,
-    δ = rowsum(dO ∘ O) in float32, dS = P ∘ (dP − δ) with dP − δ rounded to the input dtype
+    δ = rowsum(dO ∘ O) in float32, dS = P ∘ (dP − δ) with dP − δ rounded to the compute dtype
     (computed in place in dP's buffer), dQ = dS·K·scale, dK = dSᵀ·Q·scale.
     """
-    qh, kh, vh, doh = (t.transpose(0, 2, 1, 3) for t in (q, k, v, dout))
+    qh, kh, vh, doh = (t.transpose(0, 2, 1, 3) for t in _naive_operands(q, k, v, dout))
     scale = reference.default_softmax_scale(q.shape[3])
     dv = xp.matmul(p.transpose(0, 1, 3, 2), doh)
     ds = xp.matmul(doh, vh.transpose(0, 1, 3, 2))
@@ -338,10 +352,10 @@ def describe_environment(env: dict[str, Any]) -> str:
 
 
 def default_stem(report: dict[str, Any]) -> str:
-    """File stem for a report: the GPU's name and the date, e.g. "nvidia-h100-80gb-hbm3-2026-11-24"."""
+    """File stem for a report: the GPU's name and the date, e.g. "bench-nvidia-h100-80gb-hbm3-2026-11-24"."""
     env = report.get("environment", {})
     gpu = re.sub(r"[^a-z0-9]+", "-", str(env.get("gpu") or "cpu").lower()).strip("-")
-    return f"{gpu}-{str(env.get('date') or 'undated')[:10]}"
+    return f"bench-{gpu}-{str(env.get('date') or 'undated')[:10]}"
 
 
 # --------------------------------------------------------------------------- GPU helpers
@@ -475,17 +489,19 @@ def _setup_cupyflash(pass_: str, shape: BenchShape, data: dict[str, Array], dete
 def _setup_naive(pass_: str, shape: BenchShape, data: dict[str, Array]) -> _Setup:
     cupy = require_cupy()
     q, k, v, dout = (data[n] for n in ("q", "k", "v", "dout"))
+    extra = {"note": NAIVE_BF16_NOTE} if shape.dtype == "bfloat16" else {}
     if pass_ == "fwd":
         def fn() -> Any:
             return naive_forward(q, k, v, shape.causal, cupy)[1]
+    else:
+        p, out = naive_forward(q, k, v, shape.causal, cupy)  # saved state, as autograd would keep it
 
-        return _Setup(fn, (fn().transpose(0, 2, 1, 3),))
-    p, out = naive_forward(q, k, v, shape.causal, cupy)
-
-    def fn_bwd() -> Any:
-        return naive_backward(dout, q, k, v, p, out, cupy)
-
-    return _Setup(fn_bwd, tuple(g.transpose(0, 2, 1, 3) for g in fn_bwd()))
+        def fn() -> Any:
+            return naive_backward(dout, q, k, v, p, out, cupy)
+    result, peak = _peak_extra_bytes(fn)
+    extra.update(peak_extra_mb=peak / MIB, output_mb=_nbytes(result) / MIB)
+    outputs = result if isinstance(result, tuple) else (result,)
+    return _Setup(fn, tuple(o.transpose(0, 2, 1, 3) for o in outputs), extra)
 
 
 def _import_torch() -> Any:
@@ -641,7 +657,7 @@ def _judge(impl: str, ref: _Reference, pass_: str, outputs: tuple[Array, ...], d
     """valid / error / errors / check fields of a row: max|ours - ref| / max|ref| per tensor,
     valid when the worst is below TOLERANCE[dtype]."""
     if impl == "naive-cupy" and ref.kind == "naive":
-        return {"note": "the reference the other implementations are checked against"}
+        return {"reference": True}  # the others are checked against this very result
     names = PASS_TENSORS[pass_]
     note = None
     if ref.kind == "slice":
@@ -665,6 +681,14 @@ def _row(impl: str, pass_: str, shape: BenchShape) -> dict[str, Any]:
             "ms": None, "tflops": None, "valid": None, "error": None}
 
 
+def _add(row: dict[str, Any], fields: dict[str, Any]) -> None:
+    """row.update(fields), except that notes accumulate ("; "-separated) instead of replacing."""
+    notes = [n for n in (row.get("note"), fields.get("note")) if n]
+    row.update(fields)
+    if notes:
+        row["note"] = "; ".join(notes)
+
+
 def _measure(impl: str, pass_: str, shape: BenchShape, data: dict[str, Array], ref: _Reference,
              runs: int, warmup: int) -> dict[str, Any]:
     """One row: set up, check one call's outputs, then time. Failures are recorded, not raised."""
@@ -676,14 +700,16 @@ def _measure(impl: str, pass_: str, shape: BenchShape, data: dict[str, Array], r
     try:
         with _impl_context(impl) as caught:
             setup = _setup(impl, pass_, shape, data)
-            row.update(setup.extra)
-            row.update(_judge(impl, ref, pass_, setup.outputs, shape.dtype))
+            _add(row, setup.extra)
+            _add(row, _judge(impl, ref, pass_, setup.outputs, shape.dtype))
+            if impl == "naive-cupy":
+                runs, warmup = min(runs, NAIVE_MAX_RUNS), min(warmup, NAIVE_MAX_WARMUP)
             timing = do_bench(setup.fn, warmup=warmup, runs=runs)
     except Exception as exc:
         texts = sorted({" ".join(str(w.message).split())[:MAX_MESSAGE] for w in caught})
         row["failure"] = _short(exc) + "".join(f" | warning: {t}" for t in texts[:3])
         return row
-    row.update(ms=timing.median_ms, ms_min=timing.min_ms, ms_max=timing.max_ms,
+    row.update(ms=timing.median_ms, ms_min=timing.min_ms, ms_max=timing.max_ms, runs=timing.runs,
                tflops=tflops(shape, pass_, timing.median_ms))
     if caught:
         row["warnings"] = sorted({" ".join(str(w.message).split())[:MAX_MESSAGE] for w in caught})
@@ -698,7 +724,9 @@ def _describe(row: dict[str, Any]) -> str:
         return head + "failed: " + row["failure"]
     if row["ms"] is None:
         return head + str(row.get("note"))
-    verdict = {True: "valid", False: "INVALID", None: "unchecked"}[row["valid"]]
+    verdict = {True: "valid", False: "INVALID", None: "not validated"}[row["valid"]]
+    if row.get("reference"):
+        verdict = "the reference"
     error = f" (error {row['error']:.2e})" if isinstance(row.get("error"), float) else ""
     return head + f"{row['ms']:.3f} ms, {row['tflops']:.1f} TFLOP/s, {verdict}{error}"
 
@@ -721,12 +749,15 @@ def run(shapes: Sequence[BenchShape], *, passes: Sequence[str] = PASSES, impls: 
     Report: {"environment": environment(), "settings": {...}, "rows": [...], "compile_times": [...]}.
     A row: impl, pass, dtype, head_dim, seqlen, causal, batch, heads, ms (median, milliseconds),
     tflops, valid (True / False / None = not checked), error (max|ours - ref| / max|ref|), and
-    where they apply: ms_min, ms_max, errors (per tensor), check ("naive" or "slice"), note,
+    where they apply: ms_min, ms_max, runs (timed runs: `runs`, at most NAIVE_MAX_RUNS for
+    naive-cupy), errors (per tensor), check ("naive" or "slice"), reference
+    (True on the naive-cupy row the others were checked against), note,
     failure (the exception text when an impl raised), warnings (torch's), and for cupyflash*:
     first_call_ms (wall time of the first call, NVRTC compile and module load included),
     new_cubins (kernels NVRTC compiled during it; None with the disk cache off), peak_extra_mb
     (MiB CuPy allocated at the peak of one call, outputs included) and output_mb (MiB of the
     returned arrays): peak_extra_mb - output_mb is the scratch, O(seqlen), never O(seqlen²).
+    naive-cupy rows carry peak_extra_mb and output_mb too, for contrast (its saved P excluded).
     compile_times=True adds measure_compile_times() for the shapes' dtypes and head dims.
     progress(message) is called once per (shape, impl, pass) with the result.
     """
@@ -737,7 +768,7 @@ def run(shapes: Sequence[BenchShape], *, passes: Sequence[str] = PASSES, impls: 
     report = {"environment": environment(), "rows": [], "compile_times": [],
               "settings": {"runs": runs, "warmup": warmup, "passes": list(passes), "impls": list(impls),
                            "tolerance": TOLERANCE, "check_rows": CHECK_ROWS,
-                           "naive_memory_fraction": NAIVE_MEMORY_FRACTION}}
+                           "naive_memory_fraction": NAIVE_MEMORY_FRACTION, "naive_max_runs": NAIVE_MAX_RUNS}}
     for n, shape in enumerate(shapes):
         data = _inputs(shape)
         ref = _reference(shape, data, passes)
@@ -781,7 +812,11 @@ def measure_compile_times(dtypes: Sequence[str] = DTYPES, head_dims: Sequence[in
     through build.compile_kernel (no disk cache), for `limits` (a device.DeviceLimits; default
     the current GPU's; a made-up one works without a GPU). Kernels shared between head dims
     (the δ and dQ-convert kernels) are compiled once. One dict per kernel: dtype, head_dim,
-    pass, entry, seconds, registers, spill_bytes."""
+    pass, entry, arch, seconds, registers, spill_bytes, and failure (the error text) when the
+    compile failed. NVRTC 12.9+ keeps its own cache of compiled programs: on the H100 machine
+    (NVRTC 13.0) a program compiled before, in this process or an earlier one, came back in
+    about 40 ms with an empty log, so honest numbers need a machine that has not compiled
+    these kernels yet."""
     from .config import kernel_head_dim
 
     limits = limits if limits is not None else device_limits(current_device_id())
@@ -791,12 +826,20 @@ def measure_compile_times(dtypes: Sequence[str] = DTYPES, head_dims: Sequence[in
             if spec in seen:
                 continue
             seen.add(spec)
-            start = time.perf_counter()
-            kernel = build.compile_kernel(spec, limits.arch)
             rows.append({"dtype": dtype, "head_dim": head_dim, "pass": pass_, "entry": spec.entry,
-                         "arch": limits.arch, "seconds": time.perf_counter() - start,
-                         "registers": kernel.registers, "spill_bytes": kernel.spill_bytes})
+                         "arch": limits.arch, **_time_compile(spec, limits.arch)})
     return rows
+
+
+def _time_compile(spec: build.KernelSpec, arch: str) -> dict[str, Any]:
+    """seconds, registers, spill_bytes of one compile; a failure is recorded, not raised."""
+    start = time.perf_counter()
+    try:
+        kernel = build.compile_kernel(spec, arch)
+    except Exception as exc:
+        return {"seconds": time.perf_counter() - start, "registers": None, "spill_bytes": None,
+                "failure": _short(exc)}
+    return {"seconds": time.perf_counter() - start, "registers": kernel.registers, "spill_bytes": kernel.spill_bytes}
 
 
 # --------------------------------------------------------------------------- tables
@@ -820,9 +863,7 @@ def _cell(row: dict[str, Any] | None) -> str:
     "-" when there is no number (not run, skipped, failed)."""
     if row is None or not isinstance(row.get("tflops"), (int, float)):
         return "-"
-    mark = {False: " ✗", None: " ?", True: ""}[row.get("valid")]
-    if row["impl"] == "naive-cupy" and row.get("valid") is None and row.get("check") is None:
-        mark = ""  # the reference itself
+    mark = "" if row.get("reference") else {False: " ✗", None: " ?", True: ""}[row.get("valid")]
     return _number(row["tflops"]) + mark
 
 
@@ -860,7 +901,8 @@ def format_table(report: dict[str, Any], pass_: str) -> str:
 
 
 def format_memory_table(report: dict[str, Any]) -> str:
-    """Markdown: peak extra MiB of one cupyflash call, its outputs, and the difference (scratch)."""
+    """Markdown: peak extra MiB of one call (cupyflash and naive-cupy), its outputs, and the
+    difference (scratch: O(seqlen) for cupyflash, O(seqlen²) for naive-cupy)."""
     lines = ["**Device memory of one call** (MiB allocated through CuPy at the peak, outputs included)", "",
              "| impl | pass | dtype | D | S | causal | peak extra | outputs | scratch |", "|" + "---|" * 9]
     for r in report["rows"]:
@@ -895,6 +937,8 @@ def format_compile_table(report: dict[str, Any]) -> str:
                   "| dtype | D | pass | kernel | arch | seconds | registers | spill bytes |", "|" + "---|" * 8]
         lines += [f"| {c['dtype']} | {c['head_dim']} | {c['pass']} | {c['entry']} | {c['arch']} | "
                   f"{c['seconds']:.2f} | {c['registers']} | {c['spill_bytes']} |" for c in report["compile_times"]]
+        lines += [f"\n{c['entry']} ({c['dtype']}, D {c['head_dim']}) failed: {c['failure']}"
+                  for c in report["compile_times"] if c.get("failure")]
     return "\n".join(lines)
 
 
@@ -964,13 +1008,24 @@ def _seqlen_label(seqlen: int) -> str:
     return f"{seqlen // 1024}k" if seqlen >= 1024 and seqlen % 1024 == 0 else str(seqlen)
 
 
-def plot(report: dict[str, Any], path: str | Path, *, dtype: str = "float16", causal: bool = False) -> Path:
+def _plot_choice(report: dict[str, Any], dtype: str | None, causal: bool | None) -> tuple[str, bool]:
+    """The (dtype, causal) to plot: as given, else float16 and non-causal when present."""
+    combos = list(dict.fromkeys((r["dtype"], bool(r["causal"])) for r in report["rows"]))
+    combos = [c for c in combos if dtype in (None, c[0]) and causal in (None, c[1])]
+    if not combos:
+        return (dtype or "float16", bool(causal))
+    return min(combos, key=lambda c: (c[0] != "float16", c[1]))
+
+
+def plot(report: dict[str, Any], path: str | Path, *, dtype: str | None = None, causal: bool | None = None) -> Path:
     """PNG of TFLOP/s against seqlen (log2 axis) per implementation, one panel per (pass,
-    head_dim), for one dtype and causality. Needs matplotlib (imported here, not at import)."""
+    head_dim), for one dtype and causality (default: float16 and non-causal if the report has
+    them, else what it has). Needs matplotlib (imported here, not when bench is imported)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise RuntimeError("cupyflash.bench.plot needs matplotlib: pip install 'cupyflash[plot]'") from exc
+    dtype, causal = _plot_choice(report, dtype, causal)
     series = plot_series(report, dtype, causal)
     if not series:
         raise ValueError(f"no valid {dtype} {'causal' if causal else 'non-causal'} results to plot")
@@ -982,14 +1037,16 @@ def plot(report: dict[str, Any], path: str | Path, *, dtype: str = "float16", ca
         ax = axes[i][j]
         for impl in _impl_order({"impl": name} for name in series.get((pass_, head_dim), {})):
             xs, ys = zip(*series[(pass_, head_dim)][impl])
-            ax.plot(xs, ys, marker="o", label=impl)
+            color = f"C{IMPLS.index(impl) % 10}" if impl in IMPLS else None  # one colour per impl in every panel
+            ax.plot(xs, ys, marker="o", label=impl, color=color)
         seqlens = sorted({x for points in series.get((pass_, head_dim), {}).values() for x, _ in points})
         ax.set_xscale("log", base=2)
         ax.minorticks_off()
         ax.set_xticks(seqlens, [_seqlen_label(s) for s in seqlens])
         ax.set(title=f"{pass_}, head_dim {head_dim}", xlabel="seqlen", ylabel="TFLOP/s")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    _legend(figure, axes)
     env = report.get("environment", {})
     figure.suptitle(f"{env.get('gpu')} · {dtype} · {'causal' if causal else 'non-causal'} · "
                     f"commit {str(env.get('git_commit'))[:12]} · kernels {env.get('source_hash')}", fontsize=9)
@@ -999,6 +1056,20 @@ def plot(report: dict[str, Any], path: str | Path, *, dtype: str = "float16", ca
     figure.savefig(tmp, format="png", dpi=120)
     tmp.replace(path)
     return path
+
+
+def _legend(figure: Any, axes: Any) -> None:
+    """One legend for every panel, below them (inside the first panel on matplotlib < 3.7)."""
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    labels = _impl_order({"impl": label} for label in handles)
+    try:
+        figure.legend([handles[x] for x in labels], labels, loc="outside lower center", ncols=len(labels),
+                      fontsize=8)
+    except (TypeError, ValueError):  # "outside" placement is matplotlib 3.7+
+        axes.flat[0].legend([handles[x] for x in labels], labels, fontsize=7)
 
 
 def save_plots(report: dict[str, Any], directory: str | Path, stem: str) -> list[Path]:

@@ -75,7 +75,8 @@ def nvrtc_version() -> tuple[int, int]:
 
 def _ptxas_numbers(log: str, entry: str) -> tuple[int, int]:
     """Registers and spill bytes of `entry` from the -Xptxas=-v report."""
-    section = log.split(f"Function properties for {entry}")[-1]
+    marker = f"Function properties for {entry}"
+    section = log.split(marker)[-1] if marker in log else ""
     regs = re.search(r"Used (\d+) registers", section)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", section)
     if regs is None or spills is None:
@@ -83,30 +84,47 @@ def _ptxas_numbers(log: str, entry: str) -> tuple[int, int]:
     return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
 
 
-def compile_kernel(spec: KernelSpec, arch: str) -> CompiledKernel:
-    """NVRTC compile of one variant to a cubin for `arch` (e.g. "sm_90"); needs no GPU."""
+def _program_key(spec: KernelSpec, arch: str) -> tuple[str, ...]:
+    """One cubin per (sources, file, macros, arch, NVRTC): the entry points of a file share it."""
+    return (source_hash(), spec.source, repr(spec.defines), arch, "nvrtc%d.%d" % nvrtc_version(), __version__)
+
+
+_programs: dict[tuple[str, ...], tuple[bytes, str] | RuntimeError] = {}
+
+
+def _compile_program(spec: KernelSpec, arch: str) -> tuple[bytes, str]:
+    """(cubin, ptxas log) of spec's file and macros, compiled once per process. (NVRTC 13 keeps
+    its own in-process cache and returns an empty log when asked for the same program again.)"""
+    key = _program_key(spec, arch)
+    if key in _programs:
+        known = _programs[key]
+        if isinstance(known, RuntimeError):  # a failed compile fails again, without NVRTC
+            raise known
+        return known
     nvrtc = require_cupy().cuda.nvrtc
-    source = (kernel_dir() / spec.source).read_text()
-    program = nvrtc.createProgram(source, spec.source, [], [])
+    program = nvrtc.createProgram((kernel_dir() / spec.source).read_text(), spec.source, [], [])
     try:
         try:
             nvrtc.compileProgram(program, spec.options(arch))
         except nvrtc.NVRTCError as error:
-            log = nvrtc.getProgramLog(program)
-            raise RuntimeError(f"NVRTC failed to compile {spec.source} ({spec.entry}, {arch}, "
-                               f"{dict(spec.defines)}):\n{log}") from error
-        log = nvrtc.getProgramLog(program)
-        cubin = nvrtc.getCUBIN(program)
+            failure = _programs[key] = RuntimeError(f"NVRTC failed to compile {spec.source} ({arch}, "
+                                                    f"{dict(spec.defines)}):\n{nvrtc.getProgramLog(program)}")
+            raise failure from error
+        result = _programs[key] = (nvrtc.getCUBIN(program), nvrtc.getProgramLog(program))
     finally:
         nvrtc.destroyProgram(program)
+    return result
+
+
+def compile_kernel(spec: KernelSpec, arch: str) -> CompiledKernel:
+    """NVRTC compile of one variant to a cubin for `arch` (e.g. "sm_90"); needs no GPU."""
+    cubin, log = _compile_program(spec, arch)
     registers, spill_bytes = _ptxas_numbers(log, spec.entry)
     return CompiledKernel(cubin, registers, spill_bytes, log)
 
 
 def cache_key(spec: KernelSpec, arch: str) -> str:
-    parts = [source_hash(), spec.source, spec.entry, repr(spec.defines), arch,
-             "nvrtc%d.%d" % nvrtc_version(), __version__]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+    return hashlib.sha256("|".join(_program_key(spec, arch)).encode()).hexdigest()[:32]
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -129,13 +147,13 @@ def cached_kernel(spec: KernelSpec, arch: str) -> CompiledKernel:
     base = settings.kernel_cache_dir() / cache_key(spec, arch)
     cubin_path, meta_path = base.with_suffix(".cubin"), base.with_suffix(".json")
     try:
-        meta = json.loads(meta_path.read_text())
-        return CompiledKernel(cubin_path.read_bytes(), meta["registers"], meta["spill_bytes"], meta["log"])
-    except (OSError, ValueError, KeyError):
+        log = json.loads(meta_path.read_text())["log"]
+        cubin = cubin_path.read_bytes()
+        return CompiledKernel(cubin, *_ptxas_numbers(log, spec.entry), log)
+    except (OSError, ValueError, KeyError, RuntimeError):
         pass  # absent or unreadable: compile again and overwrite
     kernel = compile_kernel(spec, arch)
-    meta = {"registers": kernel.registers, "spill_bytes": kernel.spill_bytes, "log": kernel.log,
-            "source": spec.source, "entry": spec.entry, "defines": dict(spec.defines), "arch": arch}
+    meta = {"log": kernel.log, "source": spec.source, "defines": dict(spec.defines), "arch": arch}
     write_atomic(cubin_path, kernel.cubin)
     write_atomic(meta_path, json.dumps(meta, indent=1).encode())  # written last: marks the pair complete
     return kernel

@@ -1,4 +1,4 @@
-"""The ``cupyflash`` command: ``info``, ``validate`` and ``bench``.
+"""The ``cupyflash`` command: ``info``, ``validate``, ``bench`` and ``autotune``.
 
 Thin shells: each command parses its options, calls the library (cupyflash.validation,
 cupyflash.bench, ...) and prints. The library's input errors (ValueError, TypeError) end the
@@ -12,14 +12,15 @@ import importlib.util
 import json
 import math
 import platform
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 import numpy as np
 
-from . import __version__, build, settings, validation
+from . import __version__, build, selection, settings, tuning, validation
+from .config import TileConfig
 from .device import cupy_module, current_device_id, device_limits, gpu_count
 
 NO_GPU_VALIDATE = ("No CUDA GPU found: GPU kernels were NOT validated "
@@ -84,10 +85,17 @@ def _cuda_version(number: int) -> str:
 
 
 def _runtime() -> Any:
+    """CuPy's CUDA runtime module; a short reason when CuPy itself is missing."""
     cupy = cupy_module()
     if cupy is None:
         raise RuntimeError("CuPy not installed")
     return cupy.cuda.runtime
+
+
+def _nvrtc_version() -> str:
+    _runtime()  # without CuPy, say so rather than repeat the install hint
+    major, minor = build.nvrtc_version()
+    return f"{major}.{minor}"
 
 
 def _versions() -> dict[str, Any]:
@@ -99,7 +107,7 @@ def _versions() -> dict[str, Any]:
         "cupy": cupy.__version__ if cupy is not None else "not installed",
         "cuda_runtime": _probe(lambda: _cuda_version(_runtime().runtimeGetVersion())),
         "cuda_driver": _probe(lambda: _cuda_version(_runtime().driverGetVersion())),
-        "nvrtc": _probe(lambda: "%d.%d" % build.nvrtc_version()),
+        "nvrtc": _probe(_nvrtc_version),
     }
 
 
@@ -202,13 +210,13 @@ def _gpu_case_rows(table: _Table, case: validation.Case, deterministic: bool) ->
                   f"{case.id:<{CASE_WIDTH}} ERROR  {message}")
         return 1
     for r in results:
-        row = {"case": case.id, "tensor": r.name, "error": _number(r.error), "baseline_error": _number(r.baseline_error),
-               "ratio": _number(r.ratio), "ok": r.ok}
+        row = {"case": case.id, "tensor": r.name, "error": _number(r.error),
+               "baseline_error": _number(r.baseline_error), "ratio": _number(r.ratio), "ok": r.ok,
+               **({} if r.ok else {"message": r.message()})}
         table.row(row, f"{case.id:<{CASE_WIDTH}} {r.name:<6} {r.error:>10.3e} {r.baseline_error:>10.3e} "
                        f"{r.ratio:>7.2f}  {'pass' if r.ok else 'FAIL'}")
         if not r.ok:
-            row["message"] = r.message()
-            table.line(f"    {r.message()}")
+            table.line(f"    {r.message()}")  # the worst coordinate and both errors
     return sum(not r.ok for r in results)
 
 
@@ -257,11 +265,16 @@ def _validate_cpu(quick: bool, as_json: bool) -> int:
 @click.option("--quick", is_flag=True, help="A smaller matrix (fewer head dims and lengths).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @click.option("--deterministic", is_flag=True, help="Validate the deterministic backward (dQ in its own pass).")
-def validate(quick: bool, as_json: bool, deterministic: bool) -> None:
+@click.option("--inject-config", hidden=True, metavar="JSON",
+              help='Force a forward config, e.g. {"block_m": 64, "block_n": 64, "num_warps": 4, "stages": 1} '
+                   "(tests use it to check that a broken config fails validation).")
+def validate(quick: bool, as_json: bool, deterministic: bool, inject_config: str | None) -> None:
     """Check the GPU kernels against the float64 reference (or, without a GPU, the tiled
     NumPy algorithm against the naive one). Exit code 1 when anything fails."""
     if gpu_count() > 0:
-        failures = _validate_gpu(quick, deterministic, as_json)
+        forced = TileConfig(**json.loads(inject_config)) if inject_config else None
+        with selection.forced(fwd=forced):
+            failures = _validate_gpu(quick, deterministic, as_json)
     else:
         failures = _validate_cpu(quick, as_json)
     if failures:
@@ -327,10 +340,10 @@ def bench(dtypes: tuple[str, ...], head_dims: tuple[int, ...], seqlens: tuple[in
     passes = ("fwd", "bwd") if which == "both" else (which,)
     shapes = _bench_shapes(bench_lib, dtypes, head_dims, seqlens, causals, shape)
     report = bench_lib.run(shapes, passes=passes, runs=runs, progress=_progress)
-    click.echo(json.dumps(report, indent=1) if as_json else "\n\n".join(bench_lib.format_table(report, p)
-                                                                        for p in passes))
+    tables = "\n\n".join(bench_lib.format_table(report, p) for p in passes)
+    click.echo(json.dumps(report, indent=1, default=str) if as_json else tables)
     if out is not None:
-        saved = bench_lib.save(report, out, time.strftime("bench-%Y%m%d-%H%M%S"))
+        saved = bench_lib.save(report, out, bench_lib.default_stem(report))
         click.echo("saved " + ", ".join(str(path) for path in saved), err=True)
     if plot is not None:
         click.echo(f"plot {bench_lib.plot(report, plot)}", err=True)
@@ -338,3 +351,64 @@ def bench(dtypes: tuple[str, ...], head_dims: tuple[int, ...], seqlens: tuple[in
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- autotune
+
+
+def _tuned_rows(limits: Any) -> list[dict[str, Any]]:
+    return [{"bucket": key, **entry} for key, entry in sorted(tuning.load_entries(limits).items())]
+
+
+def _autotune_table(results: list[Any]) -> list[str]:
+    lines = [f"{'bucket':<46} {'heuristic':>10} {'tuned':>8}  config (TFLOP/s on the bucket's problem)"]
+    for r in results:
+        lines.append(f"{r.bucket.key:<46} {r.tflops(r.heuristic_ms):>10.1f} {r.tflops(r.best_ms):>8.1f}  {r.best}")
+    return lines
+
+
+@cli.command()
+@click.option("--pass", "kinds", multiple=True, type=click.Choice(["fwd", "bwd"]), help="Default: both.")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float16", "bfloat16"]), help="Default: both.")
+@click.option("--head-dim", "head_dims", multiple=True, type=int, help="Default: 64, 128, 256.")
+@click.option("--seqlen", "seqlens", multiple=True, type=int, help="Default: 2048, 8192.")
+@click.option("--causal", "mask", flag_value="causal", help="Causal only.")
+@click.option("--no-causal", "mask", flag_value="full", help="Non-causal only.")
+@click.option("--both", "mask", flag_value="both", default=True, help="Causal and non-causal (default).")
+@click.option("--show", is_flag=True, help="List the tuned configs cached for this GPU and exit.")
+@click.option("--clear", is_flag=True, help="Remove the tuned configs cached for this GPU and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+def autotune(kinds: tuple[str, ...], dtypes: tuple[str, ...], head_dims: tuple[int, ...], seqlens: tuple[int, ...],
+             mask: str, show: bool, clear: bool, as_json: bool) -> None:
+    """Time every feasible config for each problem bucket on this GPU and cache the winners
+    (validated against the reference first); attention() then uses them. Interrupting keeps
+    the buckets already finished."""
+    from . import autotune as tuner
+
+    if gpu_count() == 0:
+        raise click.ClickException("autotune needs a CUDA GPU; none was found")
+    limits = device_limits(current_device_id())
+    if show or clear:
+        rows = _tuned_rows(limits) if show else [str(p) for p in tuning.clear(limits)]
+        click.echo(json.dumps(rows, indent=1) if as_json else "\n".join(map(str, rows)) or "(nothing cached)")
+        return
+    causal = {"causal": (True,), "full": (False,), "both": (False, True)}[mask]
+    buckets = [tuner.Bucket(k, d, h, c, s) for k in kinds or ("fwd", "bwd") for d in dtypes or ("float16", "bfloat16")
+               for h in head_dims or (64, 128, 256) for c in causal for s in seqlens or (2048, 8192)]
+    results: list[Any] = []
+    with click.progressbar(length=tuner.candidate_count(buckets), label=f"tuning {len(buckets)} buckets",
+                           show_eta=True, file=click.get_text_stream("stderr")) as bar:
+        def progress(message: str) -> None:
+            if not message.startswith("compiling"):
+                bar.update(1)
+        try:
+            tuner.tune(buckets, progress=progress, on_result=results.append)
+        except KeyboardInterrupt:
+            click.echo(f"\ninterrupted: {len(results)} buckets finished and kept", err=True)
+    if as_json:
+        click.echo(json.dumps([{"bucket": r.bucket.key, "heuristic": str(r.heuristic), "tuned": str(r.best),
+                                "heuristic_tflops": r.tflops(r.heuristic_ms), "tuned_tflops": r.tflops(r.best_ms)}
+                               for r in results], indent=1))
+    else:
+        click.echo("\n".join(_autotune_table(results)))
+        click.echo(f"stored in {tuning.tuning_file(limits)}")

@@ -37,7 +37,8 @@ def _check_dtype(name: str, array: Any, expected: str | None = None) -> None:
 
 
 def _check_last_dim_contiguous(name: str, array: Any) -> None:
-    if array.shape[-1] > 1 and array.strides[-1] != array.itemsize:
+    # An empty array's strides mean nothing (NumPy gives them as 0).
+    if array.size > 0 and array.shape[-1] > 1 and array.strides[-1] != array.itemsize:
         raise ValueError(f"{name}'s last dimension (head_dim) must be contiguous; its stride is "
                          f"{array.strides[-1] // array.itemsize} elements (pass a copy, e.g. {name}.copy())")
 
@@ -163,5 +164,9 @@ def check_alibi_slopes(alibi_slopes: Any, batch: int, heads_q: int) -> None:
 
 
 def check_seed(seed: Any) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be None or a non-negative integer; got {type(seed).__name__} {seed!r}")
+    if seed < 0:
         raise ValueError(f"seed must be None or a non-negative integer; got {seed!r}")

@@ -133,7 +133,7 @@ def test_info_without_cupy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "cupy_module", lambda: None)
     facts = json.loads(invoke("info", "--json").stdout)
     assert facts["cupy"] == "not installed"
-    assert facts["cuda_runtime"] == facts["cuda_driver"] == "unavailable (CuPy not installed)"
+    assert facts["cuda_runtime"] == facts["cuda_driver"] == facts["nvrtc"] == "unavailable (CuPy not installed)"
 
 
 def test_info_with_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -314,6 +314,7 @@ def fake_bench(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
         return Path(path)
 
     module = SimpleNamespace(paper_grid=paper_grid, run=run, save=save, plot=plot, calls=calls,
+                             default_stem=lambda report: "bench-gpu-2026-11-23",
                              BenchShape=lambda *args: ("shape",) + args,
                              format_table=lambda report, which: f"table {which}")
     monkeypatch.setattr(cli, "gpu_count", lambda: 1)
@@ -358,8 +359,8 @@ def test_bench_json_out_and_plot(fake_bench: SimpleNamespace, tmp_path: Path, mo
     result = invoke("bench", "--json", "--out", str(tmp_path / "results"), "--plot", str(tmp_path / "speed.png"))
     assert result.exit_code == 0, everything(result)
     assert json.loads(result.stdout) == {"rows": [{"tflops": 123.0}]}
-    report, directory, stem = fake_bench.calls["save"]
-    assert directory == tmp_path / "results" and stem.startswith("bench-")
+    _, directory, stem = fake_bench.calls["save"]
+    assert directory == tmp_path / "results" and stem == "bench-gpu-2026-11-23"
     assert fake_bench.calls["plot"] == tmp_path / "speed.png"
 
 
@@ -369,3 +370,26 @@ def test_bench_plot_without_matplotlib_fails_before_timing(fake_bench: SimpleNam
     result = invoke("bench", "--plot", "speed.png")
     assert result.exit_code == 1 and "--plot needs matplotlib" in everything(result)
     assert "run" not in fake_bench.calls
+
+
+def test_bench_drives_the_real_bench_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command against cupyflash.bench itself, with only the timing replaced: the grid and the
+    shape arguments match its signatures, its tables print, its ValueErrors exit with 2."""
+    from cupyflash import bench
+
+    seen: dict[str, Any] = {}
+
+    def run(shapes: list[Any], **options: Any) -> dict[str, Any]:
+        seen.update(shapes=shapes, **options)
+        return {"environment": {}, "settings": {"runs": options["runs"]}, "rows": []}
+
+    monkeypatch.setattr(cli, "gpu_count", lambda: 1)
+    monkeypatch.setattr(bench, "run", run)
+    result = invoke("bench", "--head-dim", "128", "--seqlen", "2048", "--causal", "--dtype", "bfloat16")
+    assert result.exit_code == 0, everything(result)
+    assert seen["shapes"] == [bench.BenchShape("bfloat16", 128, 2048, True, batch=8, heads=16)]
+    assert "Forward TFLOP/s" in result.stdout and "Backward TFLOP/s" in result.stdout
+    assert invoke("bench", "--shape", "2,1024,16,64", "--no-causal", "--dtype", "float16").exit_code == 0
+    assert seen["shapes"] == [bench.BenchShape("float16", 64, 1024, False, batch=2, heads=16)]
+    too_long = invoke("bench", "--seqlen", "20000")
+    assert too_long.exit_code == 2 and everything(too_long).startswith("Error: seqlen 20000 must be in")

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Everything a GPU machine must run before kernel work is called done, in one call:
+#   info     cupyflash info                                  -> $OUT/info.txt
+#   tests    the GPU test suite (tests/test_gpu_*.py)         -> $OUT/gpu_tests.log
+#   validate cupyflash validate --quick                       -> $OUT/validate.log
+#   bench    the paper grid against naive CuPy and PyTorch    -> $OUT/bench.log, bench_*.json/.md, bench.png
+#   tune     cupyflash autotune on the default buckets        -> $OUT/tune.log
+# Usage: scripts/gpu_check.sh [STEP ...]   (default: info tests validate bench)
+# Writes under $OUT when set (the device tool fetches it), else ./gpu_check_out. Kernels compile
+# into $CUPYFLASH_CACHE_DIR (default /tmp/cupyflash-cache): the first step pays for NVRTC.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export CUPYFLASH_CACHE_DIR=${CUPYFLASH_CACHE_DIR:-/tmp/cupyflash-cache}
+PY=${PYTHON:-python3}
+steps=("$@")
+[[ ${#steps[@]} -eq 0 ]] && steps=(info tests validate bench)
+status=0
+
+run_step() {  # name, log file, command...: runs, logs, records a failure without stopping
+  local name=$1 log=$2
+  shift 2
+  echo "== $name: $* (log: $log)"
+  local start=$SECONDS
+  "$@" >"$log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - start)) s"
+  [[ $rc -ne 0 ]] && status=1
+  return 0
+}
+
+for step in "${steps[@]}"; do
+  case $step in
+    info) run_step info "$OUT/info.txt" $PY -m cupyflash info; cat "$OUT/info.txt" ;;
+    tests)
+      run_step tests "$OUT/gpu_tests.log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider \
+        tests/test_gpu_forward.py tests/test_gpu_backward.py
+      grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 3
+      grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -n 40 ;;
+    tests-quick)
+      run_step tests-quick "$OUT/gpu_tests.log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider \
+        -k "not 4097 and not 1023 and not 1024x1023" tests/test_gpu_forward.py tests/test_gpu_backward.py
+      grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 3
+      grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -n 40 ;;
+    validate) run_step validate "$OUT/validate.log" $PY -m cupyflash validate --quick; tail -n 5 "$OUT/validate.log" ;;
+    bench) run_step bench "$OUT/bench.log" $PY scripts/bench.py --out "$OUT" --plot "$OUT/bench.png"
+           tail -n 100 "$OUT/bench.log" ;;
+    bench-quick) run_step bench-quick "$OUT/bench.log" $PY scripts/bench.py --quick --out "$OUT"
+                 tail -n 60 "$OUT/bench.log" ;;
+    tune) run_step tune "$OUT/tune.log" $PY -m cupyflash autotune; tail -n 70 "$OUT/tune.log" ;;
+    *) echo "unknown step: $step"; status=2 ;;
+  esac
+done
+exit $status

@@ -1,0 +1,42 @@
+"""The commands on a GPU: validate fails (exit 1) with a deliberately broken config injected;
+a config tuned in one process is picked up by another. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from cupyflash.cli import cli
+
+pytestmark = pytest.mark.gpu
+
+
+def test_validate_fails_with_a_broken_config() -> None:
+    broken = json.dumps({"block_m": 64, "block_n": 64, "num_warps": 4, "stages": 1})  # kStages < 2
+    result = CliRunner().invoke(cli, ["validate", "--quick", "--inject-config", broken])
+    assert result.exit_code == 1, result.output
+    assert "FAILED" in result.output
+
+
+def test_tuned_config_is_used_by_a_second_process(tmp_path) -> None:
+    env_code = (
+        "import os, sys, cupy; from cupyflash import autotune, selection, tuning\\n"
+        "from cupyflash.device import device_limits\\n"
+        "b = autotune.Bucket('fwd', 'float16', 64, True, 1024)\\n"
+        "if sys.argv[1] == 'tune': autotune.tune([b])\\n"
+        "limits = device_limits(0)\\n"
+        "print(json.dumps(tuning.load_entries(limits)[b.key]['config']))\\n"
+    )
+    code = "import json\n" + env_code
+    env = {"CUPYFLASH_TUNING_DIR": str(tmp_path)}
+    import os
+    env = {**os.environ, **env}
+    first = subprocess.run([sys.executable, "-c", code, "tune"], capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run([sys.executable, "-c", code, "read"], capture_output=True, text=True, env=env)
+    assert second.returncode == 0, second.stderr
+    assert first.stdout.strip().splitlines()[-1] == second.stdout.strip()
