@@ -4,8 +4,10 @@ a config tuned in one process is picked up by another. Skipped without a GPU."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from click.testing import CliRunner
@@ -22,21 +24,23 @@ def test_validate_fails_with_a_broken_config() -> None:
     assert "FAILED" in result.output
 
 
+SECOND_PROCESS = textwrap.dedent("""
+    import json, sys
+    from cupyflash import autotune, selection, tuning
+    from cupyflash.device import device_limits
+    bucket = autotune.Bucket("fwd", "float16", 64, True, 1024)
+    if sys.argv[1] == "tune":
+        autotune.tune([bucket])
+    problem = bucket.problem()
+    chosen = selection.fwd_config(problem, 64, device_limits(0))
+    print(json.dumps(tuning.load_entries(device_limits(0))[bucket.key]["config"]), chosen)
+""")
+
+
 def test_tuned_config_is_used_by_a_second_process(tmp_path) -> None:
-    env_code = (
-        "import os, sys, cupy; from cupyflash import autotune, selection, tuning\\n"
-        "from cupyflash.device import device_limits\\n"
-        "b = autotune.Bucket('fwd', 'float16', 64, True, 1024)\\n"
-        "if sys.argv[1] == 'tune': autotune.tune([b])\\n"
-        "limits = device_limits(0)\\n"
-        "print(json.dumps(tuning.load_entries(limits)[b.key]['config']))\\n"
-    )
-    code = "import json\n" + env_code
-    env = {"CUPYFLASH_TUNING_DIR": str(tmp_path)}
-    import os
-    env = {**os.environ, **env}
-    first = subprocess.run([sys.executable, "-c", code, "tune"], capture_output=True, text=True, env=env)
+    env = {**os.environ, "CUPYFLASH_TUNING_DIR": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", SECOND_PROCESS, "tune"], capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr
-    second = subprocess.run([sys.executable, "-c", code, "read"], capture_output=True, text=True, env=env)
+    second = subprocess.run([sys.executable, "-c", SECOND_PROCESS, "read"], capture_output=True, text=True, env=env)
     assert second.returncode == 0, second.stderr
-    assert first.stdout.strip().splitlines()[-1] == second.stdout.strip()
+    assert first.stdout.strip().splitlines()[-1] == second.stdout.strip().splitlines()[-1]
