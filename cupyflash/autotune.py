@@ -77,11 +77,24 @@ def specs_of(bucket: Bucket, cfg: Any) -> list[build.KernelSpec]:
     return specs if cfg.dq_atomic else specs + [launch.dq_spec(bucket.dtype, bucket.head_dim, cfg.dq)]
 
 
-def _compile_one(spec: build.KernelSpec, arch: str) -> int:
+def _compile_one(spec: build.KernelSpec, arch: str) -> int | None:
     return build.cached_kernel(spec, arch).spill_bytes
 
 
-def precompile(specs: list[build.KernelSpec], arch: str, jobs: int | None = None) -> dict[build.KernelSpec, int]:
+def _spill_bytes(bucket: Bucket, cfg: Any, spills: dict[build.KernelSpec, int | None], limits: DeviceLimits) -> int:
+    """Spills of cfg's kernels: from ptxas, or from the loaded kernel when ptxas said nothing."""
+    total = 0
+    for spec in specs_of(bucket, cfg):
+        known = spills.get(spec)
+        if known is None:
+            smem = int(dict(spec.defines)["CF_SMEM_BYTES"])
+            known = build.local_memory_bytes(build.load_function(spec, current_device_id(), limits.arch, smem))
+        total += known
+    return total
+
+
+def precompile(specs: list[build.KernelSpec], arch: str,
+               jobs: int | None = None) -> dict[build.KernelSpec, int | None]:
     """Compiles every spec into the disk cache in parallel processes; returns spill bytes per spec."""
     unique = list(dict.fromkeys(specs))
     if len(unique) <= 1 or jobs == 1:
@@ -148,14 +161,14 @@ def _runner(bucket: Bucket) -> Callable[[], Any]:
     return lambda: api.attention_backward(dout, q, k, v, out, lse, causal=p.causal)
 
 
-def tune_bucket(bucket: Bucket, limits: DeviceLimits, spills: dict[build.KernelSpec, int],
+def tune_bucket(bucket: Bucket, limits: DeviceLimits, spills: dict[build.KernelSpec, int | None],
                 progress: Callable[[str], None] = lambda message: None) -> BucketResult:
     run = _runner(bucket)
     rejected: dict[str, str] = {}
     screened: list[tuple[float, Any]] = []
     for cfg in candidates(bucket, limits):
         progress(f"{bucket.key} {cfg}")
-        spilled = sum(spills.get(spec, 0) for spec in specs_of(bucket, cfg))
+        spilled = _spill_bytes(bucket, cfg, spills, limits)
         why = f"spills {spilled} bytes" if spilled else validate(bucket, cfg)
         if why:
             rejected[repr(cfg)] = why

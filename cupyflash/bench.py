@@ -769,6 +769,9 @@ def run(shapes: Sequence[BenchShape], *, passes: Sequence[str] = PASSES, impls: 
               "settings": {"runs": runs, "warmup": warmup, "passes": list(passes), "impls": list(impls),
                            "tolerance": TOLERANCE, "check_rows": CHECK_ROWS,
                            "naive_memory_fraction": NAIVE_MEMORY_FRACTION, "naive_max_runs": NAIVE_MAX_RUNS}}
+    if compile_times:  # first, while this process has compiled nothing (build.py memoizes programs)
+        dtypes = sorted({s.dtype for s in shapes})
+        report["compile_times"] = measure_compile_times(dtypes, sorted({s.head_dim for s in shapes}))
     for n, shape in enumerate(shapes):
         data = _inputs(shape)
         ref = _reference(shape, data, passes)
@@ -779,9 +782,6 @@ def run(shapes: Sequence[BenchShape], *, passes: Sequence[str] = PASSES, impls: 
             say(f"[{n * len(jobs) + m + 1}/{len(shapes) * len(jobs)}] {_describe(row)}")
         del data, ref
         _free_memory()
-    if compile_times:
-        dtypes = sorted({s.dtype for s in shapes})
-        report["compile_times"] = measure_compile_times(dtypes, sorted({s.head_dim for s in shapes}))
     return report
 
 
@@ -812,11 +812,13 @@ def measure_compile_times(dtypes: Sequence[str] = DTYPES, head_dims: Sequence[in
     through build.compile_kernel (no disk cache), for `limits` (a device.DeviceLimits; default
     the current GPU's; a made-up one works without a GPU). Kernels shared between head dims
     (the δ and dQ-convert kernels) are compiled once. One dict per kernel: dtype, head_dim,
-    pass, entry, arch, seconds, registers, spill_bytes, and failure (the error text) when the
-    compile failed. NVRTC 12.9+ keeps its own cache of compiled programs: on the H100 machine
-    (NVRTC 13.0) a program compiled before, in this process or an earlier one, came back in
-    about 40 ms with an empty log, so honest numbers need a machine that has not compiled
-    these kernels yet."""
+    pass, entry, arch, seconds, registers, spill_bytes, memoized (True when build.py already
+    held the program, so seconds is not a compile: call this before anything else compiles;
+    the δ and dQ-convert entry points share one program), and failure (the error text) when
+    the compile failed. NVRTC 12.9+ also keeps a cache of its own: on the H100 machine (NVRTC
+    13.0) a program compiled before, in this process or an earlier one, came back in about
+    40 ms with an empty log, so honest numbers need a machine that has not compiled these
+    kernels yet."""
     from .config import kernel_head_dim
 
     limits = limits if limits is not None else device_limits(current_device_id())
@@ -831,15 +833,24 @@ def measure_compile_times(dtypes: Sequence[str] = DTYPES, head_dims: Sequence[in
     return rows
 
 
+def _memoized(spec: build.KernelSpec, arch: str) -> bool:
+    """Whether build.py already holds spec's program (compiled earlier in this process, or by
+    another entry point of the same file): compiling it again costs nothing."""
+    key_of, programs = getattr(build, "_program_key", None), getattr(build, "_programs", None)
+    return bool(key_of is not None and programs is not None and key_of(spec, arch) in programs)
+
+
 def _time_compile(spec: build.KernelSpec, arch: str) -> dict[str, Any]:
-    """seconds, registers, spill_bytes of one compile; a failure is recorded, not raised."""
+    """seconds, registers, spill_bytes, memoized of one compile; a failure is recorded, not raised."""
+    memoized = _memoized(spec, arch)
     start = time.perf_counter()
     try:
         kernel = build.compile_kernel(spec, arch)
     except Exception as exc:
         return {"seconds": time.perf_counter() - start, "registers": None, "spill_bytes": None,
-                "failure": _short(exc)}
-    return {"seconds": time.perf_counter() - start, "registers": kernel.registers, "spill_bytes": kernel.spill_bytes}
+                "memoized": memoized, "failure": _short(exc)}
+    return {"seconds": time.perf_counter() - start, "registers": kernel.registers, "spill_bytes": kernel.spill_bytes,
+            "memoized": memoized}
 
 
 # --------------------------------------------------------------------------- tables
@@ -933,10 +944,12 @@ def format_compile_table(report: dict[str, Any]) -> str:
         lines.append(f"| {f['impl']} | {f['pass']} | {f['dtype']} | {f['head_dim']} | {int(f['causal'])} | "
                      f"{f['seqlen']} | {f['first_call_ms']:.0f} | {f['new_cubins']} |")
     if report.get("compile_times"):
-        lines += ["", "**NVRTC compile times** (default configs, no disk cache)", "",
+        lines += ["", "**NVRTC compile times** (default configs, no disk cache; (shared) = program already "
+                  "compiled in this process)", "",
                   "| dtype | D | pass | kernel | arch | seconds | registers | spill bytes |", "|" + "---|" * 8]
         lines += [f"| {c['dtype']} | {c['head_dim']} | {c['pass']} | {c['entry']} | {c['arch']} | "
-                  f"{c['seconds']:.2f} | {c['registers']} | {c['spill_bytes']} |" for c in report["compile_times"]]
+                  f"{'(shared)' if c.get('memoized') else format(c['seconds'], '.2f')} | {c['registers']} | "
+                  f"{c['spill_bytes']} |" for c in report["compile_times"]]
         lines += [f"\n{c['entry']} ({c['dtype']}, D {c['head_dim']}) failed: {c['failure']}"
                   for c in report["compile_times"] if c.get("failure")]
     return "\n".join(lines)

@@ -64,8 +64,8 @@ class KernelSpec:
 @dataclass(frozen=True)
 class CompiledKernel:
     cubin: bytes
-    registers: int
-    spill_bytes: int  # spill stores + spill loads reported by ptxas
+    registers: int | None  # None when NVRTC served the program from its own cache without a report
+    spill_bytes: int | None  # spill stores + spill loads reported by ptxas
     log: str
 
 
@@ -73,14 +73,16 @@ def nvrtc_version() -> tuple[int, int]:
     return tuple(require_cupy().cuda.nvrtc.getVersion())
 
 
-def _ptxas_numbers(log: str, entry: str) -> tuple[int, int]:
-    """Registers and spill bytes of `entry` from the -Xptxas=-v report."""
+def _ptxas_numbers(log: str, entry: str) -> tuple[int | None, int | None]:
+    """Registers and spill bytes of `entry` from the -Xptxas=-v report, (None, None) without
+    one: NVRTC 12.9+ keeps a cache of its own, across processes too, and a program it serves
+    from there comes with an empty log. (local_memory_bytes() then tells spills on a GPU.)"""
     marker = f"Function properties for {entry}"
     section = log.split(marker)[-1] if marker in log else ""
     regs = re.search(r"Used (\d+) registers", section)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", section)
     if regs is None or spills is None:
-        raise RuntimeError(f"could not read the ptxas report for {entry}:\n{log}")
+        return None, None
     return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
 
 
@@ -150,7 +152,7 @@ def cached_kernel(spec: KernelSpec, arch: str) -> CompiledKernel:
         log = json.loads(meta_path.read_text())["log"]
         cubin = cubin_path.read_bytes()
         return CompiledKernel(cubin, *_ptxas_numbers(log, spec.entry), log)
-    except (OSError, ValueError, KeyError, RuntimeError):
+    except (OSError, ValueError, KeyError):
         pass  # absent or unreadable: compile again and overwrite
     kernel = compile_kernel(spec, arch)
     meta = {"log": kernel.log, "source": spec.source, "defines": dict(spec.defines), "arch": arch}
@@ -181,3 +183,9 @@ def load_function(spec: KernelSpec, device_id: int, arch: str, smem_bytes: int) 
                                             smem_bytes)
                 _loaded[key] = function
     return function
+
+
+def local_memory_bytes(function: Any) -> int:
+    """Per-thread local memory of a loaded kernel (spills and stack): 0 for a healthy kernel."""
+    driver = require_cupy().cuda.driver
+    return driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, function.ptr)

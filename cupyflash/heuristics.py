@@ -3,7 +3,9 @@
 Rows are tried top to bottom; the first whose head-dim bound covers the compiled head dim and
 whose shared memory fits the device's opt-in limit wins. The fallbacks are sized for A100
 (163 KB per block) and sm_86/89 (99 KB). `cupyflash autotune` replaces these per problem
-bucket with measured winners. Register counts are ptxas's (NVRTC 12.9, sm_90).
+bucket with measured winners. Register counts are ptxas's (NVRTC 12.9, sm_90); TFLOP/s are
+`cupyflash autotune --dtype float16` on an H100 80GB HBM3, 2026-11-23 (source 58fbb81a), on
+the paper grid's problems (batch * seqlen = 16384, heads * head_dim = 2048), S = 2048 / 8192.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ Config = TypeVar("Config")
 
 # (largest head dim, config, why)
 FWD_TABLE: tuple[tuple[int, TileConfig, str], ...] = (
-    (64, TileConfig(128, 64, 4, 2), "32 rows per warp halve the K/V shared reads per MMA; 224 regs, 54 KB"),
-    (128, TileConfig(128, 64, 8, 2), "16 rows per warp: 32 rows spill at head_dim 128; 162 regs, 102 KB"),
-    (128, TileConfig(64, 64, 4, 2), "sm_86 fallback, 85 KB"),
+    (64, TileConfig(128, 64, 4, 2), "H100 winner or within 1%: 267-288 TFLOP/s; 32 rows per warp, 54 KB"),
+    (128, TileConfig(128, 32, 4, 2), "H100: 250-313 TFLOP/s against 204-245 for 128x64 on 8 warps; 68 KB"),
     (192, TileConfig(128, 64, 8, 2), "acc_o 96 + S 32 floats per thread; 196 regs, 150 KB"),
     (256, TileConfig(128, 64, 8, 2), "239 regs, 198 KB: one block per SM on Hopper"),
     (256, TileConfig(128, 32, 8, 2), "A100 fallback, 132 KB"),
@@ -27,8 +28,8 @@ FWD_TABLE: tuple[tuple[int, TileConfig, str], ...] = (
 )
 
 DKDV_TABLE: tuple[tuple[int, DkdvConfig, str], ...] = (
-    (64, DkdvConfig(64, 128, 8, 2, 1), "128 keys per block, 16 per warp; 207 regs at d64, 109 KB"),
-    (128, DkdvConfig(32, 128, 8, 2, 1), "at d128 block_m 64 spills 24 bytes with dQ atomics; 227 regs, 122 KB"),
+    (64, DkdvConfig(32, 128, 4, 2, 1), "H100: 185-219 TFLOP/s against 150-182 for 64x128 on 8 warps; 75 KB"),
+    (128, DkdvConfig(64, 128, 8, 2, 2), "H100: 178-216 TFLOP/s against 152-188 for 32x128 unsplit; 173 KB"),
     (128, DkdvConfig(64, 64, 4, 2, 1), "A100 fallback (121 KB at d128)"),
     (128, DkdvConfig(32, 64, 4, 2, 1), "sm_86 fallback (79 KB at d128)"),
     (256, DkdvConfig(64, 64, 8, 2, 2), "warps split head_dim in two so dK, dV fit in registers; 217 KB at d256"),
@@ -39,14 +40,16 @@ DKDV_TABLE: tuple[tuple[int, DkdvConfig, str], ...] = (
 DQ_TABLE: tuple[tuple[int, TileConfig, str], ...] = (
     (128, TileConfig(128, 64, 8, 2), "the forward's tile shape; 207 regs at d128"),
     (128, TileConfig(64, 32, 4, 2), "sm_86 fallback"),
-    (256, TileConfig(64, 64, 4, 2), "254 regs at d256, 198 KB"),
+    (256, TileConfig(128, 32, 8, 2), "H100: 150-180 TFLOP/s backward against 148-171 with 64x64; 198 KB"),
     (256, TileConfig(64, 32, 4, 2), "A100 fallback (132 KB at d256)"),
     (192, TileConfig(64, 16, 4, 2), "sm_86 fallback (75 KB at d192)"),
 )
 
-# dQ by float32 atomics from the dK/dV kernel, or in its own pass. At head_dim 256 the atomic
-# variant of the dK/dV kernel spills (16 bytes), so dQ gets its own pass there.
-MAX_ATOMIC_DQ_HEAD_DIM = 192
+# dQ by float32 atomics from the dK/dV kernel, or in its own pass. Measured on the H100: atomics
+# win at head_dim 64; at 128 the separate pass won 3 of 4 buckets (s2048 full and causal, s8192
+# causal); at 256 the atomic dK/dV variant spills. So above 64, dQ gets its own pass, which also
+# makes the default backward deterministic there.
+MAX_ATOMIC_DQ_HEAD_DIM = 64
 
 
 def _first_fitting(table: tuple[tuple[int, Config, str], ...], what: str, head_dim: int, limits: DeviceLimits,
