@@ -393,3 +393,26 @@ def test_bench_drives_the_real_bench_module(monkeypatch: pytest.MonkeyPatch) -> 
     assert seen["shapes"] == [bench.BenchShape("float16", 64, 1024, False, batch=2, heads=16)]
     too_long = invoke("bench", "--seqlen", "20000")
     assert too_long.exit_code == 2 and everything(too_long).startswith("Error: seqlen 20000 must be in")
+
+
+def test_autotune_without_a_gpu_says_so() -> None:
+    from click.testing import CliRunner
+
+    from cupyflash.cli import cli
+    from cupyflash.device import gpu_count
+
+    if gpu_count() > 0:
+        pytest.skip("checks the no-GPU message")
+    result = CliRunner().invoke(cli, ["autotune", "--pass", "fwd", "--head-dim", "64"])
+    assert result.exit_code == 1 and "autotune needs a CUDA GPU" in result.output
+
+
+def test_autotune_help_lists_its_options() -> None:
+    from click.testing import CliRunner
+
+    from cupyflash.cli import cli
+
+    result = CliRunner().invoke(cli, ["autotune", "--help"])
+    assert result.exit_code == 0
+    for option in ("--show", "--clear", "--json", "--pass", "--head-dim", "--seqlen"):
+        assert option in result.output

@@ -1,0 +1,67 @@
+"""Config feasibility and the heuristic tables against fake device limits (no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cupyflash import autotune, config, heuristics
+from cupyflash.config import KERNEL_HEAD_DIMS, DkdvConfig, TileConfig
+from cupyflash.device import DeviceLimits
+
+H100 = DeviceLimits("H100", (9, 0), 132, 232448, 233472)
+TINY = DeviceLimits("tiny", (8, 6), 8, 48 * 1024, 64 * 1024)
+
+
+@pytest.mark.parametrize("limits", [H100, TINY], ids=lambda l: l.name)
+@pytest.mark.parametrize("head_dim", KERNEL_HEAD_DIMS)
+def test_candidates_all_fit(limits: DeviceLimits, head_dim: int) -> None:
+    for cfg in config.fwd_candidates(head_dim, limits):
+        assert cfg.smem_bytes(head_dim) <= limits.smem_per_block_optin and not cfg.problems(head_dim)
+    for cfg in config.dkdv_candidates(head_dim, limits):
+        assert cfg.smem_bytes(head_dim) <= limits.smem_per_block_optin and not cfg.problems(head_dim)
+    for cfg in config.dq_candidates(head_dim, limits):
+        assert cfg.smem_bytes(head_dim, "dq") <= limits.smem_per_block_optin
+
+
+def test_smaller_device_prunes_more() -> None:
+    assert len(config.fwd_candidates(256, TINY)) < len(config.fwd_candidates(256, H100))
+    assert config.fwd_candidates(256, TINY) == []  # no head_dim 256 forward fits 48 KB
+    with pytest.raises(RuntimeError, match="no built-in forward config for head_dim 256 fits tiny"):
+        heuristics.default_fwd_config(256, TINY)
+
+
+@pytest.mark.parametrize("cfg,reason", [
+    (TileConfig(64, 64, 8, 2), "block_m 64 must be 16 or 32 rows per warp"),
+    (TileConfig(128, 40, 4, 2), "block_n 40 must be a multiple of 16"),
+    (TileConfig(128, 64, 4, 1), "stages must be at least 2"),
+])
+def test_tile_config_problems_name_the_rule(cfg: TileConfig, reason: str) -> None:
+    assert any(reason in p for p in cfg.problems(128))
+
+
+def test_register_estimate_prunes_spilling_tiles() -> None:
+    # 32 rows per warp at head_dim 128 with 64-key tiles spills (ptxas): the estimate rejects it.
+    assert not TileConfig(128, 64, 4, 2).fits(128, H100)
+    assert TileConfig(128, 32, 4, 2).fits(128, H100)
+
+
+def test_dkdv_problems() -> None:
+    assert DkdvConfig(64, 64, 8, 2, 2).problems(256) == []
+    assert DkdvConfig(64, 48, 8, 2, 1).problems(128)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_autotune_candidates_start_with_the_heuristic(head_dim: int) -> None:
+    for kind in ("fwd", "bwd"):
+        bucket = autotune.Bucket(kind, "float16", head_dim, True, 4096)
+        found = autotune.candidates(bucket, H100)
+        default = (heuristics.default_fwd_config if kind == "fwd" else heuristics.default_bwd_config)(head_dim, H100)
+        assert found[0] == default and len(found) == len(set(found)) > 1
+        assert all(c.fits(head_dim, H100) for c in found)
+
+
+def test_default_buckets_cover_the_grid() -> None:
+    buckets = autotune.default_buckets()
+    assert len(buckets) == 48 and len({b.key for b in buckets}) == 48
+    problem = buckets[0].problem()
+    assert problem.batch * problem.seqlen_q == 16384 and problem.heads_q * problem.head_dim == 2048
