@@ -31,6 +31,14 @@ def kernel_head_dim(head_dim: int) -> int:
     return next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
 
 
+def _pipeline_and_dim_problems(stages: int, head_dim: int) -> list[str]:
+    """The rules every kernel shares: double-buffered (or deeper) tiles, a compiled head dim."""
+    reasons = [] if stages >= 2 else ["stages must be at least 2"]
+    if head_dim not in KERNEL_HEAD_DIMS:
+        reasons.append(f"head_dim {head_dim} has no kernel; compiled head dims are {KERNEL_HEAD_DIMS}")
+    return reasons
+
+
 def _row_bytes(head_dim: int) -> int:
     return (head_dim + SMEM_PAD) * ELEMENT_BYTES
 
@@ -56,11 +64,7 @@ class TileConfig:
             reasons.append(f"block_m {self.block_m} must be 16 or 32 rows per warp for {self.num_warps} warps")
         if self.block_n % 16:
             reasons.append(f"block_n {self.block_n} must be a multiple of 16")
-        if self.stages < 2:
-            reasons.append("stages must be at least 2")
-        if head_dim not in KERNEL_HEAD_DIMS:
-            reasons.append(f"head_dim {head_dim} has no kernel; compiled head dims are {KERNEL_HEAD_DIMS}")
-        return reasons
+        return reasons + _pipeline_and_dim_problems(self.stages, head_dim)
 
     def acc_floats(self, head_dim: int) -> int:
         """fp32 accumulator registers per thread: O (or dQ) plus one S tile."""
@@ -112,11 +116,7 @@ class DkdvConfig:
             reasons.append(f"block_m {self.block_m} rows of dQ must split evenly over {self.num_warps} warps")
         elif head_dim % (16 * (self.num_warps // dq_warps_m)):
             reasons.append(f"head_dim {head_dim} columns of dQ must split evenly over the warps")
-        if self.stages < 2:
-            reasons.append("stages must be at least 2")
-        if head_dim not in KERNEL_HEAD_DIMS:
-            reasons.append(f"head_dim {head_dim} has no kernel; compiled head dims are {KERNEL_HEAD_DIMS}")
-        return reasons
+        return reasons + _pipeline_and_dim_problems(self.stages, head_dim)
 
     def acc_floats(self, head_dim: int) -> int:
         """dK + dV accumulators plus the S^T and dP^T tiles, per thread."""
