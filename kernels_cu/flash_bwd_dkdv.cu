@@ -161,14 +161,16 @@ extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
     store_frags_to_smem<Element>(sm.pt, st, key_row0, q_col0, lane, 1.f);
     store_frags_to_smem<Element>(sm.dst, dpt, key_row0, q_col0, lane, 1.f);
     __syncthreads();
-    gemm_nn<Element, T::kMTiles, T::kAccDTiles, T::kBlockM>(acc_dv, sm.pt, key_row0, sm.dout[slot], d_col0, lane);
-    gemm_nn<Element, T::kMTiles, T::kAccDTiles, T::kBlockM>(acc_dk, sm.dst, key_row0, sm.q[slot], d_col0, lane);
+    gemm_sn<Element, false, T::kMTiles, T::kAccDTiles, T::kBlockM>(acc_dv, sm.pt, key_row0, sm.dout[slot], d_col0,
+                                                                   lane);
+    gemm_sn<Element, false, T::kMTiles, T::kAccDTiles, T::kBlockM>(acc_dk, sm.dst, key_row0, sm.q[slot], d_col0,
+                                                                   lane);
     if constexpr (T::kAccumDq) {
       const int dq_row0 = (warp / T::kDqWarpsD) * T::kDqMTiles * 16;
       const int dq_col0 = (warp % T::kDqWarpsD) * (T::kHeadDim / T::kDqWarpsD);
       float acc_dq[T::kDqMTiles][T::kDqDTiles][4];
       zero(acc_dq);
-      gemm_tn<Element, T::kDqMTiles, T::kDqDTiles, T::kBlockN>(acc_dq, sm.dst, dq_row0, sm.k, dq_col0, lane);
+      gemm_sn<Element, true, T::kDqMTiles, T::kDqDTiles, T::kBlockN>(acc_dq, sm.dst, dq_row0, sm.k, dq_col0, lane);
       float* dq_tile = dq_accum + batch * dqa_batch_stride + head * dqa_head_stride + row0 * dqa_row_stride;
       add_dq_frags(dq_tile, dqa_row_stride, acc_dq, dq_row0, dq_col0, rows, head_dim, lane);
     }

@@ -68,12 +68,8 @@ extern "C" __global__ void __launch_bounds__(cf::DqKernel::kThreads, 1)
   const u16* k_head = k + batch * k_batch_stride + kv_head * k_head_stride;
   const u16* v_head = v + batch * v_batch_stride + kv_head * v_head_stride;
   auto load_kv = [&](int slot, int n_block) {
-    const int key0 = n_block * T::kBlockN;
-    const int keys = min(T::kBlockN, seqlen_k - key0);
-    load_tile_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(sm.k[slot], k_head + key0 * k_row_stride,
-                                                                        k_row_stride, keys, head_dim, tid);
-    load_tile_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(sm.v[slot], v_head + key0 * v_row_stride,
-                                                                        v_row_stride, keys, head_dim, tid);
+    load_kv_tiles_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(
+        sm.k[slot], sm.v[slot], k_head, k_row_stride, v_head, v_row_stride, n_block, seqlen_k, head_dim, tid);
   };
   load_tile_async<T::kBlockM, T::kHeadDim, T::kStride, T::kThreads>(
       sm.q, q + batch * q_batch_stride + head * q_head_stride + row_begin * q_row_stride, q_row_stride, rows,

@@ -70,12 +70,8 @@ extern "C" __global__ void __launch_bounds__(cf::FwdKernel::kThreads, 1)
   }
   const int n_tiles = n_end - n_begin;
   auto load_kv = [&](int slot, int n_block) {
-    const int key0 = n_block * T::kBlockN;
-    const int keys = min(T::kBlockN, seqlen_k - key0);
-    load_tile_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(sm.k[slot], k_head + key0 * k_row_stride,
-                                                                        k_row_stride, keys, head_dim, tid);
-    load_tile_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(sm.v[slot], v_head + key0 * v_row_stride,
-                                                                        v_row_stride, keys, head_dim, tid);
+    load_kv_tiles_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(
+        sm.k[slot], sm.v[slot], k_head, k_row_stride, v_head, v_row_stride, n_block, seqlen_k, head_dim, tid);
   };
 
   // Prologue: Q and the first kStages - 1 K/V tiles, one commit group per tile (Q joins the first).

@@ -1,13 +1,13 @@
 // Warp-level matrix products on mma.sync m16n8k16 tiles (fp16/bf16 in, fp32 accumulate).
 //
 // Names say how each operand is stored, BLAS style: for A, "n" = A[m][k] (k contiguous),
-// "t" = stored as A^T[k][m], "r" = already in registers as fp32 accumulator fragments; for B,
-// "n" = B[k][n] (n contiguous) and "t" = stored as B^T[n][k]. Every product of the kernels is
-// one of these four:
-//   gemm_nt  S = Q K^T, S^T = K Q^T, dP = dO V^T, dP^T = V dO^T
-//   gemm_rn  O += P V, dQ += dS K (P, dS still in registers)
-//   gemm_nn  dV += P^T dO, dK += dS^T Q (P^T, dS^T in shared memory)
-//   gemm_tn  dQ += dS K (dS stored transposed, as dS^T)
+// "t" = stored as A^T[k][m], "r" = already in registers as fp32 accumulator fragments, "s" =
+// in shared memory as either "n" or "t"; for B, "n" = B[k][n] (n contiguous) and "t" = stored
+// as B^T[n][k]. Every product of the kernels is one of these:
+//   gemm_nt        S = Q K^T, S^T = K Q^T, dP = dO V^T, dP^T = V dO^T
+//   gemm_rn        O += P V, dQ += dS K (P, dS still in registers)
+//   gemm_sn<false> dV += P^T dO, dK += dS^T Q (P^T, dS^T in shared memory)
+//   gemm_sn<true>  dQ += dS K (dS stored transposed, as dS^T)
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16; lane = 4 * g + t): A holds (g, 2t..2t+1),
 // (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..); B holds (k = 2t..2t+1, n = g) and (k = 2t+8.., n = g);
@@ -102,35 +102,22 @@ __device__ __forceinline__ void gemm_rn(float (&acc)[kMTiles][kNTiles][4], const
   }
 }
 
-// acc += A[a_row0 + (0..16 kMTiles), 0..kK] * B[0..kK, b_col0 + (0..8 kNTiles)]
-template <class Element, int kMTiles, int kNTiles, int kK, int kStrideA, int kStrideB>
-__device__ __forceinline__ void gemm_nn(float (&acc)[kMTiles][kNTiles][4], const u16 (*a_smem)[kStrideA],
+// acc += A[a_row0 + (0..16 kMTiles), 0..kK] * B[0..kK, b_col0 + (0..8 kNTiles)], A and B in
+// shared memory; A as A[m][k] ("nn") or, with kATransposed, stored as A^T[k][m] ("tn").
+template <class Element, bool kATransposed, int kMTiles, int kNTiles, int kK, int kStrideA, int kStrideB>
+__device__ __forceinline__ void gemm_sn(float (&acc)[kMTiles][kNTiles][4], const u16 (*a_smem)[kStrideA],
                                         int a_row0, const u16 (*b_smem)[kStrideB], int b_col0, int lane) {
   static_assert(kK % 16 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
 #pragma unroll
   for (int k0 = 0; k0 < kK; k0 += 16) {
     u32 a[kMTiles][4];
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) load_a(a[mt], a_smem, a_row0 + 16 * mt, k0, lane);
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; nt += 2) {
-      u32 b[4];
-      load_b_pair_trans(b, b_smem, b_col0 + 8 * nt, k0, lane);
-      mma_pairs<Element>(acc, a, b, nt);
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      if constexpr (kATransposed)
+        load_a_trans(a[mt], a_smem, a_row0 + 16 * mt, k0, lane);
+      else
+        load_a(a[mt], a_smem, a_row0 + 16 * mt, k0, lane);
     }
-  }
-}
-
-// acc += A[a_row0 + (0..16 kMTiles), 0..kK] * B[0..kK, b_col0 + (0..8 kNTiles)], A stored as A^T.
-template <class Element, int kMTiles, int kNTiles, int kK, int kStrideA, int kStrideB>
-__device__ __forceinline__ void gemm_tn(float (&acc)[kMTiles][kNTiles][4], const u16 (*at_smem)[kStrideA],
-                                        int a_row0, const u16 (*b_smem)[kStrideB], int b_col0, int lane) {
-  static_assert(kK % 16 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
-#pragma unroll
-  for (int k0 = 0; k0 < kK; k0 += 16) {
-    u32 a[kMTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) load_a_trans(a[mt], at_smem, a_row0 + 16 * mt, k0, lane);
 #pragma unroll
     for (int nt = 0; nt < kNTiles; nt += 2) {
       u32 b[4];

@@ -57,11 +57,10 @@ __device__ __forceinline__ void load_rows_async(float* smem, const float* gmem, 
   }
 }
 
-// Writes the rows [row_begin, row_begin + kRows) of a shared tile to global memory, 16 bytes at
-// a time, by the threads [0, kWorkers) that call it (a warp, or the whole block).
-template <int kRows, int kCols, int kStride, int kWorkers>
-__device__ __forceinline__ void store_tile(u16* gmem, i64 row_stride, const u16 (*smem)[kStride], int valid_rows,
-                                           int valid_cols, int worker) {
+// Calls store(row, col) for the 16-byte chunks of a kRows x kCols tile inside [0, valid_rows) x
+// [0, valid_cols), shared out among the threads [0, kWorkers) that call it (a warp, or a block).
+template <int kRows, int kCols, int kWorkers, class Store>
+__device__ __forceinline__ void for_each_valid_chunk(int valid_rows, int valid_cols, int worker, Store store) {
   constexpr int kChunksPerRow = kCols / kChunk;
   constexpr int kChunks = kRows * kChunksPerRow;
 #pragma unroll
@@ -70,26 +69,40 @@ __device__ __forceinline__ void store_tile(u16* gmem, i64 row_stride, const u16 
     if (kChunks % kWorkers != 0 && idx >= kChunks) break;
     const int row = idx / kChunksPerRow;
     const int col = (idx % kChunksPerRow) * kChunk;
-    if (row < valid_rows && col < valid_cols)
-      *reinterpret_cast<Vec16*>(gmem + row * row_stride + col) = *reinterpret_cast<const Vec16*>(&smem[row][col]);
+    if (row < valid_rows && col < valid_cols) store(row, col);
   }
 }
 
-// Writes zeros to rows [0, valid_rows) x columns [0, valid_cols) of a kRows x kCols global tile
-// (the output of rows or keys that see nothing).
+// Writes a kRows x kCols shared tile to global memory, 16 bytes at a time.
+template <int kRows, int kCols, int kStride, int kWorkers>
+__device__ __forceinline__ void store_tile(u16* gmem, i64 row_stride, const u16 (*smem)[kStride], int valid_rows,
+                                           int valid_cols, int worker) {
+  for_each_valid_chunk<kRows, kCols, kWorkers>(valid_rows, valid_cols, worker, [&](int row, int col) {
+    *reinterpret_cast<Vec16*>(gmem + row * row_stride + col) = *reinterpret_cast<const Vec16*>(&smem[row][col]);
+  });
+}
+
+// Writes zeros to a kRows x kCols global tile (the output of rows or keys that see nothing).
 template <int kRows, int kCols, int kWorkers>
 __device__ __forceinline__ void store_zero_tile(u16* gmem, i64 row_stride, int valid_rows, int valid_cols,
                                                 int worker) {
-  constexpr int kChunksPerRow = kCols / kChunk;
-  constexpr int kChunks = kRows * kChunksPerRow;
-#pragma unroll
-  for (int step = 0; step < (kChunks + kWorkers - 1) / kWorkers; ++step) {
-    const int idx = worker + step * kWorkers;
-    if (kChunks % kWorkers != 0 && idx >= kChunks) break;
-    const int row = idx / kChunksPerRow;
-    const int col = (idx % kChunksPerRow) * kChunk;
-    if (row < valid_rows && col < valid_cols) *reinterpret_cast<Vec16*>(gmem + row * row_stride + col) = Vec16{0, 0, 0, 0};
-  }
+  for_each_valid_chunk<kRows, kCols, kWorkers>(valid_rows, valid_cols, worker, [&](int row, int col) {
+    *reinterpret_cast<Vec16*>(gmem + row * row_stride + col) = Vec16{0, 0, 0, 0};
+  });
+}
+
+// Issues the cp.async copies of K and V tile n_block (kBlockN keys; keys past seqlen_k and
+// columns past head_dim zero-filled) into one pipeline slot. k_head / v_head point at key 0.
+template <int kBlockN, int kHeadDim, int kStride, int kThreads>
+__device__ __forceinline__ void load_kv_tiles_async(u16 (*k_smem)[kStride], u16 (*v_smem)[kStride], const u16* k_head,
+                                                    i64 k_row_stride, const u16* v_head, i64 v_row_stride,
+                                                    int n_block, int seqlen_k, int head_dim, int tid) {
+  const int key0 = n_block * kBlockN;
+  const int keys = min(kBlockN, seqlen_k - key0);
+  load_tile_async<kBlockN, kHeadDim, kStride, kThreads>(k_smem, k_head + key0 * k_row_stride, k_row_stride, keys,
+                                                        head_dim, tid);
+  load_tile_async<kBlockN, kHeadDim, kStride, kThreads>(v_smem, v_head + key0 * v_row_stride, v_row_stride, keys,
+                                                        head_dim, tid);
 }
 
 // Writes a warp's accumulator fragments (rows g, g + 8 of each m16 tile; columns 2t, 2t + 1 of
