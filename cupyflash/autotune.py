@@ -23,7 +23,7 @@ from typing import Any, Callable
 from . import build, config, heuristics, launch, selection, timing, tuning, validation
 from .config import BwdConfig
 from .device import DeviceLimits, current_device_id, device_limits, require_cupy
-from .problem import Problem
+from .problem import Problem, numpy_dtype
 
 TOKENS, HIDDEN = 16384, 2048  # the FlashAttention papers' grid: batch * seqlen, heads * head_dim
 SCREEN_KEEP = 4  # candidates that get the full timing after the one-run screen
@@ -152,7 +152,7 @@ def _runner(bucket: Bucket) -> Callable[[], Any]:
     cupy, p = require_cupy(), bucket.problem()
     shape_q = (p.batch, p.seqlen_q, p.heads_q, p.head_dim)
     shape_kv = (p.batch, p.seqlen_k, p.heads_kv, p.head_dim)
-    dtype = validation.numpy_dtype(p.dtype)
+    dtype = numpy_dtype(p.dtype)
     q, dout = (cupy.random.standard_normal(shape_q, dtype=cupy.float32).astype(dtype) for _ in range(2))
     k, v = (cupy.random.standard_normal(shape_kv, dtype=cupy.float32).astype(dtype) for _ in range(2))
     if bucket.kind == "fwd":

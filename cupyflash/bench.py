@@ -46,6 +46,7 @@ import numpy as np
 
 from . import __version__, build, reference, settings
 from .device import cupy_module, current_device_id, device_limits, gpu_count, require_cupy
+from .problem import numpy_dtype
 from .timing import do_bench
 
 DTYPES = ("float16", "bfloat16")
@@ -145,15 +146,6 @@ def naive_skip_reason(shape: BenchShape, free_bytes: int) -> str | None:
 
 
 # --------------------------------------------------------------------------- dtypes and naive math
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """The NumPy dtype for "float16" / "bfloat16" (ml_dtypes), also understood by CuPy."""
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def to_float32(array: Array) -> Array:

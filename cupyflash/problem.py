@@ -22,6 +22,15 @@ def dtype_name(array: Any) -> str:
     return np.dtype(array.dtype).name
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a dtype name; bfloat16 comes from ml_dtypes (CuPy understands it too)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def _check_4d(name: str, array: Any) -> None:
     if array.ndim != 4:
         raise ValueError(f"{name} must be 4-D (batch, seqlen, heads, head_dim); got shape {tuple(array.shape)}")

@@ -29,17 +29,20 @@ def forced(fwd: TileConfig | None = None, bwd: BwdConfig | None = None) -> Itera
         _override.configs = previous
 
 
-def fwd_config(problem: Problem, kernel_dim: int, limits: DeviceLimits) -> TileConfig:
-    pinned = getattr(_override, "configs", (None, None))[0]
+def _config(kind: str, problem: Problem, kernel_dim: int, limits: DeviceLimits) -> TileConfig | BwdConfig:
+    pinned = getattr(_override, "configs", (None, None))[0 if kind == "fwd" else 1]
     if pinned is not None:
         return pinned
-    tuned = tuning.lookup("fwd", problem, kernel_dim, limits)
-    return tuned if tuned is not None else heuristics.default_fwd_config(kernel_dim, limits)
+    tuned = tuning.lookup(kind, problem, kernel_dim, limits)
+    if tuned is not None:
+        return tuned
+    default = heuristics.default_fwd_config if kind == "fwd" else heuristics.default_bwd_config
+    return default(kernel_dim, limits)
+
+
+def fwd_config(problem: Problem, kernel_dim: int, limits: DeviceLimits) -> TileConfig:
+    return _config("fwd", problem, kernel_dim, limits)
 
 
 def bwd_config(problem: Problem, kernel_dim: int, limits: DeviceLimits) -> BwdConfig:
-    pinned = getattr(_override, "configs", (None, None))[1]
-    if pinned is not None:
-        return pinned
-    tuned = tuning.lookup("bwd", problem, kernel_dim, limits)
-    return tuned if tuned is not None else heuristics.default_bwd_config(kernel_dim, limits)
+    return _config("bwd", problem, kernel_dim, limits)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import reference, reference_tiled
+from .problem import numpy_dtype
 from .tolerance import Comparison, compare
 
 HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160, 192, 256)
@@ -65,15 +66,6 @@ def gpu_matrix(quick: bool = False) -> list[Case]:
               Case("float16", 64, False, 300, 500, window=(64, 16)),
               Case("bfloat16", 128, True, 500, 300, window=(32, -1))]
     return cases + extras
-
-
-def numpy_dtype(name: str) -> Any:
-    """The NumPy dtype of a dtype name (bfloat16 comes from ml_dtypes)."""
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(name)
 
 
 def make_inputs(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
