@@ -98,7 +98,7 @@ def loop_attention(q, k, v, dout, causal=False, window_size=(-1, -1), softcap=0.
                    alibi_slopes=None, dropout_p=0.0, dropout_mask=None, softmax_scale=None):
     """out, lse, dq, dk, dv with explicit Python loops and the math module."""
     bsz, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
+    hkv = k.shape[2]
     scale = 1 / math.sqrt(d) if softmax_scale is None else softmax_scale
     out, lse = np.zeros(q.shape), np.zeros((bsz, hq, sq))
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
