@@ -49,7 +49,8 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: fl
     with _device_of(placement) as (device_id, stream):
         q_, k_, v_ = (_kernel_ready(arrays[name]) for name in ("q", "k", "v"))
         out, lse = _forward(problem, q_, k_, v_, device_id, stream)
-        out = out[..., : problem.head_dim]
+        if out.shape[3] != problem.head_dim:  # head_dim was zero-padded to a multiple of 8
+            out = out[..., : problem.head_dim]
     out = to_caller(out, placement)
     return (out, to_caller(lse, placement)) if return_lse else out
 

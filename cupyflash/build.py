@@ -50,10 +50,12 @@ class KernelSpec:
     source: str  # file name in kernels_cu/
     entry: str  # extern "C" function name
     defines: tuple[tuple[str, str], ...]
+    # "a" for kernels with Hopper-only instructions (wgmma): compiled for sm_90a, not sm_90.
+    arch_suffix: str = ""
 
     def options(self, arch: str) -> list[str]:
         return [
-            f"-arch={arch}",
+            f"-arch={arch}{self.arch_suffix}",
             "-std=c++17",
             f"-I{kernel_dir()}",
             "--ptxas-options=-v",
@@ -88,7 +90,8 @@ def _ptxas_numbers(log: str, entry: str) -> tuple[int | None, int | None]:
 
 def _program_key(spec: KernelSpec, arch: str) -> tuple[str, ...]:
     """One cubin per (sources, file, macros, arch, NVRTC): the entry points of a file share it."""
-    return (source_hash(), spec.source, repr(spec.defines), arch, "nvrtc%d.%d" % nvrtc_version(), __version__)
+    return (source_hash(), spec.source, repr(spec.defines), arch + spec.arch_suffix, "nvrtc%d.%d" % nvrtc_version(),
+            __version__)
 
 
 _programs: dict[tuple[str, ...], tuple[bytes, str] | RuntimeError] = {}
@@ -109,7 +112,7 @@ def _compile_program(spec: KernelSpec, arch: str) -> tuple[bytes, str]:
         try:
             nvrtc.compileProgram(program, spec.options(arch))
         except nvrtc.NVRTCError as error:
-            failure = _programs[key] = RuntimeError(f"NVRTC failed to compile {spec.source} ({arch}, "
+            failure = _programs[key] = RuntimeError(f"NVRTC failed to compile {spec.source} ({arch}{spec.arch_suffix}, "
                                                     f"{dict(spec.defines)}):\n{nvrtc.getProgramLog(program)}")
             raise failure from error
         result = _programs[key] = (nvrtc.getCUBIN(program), nvrtc.getProgramLog(program))

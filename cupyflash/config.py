@@ -24,6 +24,7 @@ ELEMENT_BYTES = 2
 # (kernels_cu), the forward spills past about 160 and the dK/dV kernel past about 200.
 FWD_MAX_ACC_FLOATS = 160
 BWD_MAX_ACC_FLOATS = 200
+WGMMA_ALIGN_SLACK = 1024  # kSmemAlignSlack in flash_fwd_sm90.cu
 
 
 def kernel_head_dim(head_dim: int) -> int:
@@ -46,12 +47,16 @@ def _row_bytes(head_dim: int) -> int:
 @dataclass(frozen=True)
 class TileConfig:
     """The forward kernel and the deterministic dQ kernel: each warp owns block_m / num_warps
-    query rows (16 or 32); K/V tiles of block_n keys stream through `stages` slots."""
+    query rows (16 or 32); K/V tiles of block_n keys stream through `stages` slots.
+
+    wgmma=True selects the Hopper forward (flash_fwd_sm90.cu, sm_90 only): warpgroups of 4 warps
+    own 64 rows each (block_m = 16 * num_warps), on unpadded 128-byte-swizzled tiles."""
 
     block_m: int
     block_n: int
     num_warps: int
     stages: int = 2
+    wgmma: bool = False
 
     @property
     def m_tiles(self) -> int:
@@ -59,11 +64,24 @@ class TileConfig:
 
     def problems(self, head_dim: int) -> list[str]:
         """Why this config cannot be compiled for head_dim (empty when it can)."""
+        if self.wgmma:
+            return self._wgmma_problems(head_dim)
         reasons = []
         if self.block_m % (16 * self.num_warps) or self.m_tiles not in (1, 2):
             reasons.append(f"block_m {self.block_m} must be 16 or 32 rows per warp for {self.num_warps} warps")
         if self.block_n % 16:
             reasons.append(f"block_n {self.block_n} must be a multiple of 16")
+        return reasons + _pipeline_and_dim_problems(self.stages, head_dim)
+
+    def _wgmma_problems(self, head_dim: int) -> list[str]:
+        reasons = []
+        if self.num_warps not in (4, 8, 12) or self.block_m != 16 * self.num_warps:
+            reasons.append(f"wgmma: num_warps must be 4, 8 or 12 and block_m 64 per warpgroup "
+                           f"(block_m {self.block_m}, num_warps {self.num_warps})")
+        if self.block_n not in (64, 128):
+            reasons.append(f"wgmma: block_n {self.block_n} must be 64 or 128")
+        if head_dim % 64:
+            reasons.append(f"wgmma: head_dim {head_dim} must be a multiple of 64 (128-byte slabs)")
         return reasons + _pipeline_and_dim_problems(self.stages, head_dim)
 
     def acc_floats(self, head_dim: int) -> int:
@@ -73,9 +91,13 @@ class TileConfig:
     def smem_bytes(self, head_dim: int, kind: str = "fwd") -> int:
         """Dynamic shared memory: FwdSmem (Q + stages x (K, V)) or DqSmem (Q, dO + stages x (K, V))."""
         q_rows = self.block_m if kind == "fwd" else 2 * self.block_m
+        if self.wgmma:  # Sm90FwdSmem: unpadded rows, plus the slack that aligns it to 1024 bytes
+            return (q_rows + 2 * self.stages * self.block_n) * head_dim * ELEMENT_BYTES + WGMMA_ALIGN_SLACK
         return (q_rows + 2 * self.stages * self.block_n) * _row_bytes(head_dim)
 
     def fits(self, head_dim: int, limits: DeviceLimits, kind: str = "fwd") -> bool:
+        if self.wgmma and (kind != "fwd" or limits.compute_capability != (9, 0)):
+            return False  # wgmma exists on sm_90 only, and only the forward uses it
         return (
             not self.problems(head_dim)
             and self.smem_bytes(head_dim, kind) <= limits.smem_per_block_optin
@@ -163,9 +185,11 @@ class BwdConfig:
 
 
 def fwd_candidates(head_dim: int, limits: DeviceLimits) -> list[TileConfig]:
-    """Every forward config worth timing for head_dim on this device."""
+    """Every forward config worth timing for head_dim on this device (wgmma ones on sm_90)."""
     space = itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
     configs = [TileConfig(m, n, w, s) for m, n, w, s in space]
+    wgmma_space = itertools.product((64, 128), (4, 8, 12), (2, 3))
+    configs += [TileConfig(16 * w, n, w, s, wgmma=True) for n, w, s in wgmma_space]
     return [c for c in configs if c.fits(head_dim, limits)]
 
 

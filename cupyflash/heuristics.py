@@ -10,6 +10,7 @@ the paper grid's problems (batch * seqlen = 16384, heads * head_dim = 2048), S =
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, TypeVar
 
 from .config import BwdConfig, DkdvConfig, TileConfig
@@ -19,6 +20,13 @@ Config = TypeVar("Config")
 
 # (largest head dim, config, why)
 FWD_TABLE: tuple[tuple[int, TileConfig, str], ...] = (
+    # Hopper (wgmma; fits() admits these on sm_90 only, and head dims that are multiples of 64).
+    # H100, fp16, paper grid, S = 512..8192 (scratch sweep, 2026-11-23), against the other wgmma tiles:
+    (64, TileConfig(64, 128, 4, 3, wgmma=True), "one warpgroup, two blocks per SM: 251-361 TFLOP/s, best or within 5%"),
+    (128, TileConfig(128, 128, 8, 3, wgmma=True), "two warpgroups, three stages, 225 KB: 309-439 at S >= 1024"),
+    (256, TileConfig(128, 64, 8, 2, wgmma=True), "d192 and d256; acc_o 128 + S 32 floats per thread at d256: "
+                                                 "234 regs, 193 KB; 289-465 at S >= 1024"),
+    # mma.sync (sm_80 and up; on sm_90 the head dims wgmma does not cover: 32, 96, 160)
     (64, TileConfig(128, 64, 4, 2), "H100 winner or within 1%: 267-288 TFLOP/s; 32 rows per warp, 54 KB"),
     (128, TileConfig(128, 32, 4, 2), "H100: 250-313 TFLOP/s against 204-245 for 128x64 on 8 warps; 68 KB"),
     (192, TileConfig(128, 64, 8, 2), "acc_o 96 + S 32 floats per thread; 196 regs, 150 KB"),
@@ -61,10 +69,12 @@ def _first_fitting(table: tuple[tuple[int, Config, str], ...], what: str, head_d
                        f"({limits.smem_per_block_optin} bytes of shared memory per block)")
 
 
+@functools.lru_cache(maxsize=None)  # pure in its (hashable) arguments; called on every attention()
 def default_fwd_config(head_dim: int, limits: DeviceLimits) -> TileConfig:
     return _first_fitting(FWD_TABLE, "forward", head_dim, limits, lambda c: c.fits(head_dim, limits))
 
 
+@functools.lru_cache(maxsize=None)
 def default_bwd_config(head_dim: int, limits: DeviceLimits) -> BwdConfig:
     dkdv = _first_fitting(DKDV_TABLE, "backward dK/dV", head_dim, limits, lambda c: c.fits(head_dim, limits))
     dq = _first_fitting(DQ_TABLE, "backward dQ", head_dim, limits, lambda c: c.fits(head_dim, limits, kind="dq"))

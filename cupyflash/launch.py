@@ -7,6 +7,7 @@ pass as their device pointers.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -27,24 +28,32 @@ def _defines(dtype: str, **values: int) -> tuple[tuple[str, str], ...]:
     return (("CF_ELEMENT", ELEMENT[dtype]),) + tuple((f"CF_{k.upper()}", str(int(v))) for k, v in values.items())
 
 
+@functools.lru_cache(maxsize=None)  # one spec per variant, built once
 def fwd_spec(dtype: str, head_dim: int, cfg: TileConfig) -> build.KernelSpec:
+    if cfg.wgmma:  # block_m follows from num_warps (64 rows per warpgroup)
+        return build.KernelSpec("flash_fwd_sm90.cu", "flash_fwd_sm90", _defines(
+            dtype, head_dim=head_dim, block_n=cfg.block_n, num_warps=cfg.num_warps, stages=cfg.stages,
+            smem_bytes=cfg.smem_bytes(head_dim, "fwd")), arch_suffix="a")
     return build.KernelSpec("flash_fwd.cu", "flash_fwd", _defines(
         dtype, head_dim=head_dim, block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
         stages=cfg.stages, smem_bytes=cfg.smem_bytes(head_dim, "fwd")))
 
 
+@functools.lru_cache(maxsize=None)
 def dq_spec(dtype: str, head_dim: int, cfg: TileConfig) -> build.KernelSpec:
     return build.KernelSpec("flash_bwd_dq.cu", "flash_bwd_dq", _defines(
         dtype, head_dim=head_dim, block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
         stages=cfg.stages, smem_bytes=cfg.smem_bytes(head_dim, "dq")))
 
 
+@functools.lru_cache(maxsize=None)
 def dkdv_spec(dtype: str, head_dim: int, cfg: DkdvConfig, accum_dq: bool) -> build.KernelSpec:
     return build.KernelSpec("flash_bwd_dkdv.cu", "flash_bwd_dkdv", _defines(
         dtype, head_dim=head_dim, block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
         stages=cfg.stages, warps_d=cfg.warps_d, accum_dq=accum_dq, smem_bytes=cfg.smem_bytes(head_dim)))
 
 
+@functools.lru_cache(maxsize=None)
 def prep_spec(dtype: str, entry: str) -> build.KernelSpec:
     return build.KernelSpec("flash_bwd_prep.cu", entry, _defines(dtype))
 

@@ -18,8 +18,15 @@ SUPPORTED_DTYPES = ("float16", "bfloat16")
 MAX_GRID_YZ = 65535  # CUDA grid limit: heads and batch are grid dimensions y and z
 
 
+_dtype_names: dict[Any, str] = {}
+
+
 def dtype_name(array: Any) -> str:
-    return np.dtype(array.dtype).name
+    dtype = array.dtype
+    name = _dtype_names.get(dtype)
+    if name is None:
+        name = _dtype_names[dtype] = np.dtype(dtype).name
+    return name
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -107,6 +114,27 @@ class Problem:
     def from_arrays(cls, q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: float | None = None,
                     window_size: Any = (-1, -1), softcap: float = 0.0, alibi_slopes: Any = None,
                     dropout_p: float = 0.0) -> Problem:
+        """The checked problem. The checks read only shapes, strides, dtypes and options, so a
+        repeat call with the same ones (a training loop) reuses the earlier result."""
+        try:
+            alibi = None if alibi_slopes is None else (tuple(alibi_slopes.shape), alibi_slopes.dtype)
+            key = (*(_signature(a) for a in (q, k, v)), bool(causal), softmax_scale, tuple(window_size), softcap,
+                   dropout_p, alibi)
+            known = _checked_problems.get(key)
+        except (TypeError, AttributeError):  # unhashable or odd arguments: the checks below report them
+            key, known = None, None
+        if known is not None:
+            return known
+        problem = cls._check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout_p)
+        if key is not None:
+            if len(_checked_problems) >= _MAX_CHECKED_PROBLEMS:
+                _checked_problems.clear()
+            _checked_problems[key] = problem
+        return problem
+
+    @classmethod
+    def _check(cls, q: Any, k: Any, v: Any, causal: Any, softmax_scale: Any, window_size: Any, softcap: Any,
+               alibi_slopes: Any, dropout_p: Any) -> Problem:
         for name, array in (("q", q), ("k", k), ("v", v)):
             _check_4d(name, array)
         _check_dtype("q", q)
@@ -161,6 +189,14 @@ class Problem:
                              "as returned by attention(..., return_lse=True)")
         if dtype_name(lse) != "float32":
             raise TypeError(f"lse.dtype is {dtype_name(lse)}; it must be float32, as returned by attention()")
+
+
+def _signature(array: Any) -> tuple[Any, ...]:
+    return (type(array), tuple(array.shape), tuple(array.strides), array.dtype)
+
+
+_checked_problems: dict[tuple[Any, ...], Problem] = {}
+_MAX_CHECKED_PROBLEMS = 256
 
 
 def check_alibi_slopes(alibi_slopes: Any, batch: int, heads_q: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ from .problem import Problem
 
 FORMAT = 1
 _files: dict[Path, tuple[float, dict[str, Any] | None]] = {}  # path -> (mtime, entries)
+_checked: dict[Path, float] = {}  # path -> time.monotonic() of its last stat
+# attention() looks its config up on every call; a stat per call cost ~10 us of host time, so a
+# file written by another process (a concurrent `cupyflash autotune`) is noticed within this many
+# seconds. store() and clear() in this process take effect at once.
+RECHECK_SECONDS = 1.0
 
 
 def seqlen_bucket(seqlen: int) -> int:
@@ -68,11 +74,16 @@ def _read_entries(path: Path, expected_header: dict[str, Any]) -> dict[str, Any]
 def load_entries(limits: DeviceLimits) -> dict[str, Any]:
     """Bucket -> config dict for this GPU, {} when there is no usable file. Re-read on change."""
     path = tuning_file(limits)
+    cached = _files.get(path)
+    now = time.monotonic()
+    if cached is not None and now - _checked.get(path, -RECHECK_SECONDS) < RECHECK_SECONDS:
+        return cached[1] or {}
+    _checked[path] = now
     try:
         mtime = path.stat().st_mtime
     except OSError:
+        _files[path] = (-1.0, None)  # absent; stat again after RECHECK_SECONDS
         return {}
-    cached = _files.get(path)
     if cached is None or cached[0] != mtime:
         cached = (mtime, _read_entries(path, header(limits)))
         _files[path] = cached

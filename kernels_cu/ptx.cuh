@@ -137,4 +137,91 @@ __device__ __forceinline__ void red_add_f32(float* addr, float v) {
   asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(addr), "f"(v) : "memory");
 }
 
+// ---- Hopper only (sm_90a): warpgroup MMA. Used by flash_fwd_sm90.cu, compiled for sm_90a. ----
+// A warpgroup (4 consecutive warps) computes a 64 x N tile; each warp holds rows 16w..16w+15 in
+// the m16n8 accumulator layout, N / 8 tiles of 4 floats. Shared operands are described by a
+// 64-bit matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address >> 4 in bits
+// 0-13, leading-dimension byte offset >> 4 in bits 16-29, stride-dimension byte offset >> 4 in
+// bits 32-45, swizzle mode in bits 62-63 (1 = 128-byte swizzle).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ u64 wgmma_desc_sw128(u32 smem_address, u32 leading_bytes, u32 stride_bytes) {
+  return static_cast<u64>((smem_address & 0x3FFFF) >> 4) | (static_cast<u64>(leading_bytes >> 4) << 16) |
+         (static_cast<u64>(stride_bytes >> 4) << 32) | (1ull << 62);
+}
+
+// wgmma.fence.sync.aligned: order earlier register writes (accumulators, A fragments) before
+// the warpgroup MMAs that read them.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+
+// wgmma.commit_group.sync.aligned: close the group of MMAs issued so far.
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+
+// wgmma.wait_group.sync.aligned N: wait until at most N groups are in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// fence.proxy.async.shared::cta: make this thread's (cp.async) shared-memory writes visible to
+// the async proxy that wgmma reads shared operands through.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// An empty asm that "reads and writes" each accumulator: the compiler must not move their uses
+// across the wgmma_wait before it (the registers are written asynchronously).
+template <int kTiles>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[kTiles][4]) {
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) asm volatile("" : "+f"(d[i][c])::"memory");
+}
+
+#define CF_ACC2(d, i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3]), \
+                      "+f"(d[i + 1][0]), "+f"(d[i + 1][1]), "+f"(d[i + 1][2]), "+f"(d[i + 1][3])
+#define CF_ACC8(d, i) CF_ACC2(d, i), CF_ACC2(d, i + 2), CF_ACC2(d, i + 4), CF_ACC2(d, i + 6)
+#define CF_REGS32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define CF_REGS64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+// d = a * b (+ d when accumulate): m64nNk16, A and B in shared memory, both K-major.
+#define CF_WGMMA_SS(N, TYPE, REGS, A, B, P, ...)                                                  \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P ", 0;\n"                                     \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " " REGS ", %" #A ", %" #B \
+               ", p, 1, 1, 0, 0;\n}\n"                                                                \
+               : __VA_ARGS__                                                                          \
+               : "l"(a_desc), "l"(b_desc), "r"(accumulate))
+// d += a * b: m64n64k16, A from registers, B in shared memory stored MN-major (imm-trans-b 1).
+#define CF_WGMMA_RS_TB(TYPE, ...)                                                                 \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " CF_REGS32          \
+               ", {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"                                       \
+               : __VA_ARGS__                                                                      \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc))
+
+// wgmma.mma_async.sync.aligned.m64n{64,128}k16.f32.{f16,bf16}: d = A B (+ d), both operands
+// shared and K-major (A[m][k], B^T[n][k]).
+template <int N, bool kBf16>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], u64 a_desc, u64 b_desc, int accumulate) {
+  static_assert(N == 64 || N == 128, "instantiated wgmma widths: 64, 128");
+  if constexpr (N == 64 && !kBf16) CF_WGMMA_SS(64, "f16", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
+  if constexpr (N == 64 && kBf16) CF_WGMMA_SS(64, "bf16", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
+  if constexpr (N == 128 && !kBf16) CF_WGMMA_SS(128, "f16", CF_REGS64, 64, 65, 66, CF_ACC8(d, 0), CF_ACC8(d, 8));
+  if constexpr (N == 128 && kBf16) CF_WGMMA_SS(128, "bf16", CF_REGS64, 64, 65, 66, CF_ACC8(d, 0), CF_ACC8(d, 8));
+}
+
+// wgmma.mma_async.sync.aligned.m64n64k16.f32.{f16,bf16} with A in registers: d += A B, where B
+// is shared and stored MN-major (B[k][n], n contiguous).
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_rs_tb(float (&d)[8][4], const u32 (&a)[4], u64 b_desc) {
+  if constexpr (!kBf16) CF_WGMMA_RS_TB("f16", CF_ACC8(d, 0));
+  if constexpr (kBf16) CF_WGMMA_RS_TB("bf16", CF_ACC8(d, 0));
+}
+
+#undef CF_ACC2
+#undef CF_ACC8
+#undef CF_REGS32
+#undef CF_REGS64
+#undef CF_WGMMA_SS
+#undef CF_WGMMA_RS_TB
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
 }  // namespace cf

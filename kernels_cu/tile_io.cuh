@@ -124,4 +124,71 @@ __device__ __forceinline__ void store_frags_to_smem(u16 (*smem)[kStride], const 
       }
 }
 
+// ---- 128-byte swizzled tiles (flash_fwd_sm90.cu; layout in Sm90FwdTraits) ----
+
+// Byte offset of 16-byte chunk `chunk` (column chunk * 8) of row `row` in a swizzled tile of
+// kRows rows: slab chunk / 8, then row * 128, then the chunk's position XOR (row % 8). This is
+// the layout wgmma's 128-byte swizzle mode reads; it also spreads the 8 rows of one ldmatrix-
+// or store-sized access over all 32 banks.
+template <int kRows>
+__device__ __forceinline__ int swizzled_offset(int row, int chunk) {
+  return (chunk >> 3) * (kRows * 128) + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+}
+
+// cp.async copies of a kRows x kCols tile into the swizzled tile at shared address smem;
+// rows >= valid_rows and columns >= valid_cols become 0.
+template <int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void load_tile_swizzled_async(u32 smem, const u16* gmem, i64 row_stride, int valid_rows,
+                                                         int valid_cols, int tid) {
+  constexpr int kChunksPerRow = kCols / kChunk;
+  constexpr int kRowsPerStep = kThreads / kChunksPerRow;
+  if constexpr (kThreads % kChunksPerRow == 0 && kRows % kRowsPerStep == 0) {
+    // Each thread keeps one chunk column and walks down the rows with one moving pointer.
+    const int chunk = tid % kChunksPerRow;
+    const int row0 = tid / kChunksPerRow;
+    const bool col_valid = chunk * kChunk < valid_cols;
+    const u16* src = gmem + row0 * row_stride + chunk * kChunk;
+#pragma unroll
+    for (int r = 0; r < kRows / kRowsPerStep; ++r) {
+      const int row = row0 + r * kRowsPerStep;
+      const bool valid = col_valid && row < valid_rows;
+      cp_async_16(smem + swizzled_offset<kRows>(row, chunk), valid ? src : gmem, valid ? 16 : 0);
+      src += kRowsPerStep * row_stride;
+    }
+  } else {  // head_dim 192 on 8 warps: 24 chunks per row do not divide 256 threads
+#pragma unroll 1
+    for (int idx = tid; idx < kRows * kChunksPerRow; idx += kThreads) {
+      const int row = idx / kChunksPerRow, chunk = idx % kChunksPerRow;
+      const bool valid = row < valid_rows && chunk * kChunk < valid_cols;
+      cp_async_16(smem + swizzled_offset<kRows>(row, chunk), valid ? gmem + row * row_stride + chunk * kChunk : gmem,
+                  valid ? 16 : 0);
+    }
+  }
+}
+
+// Writes a warpgroup's accumulator fragments (64 rows from row0, all kCols / 8 n8 tiles) into a
+// swizzled tile of kRows rows as 16-bit pairs.
+template <class Element, int kRows, int kNTiles>
+__device__ __forceinline__ void store_frags_swizzled(u16* smem, const float (&acc)[kNTiles][4], int row0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + g + 8 * h;
+      char* base = reinterpret_cast<char*>(smem) + swizzled_offset<kRows>(row, nt) + 4 * t;
+      *reinterpret_cast<u32*>(base) = Element::pack(acc[nt][2 * h], acc[nt][2 * h + 1]);
+    }
+}
+
+// Writes a swizzled kRows x kCols shared tile to global memory, 16 bytes at a time.
+template <int kRows, int kCols, int kWorkers>
+__device__ __forceinline__ void store_tile_swizzled(u16* gmem, i64 row_stride, const u16* smem, int valid_rows,
+                                                    int valid_cols, int worker) {
+  for_each_valid_chunk<kRows, kCols, kWorkers>(valid_rows, valid_cols, worker, [&](int row, int col) {
+    const char* src = reinterpret_cast<const char*>(smem) + swizzled_offset<kRows>(row, col / kChunk);
+    *reinterpret_cast<Vec16*>(gmem + row * row_stride + col) = *reinterpret_cast<const Vec16*>(src);
+  });
+}
+
 }  // namespace cf

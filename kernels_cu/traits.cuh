@@ -8,6 +8,7 @@ namespace cf {
 
 // The 16-bit element types. Each knows its tensor-core instruction and its conversions.
 struct Half {
+  static constexpr bool kIsBf16 = false;  // selects the wgmma type suffix (flash_fwd_sm90.cu)
   static __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     mma_16816_f16(d, a, b0, b1);
   }
@@ -16,6 +17,7 @@ struct Half {
 };
 
 struct BFloat16 {
+  static constexpr bool kIsBf16 = true;
   static __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     mma_16816_bf16(d, a, b0, b1);
   }
@@ -109,6 +111,40 @@ struct DkdvSmem {
   float delta[T::kStages][T::kBlockM];
   u16 pt[T::kBlockN][T::kPStride];   // P^T, for dV = P^T dO
   u16 dst[T::kBlockN][T::kPStride];  // dS^T, for dK = dS^T Q and dQ = dS K
+};
+
+// Hopper forward (flash_fwd_sm90.cu): kNWarps / 4 warpgroups, each owning 64 query rows and
+// computing with wgmma. Shared tiles are unpadded and 128-byte swizzled: a tile of R rows is
+// kHeadDim / 64 slabs of R rows x 128 bytes (64 elements), 16-byte chunk c of row r stored at
+// chunk c ^ (r % 8) of its row (the hardware's 128-byte swizzle; see swizzled_offset).
+template <int HeadDim, int BlockN, int NWarps, int Stages>
+struct Sm90FwdTraits {
+  static constexpr int kHeadDim = HeadDim;
+  static constexpr int kBlockN = BlockN;
+  static constexpr int kNWarps = NWarps;
+  static constexpr int kStages = Stages;
+  static constexpr int kThreads = NWarps * 32;
+  static constexpr int kWarpgroups = NWarps / 4;
+  static constexpr int kBlockM = 64 * kWarpgroups;  // query rows per block
+  static constexpr int kWarpRows = 16;              // each warp's rows of its warpgroup's 64
+  static constexpr int kNTiles = BlockN / 8;        // n8 tiles of S per warp
+  static constexpr int kDTiles = HeadDim / 8;       // n8 tiles of O per warp
+  static constexpr int kSlabs = HeadDim / 64;       // 128-byte column slabs of a tile
+  static constexpr int kSwizzleBytes = 1024;        // one 8-row x 128-byte swizzle atom
+
+  static_assert(NWarps % 4 == 0 && NWarps >= 4 && NWarps <= 12, "one to three warpgroups");
+  static_assert(HeadDim % 64 == 0 && HeadDim <= 256, "head_dim in whole 128-byte slabs");
+  static_assert(BlockN == 64 || BlockN == 128, "S = Q K^T is one m64n64 or m64n128 wgmma per k16 step");
+  static_assert(Stages >= 2, "K/V tiles are at least double-buffered");
+};
+
+// Every tile starts on a swizzle atom: the struct is laid at a 1024-byte aligned address, and
+// each tile is a whole number of atoms (rows multiple of 8, 128-byte rows).
+template <class T>
+struct Sm90FwdSmem {
+  u16 q[T::kBlockM * T::kHeadDim];  // reused to stage O for coalesced stores
+  u16 k[T::kStages][T::kBlockN * T::kHeadDim];
+  u16 v[T::kStages][T::kBlockN * T::kHeadDim];
 };
 
 }  // namespace cf

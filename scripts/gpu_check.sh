@@ -3,9 +3,11 @@
 #   info     cupyflash info                                  -> $OUT/info.txt
 #   tests    the GPU test suite (tests/test_gpu_*.py)         -> $OUT/gpu_tests.log
 #   validate cupyflash validate --quick                       -> $OUT/validate.log
-#   bench    the paper grid against naive CuPy and PyTorch    -> $OUT/bench.log, bench_*.json/.md, bench.png
+#   bench    cupyflash bench: the paper grid against naive CuPy and PyTorch, one dtype per step
+#            (bench-fp16 / bench-bf16; BENCH_RUNS timed runs, default 10) -> $OUT/bench-*.log, .png, bench-*/*.json/.md
+#   overhead scripts/host_overhead.py: host time per call against PyTorch -> $OUT/overhead.log
 #   tune     cupyflash autotune on the default buckets        -> $OUT/tune.log
-# Usage: scripts/gpu_check.sh [STEP ...]   (default: info tests validate bench)
+# Usage: scripts/gpu_check.sh [STEP ...]   (default: info tests validate bench-fp16 bench-bf16 overhead)
 # Writes under $OUT when set (the device tool fetches it), else ./gpu_check_out. Kernels compile
 # into $CUPYFLASH_CACHE_DIR (default /tmp/cupyflash-cache): the first step pays for NVRTC.
 set -uo pipefail
@@ -16,7 +18,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export CUPYFLASH_CACHE_DIR=${CUPYFLASH_CACHE_DIR:-/tmp/cupyflash-cache}
 PY=${PYTHON:-python3}
 steps=("$@")
-[[ ${#steps[@]} -eq 0 ]] && steps=(info tests validate bench)
+[[ ${#steps[@]} -eq 0 ]] && steps=(info tests validate bench-fp16 bench-bf16 overhead)
 status=0
 
 run_step() {  # name, log file, command...: runs, logs, records a failure without stopping
@@ -45,11 +47,15 @@ for step in "${steps[@]}"; do
       grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 3
       grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -n 40 ;;
     validate) run_step validate "$OUT/validate.log" $PY -m cupyflash validate --quick; tail -n 5 "$OUT/validate.log" ;;
-    bench) run_step bench "$OUT/bench.log" $PY scripts/bench.py --out "$OUT" --plot "$OUT/bench.png"
-           tail -n 100 "$OUT/bench.log" ;;
+    bench-fp16|bench-bf16)
+      dtype=$([[ $step == bench-fp16 ]] && echo float16 || echo bfloat16)
+      run_step "$step" "$OUT/$step.log" $PY -m cupyflash bench --dtype "$dtype" --runs "${BENCH_RUNS:-10}" \
+        --out "$OUT/$step" --plot "$OUT/$step.png"
+      tail -n 100 "$OUT/$step.log" ;;
+    overhead) run_step overhead "$OUT/overhead.log" $PY scripts/host_overhead.py; cat "$OUT/overhead.log" ;;
     bench-quick) run_step bench-quick "$OUT/bench.log" $PY scripts/bench.py --quick --out "$OUT"
                  tail -n 60 "$OUT/bench.log" ;;
-    tune) run_step tune "$OUT/tune.log" $PY -m cupyflash autotune; tail -n 70 "$OUT/tune.log" ;;
+    tune) run_step tune "$OUT/tune.log" $PY -m cupyflash autotune; tail -n 60 "$OUT/tune.log" ;;
     *) echo "unknown step: $step"; status=2 ;;
   esac
 done

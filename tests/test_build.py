@@ -135,3 +135,12 @@ def test_bwd_config_round_trips_json() -> None:
     config = BwdConfig(DkdvConfig(64, 128, 8, 2, 1), TileConfig(128, 64, 8, 2), dq_atomic=False)
     assert BwdConfig.from_dict(config.to_dict()) == config
     assert hash(config) == hash(BwdConfig.from_dict(config.to_dict()))
+
+
+@pytest.mark.parametrize("config,head_dim", [(TileConfig(192, 64, 12, 2, wgmma=True), 128),
+                                             (TileConfig(128, 64, 8, 2, wgmma=True), 192),
+                                             (TileConfig(64, 128, 4, 3, wgmma=True), 64)])
+def test_wgmma_smem_arithmetic_matches_the_kernel(config: TileConfig, head_dim: int) -> None:
+    kernel = build.compile_kernel(launch.fwd_spec("bfloat16", head_dim, config), "sm_90")
+    assert kernel.spill_bytes == 0
+    assert "-arch=sm_90a" in launch.fwd_spec("bfloat16", head_dim, config).options("sm_90")

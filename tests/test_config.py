@@ -65,3 +65,36 @@ def test_default_buckets_cover_the_grid() -> None:
     assert len(buckets) == 48 and len({b.key for b in buckets}) == 48
     problem = buckets[0].problem()
     assert problem.batch * problem.seqlen_q == 16384 and problem.heads_q * problem.head_dim == 2048
+
+
+A100 = DeviceLimits("A100", (8, 0), 108, 166912, 167936)
+
+
+def test_wgmma_configs_fit_hopper_only() -> None:
+    hopper = TileConfig(128, 128, 8, 3, wgmma=True)
+    assert hopper.fits(128, H100)
+    assert not hopper.fits(128, A100)  # no wgmma before sm_90
+    assert not hopper.fits(128, H100, kind="dq")  # only the forward has a wgmma kernel
+    assert all(not c.wgmma for c in config.fwd_candidates(128, A100))
+    assert any(c.wgmma for c in config.fwd_candidates(128, H100))
+
+
+@pytest.mark.parametrize("cfg,head_dim,reason", [
+    (TileConfig(64, 128, 8, 2, wgmma=True), 128, "block_m 64 per warpgroup"),
+    (TileConfig(128, 96, 8, 2, wgmma=True), 128, "block_n 96 must be 64 or 128"),
+    (TileConfig(128, 128, 8, 2, wgmma=True), 96, "head_dim 96 must be a multiple of 64"),
+])
+def test_wgmma_problems_name_the_rule(cfg: TileConfig, head_dim: int, reason: str) -> None:
+    assert any(reason in p for p in cfg.problems(head_dim))
+
+
+def test_hopper_defaults_use_wgmma_where_it_applies() -> None:
+    assert heuristics.default_fwd_config(128, H100).wgmma
+    assert heuristics.default_fwd_config(192, H100).wgmma
+    assert not heuristics.default_fwd_config(96, H100).wgmma  # 96 is not whole 128-byte slabs
+    assert not heuristics.default_fwd_config(128, A100).wgmma
+
+
+def test_wgmma_smem_counts_the_alignment_slack() -> None:
+    # Q (128 rows) + 3 stages of K and V (128 rows each), 128 columns, 2 bytes, + 1024 slack
+    assert TileConfig(128, 128, 8, 3, wgmma=True).smem_bytes(128) == (128 + 6 * 128) * 128 * 2 + 1024
