@@ -8,6 +8,7 @@ is a corrupt one; neither ever raises. Writes are atomic (temporary file, then r
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -53,9 +54,14 @@ def header(limits: DeviceLimits) -> dict[str, Any]:
             "cupyflash": __version__, "kernel_source": build.source_hash()}
 
 
-def tuning_file(limits: DeviceLimits) -> Path:
+@functools.lru_cache(maxsize=None)
+def _file_name(limits: DeviceLimits) -> str:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", limits.name).strip("_") or "gpu"
-    return settings.tuning_dir() / f"{slug}-{limits.arch}.json"
+    return f"{slug}-{limits.arch}.json"
+
+
+def tuning_file(limits: DeviceLimits) -> Path:
+    return settings.tuning_dir() / _file_name(limits)
 
 
 def _read_entries(path: Path, expected_header: dict[str, Any]) -> dict[str, Any] | None:
