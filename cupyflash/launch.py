@@ -60,9 +60,17 @@ def prep_spec(dtype: str, entry: str) -> build.KernelSpec:
 
 def _strides(array: Any) -> tuple[np.int64, np.int64, np.int64]:
     """(batch, row, head) strides in elements of a (batch, seqlen, heads, dim) array."""
-    return tuple(np.int64(s // array.itemsize) for s in array.strides[:3])
+    return _element_strides(array.strides, array.itemsize)
 
 
+# Memoized: attention() is called in loops with the same shapes, and building numpy scalars
+# costs microseconds each (host time that short sequences feel).
+@functools.lru_cache(maxsize=256)
+def _element_strides(strides: tuple[int, ...], itemsize: int) -> tuple[np.int64, np.int64, np.int64]:
+    return tuple(np.int64(s // itemsize) for s in strides[:3])
+
+
+@functools.lru_cache(maxsize=256)
 def _shape_args(p: Problem, head_dim: int) -> tuple[np.int32, ...]:
     return (np.int32(p.seqlen_q), np.int32(p.seqlen_k), np.int32(p.heads_q), np.int32(p.group_size),
             np.int32(head_dim), np.int32(p.window[0]), np.int32(p.window[1]))

@@ -13,15 +13,22 @@ CUPYFLASH_NO_DISK_CACHE
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 
 def cache_root() -> Path:
-    explicit = os.environ.get("CUPYFLASH_CACHE_DIR")
+    env = os.environ
+    return _cache_root(env.get("CUPYFLASH_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+
+
+# Path arithmetic with expanduser costs ~10 us, and attention() asks for the tuning dir on every
+# call: the answer is memoized per value of the variables it depends on.
+@functools.lru_cache(maxsize=32)
+def _cache_root(explicit: str | None, xdg: str | None, home: str | None) -> Path:
     if explicit:
         return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "cupyflash"
 
@@ -31,8 +38,14 @@ def kernel_cache_dir() -> Path:
 
 
 def tuning_dir() -> Path:
-    explicit = os.environ.get("CUPYFLASH_TUNING_DIR")
-    return Path(explicit).expanduser() if explicit else cache_root() / "tuning"
+    env = os.environ
+    return _tuning_dir(env.get("CUPYFLASH_TUNING_DIR"), env.get("CUPYFLASH_CACHE_DIR"), env.get("XDG_CACHE_HOME"),
+                       env.get("HOME"))
+
+
+@functools.lru_cache(maxsize=32)
+def _tuning_dir(explicit: str | None, cache: str | None, xdg: str | None, home: str | None) -> Path:
+    return Path(explicit).expanduser() if explicit else _cache_root(cache, xdg, home) / "tuning"
 
 
 def disk_cache_enabled() -> bool:

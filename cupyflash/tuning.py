@@ -54,14 +54,14 @@ def header(limits: DeviceLimits) -> dict[str, Any]:
             "cupyflash": __version__, "kernel_source": build.source_hash()}
 
 
-@functools.lru_cache(maxsize=None)
-def _file_name(limits: DeviceLimits) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", limits.name).strip("_") or "gpu"
-    return f"{slug}-{limits.arch}.json"
-
-
 def tuning_file(limits: DeviceLimits) -> Path:
-    return settings.tuning_dir() / _file_name(limits)
+    return _tuning_file(settings.tuning_dir(), limits)
+
+
+@functools.lru_cache(maxsize=32)  # looked up on every attention() call
+def _tuning_file(directory: Path, limits: DeviceLimits) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", limits.name).strip("_") or "gpu"
+    return directory / f"{slug}-{limits.arch}.json"
 
 
 def _read_entries(path: Path, expected_header: dict[str, Any]) -> dict[str, Any] | None:
