@@ -21,11 +21,14 @@ Config = TypeVar("Config")
 # (largest head dim, config, why)
 FWD_TABLE: tuple[tuple[int, TileConfig, str], ...] = (
     # Hopper (wgmma; fits() admits these on sm_90 only, and head dims that are multiples of 64).
-    # H100, fp16, paper grid, S = 512..8192 (scratch sweep, 2026-11-23), against the other wgmma tiles:
-    (64, TileConfig(64, 128, 4, 3, wgmma=True), "one warpgroup, two blocks per SM: 251-361 TFLOP/s, best or within 5%"),
-    (128, TileConfig(128, 128, 8, 3, wgmma=True), "two warpgroups, three stages, 225 KB: 309-439 at S >= 1024"),
+    # H100, fp16, paper grid, S = 512..8192, against the other wgmma tiles (2026-11-23; data in
+    # benchmarks/results/h100-2026-11-23-wgmma/wgmma-tile-sweep-fp16.json, confirmed by autotune-all.log):
+    (64, TileConfig(64, 128, 4, 3, wgmma=True), "one warpgroup, 105 KB: two blocks per SM; 164-361 TFLOP/s, "
+                                                "autotune finds at most 6% more (stages 2, or block_n 64 causal)"),
+    (128, TileConfig(128, 128, 8, 3, wgmma=True), "two warpgroups, three stages, 225 KB: 152-439 at S >= 1024; "
+                                                  "kept by autotune in every d128 bucket"),
     (256, TileConfig(128, 64, 8, 2, wgmma=True), "d192 and d256; acc_o 128 + S 32 floats per thread at d256: "
-                                                 "234 regs, 193 KB; 289-465 at S >= 1024"),
+                                                 "234 regs, 193 KB; 284-465 at S >= 1024; kept by autotune"),
     # mma.sync (sm_80 and up; on sm_90 the head dims wgmma does not cover: 32, 96, 160)
     (64, TileConfig(128, 64, 4, 2), "H100 winner or within 1%: 267-288 TFLOP/s; 32 rows per warp, 54 KB"),
     (128, TileConfig(128, 32, 4, 2), "H100: 250-313 TFLOP/s against 204-245 for 128x64 on 8 warps; 68 KB"),
