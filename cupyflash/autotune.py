@@ -174,7 +174,7 @@ def tune_bucket(bucket: Bucket, limits: DeviceLimits, spills: dict[build.KernelS
             rejected[repr(cfg)] = why
             continue
         with _forced(bucket, cfg):
-            screened.append((timing.do_bench(run, warmup=1, runs=1, warmup_ms=0).median_ms, cfg))
+            screened.append((timing.do_bench(run, warmup=1, runs=1).median_ms, cfg))
     if not screened:
         raise RuntimeError(f"{bucket.key}: every candidate was rejected: {rejected}")
     heuristic = candidates(bucket, limits)[0]
