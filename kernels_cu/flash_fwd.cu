@@ -9,6 +9,7 @@
 // Compile-time macros (set by cupyflash/build.py): CF_ELEMENT (Half | BFloat16), CF_HEAD_DIM,
 // CF_BLOCK_M, CF_BLOCK_N, CF_NUM_WARPS, CF_STAGES.
 #include "gemm.cuh"
+#include "fwd_block.cuh"
 #include "mask.cuh"
 #include "softmax.cuh"
 #include "tile_io.cuh"
@@ -46,36 +47,23 @@ extern "C" __global__ void __launch_bounds__(cf::FwdKernel::kThreads, 1)
   extern __shared__ Vec16 smem_raw[];
   FwdSmem<T>& sm = *reinterpret_cast<FwdSmem<T>*>(smem_raw);
 
-  // Reversed so that, under a causal mask, the blocks with the most K tiles start first.
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int head = blockIdx.y, batch = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
-  const int row_begin = m_block * T::kBlockM;
-  const int rows = min(T::kBlockM, seqlen_q - row_begin);
-  const int kv_head = head / group_size;
-
-  const u16* q_tile = q + batch * q_batch_stride + head * q_head_stride + row_begin * q_row_stride;
-  const u16* k_head = k + batch * k_batch_stride + kv_head * k_head_stride;
-  const u16* v_head = v + batch * v_batch_stride + kv_head * v_head_stride;
-  u16* o_tile = out + batch * o_batch_stride + head * o_head_stride + row_begin * o_row_stride;
-  float* lse_tile = lse + (static_cast<i64>(batch) * heads_q + head) * seqlen_q + row_begin;
-
-  int n_begin, n_end;
-  mask.key_tiles<T::kBlockN>(row_begin, row_begin + rows, n_begin, n_end);
-  if (n_end <= n_begin) {  // no row of this block sees a key: out = 0, lse = +inf
-    store_zero_tile<T::kBlockM, T::kHeadDim, T::kThreads>(o_tile, o_row_stride, rows, head_dim, tid);
-    for (int row = tid; row < rows; row += T::kThreads) lse_tile[row] = infinity();
-    return;
-  }
-  const int n_tiles = n_end - n_begin;
+  const FwdBlock block = locate_fwd_block<T::kBlockM, T::kBlockN>(
+      mask, q, k, v, out, lse, q_batch_stride, q_row_stride, q_head_stride, k_batch_stride, k_head_stride,
+      v_batch_stride, v_head_stride, o_batch_stride, o_row_stride, o_head_stride, heads_q, group_size);
+  if (finish_empty_block<T::kBlockM, T::kHeadDim, T::kThreads>(block, o_row_stride, head_dim, tid)) return;
+  const int row_begin = block.row_begin, rows = block.rows, n_end = block.n_end;
+  const int n_tiles = n_end - block.n_begin;
   auto load_kv = [&](int slot, int n_block) {
     load_kv_tiles_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(
-        sm.k[slot], sm.v[slot], k_head, k_row_stride, v_head, v_row_stride, n_block, seqlen_k, head_dim, tid);
+        sm.k[slot], sm.v[slot], block.k_head, k_row_stride, block.v_head, v_row_stride, n_block, seqlen_k,
+        head_dim, tid);
   };
 
   // Prologue: Q and the first kStages - 1 K/V tiles, one commit group per tile (Q joins the first).
-  load_tile_async<T::kBlockM, T::kHeadDim, T::kStride, T::kThreads>(sm.q, q_tile, q_row_stride, rows, head_dim, tid);
+  load_tile_async<T::kBlockM, T::kHeadDim, T::kStride, T::kThreads>(sm.q, block.q_tile, q_row_stride, rows,
+                                                                    head_dim, tid);
 #pragma unroll
   for (int s = 0; s < T::kStages - 1; ++s) {
     if (s < n_tiles) load_kv(s, n_end - 1 - s);
@@ -115,7 +103,7 @@ extern "C" __global__ void __launch_bounds__(cf::FwdKernel::kThreads, 1)
   sync_warp();
   store_frags_to_smem<Element>(sm.q, acc_o, warp_row0, 0, lane, 1.f);
   sync_warp();
-  store_tile<T::kWarpRows, T::kHeadDim, T::kStride, 32>(o_tile + warp_row0 * o_row_stride, o_row_stride,
+  store_tile<T::kWarpRows, T::kHeadDim, T::kStride, 32>(block.o_tile + warp_row0 * o_row_stride, o_row_stride,
                                                         &sm.q[warp_row0], rows - warp_row0, head_dim, lane);
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -123,6 +111,6 @@ extern "C" __global__ void __launch_bounds__(cf::FwdKernel::kThreads, 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = warp_row0 + 16 * mt + g + 8 * h;
-      if (t == 0 && row < rows) lse_tile[row] = row_lse[mt][h];
+      if (t == 0 && row < rows) block.lse_tile[row] = row_lse[mt][h];
     }
 }

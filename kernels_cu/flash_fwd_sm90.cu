@@ -14,6 +14,7 @@
 // Compile-time macros (cupyflash/build.py): CF_ELEMENT (Half | BFloat16), CF_HEAD_DIM (64, 128,
 // 192, 256), CF_BLOCK_N (64 | 128), CF_NUM_WARPS (4, 8, 12: one to three warpgroups), CF_STAGES.
 #include "gemm.cuh"
+#include "fwd_block.cuh"
 #include "mask.cuh"
 #include "softmax.cuh"
 #include "tile_io.cuh"
@@ -79,45 +80,32 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Kernel::kThreads, 1)
   extern __shared__ Vec16 smem_raw[];
   const u32 raw_address = smem_addr(smem_raw);
   const u32 smem_base = (raw_address + kSmemAlignSlack - 1) & ~static_cast<u32>(kSmemAlignSlack - 1);
-  Sm90FwdSmem<T>& sm = *reinterpret_cast<Sm90FwdSmem<T>*>(reinterpret_cast<char*>(smem_raw) + (smem_base - raw_address));
+  char* aligned = reinterpret_cast<char*>(smem_raw) + (smem_base - raw_address);
+  Sm90FwdSmem<T>& sm = *reinterpret_cast<Sm90FwdSmem<T>*>(aligned);
 
-  // Reversed so that, under a causal mask, the blocks with the most K tiles start first.
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int head = blockIdx.y, batch = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int warpgroup = warp / 4;
   const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
-  const int row_begin = m_block * T::kBlockM;
-  const int rows = min(T::kBlockM, seqlen_q - row_begin);
-  const int kv_head = head / group_size;
-
-  const u16* q_tile = q + batch * q_batch_stride + head * q_head_stride + row_begin * q_row_stride;
-  const u16* k_head = k + batch * k_batch_stride + kv_head * k_head_stride;
-  const u16* v_head = v + batch * v_batch_stride + kv_head * v_head_stride;
-  u16* o_tile = out + batch * o_batch_stride + head * o_head_stride + row_begin * o_row_stride;
-  float* lse_tile = lse + (static_cast<i64>(batch) * heads_q + head) * seqlen_q + row_begin;
-
-  int n_begin, n_end;
-  mask.key_tiles<T::kBlockN>(row_begin, row_begin + rows, n_begin, n_end);
-  if (n_end <= n_begin) {  // no row of this block sees a key: out = 0, lse = +inf
-    store_zero_tile<T::kBlockM, T::kHeadDim, T::kThreads>(o_tile, o_row_stride, rows, head_dim, tid);
-    for (int row = tid; row < rows; row += T::kThreads) lse_tile[row] = infinity();
-    return;
-  }
-  const int n_tiles = n_end - n_begin;
+  const FwdBlock block = locate_fwd_block<T::kBlockM, T::kBlockN>(
+      mask, q, k, v, out, lse, q_batch_stride, q_row_stride, q_head_stride, k_batch_stride, k_head_stride,
+      v_batch_stride, v_head_stride, o_batch_stride, o_row_stride, o_head_stride, heads_q, group_size);
+  if (finish_empty_block<T::kBlockM, T::kHeadDim, T::kThreads>(block, o_row_stride, head_dim, tid)) return;
+  const int row_begin = block.row_begin, rows = block.rows, n_end = block.n_end;
+  const int n_tiles = n_end - block.n_begin;
   constexpr int kKvTileBytes = T::kBlockN * T::kHeadDim * 2;
   const u32 q_smem = smem_addr(sm.q), k_smem = smem_addr(sm.k[0]), v_smem = smem_addr(sm.v[0]);
   auto load_kv = [&](int slot, int n_block) {
     const int key0 = n_block * T::kBlockN;
     const int keys = min(T::kBlockN, seqlen_k - key0);
     load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
-        k_smem + slot * kKvTileBytes, k_head + key0 * k_row_stride, k_row_stride, keys, head_dim, tid);
+        k_smem + slot * kKvTileBytes, block.k_head + key0 * k_row_stride, k_row_stride, keys, head_dim, tid);
     load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
-        v_smem + slot * kKvTileBytes, v_head + key0 * v_row_stride, v_row_stride, keys, head_dim, tid);
+        v_smem + slot * kKvTileBytes, block.v_head + key0 * v_row_stride, v_row_stride, keys, head_dim, tid);
   };
 
   // Prologue: Q and the first kStages - 1 K/V tiles, one commit group per tile (Q joins the first).
-  load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(q_smem, q_tile, q_row_stride, rows, head_dim, tid);
+  load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(q_smem, block.q_tile, q_row_stride, rows,
+                                                                 head_dim, tid);
 #pragma unroll
   for (int s = 0; s < T::kStages - 1; ++s) {
     if (s < n_tiles) load_kv(s, n_end - 1 - s);
@@ -176,11 +164,11 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Kernel::kThreads, 1)
   __syncthreads();
   store_frags_swizzled<Element, T::kBlockM, T::kDTiles>(sm.q, acc_o[0], warp_row0, lane);
   __syncthreads();
-  store_tile_swizzled<T::kBlockM, T::kHeadDim, T::kThreads>(o_tile, o_row_stride, sm.q, rows, head_dim, tid);
+  store_tile_swizzled<T::kBlockM, T::kHeadDim, T::kThreads>(block.o_tile, o_row_stride, sm.q, rows, head_dim, tid);
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = warp_row0 + g + 8 * h;
-    if (t == 0 && row < rows) lse_tile[row] = row_lse[0][h];
+    if (t == 0 && row < rows) block.lse_tile[row] = row_lse[0][h];
   }
 }

@@ -1,0 +1,55 @@
+// What both forward kernels (flash_fwd.cu on mma.sync, flash_fwd_sm90.cu on wgmma) know about
+// one thread block before they compute anything: its query rows, where its tiles live, which
+// K/V tiles it must visit, and what it writes when its rows see no key at all.
+#pragma once
+#include "mask.cuh"
+#include "tile_io.cuh"
+
+namespace cf {
+
+struct FwdBlock {
+  int head, batch;
+  int row_begin, rows;  // query rows [row_begin, row_begin + rows)
+  int n_begin, n_end;   // K/V tiles [n_begin, n_end) hold a key some row sees (empty: n_end <= n_begin)
+  const u16* q_tile;    // row row_begin of q, this head
+  const u16* k_head;    // key 0 of k, the kv head of this head (MQA/GQA: head / group_size)
+  const u16* v_head;
+  u16* o_tile;
+  float* lse_tile;
+};
+
+// Blocks run in reverse row order so that, under a causal mask, those with the most K tiles
+// start first. Grid: (ceil(seqlen_q / kBlockM), heads_q, batch). Strides in elements.
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ FwdBlock locate_fwd_block(const Mask& mask, const u16* q, const u16* k, const u16* v,
+                                                     u16* out, float* lse, i64 q_batch_stride, i64 q_row_stride,
+                                                     i64 q_head_stride, i64 k_batch_stride, i64 k_head_stride,
+                                                     i64 v_batch_stride, i64 v_head_stride, i64 o_batch_stride,
+                                                     i64 o_row_stride, i64 o_head_stride, int heads_q,
+                                                     int group_size) {
+  FwdBlock b;
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  b.head = blockIdx.y;
+  b.batch = blockIdx.z;
+  b.row_begin = m_block * kBlockM;
+  b.rows = min(kBlockM, mask.seqlen_q - b.row_begin);
+  const int kv_head = b.head / group_size;
+  b.q_tile = q + b.batch * q_batch_stride + b.head * q_head_stride + b.row_begin * q_row_stride;
+  b.k_head = k + b.batch * k_batch_stride + kv_head * k_head_stride;
+  b.v_head = v + b.batch * v_batch_stride + kv_head * v_head_stride;
+  b.o_tile = out + b.batch * o_batch_stride + b.head * o_head_stride + b.row_begin * o_row_stride;
+  b.lse_tile = lse + (static_cast<i64>(b.batch) * heads_q + b.head) * mask.seqlen_q + b.row_begin;
+  mask.key_tiles<kBlockN>(b.row_begin, b.row_begin + b.rows, b.n_begin, b.n_end);
+  return b;
+}
+
+// A block whose rows see no key writes out = 0 and lse = +inf and is done: returns true then.
+template <int kBlockM, int kHeadDim, int kThreads>
+__device__ __forceinline__ bool finish_empty_block(const FwdBlock& b, i64 o_row_stride, int head_dim, int tid) {
+  if (b.n_end > b.n_begin) return false;
+  store_zero_tile<kBlockM, kHeadDim, kThreads>(b.o_tile, o_row_stride, b.rows, head_dim, tid);
+  for (int row = tid; row < b.rows; row += kThreads) b.lse_tile[row] = infinity();
+  return true;
+}
+
+}  // namespace cf
