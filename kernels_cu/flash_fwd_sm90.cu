@@ -30,10 +30,10 @@ constexpr int kSmemAlignSlack = 1024;
 // S = Q K^T for a warpgroup's 64 rows: one m64nBlockN wgmma per k16 step. Step kk reads 32 bytes
 // into the 128-byte rows of slab kk / 4 of each tile (the hardware applies the swizzle).
 template <class T>
-__device__ __forceinline__ void wgmma_qk(float (&s)[T::kNTiles][4], u64 q_desc, int q_rows, u64 k_desc) {
+__device__ __forceinline__ void wgmma_qk(float (&s)[T::kNTiles][4], u64 q_desc, u64 k_desc) {
 #pragma unroll
   for (int kk = 0; kk < T::kHeadDim / 16; ++kk) {
-    const int q_offset = (kk / 4) * q_rows * 128 + (kk % 4) * 32;
+    const int q_offset = (kk / 4) * T::kBlockM * 128 + (kk % 4) * 32;
     const int k_offset = (kk / 4) * T::kBlockN * 128 + (kk % 4) * 32;
     wgmma_ss<T::kBlockN, Element::kIsBf16>(s, q_desc + (q_offset >> 4), k_desc + (k_offset >> 4), kk > 0);
   }
@@ -141,7 +141,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Kernel::kThreads, 1)
     const u64 slot_offset = static_cast<u64>((it % T::kStages) * kKvTileBytes) >> 4;
     const int key0 = (n_end - 1 - it) * T::kBlockN;
     wgmma_fence();
-    wgmma_qk<T>(s[0], q_desc, T::kBlockM, k_desc0 + slot_offset);
+    wgmma_qk<T>(s[0], q_desc, k_desc0 + slot_offset);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(s[0]);

@@ -9,30 +9,32 @@
 
 namespace cf {
 
-// Issues cp.async copies of a kRows x kCols tile (16-bit elements) into smem with pitch kStride.
-// gmem points at the tile's first row; rows >= valid_rows and columns >= valid_cols become 0.
+// Issues cp.async copies of a kRows x kCols tile (16-bit elements) into shared memory, where
+// dst(row, col) is the shared address of element (row, col). gmem points at the tile's first
+// row; rows >= valid_rows and columns >= valid_cols become 0.
 //
 // Each thread keeps one column and walks down the rows with a single moving pointer. (Fully
 // unrolled per-chunk addresses are loop-invariant across the K/V loop, and the compiler kept
 // them all in registers: 246 instead of 132 for the head_dim 128 forward, measured with ptxas.)
-template <int kRows, int kCols, int kStride, int kThreads>
-__device__ __forceinline__ void load_tile_async(u16 (*smem)[kStride], const u16* gmem, i64 row_stride,
-                                                int valid_rows, int valid_cols, int tid) {
+template <int kRows, int kCols, int kThreads, class DstAddress>
+__device__ __forceinline__ void copy_tile_async(DstAddress dst, const u16* gmem, i64 row_stride, int valid_rows,
+                                                int valid_cols, int tid) {
   constexpr int kChunksPerRow = kCols / kChunk;
   static_assert(kCols % kChunk == 0, "tile rows are whole 16-byte chunks");
   if constexpr (kThreads % kChunksPerRow == 0) {
     constexpr int kRowsPerStep = kThreads / kChunksPerRow;
     const int col = (tid % kChunksPerRow) * kChunk;
-    int row = tid / kChunksPerRow;
+    const int row0 = tid / kChunksPerRow;
     const bool col_valid = col < valid_cols;
-    const u16* src = gmem + row * row_stride + col;
-    const i64 step = kRowsPerStep * row_stride;
+    const u16* src = gmem + row0 * row_stride + col;
 #pragma unroll
-    for (int r = 0; r < (kRows + kRowsPerStep - 1) / kRowsPerStep; ++r, row += kRowsPerStep, src += step) {
+    for (int r = 0; r < (kRows + kRowsPerStep - 1) / kRowsPerStep; ++r) {
+      const int row = row0 + r * kRowsPerStep;
       if (kRows % kRowsPerStep != 0 && row >= kRows) break;
       const bool valid = col_valid && row < valid_rows;
       // A masked copy reads nothing, but its address must still be a legal one: the tile start.
-      cp_async_16(smem_addr(&smem[row][col]), valid ? src : gmem, valid ? 16 : 0);
+      cp_async_16(dst(row, col), valid ? src : gmem, valid ? 16 : 0);
+      src += kRowsPerStep * row_stride;
     }
   } else {  // head dims whose chunk count does not divide the thread count (96, 160, 192)
 #pragma unroll 1
@@ -40,9 +42,17 @@ __device__ __forceinline__ void load_tile_async(u16 (*smem)[kStride], const u16*
       const int row = idx / kChunksPerRow;
       const int col = (idx % kChunksPerRow) * kChunk;
       const bool valid = row < valid_rows && col < valid_cols;
-      cp_async_16(smem_addr(&smem[row][col]), valid ? gmem + row * row_stride + col : gmem, valid ? 16 : 0);
+      cp_async_16(dst(row, col), valid ? gmem + row * row_stride + col : gmem, valid ? 16 : 0);
     }
   }
+}
+
+// The same into a padded tile with row pitch kStride.
+template <int kRows, int kCols, int kStride, int kThreads>
+__device__ __forceinline__ void load_tile_async(u16 (*smem)[kStride], const u16* gmem, i64 row_stride,
+                                                int valid_rows, int valid_cols, int tid) {
+  copy_tile_async<kRows, kCols, kThreads>([&](int row, int col) { return smem_addr(&smem[row][col]); }, gmem,
+                                          row_stride, valid_rows, valid_cols, tid);
 }
 
 // cp.async copies of kRows floats (one per row: lse or delta); rows past valid_rows become 0.
@@ -140,30 +150,9 @@ __device__ __forceinline__ int swizzled_offset(int row, int chunk) {
 template <int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void load_tile_swizzled_async(u32 smem, const u16* gmem, i64 row_stride, int valid_rows,
                                                          int valid_cols, int tid) {
-  constexpr int kChunksPerRow = kCols / kChunk;
-  constexpr int kRowsPerStep = kThreads / kChunksPerRow;
-  if constexpr (kThreads % kChunksPerRow == 0 && kRows % kRowsPerStep == 0) {
-    // Each thread keeps one chunk column and walks down the rows with one moving pointer.
-    const int chunk = tid % kChunksPerRow;
-    const int row0 = tid / kChunksPerRow;
-    const bool col_valid = chunk * kChunk < valid_cols;
-    const u16* src = gmem + row0 * row_stride + chunk * kChunk;
-#pragma unroll
-    for (int r = 0; r < kRows / kRowsPerStep; ++r) {
-      const int row = row0 + r * kRowsPerStep;
-      const bool valid = col_valid && row < valid_rows;
-      cp_async_16(smem + swizzled_offset<kRows>(row, chunk), valid ? src : gmem, valid ? 16 : 0);
-      src += kRowsPerStep * row_stride;
-    }
-  } else {  // head_dim 192 on 8 warps: 24 chunks per row do not divide 256 threads
-#pragma unroll 1
-    for (int idx = tid; idx < kRows * kChunksPerRow; idx += kThreads) {
-      const int row = idx / kChunksPerRow, chunk = idx % kChunksPerRow;
-      const bool valid = row < valid_rows && chunk * kChunk < valid_cols;
-      cp_async_16(smem + swizzled_offset<kRows>(row, chunk), valid ? gmem + row * row_stride + chunk * kChunk : gmem,
-                  valid ? 16 : 0);
-    }
-  }
+  copy_tile_async<kRows, kCols, kThreads>(
+      [&](int row, int col) { return smem + swizzled_offset<kRows>(row, col / kChunk); }, gmem, row_stride,
+      valid_rows, valid_cols, tid);
 }
 
 // Writes a warpgroup's accumulator fragments (64 rows from row0, all kCols / 8 n8 tiles) into a
