@@ -49,8 +49,7 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: fl
     with _device_of(placement) as (device_id, stream):
         q_, k_, v_ = (_kernel_ready(arrays[name]) for name in ("q", "k", "v"))
         out, lse = _forward(problem, q_, k_, v_, device_id, stream)
-        if out.shape[3] != problem.head_dim:  # head_dim was zero-padded to a multiple of 8
-            out = out[..., : problem.head_dim]
+        out = _unpadded(out, problem.head_dim)
     out = to_caller(out, placement)
     return (out, to_caller(lse, placement)) if return_lse else out
 
@@ -75,7 +74,7 @@ def attention_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *,
         t = {name: _kernel_ready(arrays[name]) for name in ("dout", "q", "k", "v", "out")}
         t["lse"] = require_cupy().ascontiguousarray(to_gpu(arrays["lse"]))
         grads = _backward(problem, t, bool(deterministic), device_id, stream)
-    return tuple(to_caller(g[..., : problem.head_dim], placement) for g in grads)
+    return tuple(to_caller(_unpadded(g, problem.head_dim), placement) for g in grads)
 
 
 def _require_kernel_features(problem: Problem) -> None:
@@ -97,6 +96,11 @@ def _device_of(placement: Placement) -> Iterator[tuple[int, Any]]:
     device_id = current_device_id() if placement.on_host else placement.device_id
     with cupy.cuda.Device(device_id):
         yield device_id, cupy.cuda.get_current_stream()
+
+
+def _unpadded(array: Any, head_dim: int) -> Any:
+    """The caller's head_dim columns of a result computed on zero-padded inputs (_kernel_ready)."""
+    return array if array.shape[3] == head_dim else array[..., :head_dim]
 
 
 def _kernel_ready(array: Any) -> Any:

@@ -821,7 +821,7 @@ def measure_compile_times(dtypes: Sequence[str] = DTYPES, head_dims: Sequence[in
                 continue
             seen.add(spec)
             rows.append({"dtype": dtype, "head_dim": head_dim, "pass": pass_, "entry": spec.entry,
-                         "arch": limits.arch + spec.arch_suffix, **_time_compile(spec, limits.arch)})
+                         "arch": spec.target(limits.arch), **_time_compile(spec, limits.arch)})
     return rows
 
 

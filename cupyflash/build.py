@@ -53,9 +53,13 @@ class KernelSpec:
     # "a" for kernels with Hopper-only instructions (wgmma): compiled for sm_90a, not sm_90.
     arch_suffix: str = ""
 
+    def target(self, arch: str) -> str:
+        """The architecture NVRTC compiles for on a GPU of `arch` ("sm_90" -> "sm_90a" for wgmma)."""
+        return arch + self.arch_suffix
+
     def options(self, arch: str) -> list[str]:
         return [
-            f"-arch={arch}{self.arch_suffix}",
+            f"-arch={self.target(arch)}",
             "-std=c++17",
             f"-I{kernel_dir()}",
             "--ptxas-options=-v",
@@ -90,7 +94,7 @@ def _ptxas_numbers(log: str, entry: str) -> tuple[int | None, int | None]:
 
 def _program_key(spec: KernelSpec, arch: str) -> tuple[str, ...]:
     """One cubin per (sources, file, macros, arch, NVRTC): the entry points of a file share it."""
-    return (source_hash(), spec.source, repr(spec.defines), arch + spec.arch_suffix, "nvrtc%d.%d" % nvrtc_version(),
+    return (source_hash(), spec.source, repr(spec.defines), spec.target(arch), "nvrtc%d.%d" % nvrtc_version(),
             __version__)
 
 
@@ -112,7 +116,7 @@ def _compile_program(spec: KernelSpec, arch: str) -> tuple[bytes, str]:
         try:
             nvrtc.compileProgram(program, spec.options(arch))
         except nvrtc.NVRTCError as error:
-            failure = _programs[key] = RuntimeError(f"NVRTC failed to compile {spec.source} ({arch}{spec.arch_suffix}, "
+            failure = _programs[key] = RuntimeError(f"NVRTC failed to compile {spec.source} ({spec.target(arch)}, "
                                                     f"{dict(spec.defines)}):\n{nvrtc.getProgramLog(program)}")
             raise failure from error
         result = _programs[key] = (nvrtc.getCUBIN(program), nvrtc.getProgramLog(program))
@@ -158,7 +162,7 @@ def cached_kernel(spec: KernelSpec, arch: str) -> CompiledKernel:
     except (OSError, ValueError, KeyError):
         pass  # absent or unreadable: compile again and overwrite
     kernel = compile_kernel(spec, arch)
-    meta = {"log": kernel.log, "source": spec.source, "defines": dict(spec.defines), "arch": arch}
+    meta = {"log": kernel.log, "source": spec.source, "defines": dict(spec.defines), "arch": spec.target(arch)}
     write_atomic(cubin_path, kernel.cubin)
     write_atomic(meta_path, json.dumps(meta, indent=1).encode())  # written last: marks the pair complete
     return kernel

@@ -22,8 +22,8 @@ from .device import DeviceLimits
 from .problem import Problem
 
 FORMAT = 1
-_files: dict[Path, tuple[float, dict[str, Any] | None]] = {}  # path -> (mtime, entries)
-_checked: dict[Path, float] = {}  # path -> time.monotonic() of its last stat
+# path -> (mtime, entries, time.monotonic() of the last stat); mtime -1 when the file is absent
+_files: dict[Path, tuple[float, dict[str, Any] | None, float]] = {}
 # attention() looks its config up on every call; a stat per call cost ~10 us of host time, so a
 # file written by another process (a concurrent `cupyflash autotune`) is noticed within this many
 # seconds. store() and clear() in this process take effect at once.
@@ -82,18 +82,20 @@ def load_entries(limits: DeviceLimits) -> dict[str, Any]:
     path = tuning_file(limits)
     cached = _files.get(path)
     now = time.monotonic()
-    if cached is not None and now - _checked.get(path, -RECHECK_SECONDS) < RECHECK_SECONDS:
+    if cached is not None and now - cached[2] < RECHECK_SECONDS:
         return cached[1] or {}
-    _checked[path] = now
     try:
         mtime = path.stat().st_mtime
     except OSError:
-        _files[path] = (-1.0, None)  # absent; stat again after RECHECK_SECONDS
-        return {}
-    if cached is None or cached[0] != mtime:
-        cached = (mtime, _read_entries(path, header(limits)))
-        _files[path] = cached
-    return cached[1] or {}
+        mtime = -1.0
+    if mtime < 0:
+        entries = None
+    elif cached is not None and cached[0] == mtime:
+        entries = cached[1]
+    else:
+        entries = _read_entries(path, header(limits))
+    _files[path] = (mtime, entries, now)
+    return entries or {}
 
 
 def lookup(kind: str, problem: Problem, kernel_dim: int, limits: DeviceLimits) -> TileConfig | BwdConfig | None:

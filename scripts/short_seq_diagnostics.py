@@ -6,7 +6,6 @@ flush) beside three runs of the benchmark's own method, for cupyflash and torch'
     python scripts/short_seq_diagnostics.py     (needs a GPU and PyTorch)
 """
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, installed or not
@@ -20,17 +19,11 @@ from cupyflash import api, launch, selection, timing  # noqa: E402
 from cupyflash.arrays import wrap_all  # noqa: E402
 from cupyflash.device import device_limits  # noqa: E402
 from cupyflash.problem import Problem  # noqa: E402
+from host_overhead import per_call_us  # noqa: E402  (scripts/, beside this file)
 
 
-def per_call(fn, n=3000):
-    for _ in range(50):
-        fn()
-    cupy.cuda.Device().synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    cupy.cuda.Device().synchronize()
-    return (time.perf_counter() - t) / n * 1e6
+def per_call(fn, calls=3000):
+    return per_call_us(fn, calls, cupy.cuda.Device().synchronize)
 
 
 q = cupy.random.standard_normal((1, 128, 2, 64)).astype(cupy.float16)
@@ -40,6 +33,7 @@ placement = wrap_all(q=q)[1]
 def _enter_exit():
     with api._device_of(placement):
         pass
+
 
 limits = device_limits(0)
 p = Problem.from_arrays(q, q, q, causal=True)
