@@ -24,7 +24,7 @@ ELEMENT_BYTES = 2
 # (kernels_cu), the forward spills past about 160 and the dK/dV kernel past about 200.
 FWD_MAX_ACC_FLOATS = 160
 BWD_MAX_ACC_FLOATS = 200
-WGMMA_ALIGN_SLACK = 1024  # kSmemAlignSlack in flash_fwd_sm90.cu
+WGMMA_ALIGN_SLACK = 1024  # kSmemAlignSlack in flash_fwd_sm90.cu and flash_bwd_dkdv_sm90.cu
 
 
 def kernel_head_dim(head_dim: int) -> int:
@@ -112,19 +112,26 @@ class TileConfig:
 @dataclass(frozen=True)
 class DkdvConfig:
     """The dK/dV kernel: block_n keys per block, Q/dO tiles of block_m queries in `stages`
-    slots; warps form a (num_warps / warps_d) x warps_d grid over (keys, head_dim)."""
+    slots; warps form a (num_warps / warps_d) x warps_d grid over (keys, head_dim).
+
+    wgmma=True selects the Hopper kernel (flash_bwd_dkdv_sm90.cu, sm_90 only, head dims 64 and
+    128): two warpgroups of 4 warps own 64 keys each (block_n 128), warps_d is 1, tiles are
+    128-byte swizzled."""
 
     block_m: int
     block_n: int
     num_warps: int
     stages: int = 2
     warps_d: int = 1
+    wgmma: bool = False
 
     @property
     def m_tiles(self) -> int:
         return self.block_n // (16 * (self.num_warps // self.warps_d))
 
     def problems(self, head_dim: int) -> list[str]:
+        if self.wgmma:
+            return self._wgmma_problems(head_dim)
         reasons = []
         warps_n = self.num_warps // self.warps_d if self.num_warps % self.warps_d == 0 else 0
         if not warps_n or self.block_n % (16 * warps_n) or self.block_n // (16 * warps_n) not in (1, 2):
@@ -140,19 +147,41 @@ class DkdvConfig:
             reasons.append(f"head_dim {head_dim} columns of dQ must split evenly over the warps")
         return reasons + _pipeline_and_dim_problems(self.stages, head_dim)
 
+    def _wgmma_problems(self, head_dim: int) -> list[str]:
+        reasons = []
+        # One warpgroup (4 warps) compiles too, but spills with atomic dQ (ptxas, NVRTC 12.9).
+        if self.num_warps != 8 or self.block_n != 128:
+            reasons.append(f"wgmma: num_warps must be 8 (two warpgroups of 64 keys) and block_n 128 "
+                           f"(block_n {self.block_n}, num_warps {self.num_warps})")
+        if self.block_m not in (64, 128):
+            reasons.append(f"wgmma: block_m {self.block_m} must be 64 or 128")
+        if self.warps_d != 1:
+            reasons.append(f"wgmma: warps_d must be 1 (got {self.warps_d}); each warpgroup keeps all of head_dim")
+        if head_dim not in (64, 128):
+            reasons.append(f"wgmma: head_dim {head_dim} must be 64 or 128 (dK and dV live in registers)")
+        return reasons + _pipeline_and_dim_problems(self.stages, head_dim)
+
     def acc_floats(self, head_dim: int) -> int:
         """dK + dV accumulators plus the S^T and dP^T tiles, per thread."""
+        if self.wgmma:  # 64 keys x (2 head_dim + 2 block_m) over 128 threads
+            return head_dim + self.block_m
         return self.m_tiles * (head_dim + self.block_m) // self.warps_d
 
     def smem_bytes(self, head_dim: int) -> int:
-        """DkdvSmem: K, V + stages x (Q, dO, lse, delta) + P^T and dS^T."""
+        """DkdvSmem: K, V + stages x (Q, dO, lse, delta) + P^T and dS^T; Sm90DkdvSmem: the same
+        unpadded without P^T, plus the slack that aligns it to 1024 bytes."""
+        stats = 2 * self.stages * self.block_m * 4
+        if self.wgmma:
+            tiles = (2 * self.block_n + 2 * self.stages * self.block_m) * head_dim * ELEMENT_BYTES
+            return tiles + self.block_n * self.block_m * ELEMENT_BYTES + stats + WGMMA_ALIGN_SLACK
         kv = 2 * self.block_n * _row_bytes(head_dim)
         q_do = 2 * self.stages * self.block_m * _row_bytes(head_dim)
-        stats = 2 * self.stages * self.block_m * 4
         p_ds = 2 * self.block_n * (self.block_m + SMEM_PAD) * ELEMENT_BYTES
         return kv + q_do + stats + p_ds
 
     def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
+        if self.wgmma and limits.compute_capability != (9, 0):
+            return False  # wgmma exists on sm_90 only
         return (
             not self.problems(head_dim)
             and self.smem_bytes(head_dim) <= limits.smem_per_block_optin
@@ -196,6 +225,8 @@ def fwd_candidates(head_dim: int, limits: DeviceLimits) -> list[TileConfig]:
 def dkdv_candidates(head_dim: int, limits: DeviceLimits) -> list[DkdvConfig]:
     space = itertools.product((32, 64, 128), (64, 128), (4, 8), (2,), (1, 2))
     configs = [DkdvConfig(m, n, w, s, wd) for m, n, w, s, wd in space]
+    # wgmma: Q tiles of 128 with three stages spill with atomic dQ at head_dim 64 (ptxas, 255 regs).
+    configs += [DkdvConfig(m, 128, 8, s, 1, wgmma=True) for m, s in ((64, 2), (64, 3), (128, 2))]
     return [c for c in configs if c.fits(head_dim, limits)]
 
 

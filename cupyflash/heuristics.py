@@ -39,6 +39,14 @@ FWD_TABLE: tuple[tuple[int, TileConfig, str], ...] = (
 )
 
 DKDV_TABLE: tuple[tuple[int, DkdvConfig, str], ...] = (
+    # Hopper (wgmma, flash_bwd_dkdv_sm90.cu; fits() admits these on sm_90 only, head dims 64, 128).
+    # H100, fp16, paper grid, S = 1024..8192, against the other wgmma tiles and the mma.sync rows
+    # below (2026-11-23, benchmarks/results/h100-2026-11-23-wgmma-bwd/bwd-sweep-fp16.json):
+    (64, DkdvConfig(128, 128, 8, 2, 1, wgmma=True), "two warpgroups of 64 keys, Q tiles of 128, 131 KB: "
+                                                    "195-333 TFLOP/s, the best tile in all 8 cells"),
+    (128, DkdvConfig(64, 128, 8, 3, 1, wgmma=True), "Q tiles of 64 (128 would spill), three stages, 179 KB: "
+                                                    "210-369 TFLOP/s, the best tile in all 8 cells"),
+    # mma.sync (sm_80 and up; on sm_90 the head dims wgmma does not cover)
     (64, DkdvConfig(32, 128, 4, 2, 1), "H100: 185-219 TFLOP/s against 150-182 for 64x128 on 8 warps; 75 KB"),
     (128, DkdvConfig(64, 128, 8, 2, 2), "H100: 178-216 TFLOP/s against 152-188 for 32x128 unsplit; 173 KB"),
     (128, DkdvConfig(64, 64, 4, 2, 1), "A100 fallback (121 KB at d128)"),
@@ -56,10 +64,11 @@ DQ_TABLE: tuple[tuple[int, TileConfig, str], ...] = (
     (192, TileConfig(64, 16, 4, 2), "sm_86 fallback (75 KB at d192)"),
 )
 
-# dQ by float32 atomics from the dK/dV kernel, or in its own pass. Measured on the H100: atomics
-# win at head_dim 64; at 128 the separate pass won 3 of 4 buckets (s2048 full and causal, s8192
-# causal); at 256 the atomic dK/dV variant spills. So above 64, dQ gets its own pass, which also
-# makes the default backward deterministic there.
+# dQ by float32 atomics from the dK/dV kernel, or in its own pass. Measured on the H100: the
+# wgmma dK/dV kernel with atomics beats its own-pass variant by 6-45% in every cell of the sweep
+# above, so it always uses them. For mma.sync, atomics win at head_dim 64; at 128 the separate
+# pass won 3 of 4 buckets (s2048 full and causal, s8192 causal); at 256 the atomic dK/dV variant
+# spills. So there, above 64, dQ gets its own pass.
 MAX_ATOMIC_DQ_HEAD_DIM = 64
 
 
@@ -81,4 +90,4 @@ def default_fwd_config(head_dim: int, limits: DeviceLimits) -> TileConfig:
 def default_bwd_config(head_dim: int, limits: DeviceLimits) -> BwdConfig:
     dkdv = _first_fitting(DKDV_TABLE, "backward dK/dV", head_dim, limits, lambda c: c.fits(head_dim, limits))
     dq = _first_fitting(DQ_TABLE, "backward dQ", head_dim, limits, lambda c: c.fits(head_dim, limits, kind="dq"))
-    return BwdConfig(dkdv, dq, dq_atomic=head_dim <= MAX_ATOMIC_DQ_HEAD_DIM)
+    return BwdConfig(dkdv, dq, dq_atomic=head_dim <= MAX_ATOMIC_DQ_HEAD_DIM or dkdv.wgmma)

@@ -48,6 +48,10 @@ def dq_spec(dtype: str, head_dim: int, cfg: TileConfig) -> build.KernelSpec:
 
 @functools.lru_cache(maxsize=None)
 def dkdv_spec(dtype: str, head_dim: int, cfg: DkdvConfig, accum_dq: bool) -> build.KernelSpec:
+    if cfg.wgmma:  # block_n follows from num_warps (64 keys per warpgroup)
+        return build.KernelSpec("flash_bwd_dkdv_sm90.cu", "flash_bwd_dkdv_sm90", _defines(
+            dtype, head_dim=head_dim, block_m=cfg.block_m, num_warps=cfg.num_warps, stages=cfg.stages,
+            accum_dq=accum_dq, smem_bytes=cfg.smem_bytes(head_dim)), arch_suffix="a")
     return build.KernelSpec("flash_bwd_dkdv.cu", "flash_bwd_dkdv", _defines(
         dtype, head_dim=head_dim, block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
         stages=cfg.stages, warps_d=cfg.warps_d, accum_dq=accum_dq, smem_bytes=cfg.smem_bytes(head_dim)))

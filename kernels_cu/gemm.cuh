@@ -137,4 +137,10 @@ __device__ __forceinline__ void zero(float (&acc)[kMTiles][kNTiles][4]) {
       for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
 }
 
+// One warpgroup's fragments (the wgmma kernels keep a single m64 row tile per warpgroup).
+template <int kNTiles>
+__device__ __forceinline__ void zero(float (&acc)[kNTiles][4]) {
+  zero(*reinterpret_cast<float(*)[1][kNTiles][4]>(&acc));
+}
+
 }  // namespace cf

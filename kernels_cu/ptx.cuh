@@ -137,6 +137,16 @@ __device__ __forceinline__ void red_add_f32(float* addr, float v) {
   asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(addr), "f"(v) : "memory");
 }
 
+// red.global.add.v2.f32 (sm_90): two adjacent floats at an 8-byte aligned address, one request.
+__device__ __forceinline__ void red_add_f32x2(float* addr, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(addr), "f"(a), "f"(b) : "memory");
+#else
+  red_add_f32(addr, a);
+  red_add_f32(addr + 1, b);
+#endif
+}
+
 // ---- Hopper only (sm_90a): warpgroup MMA. Used by flash_fwd_sm90.cu, compiled for sm_90a. ----
 // A warpgroup (4 consecutive warps) computes a 64 x N tile; each warp holds rows 16w..16w+15 in
 // the m16n8 accumulator layout, N / 8 tiles of 4 floats. Shared operands are described by a
@@ -188,11 +198,12 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[kTiles][4]) {
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" "}"
-// d = a * b (+ d when accumulate): m64nNk16, A and B in shared memory, both K-major.
-#define CF_WGMMA_SS(N, TYPE, REGS, A, B, P, ...)                                                  \
+// d = a * b (+ d when accumulate): m64nNk16, A and B in shared memory; TRANS "0, 0" for both
+// K-major, "1, 1" for both MN-major.
+#define CF_WGMMA_SS(N, TYPE, TRANS, REGS, A, B, P, ...)                                           \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P ", 0;\n"                                     \
                "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " " REGS ", %" #A ", %" #B \
-               ", p, 1, 1, 0, 0;\n}\n"                                                                \
+               ", p, 1, 1, " TRANS ";\n}\n"                                                           \
                : __VA_ARGS__                                                                          \
                : "l"(a_desc), "l"(b_desc), "r"(accumulate))
 // d += a * b: m64n64k16, A from registers, B in shared memory stored MN-major (imm-trans-b 1).
@@ -207,10 +218,20 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[kTiles][4]) {
 template <int N, bool kBf16>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], u64 a_desc, u64 b_desc, int accumulate) {
   static_assert(N == 64 || N == 128, "instantiated wgmma widths: 64, 128");
-  if constexpr (N == 64 && !kBf16) CF_WGMMA_SS(64, "f16", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
-  if constexpr (N == 64 && kBf16) CF_WGMMA_SS(64, "bf16", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
-  if constexpr (N == 128 && !kBf16) CF_WGMMA_SS(128, "f16", CF_REGS64, 64, 65, 66, CF_ACC8(d, 0), CF_ACC8(d, 8));
-  if constexpr (N == 128 && kBf16) CF_WGMMA_SS(128, "bf16", CF_REGS64, 64, 65, 66, CF_ACC8(d, 0), CF_ACC8(d, 8));
+  if constexpr (N == 64 && !kBf16) CF_WGMMA_SS(64, "f16", "0, 0", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
+  if constexpr (N == 64 && kBf16) CF_WGMMA_SS(64, "bf16", "0, 0", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
+  if constexpr (N == 128 && !kBf16)
+    CF_WGMMA_SS(128, "f16", "0, 0", CF_REGS64, 64, 65, 66, CF_ACC8(d, 0), CF_ACC8(d, 8));
+  if constexpr (N == 128 && kBf16)
+    CF_WGMMA_SS(128, "bf16", "0, 0", CF_REGS64, 64, 65, 66, CF_ACC8(d, 0), CF_ACC8(d, 8));
+}
+
+// The same, m64n64k16, with both operands stored MN-major (A[k][m], m contiguous; B[k][n], n
+// contiguous): the backward's dQ = dS K, with dS kept as dS^T.
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_ss_tt(float (&d)[8][4], u64 a_desc, u64 b_desc, int accumulate) {
+  if constexpr (!kBf16) CF_WGMMA_SS(64, "f16", "1, 1", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
+  if constexpr (kBf16) CF_WGMMA_SS(64, "bf16", "1, 1", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
 }
 
 // wgmma.mma_async.sync.aligned.m64n64k16.f32.{f16,bf16} with A in registers: d += A B, where B

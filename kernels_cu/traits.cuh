@@ -147,4 +147,42 @@ struct Sm90FwdSmem {
   u16 v[T::kStages][T::kBlockN * T::kHeadDim];
 };
 
+// Hopper backward dK/dV (flash_bwd_dkdv_sm90.cu): kNWarps / 4 warpgroups, each owning 64 of the
+// block's keys (block_n = 64 per warpgroup); Q / dO tiles of kBlockM queries stream through
+// kStages slots. Tiles are 128-byte swizzled like Sm90FwdTraits'. dQ's (kBlockM x kHeadDim)
+// share of the tile is cut into 64 x 64 pieces, dealt out to the warpgroups in turn.
+template <int HeadDim, int BlockM, int NWarps, int Stages, bool AccumDq>
+struct Sm90DkdvTraits {
+  static constexpr int kHeadDim = HeadDim;
+  static constexpr int kBlockM = BlockM;
+  static constexpr int kNWarps = NWarps;
+  static constexpr int kStages = Stages;
+  static constexpr bool kAccumDq = AccumDq;
+  static constexpr int kThreads = NWarps * 32;
+  static constexpr int kWarpgroups = NWarps / 4;
+  static constexpr int kBlockN = 64 * kWarpgroups;  // keys per block
+  static constexpr int kQTiles = BlockM / 8;        // n8 query tiles of S^T, dP^T per warp
+  static constexpr int kDTiles = HeadDim / 8;       // n8 tiles of dK, dV per warp
+  static constexpr int kSlabs = HeadDim / 64;       // 128-byte column slabs of a Q/dO/K/V tile
+  static constexpr int kDqPieces = (BlockM / 64) * kSlabs;  // 64 x 64 pieces of the dQ tile
+  static constexpr int kSwizzleBytes = 1024;
+
+  static_assert(NWarps == 4 || NWarps == 8, "one or two warpgroups (config.py offers two: one spills)");
+  static_assert(HeadDim == 64 || HeadDim == 128, "dK and dV (2 x HeadDim / 2 floats per thread) fit up to 128");
+  static_assert(BlockM == 64 || BlockM == 128, "S^T is one m64n64 or m64n128 wgmma per k16 step");
+  static_assert(Stages >= 2, "Q/dO tiles are at least double-buffered");
+};
+
+// Every tile is a whole number of 1024-byte swizzle atoms and the struct is 1024-byte aligned.
+template <class T>
+struct Sm90DkdvSmem {
+  u16 k[T::kBlockN * T::kHeadDim];  // reused to stage dK for coalesced stores
+  u16 v[T::kBlockN * T::kHeadDim];  // reused to stage dV
+  u16 q[T::kStages][T::kBlockM * T::kHeadDim];
+  u16 dout[T::kStages][T::kBlockM * T::kHeadDim];
+  u16 dst[T::kBlockN * T::kBlockM];  // dS^T (keys x queries), the A operand of dQ = dS K
+  float lse[T::kStages][T::kBlockM];  // 0 for rows past seqlen_q (their Q and dO rows are 0 too)
+  float delta[T::kStages][T::kBlockM];
+};
+
 }  // namespace cf

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from cupyflash import build, heuristics, launch
-from cupyflash.config import KERNEL_HEAD_DIMS, BwdConfig, DkdvConfig, TileConfig
+from cupyflash.config import KERNEL_HEAD_DIMS, BwdConfig, DkdvConfig, TileConfig, dkdv_candidates
 from cupyflash.device import DeviceLimits
 
 cupy = pytest.importorskip("cupy", reason="the build tests need CuPy's NVRTC bindings")
@@ -144,3 +144,20 @@ def test_wgmma_smem_arithmetic_matches_the_kernel(config: TileConfig, head_dim: 
     kernel = build.compile_kernel(launch.fwd_spec("bfloat16", head_dim, config), "sm_90")
     assert kernel.spill_bytes == 0
     assert "-arch=sm_90a" in launch.fwd_spec("bfloat16", head_dim, config).options("sm_90")
+
+
+@pytest.mark.parametrize("head_dim,config", [(d, c) for d in (64, 128) for c in dkdv_candidates(d, H100) if c.wgmma],
+                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_m}x{x.num_warps}w{x.stages}s")
+@pytest.mark.parametrize("accum_dq", [True, False])
+def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, config: DkdvConfig, accum_dq: bool) -> None:
+    spec = launch.dkdv_spec("float16", head_dim, config, accum_dq)
+    kernel = build.compile_kernel(spec, "sm_90")  # static_asserts config.py's smem arithmetic
+    assert kernel.spill_bytes == 0, f"{spec} spills {kernel.spill_bytes} bytes:\n{kernel.log}"
+    assert "-arch=sm_90a" in spec.options("sm_90")
+
+
+def test_wgmma_dkdv_runs_on_sm90_only() -> None:
+    config = DkdvConfig(64, 128, 8, 2, 1, wgmma=True)
+    assert config.fits(128, H100) and not config.fits(128, A100)
+    assert not config.fits(256, H100) and config.problems(256)
+    assert DkdvConfig(64, 64, 4, 2, 1, wgmma=True).problems(128)

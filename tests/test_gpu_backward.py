@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cupyflash import validation
+from cupyflash import selection, validation
+from cupyflash.config import BwdConfig, DkdvConfig, TileConfig, dkdv_candidates, kernel_head_dim
+from cupyflash.device import DeviceLimits
 
 from .test_gpu_forward import PeakTracker
 
@@ -81,3 +83,46 @@ def test_backward_memory_is_gradients_plus_o_n(seqlen: int) -> None:
     grads = dq.nbytes + dk.nbytes + dv.nbytes
     dq_accum, delta = q.size * 4, lse.nbytes  # float32 dQ accumulator and delta: O(batch * heads * seqlen)
     assert tracker.extra <= grads + dq_accum + delta + 4 * 2**20, (tracker.extra, grads)
+
+
+# On Hopper the defaults run the wgmma dK/dV kernel for head dims 64 and 128. The mma.sync
+# kernels (what sm_80/86/89 run) must stay correct there too: the quick matrix, forced.
+MMA_SYNC_BWD = {64: BwdConfig(DkdvConfig(32, 128, 4, 2, 1), TileConfig(128, 64, 8, 2), dq_atomic=True),
+                128: BwdConfig(DkdvConfig(64, 128, 8, 2, 2), TileConfig(128, 64, 8, 2), dq_atomic=False)}
+
+
+@pytest.mark.parametrize("case", [c for c in validation.gpu_matrix(quick=True)
+                                  if kernel_head_dim(c.head_dim) in MMA_SYNC_BWD], ids=lambda case: case.id)
+def test_mma_sync_backward_matches_reference(case: validation.Case) -> None:
+    with selection.forced(bwd=MMA_SYNC_BWD[kernel_head_dim(case.head_dim)]):
+        results = validation.run_gpu_case(case, backward=True)
+    failures = [r.message() for r in results if not r.ok]
+    assert not failures, "\n".join(failures)
+
+
+def _wgmma_dkdv_candidates() -> list[tuple[int, DkdvConfig]]:
+    hopper = DeviceLimits("H100", (9, 0), 132, 232448, 233472)
+    return [(d, c) for d in (64, 128) for c in dkdv_candidates(d, hopper) if c.wgmma]
+
+
+# Every wgmma dK/dV tile the autotuner may pick, with dQ by atomics and in its own pass, on two
+# awkward cases (tails on both sides, causal, GQA, bf16).
+@pytest.mark.parametrize("head_dim,config", _wgmma_dkdv_candidates(),
+                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_m}x{x.num_warps}w{x.stages}s")
+@pytest.mark.parametrize("dq_atomic", [True, False], ids=["atomic-dq", "dq-pass"])
+@pytest.mark.parametrize("case_args", [("float16", True, 113, 203, 4), ("bfloat16", False, 1023, 1024, 1)],
+                         ids=["fp16-causal-113x203-gqa4", "bf16-1023x1024"])
+def test_every_wgmma_dkdv_tile_matches_reference(head_dim: int, config: DkdvConfig, dq_atomic: bool,
+                                                 case_args: tuple) -> None:
+    import cupy
+
+    from cupyflash.device import device_limits
+
+    if device_limits(cupy.cuda.runtime.getDevice()).compute_capability != (9, 0):
+        pytest.skip("wgmma runs on sm_90 only")
+    dtype, causal, seqlen_q, seqlen_k, group = case_args
+    case = validation.Case(dtype, head_dim, causal, seqlen_q, seqlen_k, group)
+    with selection.forced(bwd=BwdConfig(config, TileConfig(128, 64, 8, 2), dq_atomic=dq_atomic)):
+        results = validation.run_gpu_case(case, backward=True)
+    failures = [r.message() for r in results if not r.ok]
+    assert not failures, "\n".join(failures)

@@ -1,0 +1,262 @@
+// FlashAttention-2 backward dK/dV (and atomic dQ) on Hopper warpgroup MMAs (wgmma, sm_90a): the
+// algorithm and the arguments of flash_bwd_dkdv.cu, with each 4-warp warpgroup owning 64 keys.
+//
+// Why a second kernel: the mma.sync dK/dV kernel reaches about 0.75x FlashAttention-2 on an H100
+// (benchmarks/results/h100-2026-11-23-wgmma); wgmma reads its shared operands directly and runs
+// at the tensor cores' Hopper rate. Per Q / dO tile, for the warpgroup's 64 keys:
+//     S^T = K Q^T and dP^T = V dO^T     wgmma, both operands shared and K-major
+//     P^T = exp2(S^T scale_log2 - lse log2 e),  dS^T = P^T (dP^T - delta)   in registers
+//     dV += P^T dO and dK += dS^T Q      wgmma, A from registers, B shared and MN-major
+//     dQ += dS K (CF_ACCUM_DQ)           dS^T goes through shared memory (every warpgroup's keys
+//                                        are needed), then wgmma with both operands MN-major, and
+//                                        float32 red.add into dq_accum
+// Masking, tails, GQA and the lse / delta conventions are flash_bwd_dkdv.cu's.
+//
+// Compile-time macros: CF_ELEMENT, CF_HEAD_DIM (64 | 128), CF_BLOCK_M (64 | 128), CF_NUM_WARPS
+// (4 | 8), CF_STAGES, CF_ACCUM_DQ (0 | 1), CF_SMEM_BYTES.
+#include "gemm.cuh"
+#include "mask.cuh"
+#include "tile_io.cuh"
+#include "traits.cuh"
+
+namespace cf {
+using Sm90Dkdv = Sm90DkdvTraits<CF_HEAD_DIM, CF_BLOCK_M, CF_NUM_WARPS, CF_STAGES, CF_ACCUM_DQ>;
+using Element = CF_ELEMENT;
+constexpr int kSmemAlignSlack = 1024;  // as in flash_fwd_sm90.cu: the layout needs 1024-byte alignment
+
+// acc = A B^T over head_dim for one warpgroup: A is 64 rows of a K-major tile of kRowsA rows, B
+// a K-major tile of kN rows; one m64nN wgmma per k16 step, 32 bytes into the 128-byte rows of
+// slab kk / 4 (the hardware applies the swizzle).
+template <class T, int kRowsA, int kN>
+__device__ __forceinline__ void wgmma_over_d(float (&acc)[kN / 8][4], u64 a_desc, u64 b_desc) {
+#pragma unroll
+  for (int kk = 0; kk < T::kHeadDim / 16; ++kk) {
+    const int a_offset = (kk / 4) * kRowsA * 128 + (kk % 4) * 32;
+    const int b_offset = (kk / 4) * kN * 128 + (kk % 4) * 32;
+    wgmma_ss<kN, Element::kIsBf16>(acc, a_desc + (a_offset >> 4), b_desc + (b_offset >> 4), kk > 0);
+  }
+}
+
+// acc (64 x head_dim) += A B, A from registers (kBlockM / 16 k16 fragments), B a shared tile of
+// kBlockM rows read MN-major: per k16 step one m64n64 wgmma per 64-column slab.
+template <class T>
+__device__ __forceinline__ void wgmma_rs_over_q(float (&acc)[T::kDTiles][4], const u32 (&a)[T::kBlockM / 16][4],
+                                                u64 b_desc) {
+#pragma unroll
+  for (int kk = 0; kk < T::kBlockM / 16; ++kk)
+#pragma unroll
+    for (int slab = 0; slab < T::kSlabs; ++slab) {
+      const int b_offset = slab * T::kBlockM * 128 + kk * 16 * 128;
+      wgmma_rs_tb<Element::kIsBf16>(*reinterpret_cast<float(*)[8][4]>(&acc[8 * slab][0]), a[kk],
+                                    b_desc + (b_offset >> 4));
+    }
+}
+
+// The fp32 fragments of a 64 x kBlockM tile as the 16-bit A operands of the next wgmma.
+template <class T>
+__device__ __forceinline__ void pack_frags(u32 (&a)[T::kBlockM / 16][4], const float (&x)[T::kQTiles][4]) {
+#pragma unroll
+  for (int kk = 0; kk < T::kBlockM / 16; ++kk) pack_a<Element>(a[kk], x[2 * kk], x[2 * kk + 1]);
+}
+
+// dq_accum[row][col] += piece for one warpgroup's 64 x 64 dQ piece (rows from row0, columns
+// from col0), two adjacent floats per request.
+__device__ __forceinline__ void add_dq_piece(float* dq_tile, i64 row_stride, const float (&acc)[8][4], int row0,
+                                             int col0, int valid_rows, int valid_cols, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + g + 8 * h;
+    if (row >= valid_rows) continue;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const int col = col0 + 8 * nt + 2 * t;
+      if (col < valid_cols)  // head_dim is a multiple of 8, so col + 1 is valid too
+        red_add_f32x2(dq_tile + row * row_stride + col, acc[nt][2 * h], acc[nt][2 * h + 1]);
+    }
+  }
+}
+}  // namespace cf
+
+// cupyflash/config.py computes the same size for the launch; the build passes it here.
+static_assert(sizeof(cf::Sm90DkdvSmem<cf::Sm90Dkdv>) + cf::kSmemAlignSlack == CF_SMEM_BYTES,
+              "config.py smem_bytes() disagrees with the kernel's layout");
+
+// Arguments, shapes and grid as flash_bwd_dkdv (flash_bwd_dkdv.cu), with kBlockN = 64 per
+// warpgroup; block: kThreads; dynamic smem: Sm90DkdvSmem plus kSmemAlignSlack.
+extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
+    flash_bwd_dkdv_sm90(const cf::u16* __restrict__ q, const cf::u16* __restrict__ k, const cf::u16* __restrict__ v,
+                        const cf::u16* __restrict__ dout, const float* __restrict__ lse,
+                        const float* __restrict__ delta, float* __restrict__ dq_accum, cf::u16* __restrict__ dk,
+                        cf::u16* __restrict__ dv, cf::i64 q_batch_stride, cf::i64 q_row_stride,
+                        cf::i64 q_head_stride, cf::i64 k_batch_stride, cf::i64 k_row_stride, cf::i64 k_head_stride,
+                        cf::i64 v_batch_stride, cf::i64 v_row_stride, cf::i64 v_head_stride,
+                        cf::i64 do_batch_stride, cf::i64 do_row_stride, cf::i64 do_head_stride,
+                        cf::i64 dk_batch_stride, cf::i64 dk_row_stride, cf::i64 dk_head_stride,
+                        cf::i64 dv_batch_stride, cf::i64 dv_row_stride, cf::i64 dv_head_stride,
+                        cf::i64 dqa_batch_stride, cf::i64 dqa_row_stride, cf::i64 dqa_head_stride, int seqlen_q,
+                        int seqlen_k, int heads_q, int group_size, int head_dim, int window_left,
+                        int window_right, float scale_log2, float softmax_scale) {
+  using namespace cf;
+  using T = Sm90Dkdv;
+  extern __shared__ Vec16 smem_raw[];
+  const u32 raw_address = smem_addr(smem_raw);
+  const u32 smem_base = (raw_address + kSmemAlignSlack - 1) & ~static_cast<u32>(kSmemAlignSlack - 1);
+  Sm90DkdvSmem<T>& sm = *reinterpret_cast<Sm90DkdvSmem<T>*>(reinterpret_cast<char*>(smem_raw) +
+                                                           (smem_base - raw_address));
+
+  const int n_block = blockIdx.x;  // under a causal mask the first key tiles have the most work
+  const int kv_head = blockIdx.y, batch = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int warpgroup = warp / 4, t = lane & 3;
+  const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
+  const int key_begin = n_block * T::kBlockN;
+  const int keys = min(T::kBlockN, seqlen_k - key_begin);
+
+  u16* dk_tile = dk + batch * dk_batch_stride + kv_head * dk_head_stride + key_begin * dk_row_stride;
+  u16* dv_tile = dv + batch * dv_batch_stride + kv_head * dv_head_stride + key_begin * dv_row_stride;
+  int m_begin, m_end;
+  mask.query_tiles<T::kBlockM>(key_begin, key_begin + keys, m_begin, m_end);
+  if (m_end <= m_begin) {  // no query sees these keys: their gradients are 0
+    store_zero_tile<T::kBlockN, T::kHeadDim, T::kThreads>(dk_tile, dk_row_stride, keys, head_dim, tid);
+    store_zero_tile<T::kBlockN, T::kHeadDim, T::kThreads>(dv_tile, dv_row_stride, keys, head_dim, tid);
+    return;
+  }
+  const int m_tiles = m_end - m_begin;
+  const int iters = group_size * m_tiles;  // (q head of the group, Q tile) pairs
+
+  constexpr int kQTileBytes = T::kBlockM * T::kHeadDim * 2;
+  const u32 k_smem = smem_addr(sm.k), v_smem = smem_addr(sm.v);
+  const u32 q_smem = smem_addr(sm.q[0]), do_smem = smem_addr(sm.dout[0]), dst_smem = smem_addr(sm.dst);
+  load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
+      k_smem, k + batch * k_batch_stride + kv_head * k_head_stride + key_begin * k_row_stride, k_row_stride, keys,
+      head_dim, tid);
+  load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
+      v_smem, v + batch * v_batch_stride + kv_head * v_head_stride + key_begin * v_row_stride, v_row_stride, keys,
+      head_dim, tid);
+  auto load_q_tile = [&](int slot, int it) {
+    const int head = kv_head * group_size + it / m_tiles;
+    const int row0 = (m_begin + it % m_tiles) * T::kBlockM;
+    const int rows = min(T::kBlockM, seqlen_q - row0);
+    load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(
+        q_smem + slot * kQTileBytes, q + batch * q_batch_stride + head * q_head_stride + row0 * q_row_stride,
+        q_row_stride, rows, head_dim, tid);
+    load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(
+        do_smem + slot * kQTileBytes,
+        dout + batch * do_batch_stride + head * do_head_stride + row0 * do_row_stride, do_row_stride, rows,
+        head_dim, tid);
+    const i64 stats = (static_cast<i64>(batch) * heads_q + head) * seqlen_q + row0;
+    load_rows_async<T::kBlockM, T::kThreads>(sm.lse[slot], lse + stats, rows, tid);
+    load_rows_async<T::kBlockM, T::kThreads>(sm.delta[slot], delta + stats, rows, tid);
+  };
+#pragma unroll
+  for (int s = 0; s < T::kStages - 1; ++s) {  // K and V join the first group
+    if (s < iters) load_q_tile(s, s);
+    cp_async_commit();
+  }
+
+  // Descriptors (see flash_fwd_sm90.cu): K, V, Q and dO K-major for S^T and dP^T; Q and dO
+  // MN-major for dK and dV; dS^T and K MN-major for dQ. The warpgroup's keys start 64 rows in.
+  const u64 k_desc = wgmma_desc_sw128(k_smem + warpgroup * 64 * 128, 16, T::kSwizzleBytes);
+  const u64 v_desc = wgmma_desc_sw128(v_smem + warpgroup * 64 * 128, 16, T::kSwizzleBytes);
+  const u64 q_desc0 = wgmma_desc_sw128(q_smem, 16, T::kSwizzleBytes);
+  const u64 do_desc0 = wgmma_desc_sw128(do_smem, 16, T::kSwizzleBytes);
+  const u64 q_mn_desc0 = wgmma_desc_sw128(q_smem, T::kSwizzleBytes, T::kSwizzleBytes);
+  const u64 do_mn_desc0 = wgmma_desc_sw128(do_smem, T::kSwizzleBytes, T::kSwizzleBytes);
+  const u64 dst_mn_desc = wgmma_desc_sw128(dst_smem, T::kSwizzleBytes, T::kSwizzleBytes);
+  const u64 k_mn_desc = wgmma_desc_sw128(k_smem, T::kSwizzleBytes, T::kSwizzleBytes);
+
+  const int key_row0 = warp * 16;  // this warp's 16 keys of the block (warpgroup * 64 + 16 * w)
+  float acc_dk[T::kDTiles][4], acc_dv[T::kDTiles][4];
+  float st[T::kQTiles][4], dpt[T::kQTiles][4];  // S^T then P^T; dP^T then dS^T
+  zero(acc_dk);
+  zero(acc_dv);
+  zero(st);
+  zero(dpt);
+  u32 p_frag[T::kBlockM / 16][4], ds_frag[T::kBlockM / 16][4];
+
+  for (int it = 0; it < iters; ++it) {
+    cp_async_wait<T::kStages - 2>();
+    fence_proxy_async();  // this thread's copies (and last tile's dS^T stores) to the async proxy
+    __syncthreads();      // tile `it` landed everywhere; the slot refilled below and dS^T are free
+    const int next = it + T::kStages - 1;
+    if (next < iters) load_q_tile(next % T::kStages, next);
+    cp_async_commit();
+
+    const int slot = it % T::kStages;
+    const u64 slot_offset = static_cast<u64>(slot * kQTileBytes) >> 4;
+    const int head = kv_head * group_size + it / m_tiles;
+    const int row0 = (m_begin + it % m_tiles) * T::kBlockM;
+    const int rows = min(T::kBlockM, seqlen_q - row0);
+
+    wgmma_fence();
+    wgmma_over_d<T, T::kBlockN, T::kBlockM>(st, k_desc, q_desc0 + slot_offset);
+    wgmma_over_d<T, T::kBlockN, T::kBlockM>(dpt, v_desc, do_desc0 + slot_offset);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(st);
+    wgmma_fence_operands(dpt);
+
+    if (!mask.tile_is_full(row0, row0 + rows, key_begin, key_begin + T::kBlockN))
+      mask_scores_transposed(*reinterpret_cast<float(*)[1][T::kQTiles][4]>(&st), mask, key_begin + key_row0, row0,
+                             lane);
+    const float* lse_row = sm.lse[slot];
+    const float* delta_row = sm.delta[slot];
+#pragma unroll
+    for (int nt = 0; nt < T::kQTiles; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int i = 8 * nt + 2 * t + (c & 1);
+        const float p = exp2_approx(fmaf(st[nt][c], scale_log2, -lse_row[i] * kLog2e));
+        st[nt][c] = p;
+        dpt[nt][c] = p * (dpt[nt][c] - delta_row[i]);
+      }
+    pack_frags<T>(p_frag, st);
+    pack_frags<T>(ds_frag, dpt);
+
+    wgmma_fence();
+    wgmma_rs_over_q<T>(acc_dv, p_frag, do_mn_desc0 + slot_offset);
+    wgmma_rs_over_q<T>(acc_dk, ds_frag, q_mn_desc0 + slot_offset);
+    wgmma_commit();
+
+    if constexpr (T::kAccumDq) {
+      // dQ needs dS over all of the block's keys: every warpgroup writes its dS^T rows, then each
+      // computes its 64 x 64 pieces of dQ = dS K from shared memory while dK and dV run.
+      store_frags_swizzled<Element, T::kBlockN, T::kQTiles>(sm.dst, dpt, key_row0, lane);
+      fence_proxy_async();
+      __syncthreads();
+      float* dq_tile = dq_accum + batch * dqa_batch_stride + head * dqa_head_stride + row0 * dqa_row_stride;
+#pragma unroll
+      for (int piece = warpgroup; piece < T::kDqPieces; piece += T::kWarpgroups) {
+        const int mq = piece / T::kSlabs, slab = piece % T::kSlabs;  // query block, head_dim slab
+        float acc_dq[8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
+          const int a_offset = mq * T::kBlockN * 128 + kk * 16 * 128;
+          const int b_offset = slab * T::kBlockN * 128 + kk * 16 * 128;
+          wgmma_ss_tt<Element::kIsBf16>(acc_dq, dst_mn_desc + (a_offset >> 4), k_mn_desc + (b_offset >> 4), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operands(acc_dq);
+        add_dq_piece(dq_tile, dqa_row_stride, acc_dq, mq * 64 + (warp % 4) * 16, slab * 64, rows, head_dim, lane);
+      }
+    }
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc_dv);
+    wgmma_fence_operands(acc_dk);
+  }
+
+  // Stage dK (times softmax_scale: S = scale Q K^T) and dV in the K and V tiles, then store.
+  __syncthreads();  // every warpgroup is done reading K and V
+#pragma unroll
+  for (int nt = 0; nt < T::kDTiles; ++nt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc_dk[nt][c] *= softmax_scale;
+  store_frags_swizzled<Element, T::kBlockN, T::kDTiles>(sm.k, acc_dk, key_row0, lane);
+  store_frags_swizzled<Element, T::kBlockN, T::kDTiles>(sm.v, acc_dv, key_row0, lane);
+  __syncthreads();
+  store_tile_swizzled<T::kBlockN, T::kHeadDim, T::kThreads>(dk_tile, dk_row_stride, sm.k, keys, head_dim, tid);
+  store_tile_swizzled<T::kBlockN, T::kHeadDim, T::kThreads>(dv_tile, dv_row_stride, sm.v, keys, head_dim, tid);
+}
