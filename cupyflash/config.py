@@ -114,9 +114,9 @@ class DkdvConfig:
     """The dK/dV kernel: block_n keys per block, Q/dO tiles of block_m queries in `stages`
     slots; warps form a (num_warps / warps_d) x warps_d grid over (keys, head_dim).
 
-    wgmma=True selects the Hopper kernel (flash_bwd_dkdv_sm90.cu, sm_90 only, head dims 64 and
-    128): two warpgroups of 4 warps own 64 keys each (block_n 128), warps_d is 1, tiles are
-    128-byte swizzled."""
+    wgmma=True selects the Hopper kernel (flash_bwd_dkdv_sm90.cu, sm_90 only, head dims 64, 128
+    and 256): two warpgroups of 4 warps own 64 keys each (block_n 128; at head_dim 256 they
+    share 64 keys and split the columns), warps_d is 1, tiles are 128-byte swizzled."""
 
     block_m: int
     block_n: int
@@ -150,30 +150,35 @@ class DkdvConfig:
     def _wgmma_problems(self, head_dim: int) -> list[str]:
         reasons = []
         # One warpgroup (4 warps) compiles too, but spills with atomic dQ (ptxas, NVRTC 12.9).
-        if self.num_warps != 8 or self.block_n != 128:
-            reasons.append(f"wgmma: num_warps must be 8 (two warpgroups of 64 keys) and block_n 128 "
-                           f"(block_n {self.block_n}, num_warps {self.num_warps})")
+        # Head dim 256 splits its columns over the two warpgroups, which share 64 keys.
+        block_n = 64 if head_dim > 128 else 128
+        if self.num_warps != 8 or self.block_n != block_n:
+            reasons.append(f"wgmma: num_warps must be 8 (two warpgroups) and block_n {block_n} at head_dim "
+                           f"{head_dim} (block_n {self.block_n}, num_warps {self.num_warps})")
         if self.block_m not in (64, 128):
             reasons.append(f"wgmma: block_m {self.block_m} must be 64 or 128")
         if self.warps_d != 1:
-            reasons.append(f"wgmma: warps_d must be 1 (got {self.warps_d}); each warpgroup keeps all of head_dim")
-        if head_dim not in (64, 128):
-            reasons.append(f"wgmma: head_dim {head_dim} must be 64 or 128 (dK and dV live in registers)")
+            reasons.append(f"wgmma: warps_d must be 1 (got {self.warps_d}); the kernel splits head_dim itself")
+        if head_dim not in (64, 128, 256):
+            reasons.append(f"wgmma: head_dim {head_dim} must be 64, 128 or 256")
         return reasons + _pipeline_and_dim_problems(self.stages, head_dim)
 
     def acc_floats(self, head_dim: int) -> int:
         """dK + dV accumulators plus the S^T and dP^T tiles, per thread."""
-        if self.wgmma:  # 64 keys x (2 head_dim + 2 block_m) over 128 threads
-            return head_dim + self.block_m
+        if self.wgmma:  # 64 keys x (2 head_dim + 2 block_m) over 128 threads; 256 split in two
+            return (head_dim if head_dim <= 128 else head_dim // 2) + self.block_m
         return self.m_tiles * (head_dim + self.block_m) // self.warps_d
 
     def smem_bytes(self, head_dim: int) -> int:
         """DkdvSmem: K, V + stages x (Q, dO, lse, delta) + P^T and dS^T; Sm90DkdvSmem: the same
         unpadded without P^T, plus the slack that aligns it to 1024 bytes."""
         stats = 2 * self.stages * self.block_m * 4
-        if self.wgmma:
+        if self.wgmma:  # head_dim 256 adds P^T on the next 1024-byte boundary (Sm90DkdvSplitSmem)
             tiles = (2 * self.block_n + 2 * self.stages * self.block_m) * head_dim * ELEMENT_BYTES
-            return tiles + self.block_n * self.block_m * ELEMENT_BYTES + stats + WGMMA_ALIGN_SLACK
+            size = tiles + self.block_n * self.block_m * ELEMENT_BYTES + stats
+            if head_dim > 128:
+                size = -(-size // 1024) * 1024 + self.block_n * self.block_m * ELEMENT_BYTES
+            return size + WGMMA_ALIGN_SLACK
         kv = 2 * self.block_n * _row_bytes(head_dim)
         q_do = 2 * self.stages * self.block_m * _row_bytes(head_dim)
         p_ds = 2 * self.block_n * (self.block_m + SMEM_PAD) * ELEMENT_BYTES
@@ -227,6 +232,7 @@ def dkdv_candidates(head_dim: int, limits: DeviceLimits) -> list[DkdvConfig]:
     configs = [DkdvConfig(m, n, w, s, wd) for m, n, w, s, wd in space]
     # wgmma: Q tiles of 128 with three stages spill with atomic dQ at head_dim 64 (ptxas, 255 regs).
     configs += [DkdvConfig(m, 128, 8, s, 1, wgmma=True) for m, s in ((64, 2), (64, 3), (128, 2))]
+    configs += [DkdvConfig(64, 64, 8, 2, 1, wgmma=True)]  # head_dim 256 (columns split)
     return [c for c in configs if c.fits(head_dim, limits)]
 
 

@@ -10,10 +10,12 @@
 //     dQ += dS K (CF_ACCUM_DQ)           dS^T goes through shared memory (every warpgroup's keys
 //                                        are needed), then wgmma with both operands MN-major, and
 //                                        float32 red.add into dq_accum
-// Masking, tails, GQA and the lse / delta conventions are flash_bwd_dkdv.cu's.
+// Masking, tails, GQA and the lse / delta conventions are flash_bwd_dkdv.cu's. Head dim 256
+// splits head_dim between the warpgroups instead (kSplitD, see Sm90DkdvTraits): S^T and dP^T
+// are one GEMM per warpgroup, and dV, dK read P^T and dS^T from shared memory.
 //
-// Compile-time macros: CF_ELEMENT, CF_HEAD_DIM (64 | 128), CF_BLOCK_M (64 | 128), CF_NUM_WARPS
-// (4 | 8), CF_STAGES, CF_ACCUM_DQ (0 | 1), CF_SMEM_BYTES.
+// Compile-time macros: CF_ELEMENT, CF_HEAD_DIM (64 | 128 | 256), CF_BLOCK_M (64 | 128),
+// CF_NUM_WARPS (4 | 8), CF_STAGES, CF_ACCUM_DQ (0 | 1), CF_SMEM_BYTES.
 #include "gemm.cuh"
 #include "mask.cuh"
 #include "tile_io.cuh"
@@ -22,6 +24,7 @@
 namespace cf {
 using Sm90Dkdv = Sm90DkdvTraits<CF_HEAD_DIM, CF_BLOCK_M, CF_NUM_WARPS, CF_STAGES, CF_ACCUM_DQ>;
 using Element = CF_ELEMENT;
+using Sm90DkdvShared = Select<Sm90Dkdv::kSplitD, Sm90DkdvSplitSmem<Sm90Dkdv>, Sm90DkdvSmem<Sm90Dkdv>>::type;
 constexpr int kSmemAlignSlack = 1024;  // as in flash_fwd_sm90.cu: the layout needs 1024-byte alignment
 
 // acc = A B^T over head_dim for one warpgroup: A is 64 rows of a K-major tile of kRowsA rows, B
@@ -46,10 +49,58 @@ __device__ __forceinline__ void wgmma_rs_over_q(float (&acc)[T::kDTiles][4], con
   for (int kk = 0; kk < T::kBlockM / 16; ++kk)
 #pragma unroll
     for (int slab = 0; slab < T::kSlabs; ++slab) {
-      const int b_offset = slab * T::kBlockM * 128 + kk * 16 * 128;
+      const int b_offset = slab * T::kBlockM * 128 + kk * 16 * 128;  // slab of this warpgroup's columns
       wgmma_rs_tb<Element::kIsBf16>(*reinterpret_cast<float(*)[8][4]>(&acc[8 * slab][0]), a[kk],
                                     b_desc + (b_offset >> 4));
     }
+}
+
+// acc (64 x kAccCols) += A B for kSplitD: A (64 keys x kBlockM) a K-major shared tile, B a
+// shared tile of kBlockM rows read MN-major, from column slab b_slab0 on.
+template <class T>
+__device__ __forceinline__ void wgmma_ss_over_q(float (&acc)[T::kDTiles][4], u64 a_desc, u64 b_desc, int b_slab0) {
+#pragma unroll
+  for (int kk = 0; kk < T::kBlockM / 16; ++kk)
+#pragma unroll
+    for (int slab = 0; slab < T::kAccSlabs; ++slab) {
+      const int a_offset = (kk / 4) * T::kBlockN * 128 + (kk % 4) * 32;
+      const int b_offset = (b_slab0 + slab) * T::kBlockM * 128 + kk * 16 * 128;
+      wgmma_ss_tb<Element::kIsBf16, false>(*reinterpret_cast<float(*)[8][4]>(&acc[8 * slab][0]),
+                                           a_desc + (a_offset >> 4), b_desc + (b_offset >> 4), 1);
+    }
+}
+
+// S^T -> P^T = exp2(S^T scale_log2 - lse log2 e), in place (lse of the tile's query columns).
+template <class T>
+__device__ __forceinline__ void to_probabilities(float (&st)[T::kQTiles][4], const float* lse, float scale_log2,
+                                                 int lane) {
+  const int t = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < T::kQTiles; ++nt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      st[nt][c] = exp2_approx(fmaf(st[nt][c], scale_log2, -lse[8 * nt + 2 * t + (c & 1)] * kLog2e));
+}
+
+// dP^T -> dS^T = P^T (dP^T - delta), in place.
+template <class T>
+__device__ __forceinline__ void to_score_gradients(const float (&pt)[T::kQTiles][4], float (&dpt)[T::kQTiles][4],
+                                                   const float* delta, int lane) {
+  const int t = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < T::kQTiles; ++nt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dpt[nt][c] = pt[nt][c] * (dpt[nt][c] - delta[8 * nt + 2 * t + (c & 1)]);
+}
+
+// P^T's shared tile: only the kSplitD layout has one.
+template <class T>
+__device__ __forceinline__ u16* p_transposed_tile(Sm90DkdvSmem<T>&) {
+  return nullptr;
+}
+template <class T>
+__device__ __forceinline__ u16* p_transposed_tile(Sm90DkdvSplitSmem<T>& sm) {
+  return sm.pt;
 }
 
 // The fp32 fragments of a 64 x kBlockM tile as the 16-bit A operands of the next wgmma.
@@ -79,11 +130,11 @@ __device__ __forceinline__ void add_dq_piece(float* dq_tile, i64 row_stride, con
 }  // namespace cf
 
 // cupyflash/config.py computes the same size for the launch; the build passes it here.
-static_assert(sizeof(cf::Sm90DkdvSmem<cf::Sm90Dkdv>) + cf::kSmemAlignSlack == CF_SMEM_BYTES,
+static_assert(sizeof(cf::Sm90DkdvShared) + cf::kSmemAlignSlack == CF_SMEM_BYTES,
               "config.py smem_bytes() disagrees with the kernel's layout");
 
-// Arguments, shapes and grid as flash_bwd_dkdv (flash_bwd_dkdv.cu), with kBlockN = 64 per
-// warpgroup; block: kThreads; dynamic smem: Sm90DkdvSmem plus kSmemAlignSlack.
+// Arguments, shapes and grid as flash_bwd_dkdv (flash_bwd_dkdv.cu), with kBlockN keys per block
+// (Sm90DkdvTraits); block: kThreads; dynamic smem: Sm90DkdvShared plus kSmemAlignSlack.
 extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
     flash_bwd_dkdv_sm90(const cf::u16* __restrict__ q, const cf::u16* __restrict__ k, const cf::u16* __restrict__ v,
                         const cf::u16* __restrict__ dout, const float* __restrict__ lse,
@@ -102,8 +153,8 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
   extern __shared__ Vec16 smem_raw[];
   const u32 raw_address = smem_addr(smem_raw);
   const u32 smem_base = (raw_address + kSmemAlignSlack - 1) & ~static_cast<u32>(kSmemAlignSlack - 1);
-  Sm90DkdvSmem<T>& sm = *reinterpret_cast<Sm90DkdvSmem<T>*>(reinterpret_cast<char*>(smem_raw) +
-                                                           (smem_base - raw_address));
+  Sm90DkdvShared& sm = *reinterpret_cast<Sm90DkdvShared*>(reinterpret_cast<char*>(smem_raw) +
+                                                         (smem_base - raw_address));
 
   const int n_block = blockIdx.x;  // under a causal mask the first key tiles have the most work
   const int kv_head = blockIdx.y, batch = blockIdx.z;
@@ -156,9 +207,12 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
   }
 
   // Descriptors (see flash_fwd_sm90.cu): K, V, Q and dO K-major for S^T and dP^T; Q and dO
-  // MN-major for dK and dV; dS^T and K MN-major for dQ. The warpgroup's keys start 64 rows in.
-  const u64 k_desc = wgmma_desc_sw128(k_smem + warpgroup * 64 * 128, 16, T::kSwizzleBytes);
-  const u64 v_desc = wgmma_desc_sw128(v_smem + warpgroup * 64 * 128, 16, T::kSwizzleBytes);
+  // MN-major for dK and dV; dS^T and K MN-major for dQ. Without kSplitD the warpgroup's keys
+  // start 64 rows in; with it, both warpgroups have the same keys and their own columns.
+  const int key_rows_in = T::kSplitD ? 0 : warpgroup * 64;
+  const int acc_slab0 = T::kSplitD ? warpgroup * T::kAccSlabs : 0;  // first head_dim slab of dK, dV
+  const u64 k_desc = wgmma_desc_sw128(k_smem + key_rows_in * 128, 16, T::kSwizzleBytes);
+  const u64 v_desc = wgmma_desc_sw128(v_smem + key_rows_in * 128, 16, T::kSwizzleBytes);
   const u64 q_desc0 = wgmma_desc_sw128(q_smem, 16, T::kSwizzleBytes);
   const u64 do_desc0 = wgmma_desc_sw128(do_smem, 16, T::kSwizzleBytes);
   const u64 q_mn_desc0 = wgmma_desc_sw128(q_smem, T::kSwizzleBytes, T::kSwizzleBytes);
@@ -166,14 +220,14 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
   const u64 dst_mn_desc = wgmma_desc_sw128(dst_smem, T::kSwizzleBytes, T::kSwizzleBytes);
   const u64 k_mn_desc = wgmma_desc_sw128(k_smem, T::kSwizzleBytes, T::kSwizzleBytes);
 
-  const int key_row0 = warp * 16;  // this warp's 16 keys of the block (warpgroup * 64 + 16 * w)
+  const int key_row0 = T::kSplitD ? (warp % 4) * 16 : warp * 16;  // this warp's 16 keys of the block
   float acc_dk[T::kDTiles][4], acc_dv[T::kDTiles][4];
   float st[T::kQTiles][4], dpt[T::kQTiles][4];  // S^T then P^T; dP^T then dS^T
   zero(acc_dk);
   zero(acc_dv);
   zero(st);
   zero(dpt);
-  u32 p_frag[T::kBlockM / 16][4], ds_frag[T::kBlockM / 16][4];
+  u32 p_frag[T::kBlockM / 16][4], ds_frag[T::kBlockM / 16][4];  // (not with kSplitD)
 
   for (int it = 0; it < iters; ++it) {
     cp_async_wait<T::kStages - 2>();
@@ -189,42 +243,78 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
     const int row0 = (m_begin + it % m_tiles) * T::kBlockM;
     const int rows = min(T::kBlockM, seqlen_q - row0);
 
-    wgmma_fence();
-    wgmma_over_d<T, T::kBlockN, T::kBlockM>(st, k_desc, q_desc0 + slot_offset);
-    wgmma_over_d<T, T::kBlockN, T::kBlockM>(dpt, v_desc, do_desc0 + slot_offset);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(st);
-    wgmma_fence_operands(dpt);
-
-    if (!mask.tile_is_full(row0, row0 + rows, key_begin, key_begin + T::kBlockN))
-      mask_scores_transposed(*reinterpret_cast<float(*)[1][T::kQTiles][4]>(&st), mask, key_begin + key_row0, row0,
-                             lane);
-    const float* lse_row = sm.lse[slot];
-    const float* delta_row = sm.delta[slot];
-#pragma unroll
-    for (int nt = 0; nt < T::kQTiles; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int i = 8 * nt + 2 * t + (c & 1);
-        const float p = exp2_approx(fmaf(st[nt][c], scale_log2, -lse_row[i] * kLog2e));
-        st[nt][c] = p;
-        dpt[nt][c] = p * (dpt[nt][c] - delta_row[i]);
+    if constexpr (T::kSplitD) {
+      // Warpgroup 0: S^T and P^T; warpgroup 1: dP^T, then dS^T once P^T is in shared memory.
+      // Both are K-major A operands of dV and dK.
+      u16* const pt_tile = p_transposed_tile(sm);
+      const u64 pt_desc = wgmma_desc_sw128(smem_addr(pt_tile), 16, T::kSwizzleBytes);
+      const u64 dst_desc = wgmma_desc_sw128(dst_smem, 16, T::kSwizzleBytes);
+      wgmma_fence();
+      wgmma_over_d<T, T::kBlockN, T::kBlockM>(st, warpgroup == 0 ? k_desc : v_desc,
+                                              (warpgroup == 0 ? q_desc0 : do_desc0) + slot_offset);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(st);
+      if (warpgroup == 0) {
+        if (!mask.tile_is_full(row0, row0 + rows, key_begin, key_begin + T::kBlockN))
+          mask_scores_transposed(*reinterpret_cast<float(*)[1][T::kQTiles][4]>(&st), mask, key_begin + key_row0,
+                                 row0, lane);
+        to_probabilities<T>(st, sm.lse[slot], scale_log2, lane);
+        store_frags_swizzled<Element, T::kBlockN, T::kQTiles>(pt_tile, st, key_row0, lane);
       }
-    pack_frags<T>(p_frag, st);
-    pack_frags<T>(ds_frag, dpt);
+      __syncthreads();
+      if (warpgroup == 1) {  // st holds dP^T here
+        float pt[T::kQTiles][4];
+        load_frags_swizzled<Element, T::kBlockN, T::kQTiles>(pt_tile, pt, key_row0, lane);
+        to_score_gradients<T>(pt, st, sm.delta[slot], lane);
+        store_frags_swizzled<Element, T::kBlockN, T::kQTiles>(sm.dst, st, key_row0, lane);
+      }
+      fence_proxy_async();
+      __syncthreads();  // P^T and dS^T complete in shared memory
+      wgmma_fence();
+      wgmma_ss_over_q<T>(acc_dv, pt_desc, do_mn_desc0 + slot_offset, acc_slab0);
+      wgmma_ss_over_q<T>(acc_dk, dst_desc, q_mn_desc0 + slot_offset, acc_slab0);
+      wgmma_commit();
+    } else {
+      wgmma_fence();
+      wgmma_over_d<T, T::kBlockN, T::kBlockM>(st, k_desc, q_desc0 + slot_offset);
+      wgmma_over_d<T, T::kBlockN, T::kBlockM>(dpt, v_desc, do_desc0 + slot_offset);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(st);
+      wgmma_fence_operands(dpt);
 
-    wgmma_fence();
-    wgmma_rs_over_q<T>(acc_dv, p_frag, do_mn_desc0 + slot_offset);
-    wgmma_rs_over_q<T>(acc_dk, ds_frag, q_mn_desc0 + slot_offset);
-    wgmma_commit();
+      if (!mask.tile_is_full(row0, row0 + rows, key_begin, key_begin + T::kBlockN))
+        mask_scores_transposed(*reinterpret_cast<float(*)[1][T::kQTiles][4]>(&st), mask, key_begin + key_row0, row0,
+                               lane);
+      const float* lse_row = sm.lse[slot];
+      const float* delta_row = sm.delta[slot];
+#pragma unroll
+      for (int nt = 0; nt < T::kQTiles; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int i = 8 * nt + 2 * t + (c & 1);
+          const float p = exp2_approx(fmaf(st[nt][c], scale_log2, -lse_row[i] * kLog2e));
+          st[nt][c] = p;
+          dpt[nt][c] = p * (dpt[nt][c] - delta_row[i]);
+        }
+      pack_frags<T>(p_frag, st);
+      pack_frags<T>(ds_frag, dpt);
+
+      wgmma_fence();
+      wgmma_rs_over_q<T>(acc_dv, p_frag, do_mn_desc0 + slot_offset);
+      wgmma_rs_over_q<T>(acc_dk, ds_frag, q_mn_desc0 + slot_offset);
+      wgmma_commit();
+    }
 
     if constexpr (T::kAccumDq) {
       // dQ needs dS over all of the block's keys: every warpgroup writes its dS^T rows, then each
       // computes its 64 x 64 pieces of dQ = dS K from shared memory while dK and dV run.
-      store_frags_swizzled<Element, T::kBlockN, T::kQTiles>(sm.dst, dpt, key_row0, lane);
-      fence_proxy_async();
-      __syncthreads();
+      if constexpr (!T::kSplitD) {  // (kSplitD wrote dS^T above)
+        store_frags_swizzled<Element, T::kBlockN, T::kQTiles>(sm.dst, dpt, key_row0, lane);
+        fence_proxy_async();
+        __syncthreads();
+      }
       float* dq_tile = dq_accum + batch * dqa_batch_stride + head * dqa_head_stride + row0 * dqa_row_stride;
 #pragma unroll
       for (int piece = warpgroup; piece < T::kDqPieces; piece += T::kWarpgroups) {
@@ -235,7 +325,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
         for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
           const int a_offset = mq * T::kBlockN * 128 + kk * 16 * 128;
           const int b_offset = slab * T::kBlockN * 128 + kk * 16 * 128;
-          wgmma_ss_tt<Element::kIsBf16>(acc_dq, dst_mn_desc + (a_offset >> 4), k_mn_desc + (b_offset >> 4), kk > 0);
+          wgmma_ss_tb<Element::kIsBf16, true>(acc_dq, dst_mn_desc + (a_offset >> 4), k_mn_desc + (b_offset >> 4), kk > 0);
         }
         wgmma_commit();
         wgmma_wait<0>();
@@ -254,8 +344,9 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
   for (int nt = 0; nt < T::kDTiles; ++nt)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc_dk[nt][c] *= softmax_scale;
-  store_frags_swizzled<Element, T::kBlockN, T::kDTiles>(sm.k, acc_dk, key_row0, lane);
-  store_frags_swizzled<Element, T::kBlockN, T::kDTiles>(sm.v, acc_dv, key_row0, lane);
+  const int acc_col0 = acc_slab0 * 64 * T::kBlockN;  // elements: slabs of kBlockN rows x 64 columns
+  store_frags_swizzled<Element, T::kBlockN, T::kDTiles>(sm.k + acc_col0, acc_dk, key_row0, lane);
+  store_frags_swizzled<Element, T::kBlockN, T::kDTiles>(sm.v + acc_col0, acc_dv, key_row0, lane);
   __syncthreads();
   store_tile_swizzled<T::kBlockN, T::kHeadDim, T::kThreads>(dk_tile, dk_row_stride, sm.k, keys, head_dim, tid);
   store_tile_swizzled<T::kBlockN, T::kHeadDim, T::kThreads>(dv_tile, dv_row_stride, sm.v, keys, head_dim, tid);

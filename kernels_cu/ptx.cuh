@@ -226,12 +226,15 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], u64 a_desc, u64 b
     CF_WGMMA_SS(128, "bf16", "0, 0", CF_REGS64, 64, 65, 66, CF_ACC8(d, 0), CF_ACC8(d, 8));
 }
 
-// The same, m64n64k16, with both operands stored MN-major (A[k][m], m contiguous; B[k][n], n
-// contiguous): the backward's dQ = dS K, with dS kept as dS^T.
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_ss_tt(float (&d)[8][4], u64 a_desc, u64 b_desc, int accumulate) {
-  if constexpr (!kBf16) CF_WGMMA_SS(64, "f16", "1, 1", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
-  if constexpr (kBf16) CF_WGMMA_SS(64, "bf16", "1, 1", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
+// The same, m64n64k16, with B stored MN-major (B[k][n], n contiguous) and A K-major or, with
+// kTransA, MN-major too (A[k][m], m contiguous): the backward's dQ = dS K with dS kept as dS^T,
+// and its head_dim 256 dK and dV with P^T and dS^T in shared memory.
+template <bool kBf16, bool kTransA>
+__device__ __forceinline__ void wgmma_ss_tb(float (&d)[8][4], u64 a_desc, u64 b_desc, int accumulate) {
+  if constexpr (!kBf16 && kTransA) CF_WGMMA_SS(64, "f16", "1, 1", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
+  if constexpr (kBf16 && kTransA) CF_WGMMA_SS(64, "bf16", "1, 1", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
+  if constexpr (!kBf16 && !kTransA) CF_WGMMA_SS(64, "f16", "0, 1", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
+  if constexpr (kBf16 && !kTransA) CF_WGMMA_SS(64, "bf16", "0, 1", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
 }
 
 // wgmma.mma_async.sync.aligned.m64n64k16.f32.{f16,bf16} with A in registers: d += A B, where B

@@ -170,6 +170,20 @@ __device__ __forceinline__ void store_frags_swizzled(u16* smem, const float (&ac
     }
 }
 
+// The inverse: a warpgroup's fragments read back (as 16-bit values) from a swizzled tile.
+template <class Element, int kRows, int kNTiles>
+__device__ __forceinline__ void load_frags_swizzled(const u16* smem, float (&acc)[kNTiles][4], int row0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + g + 8 * h;
+      const char* base = reinterpret_cast<const char*>(smem) + swizzled_offset<kRows>(row, nt) + 4 * t;
+      Element::unpack(*reinterpret_cast<const u32*>(base), acc[nt][2 * h], acc[nt][2 * h + 1]);
+    }
+}
+
 // Writes a swizzled kRows x kCols shared tile to global memory, 16 bytes at a time.
 template <int kRows, int kCols, int kWorkers>
 __device__ __forceinline__ void store_tile_swizzled(u16* gmem, i64 row_stride, const u16* smem, int valid_rows,

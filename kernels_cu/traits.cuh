@@ -147,10 +147,14 @@ struct Sm90FwdSmem {
   u16 v[T::kStages][T::kBlockN * T::kHeadDim];
 };
 
-// Hopper backward dK/dV (flash_bwd_dkdv_sm90.cu): kNWarps / 4 warpgroups, each owning 64 of the
-// block's keys (block_n = 64 per warpgroup); Q / dO tiles of kBlockM queries stream through
-// kStages slots. Tiles are 128-byte swizzled like Sm90FwdTraits'. dQ's (kBlockM x kHeadDim)
-// share of the tile is cut into 64 x 64 pieces, dealt out to the warpgroups in turn.
+// Hopper backward dK/dV (flash_bwd_dkdv_sm90.cu): two 4-warp warpgroups; Q / dO tiles of
+// kBlockM queries stream through kStages slots; tiles are 128-byte swizzled like Sm90FwdTraits'.
+// Head dims 64 and 128: each warpgroup owns 64 keys (block_n 128) and all of head_dim.
+// Head dim 256 (kSplitD): dK and dV of 64 keys x 256 would need 256 floats per thread, so both
+// warpgroups share the block's 64 keys and split head_dim: warpgroup w keeps columns
+// [128 w, 128 w + 128) of dK, dV and dQ; warpgroup 0 computes S^T and warpgroup 1 dP^T, and
+// P^T and dS^T meet in shared memory. dQ's (kBlockM x kHeadDim) share of the tile is cut into
+// 64 x 64 pieces, dealt out to the warpgroups in turn.
 template <int HeadDim, int BlockM, int NWarps, int Stages, bool AccumDq>
 struct Sm90DkdvTraits {
   static constexpr int kHeadDim = HeadDim;
@@ -160,15 +164,19 @@ struct Sm90DkdvTraits {
   static constexpr bool kAccumDq = AccumDq;
   static constexpr int kThreads = NWarps * 32;
   static constexpr int kWarpgroups = NWarps / 4;
-  static constexpr int kBlockN = 64 * kWarpgroups;  // keys per block
-  static constexpr int kQTiles = BlockM / 8;        // n8 query tiles of S^T, dP^T per warp
-  static constexpr int kDTiles = HeadDim / 8;       // n8 tiles of dK, dV per warp
-  static constexpr int kSlabs = HeadDim / 64;       // 128-byte column slabs of a Q/dO/K/V tile
+  static constexpr bool kSplitD = HeadDim > 128;
+  static constexpr int kBlockN = kSplitD ? 64 : 64 * kWarpgroups;  // keys per block
+  static constexpr int kAccCols = kSplitD ? HeadDim / kWarpgroups : HeadDim;  // dK, dV columns per warpgroup
+  static constexpr int kQTiles = BlockM / 8;     // n8 query tiles of S^T, dP^T per warp
+  static constexpr int kDTiles = kAccCols / 8;   // n8 tiles of dK, dV per warp
+  static constexpr int kAccSlabs = kAccCols / 64;
+  static constexpr int kSlabs = HeadDim / 64;    // 128-byte column slabs of a Q/dO/K/V tile
   static constexpr int kDqPieces = (BlockM / 64) * kSlabs;  // 64 x 64 pieces of the dQ tile
   static constexpr int kSwizzleBytes = 1024;
 
   static_assert(NWarps == 4 || NWarps == 8, "one or two warpgroups (config.py offers two: one spills)");
-  static_assert(HeadDim == 64 || HeadDim == 128, "dK and dV (2 x HeadDim / 2 floats per thread) fit up to 128");
+  static_assert(!kSplitD || NWarps == 8, "head_dim 256 splits its columns over two warpgroups");
+  static_assert(HeadDim == 64 || HeadDim == 128 || HeadDim == 256, "head dims 64, 128, 256");
   static_assert(BlockM == 64 || BlockM == 128, "S^T is one m64n64 or m64n128 wgmma per k16 step");
   static_assert(Stages >= 2, "Q/dO tiles are at least double-buffered");
 };
@@ -183,6 +191,21 @@ struct Sm90DkdvSmem {
   u16 dst[T::kBlockN * T::kBlockM];  // dS^T (keys x queries), the A operand of dQ = dS K
   float lse[T::kStages][T::kBlockM];  // 0 for rows past seqlen_q (their Q and dO rows are 0 too)
   float delta[T::kStages][T::kBlockM];
+};
+
+// kSplitD adds P^T, which warpgroup 0 hands to warpgroup 1 (for dS^T) and both read for dV.
+template <class T>
+struct Sm90DkdvSplitSmem : Sm90DkdvSmem<T> {
+  alignas(1024) u16 pt[T::kBlockN * T::kBlockM];
+};
+
+template <bool kFirst, class A, class B>
+struct Select {
+  using type = A;
+};
+template <class A, class B>
+struct Select<false, A, B> {
+  using type = B;
 };
 
 }  // namespace cf

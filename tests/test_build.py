@@ -146,7 +146,7 @@ def test_wgmma_smem_arithmetic_matches_the_kernel(config: TileConfig, head_dim: 
     assert "-arch=sm_90a" in launch.fwd_spec("bfloat16", head_dim, config).options("sm_90")
 
 
-@pytest.mark.parametrize("head_dim,config", [(d, c) for d in (64, 128) for c in dkdv_candidates(d, H100) if c.wgmma],
+@pytest.mark.parametrize("head_dim,config", [(d, c) for d in (64, 128, 256) for c in dkdv_candidates(d, H100) if c.wgmma],
                          ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_m}x{x.num_warps}w{x.stages}s")
 @pytest.mark.parametrize("accum_dq", [True, False])
 def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, config: DkdvConfig, accum_dq: bool) -> None:
@@ -159,5 +159,6 @@ def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, confi
 def test_wgmma_dkdv_runs_on_sm90_only() -> None:
     config = DkdvConfig(64, 128, 8, 2, 1, wgmma=True)
     assert config.fits(128, H100) and not config.fits(128, A100)
-    assert not config.fits(256, H100) and config.problems(256)
+    assert not config.fits(256, H100) and config.problems(256)  # 256 shares 64 keys per block
+    assert DkdvConfig(64, 64, 8, 2, 1, wgmma=True).fits(256, H100)
     assert DkdvConfig(64, 64, 4, 2, 1, wgmma=True).problems(128)

@@ -85,10 +85,11 @@ def test_backward_memory_is_gradients_plus_o_n(seqlen: int) -> None:
     assert tracker.extra <= grads + dq_accum + delta + 4 * 2**20, (tracker.extra, grads)
 
 
-# On Hopper the defaults run the wgmma dK/dV kernel for head dims 64 and 128. The mma.sync
+# On Hopper the defaults run the wgmma dK/dV kernel for head dims 64, 128 and 256. The mma.sync
 # kernels (what sm_80/86/89 run) must stay correct there too: the quick matrix, forced.
 MMA_SYNC_BWD = {64: BwdConfig(DkdvConfig(32, 128, 4, 2, 1), TileConfig(128, 64, 8, 2), dq_atomic=True),
-                128: BwdConfig(DkdvConfig(64, 128, 8, 2, 2), TileConfig(128, 64, 8, 2), dq_atomic=False)}
+                128: BwdConfig(DkdvConfig(64, 128, 8, 2, 2), TileConfig(128, 64, 8, 2), dq_atomic=False),
+                256: BwdConfig(DkdvConfig(64, 64, 8, 2, 2), TileConfig(128, 32, 8, 2), dq_atomic=False)}
 
 
 @pytest.mark.parametrize("case", [c for c in validation.gpu_matrix(quick=True)
@@ -102,7 +103,7 @@ def test_mma_sync_backward_matches_reference(case: validation.Case) -> None:
 
 def _wgmma_dkdv_candidates() -> list[tuple[int, DkdvConfig]]:
     hopper = DeviceLimits("H100", (9, 0), 132, 232448, 233472)
-    return [(d, c) for d in (64, 128) for c in dkdv_candidates(d, hopper) if c.wgmma]
+    return [(d, c) for d in (64, 128, 256) for c in dkdv_candidates(d, hopper) if c.wgmma]
 
 
 # Every wgmma dK/dV tile the autotuner may pick, with dQ by atomics and in its own pass, on two
