@@ -114,7 +114,9 @@ def _kernel_ready(array: Any) -> Any:
         return padded
     aligned = array.data.ptr % 16 == 0 and all(
         (stride // array.itemsize) % ALIGN_ELEMENTS == 0 for stride, n in zip(array.strides[:3], array.shape) if n > 1)
-    return array if aligned else cupy.ascontiguousarray(array)
+    # A copy (C-contiguous, from the pool: aligned), not ascontiguousarray, which returns an
+    # already contiguous array as it is, misaligned pointer included.
+    return array if aligned else array.copy()
 
 
 def _forward(problem: Problem, q: Any, k: Any, v: Any, device_id: int, stream: Any) -> tuple[Any, Any]:
