@@ -1,4 +1,5 @@
-"""The public functions: validate the inputs, pick a config, launch the kernels.
+"""The public functions. A call validates the inputs, picks a config and launches the kernels,
+through a launch plan (plan.py) that a repeat call with the same array layouts runs directly.
 
 Causal masking with seqlen_q != seqlen_k is aligned to the bottom-right corner, as in
 flash_attn: query i sees key j when j <= i + seqlen_k - seqlen_q. For seqlen_q = 3,
@@ -15,13 +16,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from . import launch, selection
+from . import plan as plans
 from .arrays import Placement, to_caller, to_gpu, wrap_all
-from .config import kernel_head_dim
-from .device import INSTALL_HINT, cupy_module, current_device_id, device_limits, gpu_count, require_cupy
+from .device import INSTALL_HINT, cupy_module, current_device_id, gpu_count, require_cupy
 from .problem import Problem, check_seed
 
 ALIGN_ELEMENTS = 8  # cp.async moves 16 bytes: pointers and strides must be multiples of 8 elements
+BACKWARD_INPUTS = ("dout", "q", "k", "v", "out", "lse")
 
 
 def attention(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: float | None = None,
@@ -40,15 +41,24 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: fl
     also lse (batch, heads_q, seqlen_q) float32, the natural log of each row's softmax
     denominator. A row that sees no key gets out = 0 and lse = +inf.
     """
+    # A repeat of an earlier call (same array layouts, options and device) reuses its checks,
+    # config, kernels and packed arguments: plan.py.
+    options = (causal, softmax_scale, window_size)
+    plan = plans.find("fwd", (q, k, v), options, (softcap, alibi_slopes, dropout_p, seed))
+    if plan is not None:
+        out, lse = plan.run({"q": q, "k": k, "v": v})
+        return (out, lse) if return_lse else out
     arrays, placement = wrap_all(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
     problem = Problem.from_arrays(arrays["q"], arrays["k"], arrays["v"], causal=causal,
                                   softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
                                   alibi_slopes=arrays.get("alibi_slopes"), dropout_p=dropout_p)
     check_seed(seed)
     _require_kernel_features(problem)
-    with _device_of(placement) as (device_id, stream):
-        q_, k_, v_ = (_kernel_ready(arrays[name]) for name in ("q", "k", "v"))
-        out, lse = _forward(problem, q_, k_, v_, device_id, stream)
+    with _device_of(placement) as device_id:
+        t = {name: _kernel_ready(arrays[name]) for name in ("q", "k", "v")}
+        plan = plans.build_forward(problem, t, device_id)
+        out, lse = plan.launch(t)
+        plans.keep(plan, problem, "fwd", (q, k, v), options, (t["q"], t["k"], t["v"]), device_id)
         out = _unpadded(out, problem.head_dim)
     out = to_caller(out, placement)
     return (out, to_caller(lse, placement)) if return_lse else out
@@ -63,6 +73,11 @@ def attention_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *,
     summed over the q heads that share each kv head. deterministic=True gives bitwise-repeatable
     results (dQ in its own pass instead of float32 atomics, about 1.4x the matrix work).
     """
+    inputs = (dout, q, k, v, out, lse)
+    options = (causal, softmax_scale, window_size, deterministic)
+    plan = plans.find("bwd", inputs, options, (softcap, alibi_slopes, dropout_p, seed))
+    if plan is not None:
+        return plan.run(dict(zip(BACKWARD_INPUTS, inputs)))
     arrays, placement = wrap_all(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=alibi_slopes)
     problem = Problem.from_arrays(arrays["q"], arrays["k"], arrays["v"], causal=causal,
                                   softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
@@ -70,10 +85,12 @@ def attention_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *,
     problem.check_backward(arrays["dout"], arrays["out"], arrays["lse"])
     check_seed(seed)
     _require_kernel_features(problem)
-    with _device_of(placement) as (device_id, stream):
+    with _device_of(placement) as device_id:
         t = {name: _kernel_ready(arrays[name]) for name in ("dout", "q", "k", "v", "out")}
         t["lse"] = require_cupy().ascontiguousarray(to_gpu(arrays["lse"]))
-        grads = _backward(problem, t, bool(deterministic), device_id, stream)
+        plan = plans.build_backward(problem, t, bool(deterministic), device_id)
+        grads = plan.launch(t)
+        plans.keep(plan, problem, "bwd", inputs, options, tuple(t[name] for name in BACKWARD_INPUTS), device_id)
     return tuple(to_caller(_unpadded(g, problem.head_dim), placement) for g in grads)
 
 
@@ -87,15 +104,15 @@ def _require_kernel_features(problem: Problem) -> None:
 
 
 @contextmanager
-def _device_of(placement: Placement) -> Iterator[tuple[int, Any]]:
-    """Run on the inputs' GPU (the current one for NumPy inputs), on the current stream."""
+def _device_of(placement: Placement) -> Iterator[int]:
+    """Run on the inputs' GPU (the current one for NumPy inputs); plans launch on its current stream."""
     if gpu_count() == 0:
         hint = "" if cupy_module() is not None else f" (CuPy is not installed: {INSTALL_HINT})"
         raise RuntimeError(f"cupyflash found no CUDA GPU{hint}; cupyflash.reference computes attention on the CPU")
     cupy = require_cupy()
     device_id = current_device_id() if placement.on_host else placement.device_id
     with cupy.cuda.Device(device_id):
-        yield device_id, cupy.cuda.get_current_stream()
+        yield device_id
 
 
 def _unpadded(array: Any, head_dim: int) -> Any:
@@ -114,40 +131,6 @@ def _kernel_ready(array: Any) -> Any:
         return padded
     aligned = array.data.ptr % 16 == 0 and all(
         (stride // array.itemsize) % ALIGN_ELEMENTS == 0 for stride, n in zip(array.strides[:3], array.shape) if n > 1)
-    return array if aligned else cupy.ascontiguousarray(array)
-
-
-def _forward(problem: Problem, q: Any, k: Any, v: Any, device_id: int, stream: Any) -> tuple[Any, Any]:
-    cupy = require_cupy()
-    limits = device_limits(device_id)
-    kernel_dim = kernel_head_dim(q.shape[3])
-    out = cupy.empty(q.shape[:3] + (q.shape[3],), q.dtype)
-    lse = cupy.empty((problem.batch, problem.heads_q, problem.seqlen_q), cupy.float32)
-    if not problem.is_empty:
-        config = selection.fwd_config(problem, kernel_dim, limits)
-        launch.forward(problem, kernel_dim, config, q, k, v, out, lse, limits, device_id, stream)
-    return out, lse
-
-
-def _backward(problem: Problem, t: dict[str, Any], deterministic: bool, device_id: int,
-              stream: Any) -> tuple[Any, Any, Any]:
-    cupy = require_cupy()
-    limits = device_limits(device_id)
-    kernel_dim = kernel_head_dim(t["q"].shape[3])
-    t["dq"] = cupy.empty(t["q"].shape, t["q"].dtype)
-    t["dk"] = cupy.empty(t["k"].shape, t["k"].dtype)
-    t["dv"] = cupy.empty(t["v"].shape, t["v"].dtype)
-    if problem.batch == 0 or problem.heads_q == 0 or problem.seqlen_k == 0:
-        t["dq"].fill(0)  # nothing to attend to: every gradient is 0 (dk, dv are empty or 0-sized)
-        return t["dq"], t["dk"], t["dv"]
-    config = selection.bwd_config(problem, kernel_dim, limits)
-    t["delta"] = cupy.empty((problem.batch, problem.heads_q, problem.seqlen_q), cupy.float32)
-    launch.backward_delta(problem, t["out"], t["dout"], t["delta"], limits, device_id, stream)
-    if config.dq_atomic and not deterministic:
-        t["dq_accum"] = cupy.zeros(t["q"].shape, cupy.float32)
-        launch.backward_dkdv(problem, kernel_dim, config, True, t, limits, device_id, stream)
-        launch.backward_convert_dq(problem, t["dq_accum"], t["dq"], limits, device_id, stream)
-    else:
-        launch.backward_dkdv(problem, kernel_dim, config, False, t, limits, device_id, stream)
-        launch.backward_dq(problem, kernel_dim, config.dq, t, limits, device_id, stream)
-    return t["dq"], t["dk"], t["dv"]
+    # A copy (C-contiguous, from the pool: aligned), not ascontiguousarray, which returns an
+    # already contiguous array as it is, misaligned pointer included.
+    return array if aligned else array.copy()

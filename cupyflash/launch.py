@@ -1,21 +1,25 @@
 """Grid, block, shared memory and typed arguments of every kernel: the only caller of kernels.
 
-Each launcher is written to be read beside the kernel's C++ signature. CuPy passes a Python
-int as 64 bits and a float as a double, so every scalar is an explicit numpy type; arrays
-pass as their device pointers.
+Each launcher below is written to be read beside the kernel's C++ signature. It returns a
+`Launch`: the loaded kernel, its grid, block and shared memory, and its arguments packed once
+into a parameter buffer. Arrays appear in the argument list by name ("q", "dk", ...): their
+slots are the only part of the buffer written per call, with the device pointer of the array
+of that name. Every scalar is an explicit numpy type of the C++ parameter's width.
+plan.py keeps Launches for repeat calls; the first call runs them the same way.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+import struct
+from typing import Any, Mapping
 
 import numpy as np
 
 from . import build
 from .config import BwdConfig, DkdvConfig, TileConfig
-from .device import DeviceLimits
+from .device import DeviceLimits, require_cupy
 from .problem import Problem
 
 ELEMENT = {"float16": "cf::Half", "bfloat16": "cf::BFloat16"}
@@ -62,13 +66,75 @@ def prep_spec(dtype: str, entry: str) -> build.KernelSpec:
     return build.KernelSpec("flash_bwd_prep.cu", entry, _defines(dtype))
 
 
+# The C++ parameter type of each numpy type a packed argument may have (i64 strides, int sizes,
+# float scales, u64 for a null pointer), as a struct code that fills one 8-byte slot from its
+# start: "i4x" is an int and 4 pad bytes. A Python int or float would have no width of its own.
+SLOT_FORMATS = {np.int64: "q", np.int32: "i4x", np.float32: "f4x", np.uint64: "Q"}
+SLOT_BYTES = 8  # one slot per argument, wide enough for a pointer or an i64
+
+
+def pack_arguments(args: tuple) -> tuple[np.ndarray, np.ndarray, tuple[tuple[int, str], ...]]:
+    """The kernel parameter buffer of an argument list: (values, pointers, array slots).
+
+    values holds one 8-byte slot per argument, the scalar's bytes at the start of its slot, in
+    the host's byte order; pointers[i] is the address of slot i, so pointers is the `void**`
+    that cuLaunchKernel reads (it copies sizeof(parameter) bytes from each address). An
+    argument given as a string names an array; its (index, name) is returned and its slot,
+    zero here, is filled per call by Launch.run.
+    """
+    formats, scalars, array_slots = [], [], []
+    for index, arg in enumerate(args):
+        if isinstance(arg, str):
+            formats.append("Q")
+            scalars.append(0)
+            array_slots.append((index, arg))
+        elif type(arg) in SLOT_FORMATS:
+            formats.append(SLOT_FORMATS[type(arg)])
+            scalars.append(arg)
+        else:
+            raise TypeError(f"kernel argument {index} is {type(arg).__name__} {arg!r}; pass an array name or one "
+                            f"of {[t.__name__ for t in SLOT_FORMATS]}, the width of the C++ parameter")
+    values = np.zeros(len(args), np.uint64)
+    struct.pack_into("=" + "".join(formats), values, 0, *scalars)  # "=": native order, no padding
+    pointers = np.uint64(values.ctypes.data) + np.uint64(SLOT_BYTES) * np.arange(len(args), dtype=np.uint64)
+    return values, pointers, tuple(array_slots)
+
+
+class Launch:
+    """One kernel launch with everything but the array pointers decided."""
+
+    __slots__ = ("function", "grid", "block", "smem", "args", "values", "pointers", "array_slots", "_head",
+                 "_params", "_launch_kernel")
+
+    def __init__(self, function: Any, grid: tuple[int, int, int], threads: int, smem: int, args: tuple) -> None:
+        self.function = function  # a cupy Function; holding it keeps its module loaded
+        self.grid, self.block, self.smem = grid, (threads, 1, 1), smem
+        self.args = args  # the template: array names and typed scalars, for reading and tests
+        self.values, self.pointers, self.array_slots = pack_arguments(args)
+        # cuLaunchKernel's arguments before the stream, and the void** after it, looked up once
+        self._head = (function.ptr, *grid, threads, 1, 1, smem)
+        self._params = self.pointers.ctypes.data
+        self._launch_kernel = require_cupy().cuda.driver.launchKernel
+
+    def write_pointers(self, arrays: Mapping[str, Any]) -> None:
+        values = self.values
+        for index, name in self.array_slots:
+            values[index] = arrays[name].data.ptr
+
+    def run(self, arrays: Mapping[str, Any], stream_ptr: int) -> None:
+        """Queue the kernel on the stream. cuLaunchKernel copies the parameters before it returns,
+        so the buffer may be rewritten at once (it is never shared between threads: plan.py)."""
+        self.write_pointers(arrays)
+        self._launch_kernel(*self._head, stream_ptr, self._params, 0)
+
+
 def _strides(array: Any) -> tuple[np.int64, np.int64, np.int64]:
     """(batch, row, head) strides in elements of a (batch, seqlen, heads, dim) array."""
     return _element_strides(array.strides, array.itemsize)
 
 
-# Memoized: attention() is called in loops with the same shapes, and building numpy scalars
-# costs microseconds each (host time that short sequences feel).
+# Memoized: calls that plan.py cannot serve from a cached plan (DLPack or NumPy inputs, a forced
+# config) build their launches every time, and numpy scalars cost about 0.3 us each.
 @functools.lru_cache(maxsize=256)
 def _element_strides(strides: tuple[int, ...], itemsize: int) -> tuple[np.int64, np.int64, np.int64]:
     return tuple(np.int64(s // itemsize) for s in strides[:3])
@@ -84,67 +150,60 @@ def _function(spec: build.KernelSpec, limits: DeviceLimits, device_id: int, smem
     return build.load_function(spec, device_id, limits.arch, smem_bytes)
 
 
-def _launch(function: Any, grid: tuple[int, int, int], threads: int, args: tuple, smem: int, stream: Any) -> None:
-    if 0 in grid:  # an empty tensor: nothing to compute (a zero grid is a launch error)
-        return
-    function(grid, (threads, 1, 1), args, shared_mem=smem, stream=stream)
+# The launchers: t maps array names to arrays (inputs, and the outputs and temporaries plan.py
+# allocated); their strides and sizes are read here, once per plan.
 
-
-def forward(p: Problem, kernel_dim: int, cfg: TileConfig, q: Any, k: Any, v: Any, out: Any, lse: Any,
-            limits: DeviceLimits, device_id: int, stream: Any) -> None:
-    """flash_fwd: out (like q) and lse (batch, heads_q, seqlen_q) float32, both preallocated."""
+def forward(p: Problem, kernel_dim: int, cfg: TileConfig, t: Mapping[str, Any], limits: DeviceLimits,
+            device_id: int) -> Launch:
+    """flash_fwd: out (like q) and lse (batch, heads_q, seqlen_q) float32."""
     smem = cfg.smem_bytes(kernel_dim, "fwd")
     function = _function(fwd_spec(p.dtype, kernel_dim, cfg), limits, device_id, smem)
     grid = (math.ceil(p.seqlen_q / cfg.block_m), p.heads_q, p.batch)
-    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            *_shape_args(p, q.shape[3]), np.float32(p.softmax_scale * LOG2_E))
-    _launch(function, grid, cfg.num_warps * 32, args, smem, stream)
+    args = ("q", "k", "v", "out", "lse", *_strides(t["q"]), *_strides(t["k"]), *_strides(t["v"]),
+            *_strides(t["out"]), *_shape_args(p, t["q"].shape[3]), np.float32(p.softmax_scale * LOG2_E))
+    return Launch(function, grid, cfg.num_warps * 32, smem, args)
 
 
-def backward_delta(p: Problem, out: Any, dout: Any, delta: Any, limits: DeviceLimits, device_id: int,
-                   stream: Any) -> None:
+def backward_delta(p: Problem, t: Mapping[str, Any], limits: DeviceLimits, device_id: int) -> Launch:
     """flash_bwd_delta: delta = rowsum(dout * out), float32 (batch, heads_q, seqlen_q)."""
     function = _function(prep_spec(p.dtype, "flash_bwd_delta"), limits, device_id)
     grid = (math.ceil(p.seqlen_q / DELTA_ROWS_PER_BLOCK), p.heads_q, p.batch)
-    args = (out, dout, delta, *_strides(out), *_strides(dout), np.int32(p.seqlen_q), np.int32(p.heads_q),
-            np.int32(out.shape[3]))
-    _launch(function, grid, DELTA_THREADS, args, 0, stream)
+    args = ("out", "dout", "delta", *_strides(t["out"]), *_strides(t["dout"]), np.int32(p.seqlen_q),
+            np.int32(p.heads_q), np.int32(t["out"].shape[3]))
+    return Launch(function, grid, DELTA_THREADS, 0, args)
 
 
-def backward_dkdv(p: Problem, kernel_dim: int, cfg: BwdConfig, accum_dq: bool, tensors: dict[str, Any],
-                  limits: DeviceLimits, device_id: int, stream: Any) -> None:
-    """flash_bwd_dkdv: dk, dv; with accum_dq also adds dQ / softmax_scale into tensors["dq_accum"]."""
-    t = tensors
+def backward_dkdv(p: Problem, kernel_dim: int, cfg: BwdConfig, accum_dq: bool, t: Mapping[str, Any],
+                  limits: DeviceLimits, device_id: int) -> Launch:
+    """flash_bwd_dkdv: dk, dv; with accum_dq also adds dQ / softmax_scale into t["dq_accum"]."""
     smem = cfg.dkdv.smem_bytes(kernel_dim)
     function = _function(dkdv_spec(p.dtype, kernel_dim, cfg.dkdv, accum_dq), limits, device_id, smem)
     grid = (math.ceil(p.seqlen_k / cfg.dkdv.block_n), p.heads_kv, p.batch)
-    dq_accum = t["dq_accum"] if accum_dq else np.uint64(0)  # a null pointer when unused
+    dq_accum = "dq_accum" if accum_dq else np.uint64(0)  # a null pointer when unused
     dqa_strides = _strides(t["dq_accum"]) if accum_dq else (np.int64(0),) * 3
-    args = (t["q"], t["k"], t["v"], t["dout"], t["lse"], t["delta"], dq_accum, t["dk"], t["dv"],
+    args = ("q", "k", "v", "dout", "lse", "delta", dq_accum, "dk", "dv",
             *_strides(t["q"]), *_strides(t["k"]), *_strides(t["v"]), *_strides(t["dout"]), *_strides(t["dk"]),
             *_strides(t["dv"]), *dqa_strides, *_shape_args(p, t["q"].shape[3]),
             np.float32(p.softmax_scale * LOG2_E), np.float32(p.softmax_scale))
-    _launch(function, grid, cfg.dkdv.num_warps * 32, args, smem, stream)
+    return Launch(function, grid, cfg.dkdv.num_warps * 32, smem, args)
 
 
-def backward_dq(p: Problem, kernel_dim: int, cfg: TileConfig, tensors: dict[str, Any], limits: DeviceLimits,
-                device_id: int, stream: Any) -> None:
+def backward_dq(p: Problem, kernel_dim: int, cfg: TileConfig, t: Mapping[str, Any], limits: DeviceLimits,
+                device_id: int) -> Launch:
     """flash_bwd_dq: dq (like q) in its own pass, deterministic."""
-    t = tensors
     smem = cfg.smem_bytes(kernel_dim, "dq")
     function = _function(dq_spec(p.dtype, kernel_dim, cfg), limits, device_id, smem)
     grid = (math.ceil(p.seqlen_q / cfg.block_m), p.heads_q, p.batch)
-    args = (t["q"], t["k"], t["v"], t["dout"], t["lse"], t["delta"], t["dq"], *_strides(t["q"]),
-            *_strides(t["k"]), *_strides(t["v"]), *_strides(t["dout"]), *_strides(t["dq"]),
-            *_shape_args(p, t["q"].shape[3]), np.float32(p.softmax_scale * LOG2_E), np.float32(p.softmax_scale))
-    _launch(function, grid, cfg.num_warps * 32, args, smem, stream)
+    args = ("q", "k", "v", "dout", "lse", "delta", "dq", *_strides(t["q"]), *_strides(t["k"]), *_strides(t["v"]),
+            *_strides(t["dout"]), *_strides(t["dq"]), *_shape_args(p, t["q"].shape[3]),
+            np.float32(p.softmax_scale * LOG2_E), np.float32(p.softmax_scale))
+    return Launch(function, grid, cfg.num_warps * 32, smem, args)
 
 
-def backward_convert_dq(p: Problem, dq_accum: Any, dq: Any, limits: DeviceLimits, device_id: int,
-                        stream: Any) -> None:
+def backward_convert_dq(p: Problem, t: Mapping[str, Any], limits: DeviceLimits, device_id: int) -> Launch:
     """flash_bwd_convert_dq: dq = softmax_scale * dq_accum, both contiguous."""
     function = _function(prep_spec(p.dtype, "flash_bwd_convert_dq"), limits, device_id)
-    n_elements = dq.size
+    n_elements = t["dq"].size
     grid = (math.ceil(n_elements / CHUNK / CONVERT_THREADS), 1, 1)
-    args = (dq_accum, dq, np.int64(n_elements), np.float32(p.softmax_scale))
-    _launch(function, grid, CONVERT_THREADS, args, 0, stream)
+    args = ("dq_accum", "dq", np.int64(n_elements), np.float32(p.softmax_scale))
+    return Launch(function, grid, CONVERT_THREADS, 0, args)

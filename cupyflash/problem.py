@@ -118,7 +118,7 @@ class Problem:
         repeat call with the same ones (a training loop) reuses the earlier result."""
         try:
             alibi = None if alibi_slopes is None else (tuple(alibi_slopes.shape), alibi_slopes.dtype)
-            key = (*(_signature(a) for a in (q, k, v)), bool(causal), softmax_scale, tuple(window_size), softcap,
+            key = (*(array_signature(a) for a in (q, k, v)), bool(causal), softmax_scale, tuple(window_size), softcap,
                    dropout_p, alibi)
             known = _checked_problems.get(key)
         except (TypeError, AttributeError):  # unhashable or odd arguments: the checks below report them
@@ -191,7 +191,8 @@ class Problem:
             raise TypeError(f"lse.dtype is {dtype_name(lse)}; it must be float32, as returned by attention()")
 
 
-def _signature(array: Any) -> tuple[Any, ...]:
+def array_signature(array: Any) -> tuple[Any, ...]:
+    """What the checks (and a launch plan) depend on: type, shape, strides and dtype."""
     return (type(array), tuple(array.shape), tuple(array.strides), array.dtype)
 
 

@@ -3,6 +3,7 @@ the problem's bucket, else the heuristic table. Nothing is timed during a normal
 
 `forced(...)` pins configs for the calls made inside it (this thread only): the autotuner
 times candidates through the real API path with it, and tests inject broken configs with it.
+Calls inside it neither use nor make cached launch plans (plan.py), which hold a config.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from .device import DeviceLimits
 from .problem import Problem
 
 _override = threading.local()
+_NOTHING_FORCED = (None, None)
 
 
 @contextmanager
 def forced(fwd: TileConfig | None = None, bwd: BwdConfig | None = None) -> Iterator[None]:
-    previous = getattr(_override, "configs", (None, None))
+    previous = getattr(_override, "configs", _NOTHING_FORCED)
     _override.configs = (fwd, bwd)
     try:
         yield
@@ -29,8 +31,13 @@ def forced(fwd: TileConfig | None = None, bwd: BwdConfig | None = None) -> Itera
         _override.configs = previous
 
 
+def is_forced() -> bool:
+    """Whether a forced(...) block pins a config in this thread."""
+    return getattr(_override, "configs", _NOTHING_FORCED) != _NOTHING_FORCED
+
+
 def _config(kind: str, problem: Problem, kernel_dim: int, limits: DeviceLimits) -> TileConfig | BwdConfig:
-    pinned = getattr(_override, "configs", (None, None))[0 if kind == "fwd" else 1]
+    pinned = getattr(_override, "configs", _NOTHING_FORCED)[0 if kind == "fwd" else 1]
     if pinned is not None:
         return pinned
     tuned = tuning.lookup(kind, problem, kernel_dim, limits)

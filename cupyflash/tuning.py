@@ -9,6 +9,7 @@ is a corrupt one; neither ever raises. Writes are atomic (temporary file, then r
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 import time
@@ -28,6 +29,13 @@ _files: dict[Path, tuple[float, dict[str, Any] | None, float]] = {}
 # file written by another process (a concurrent `cupyflash autotune`) is noticed within this many
 # seconds. store() and clear() in this process take effect at once.
 RECHECK_SECONDS = 1.0
+# Launch plans (plan.py) keep the config chosen when they were built; they compare this number
+# with the one they were built under. It changes whenever the entries load_entries() returns for
+# some GPU change: store(), clear(), a re-read that found a new file, or a new tuning folder.
+_generation = 0
+_generations = itertools.count(1)  # next() on it is atomic: threads never hand out one number twice
+# limits -> the entries object (None for no file) load_entries(limits) last answered with
+_answered: dict[DeviceLimits, dict[str, Any] | None] = {}
 
 
 def seqlen_bucket(seqlen: int) -> int:
@@ -77,13 +85,23 @@ def _read_entries(path: Path, expected_header: dict[str, Any]) -> dict[str, Any]
         return None
 
 
+def generation() -> int:
+    """A number that changes whenever the tuned entries of some GPU change (see _generation)."""
+    return _generation
+
+
+def _entries_changed() -> None:
+    global _generation
+    _generation = next(_generations)
+
+
 def load_entries(limits: DeviceLimits) -> dict[str, Any]:
     """Bucket -> config dict for this GPU, {} when there is no usable file. Re-read on change."""
     path = tuning_file(limits)
     cached = _files.get(path)
     now = time.monotonic()
     if cached is not None and now - cached[2] < RECHECK_SECONDS:
-        return cached[1] or {}
+        return _answer(limits, cached[1])
     try:
         mtime = path.stat().st_mtime
     except OSError:
@@ -95,6 +113,16 @@ def load_entries(limits: DeviceLimits) -> dict[str, Any]:
     else:
         entries = _read_entries(path, header(limits))
     _files[path] = (mtime, entries, now)
+    return _answer(limits, entries)
+
+
+def _answer(limits: DeviceLimits, entries: dict[str, Any] | None) -> dict[str, Any]:
+    """entries or {}, noting a change of answer for these limits: a re-read file is a new object,
+    as is another folder's file (CUPYFLASH_TUNING_DIR changed); an unchanged file is the same
+    object. The first answer changes nothing: a plan reads the entries before it is built."""
+    if _answered.get(limits, entries) is not entries:
+        _entries_changed()
+    _answered[limits] = entries
     return entries or {}
 
 
@@ -120,6 +148,7 @@ def store(limits: DeviceLimits, bucket: str, config: TileConfig | BwdConfig, rec
     data = {"header": header(limits), "entries": entries}
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
     _files.pop(path, None)
+    _entries_changed()
     return path
 
 
@@ -134,4 +163,5 @@ def clear(limits: DeviceLimits | None = None) -> list[Path]:
         except FileNotFoundError:
             pass
         _files.pop(path, None)
+    _entries_changed()
     return removed

@@ -6,6 +6,12 @@ This is the time Python spends before the kernels are queued. For short sequence
 in every timing that brackets one call with CUDA events (ours and the peers'), so it is part of
 the speed a user sees.
 
+Two rows per function: a repeat call with the same arrays and options, served by its cached
+launch plan (cupyflash/plan.py), and the full path that a call takes when no plan serves it
+(DLPack or NumPy inputs, a forced config, new shapes), timed by forgetting the plans before
+each call (the kernels stay loaded). Two more rows time the forward's allocations: two
+cupy.empty calls against one cupy.cuda.alloc split into out and lse by two views.
+
     python scripts/host_overhead.py [--calls 500]
 """
 
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, i
 import cupy  # noqa: E402
 
 import cupyflash  # noqa: E402
-from cupyflash import build  # noqa: E402
+from cupyflash import bench, plan  # noqa: E402
 
 
 def per_call_us(fn, calls: int, sync) -> float:
@@ -36,6 +43,32 @@ def per_call_us(fn, calls: int, sync) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def check_repeat_equals_first(q, k, v, dout, first) -> None:
+    """Validate before timing: repeat calls (cached plans) give bitwise the first calls' results."""
+    out, lse = cupyflash.attention(q, k, v, causal=True, return_lse=True)
+    grads = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, (out, lse, *grads)):
+        unsigned = cupy.uint16 if a.dtype.itemsize == 2 else cupy.uint32
+        if not cupy.array_equal(a.view(unsigned), b.view(unsigned)):
+            raise SystemExit(f"{name} of a repeat call differs from the first call's: not timing")
+
+
+def allocation_rows(shape: tuple[int, ...], calls: int, sync) -> dict[str, float]:
+    """Two cupy.empty (what a plan does) against one allocation split by two ndarray views."""
+    lse_shape = (shape[0], shape[2], shape[1])
+    out_bytes = -(-math.prod(shape) * 2 // 256) * 256  # lse starts 256-byte aligned
+    total = out_bytes + math.prod(lse_shape) * 4
+
+    def one_alloc():
+        memory = cupy.cuda.alloc(total)
+        return (cupy.ndarray(shape, cupy.float16, memptr=memory),
+                cupy.ndarray(lse_shape, cupy.float32, memptr=memory + out_bytes))
+
+    return {"alloc: 2 x cupy.empty": per_call_us(lambda: (cupy.empty(shape, cupy.float16),
+                                                          cupy.empty(lse_shape, cupy.float32)), calls, sync),
+            "alloc: 1 alloc + 2 views": per_call_us(one_alloc, calls, sync)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=500)
@@ -43,10 +76,24 @@ def main() -> None:
     shape = (1, 128, 2, 64)  # (batch, seqlen, heads, head_dim)
     q, k, v, dout = (cupy.random.standard_normal(shape).astype(cupy.float16) for _ in range(4))
     out, lse = cupyflash.attention(q, k, v, causal=True, return_lse=True)
+    grads = cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+    check_repeat_equals_first(q, k, v, dout, (out, lse, *grads))
     sync = cupy.cuda.Device().synchronize
-    rows = {"cupyflash fwd": per_call_us(lambda: cupyflash.attention(q, k, v, causal=True), args.calls, sync),
-            "cupyflash bwd": per_call_us(lambda: cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True),
-                                         args.calls, sync)}
+
+    def fwd():
+        return cupyflash.attention(q, k, v, causal=True)
+
+    def bwd():
+        return cupyflash.attention_backward(dout, q, k, v, out, lse, causal=True)
+
+    def full_path(fn):
+        return lambda: (plan.clear(), fn())
+
+    rows = {"cupyflash fwd": per_call_us(fwd, args.calls, sync),
+            "cupyflash fwd, full path": per_call_us(full_path(fwd), args.calls, sync),
+            "cupyflash bwd": per_call_us(bwd, args.calls, sync),
+            "cupyflash bwd, full path": per_call_us(full_path(bwd), args.calls, sync)}
+    rows.update(allocation_rows(shape, args.calls, sync))
     try:
         import torch
         import torch.nn.functional as F
@@ -62,11 +109,10 @@ def main() -> None:
                                         grad), args.calls, torch.cuda.synchronize)
     except ImportError:
         pass
-    name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
     print(f"host microseconds per call, shape {shape} float16 causal, {args.calls} calls queued back to back")
-    print(f"{name.decode() if isinstance(name, bytes) else name} · kernel source {build.source_hash()}")
+    print(bench.describe_environment(bench.environment()))
     for label, us in rows.items():
-        print(f"  {label:20s} {us:8.1f}")
+        print(f"  {label:28s} {us:8.1f}")
     print(json.dumps({k: round(v, 1) for k, v in rows.items()}))
 
 

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cupyflash  # noqa: E402
-from cupyflash import api, launch, selection, timing  # noqa: E402
+from cupyflash import api, launch, plan, selection, timing  # noqa: E402
 from cupyflash.arrays import wrap_all  # noqa: E402
 from cupyflash.device import device_limits  # noqa: E402
 from cupyflash.problem import Problem  # noqa: E402
@@ -41,15 +41,20 @@ cfg = selection.fwd_config(p, 64, limits)
 out = cupy.empty_like(q)
 lse = cupy.empty((1, 2, 128), cupy.float32)
 stream = cupy.cuda.get_current_stream()
+t = {"q": q, "k": q, "v": q, "out": out, "lse": lse}
+kernel = launch.forward(p, 64, cfg, t, limits, 0)
 stages = {
-    "full attention()": lambda: cupyflash.attention(q, q, q, causal=True),
+    "attention(), cached plan": lambda: cupyflash.attention(q, q, q, causal=True),
+    "attention(), full path": lambda: (plan.clear(), cupyflash.attention(q, q, q, causal=True)),
+    "plan.find": lambda: plan.find("fwd", (q, q, q), (True, None, (-1, -1)), (0.0, None, 0.0, None)),
     "wrap_all": lambda: wrap_all(q=q, k=q, v=q, alibi_slopes=None),
     "Problem.from_arrays": lambda: Problem.from_arrays(q, q, q, causal=True),
     "_device_of enter/exit": lambda: _enter_exit(),
     "_kernel_ready x3": lambda: [api._kernel_ready(q) for _ in range(3)],
     "cupy.empty x2": lambda: (cupy.empty(q.shape, q.dtype), cupy.empty((1, 2, 128), cupy.float32)),
     "selection.fwd_config": lambda: selection.fwd_config(p, 64, limits),
-    "launch.forward": lambda: launch.forward(p, 64, cfg, q, q, q, out, lse, limits, 0, stream),
+    "launch.forward (a Launch)": lambda: launch.forward(p, 64, cfg, t, limits, 0),
+    "Launch.run": lambda: kernel.run(t, stream.ptr),
 }
 for name, fn in stages.items():
     print(f"{name:28s} {per_call(fn):7.1f} us", flush=True)
