@@ -38,12 +38,12 @@ for step in "${steps[@]}"; do
     info) run_step info "$OUT/info.txt" $PY -m cupyflash info; cat "$OUT/info.txt" ;;
     tests)
       run_step tests "$OUT/gpu_tests.log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider \
-        tests/test_gpu_forward.py tests/test_gpu_backward.py tests/test_gpu_cli.py
+        tests/test_gpu_forward.py tests/test_gpu_backward.py tests/test_gpu_cli.py tests/test_gpu_plan.py
       grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 3
       grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -n 40 ;;
     tests-quick)
       run_step tests-quick "$OUT/gpu_tests.log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider \
-        -k "not 4097 and not 1023 and not 1024x1023" tests/test_gpu_forward.py tests/test_gpu_backward.py tests/test_gpu_cli.py
+        -k "not 4097 and not 1023 and not 1024x1023" tests/test_gpu_forward.py tests/test_gpu_backward.py tests/test_gpu_cli.py tests/test_gpu_plan.py
       grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 3
       grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -n 40 ;;
     validate) run_step validate "$OUT/validate.log" $PY -m cupyflash validate --quick; tail -n 5 "$OUT/validate.log" ;;

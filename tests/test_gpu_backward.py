@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cupyflash import selection, validation
+from cupyflash import heuristics, selection, validation
 from cupyflash.config import BwdConfig, DkdvConfig, TileConfig, dkdv_candidates, kernel_head_dim
 from cupyflash.device import DeviceLimits
 
@@ -123,7 +123,8 @@ def test_every_wgmma_dkdv_tile_matches_reference(head_dim: int, config: DkdvConf
         pytest.skip("wgmma runs on sm_90 only")
     dtype, causal, seqlen_q, seqlen_k, group = case_args
     case = validation.Case(dtype, head_dim, causal, seqlen_q, seqlen_k, group)
-    with selection.forced(bwd=BwdConfig(config, TileConfig(128, 64, 8, 2), dq_atomic=dq_atomic)):
+    dq_pass = heuristics.default_bwd_config(head_dim, device_limits(cupy.cuda.runtime.getDevice())).dq
+    with selection.forced(bwd=BwdConfig(config, dq_pass, dq_atomic=dq_atomic)):
         results = validation.run_gpu_case(case, backward=True)
     failures = [r.message() for r in results if not r.ok]
     assert not failures, "\n".join(failures)
