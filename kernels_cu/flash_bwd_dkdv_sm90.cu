@@ -20,40 +20,13 @@
 #include "mask.cuh"
 #include "tile_io.cuh"
 #include "traits.cuh"
+#include "wgmma_gemm.cuh"
 
 namespace cf {
 using Sm90Dkdv = Sm90DkdvTraits<CF_HEAD_DIM, CF_BLOCK_M, CF_NUM_WARPS, CF_STAGES, CF_ACCUM_DQ>;
 using Element = CF_ELEMENT;
 using Sm90DkdvShared = Select<Sm90Dkdv::kSplitD, Sm90DkdvSplitSmem<Sm90Dkdv>, Sm90DkdvSmem<Sm90Dkdv>>::type;
 constexpr int kSmemAlignSlack = 1024;  // as in flash_fwd_sm90.cu: the layout needs 1024-byte alignment
-
-// acc = A B^T over head_dim for one warpgroup: A is 64 rows of a K-major tile of kRowsA rows, B
-// a K-major tile of kN rows; one m64nN wgmma per k16 step, 32 bytes into the 128-byte rows of
-// slab kk / 4 (the hardware applies the swizzle).
-template <class T, int kRowsA, int kN>
-__device__ __forceinline__ void wgmma_over_d(float (&acc)[kN / 8][4], u64 a_desc, u64 b_desc) {
-#pragma unroll
-  for (int kk = 0; kk < T::kHeadDim / 16; ++kk) {
-    const int a_offset = (kk / 4) * kRowsA * 128 + (kk % 4) * 32;
-    const int b_offset = (kk / 4) * kN * 128 + (kk % 4) * 32;
-    wgmma_ss<kN, Element::kIsBf16>(acc, a_desc + (a_offset >> 4), b_desc + (b_offset >> 4), kk > 0);
-  }
-}
-
-// acc (64 x head_dim) += A B, A from registers (kBlockM / 16 k16 fragments), B a shared tile of
-// kBlockM rows read MN-major: per k16 step one m64n64 wgmma per 64-column slab.
-template <class T>
-__device__ __forceinline__ void wgmma_rs_over_q(float (&acc)[T::kDTiles][4], const u32 (&a)[T::kBlockM / 16][4],
-                                                u64 b_desc) {
-#pragma unroll
-  for (int kk = 0; kk < T::kBlockM / 16; ++kk)
-#pragma unroll
-    for (int slab = 0; slab < T::kSlabs; ++slab) {
-      const int b_offset = slab * T::kBlockM * 128 + kk * 16 * 128;  // slab of this warpgroup's columns
-      wgmma_rs_tb<Element::kIsBf16>(*reinterpret_cast<float(*)[8][4]>(&acc[8 * slab][0]), a[kk],
-                                    b_desc + (b_offset >> 4));
-    }
-}
 
 // acc (64 x kAccCols) += A B for kSplitD: A (64 keys x kBlockM) a K-major shared tile, B a
 // shared tile of kBlockM rows read MN-major, from column slab b_slab0 on.
@@ -101,13 +74,6 @@ __device__ __forceinline__ u16* p_transposed_tile(Sm90DkdvSmem<T>&) {
 template <class T>
 __device__ __forceinline__ u16* p_transposed_tile(Sm90DkdvSplitSmem<T>& sm) {
   return sm.pt;
-}
-
-// The fp32 fragments of a 64 x kBlockM tile as the 16-bit A operands of the next wgmma.
-template <class T>
-__device__ __forceinline__ void pack_frags(u32 (&a)[T::kBlockM / 16][4], const float (&x)[T::kQTiles][4]) {
-#pragma unroll
-  for (int kk = 0; kk < T::kBlockM / 16; ++kk) pack_a<Element>(a[kk], x[2 * kk], x[2 * kk + 1]);
 }
 
 // dq_accum[row][col] += piece for one warpgroup's 64 x 64 dQ piece (rows from row0, columns
@@ -250,7 +216,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
       const u64 pt_desc = wgmma_desc_sw128(smem_addr(pt_tile), 16, T::kSwizzleBytes);
       const u64 dst_desc = wgmma_desc_sw128(dst_smem, 16, T::kSwizzleBytes);
       wgmma_fence();
-      wgmma_over_d<T, T::kBlockN, T::kBlockM>(st, warpgroup == 0 ? k_desc : v_desc,
+      wgmma_k_major<Element, T::kBlockM, T::kBlockN, T::kHeadDim>(st, warpgroup == 0 ? k_desc : v_desc,
                                               (warpgroup == 0 ? q_desc0 : do_desc0) + slot_offset);
       wgmma_commit();
       wgmma_wait<0>();
@@ -277,8 +243,8 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
       wgmma_commit();
     } else {
       wgmma_fence();
-      wgmma_over_d<T, T::kBlockN, T::kBlockM>(st, k_desc, q_desc0 + slot_offset);
-      wgmma_over_d<T, T::kBlockN, T::kBlockM>(dpt, v_desc, do_desc0 + slot_offset);
+      wgmma_k_major<Element, T::kBlockM, T::kBlockN, T::kHeadDim>(st, k_desc, q_desc0 + slot_offset);
+      wgmma_k_major<Element, T::kBlockM, T::kBlockN, T::kHeadDim>(dpt, v_desc, do_desc0 + slot_offset);
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operands(st);
@@ -287,6 +253,8 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
       if (!mask.tile_is_full(row0, row0 + rows, key_begin, key_begin + T::kBlockN))
         mask_scores_transposed(*reinterpret_cast<float(*)[1][T::kQTiles][4]>(&st), mask, key_begin + key_row0, row0,
                                lane);
+      // to_probabilities + to_score_gradients in one pass: two passes compile to different
+      // code (same registers, no spills), not yet measured on a GPU.
       const float* lse_row = sm.lse[slot];
       const float* delta_row = sm.delta[slot];
 #pragma unroll
@@ -298,12 +266,12 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
           st[nt][c] = p;
           dpt[nt][c] = p * (dpt[nt][c] - delta_row[i]);
         }
-      pack_frags<T>(p_frag, st);
-      pack_frags<T>(ds_frag, dpt);
+      pack_a_frags<Element, T::kBlockM>(p_frag, st);
+      pack_a_frags<Element, T::kBlockM>(ds_frag, dpt);
 
       wgmma_fence();
-      wgmma_rs_over_q<T>(acc_dv, p_frag, do_mn_desc0 + slot_offset);
-      wgmma_rs_over_q<T>(acc_dk, ds_frag, q_mn_desc0 + slot_offset);
+      wgmma_rs_mn_major<Element, T::kBlockM, T::kAccSlabs>(acc_dv, p_frag, do_mn_desc0 + slot_offset);
+      wgmma_rs_mn_major<Element, T::kBlockM, T::kAccSlabs>(acc_dk, ds_frag, q_mn_desc0 + slot_offset);
       wgmma_commit();
     }
 
@@ -325,7 +293,8 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
         for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
           const int a_offset = mq * T::kBlockN * 128 + kk * 16 * 128;
           const int b_offset = slab * T::kBlockN * 128 + kk * 16 * 128;
-          wgmma_ss_tb<Element::kIsBf16, true>(acc_dq, dst_mn_desc + (a_offset >> 4), k_mn_desc + (b_offset >> 4), kk > 0);
+          wgmma_ss_tb<Element::kIsBf16, true>(acc_dq, dst_mn_desc + (a_offset >> 4), k_mn_desc + (b_offset >> 4),
+                                              kk > 0);
         }
         wgmma_commit();
         wgmma_wait<0>();

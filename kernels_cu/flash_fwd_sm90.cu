@@ -19,6 +19,7 @@
 #include "softmax.cuh"
 #include "tile_io.cuh"
 #include "traits.cuh"
+#include "wgmma_gemm.cuh"
 
 namespace cf {
 using Sm90Kernel = Sm90FwdTraits<CF_HEAD_DIM, CF_BLOCK_N, CF_NUM_WARPS, CF_STAGES>;
@@ -26,40 +27,6 @@ using Element = CF_ELEMENT;
 // Dynamic shared memory is only 16-byte aligned; the layout needs 1024 (one swizzle atom), so
 // the launch asks for this much more and the kernel rounds its base up.
 constexpr int kSmemAlignSlack = 1024;
-
-// S = Q K^T for a warpgroup's 64 rows: one m64nBlockN wgmma per k16 step. Step kk reads 32 bytes
-// into the 128-byte rows of slab kk / 4 of each tile (the hardware applies the swizzle).
-template <class T>
-__device__ __forceinline__ void wgmma_qk(float (&s)[T::kNTiles][4], u64 q_desc, u64 k_desc) {
-#pragma unroll
-  for (int kk = 0; kk < T::kHeadDim / 16; ++kk) {
-    const int q_offset = (kk / 4) * T::kBlockM * 128 + (kk % 4) * 32;
-    const int k_offset = (kk / 4) * T::kBlockN * 128 + (kk % 4) * 32;
-    wgmma_ss<T::kBlockN, Element::kIsBf16>(s, q_desc + (q_offset >> 4), k_desc + (k_offset >> 4), kk > 0);
-  }
-}
-
-// P (fp32 scores after the softmax) as the 16-bit A fragments of P V, one per k16 step.
-template <class T>
-__device__ __forceinline__ void pack_p(u32 (&p_frag)[T::kBlockN / 16][4], const float (&p)[T::kNTiles][4]) {
-#pragma unroll
-  for (int kk = 0; kk < T::kBlockN / 16; ++kk) pack_a<Element>(p_frag[kk], p[2 * kk], p[2 * kk + 1]);
-}
-
-// O += P V: per k16 step (16 keys), each 64-column slab of V is one m64n64 wgmma with P from
-// registers and V read MN-major (16 key rows of 128 bytes).
-template <class T>
-__device__ __forceinline__ void wgmma_pv(float (&acc_o)[T::kDTiles][4], const u32 (&p_frag)[T::kBlockN / 16][4],
-                                         u64 v_desc) {
-#pragma unroll
-  for (int kk = 0; kk < T::kBlockN / 16; ++kk)
-#pragma unroll
-    for (int slab = 0; slab < T::kSlabs; ++slab) {
-      const int v_offset = slab * T::kBlockN * 128 + kk * 16 * 128;
-      wgmma_rs_tb<Element::kIsBf16>(*reinterpret_cast<float(*)[8][4]>(&acc_o[8 * slab][0]), p_frag[kk],
-                                    v_desc + (v_offset >> 4));
-    }
-}
 }  // namespace cf
 
 // cupyflash/config.py computes the same size for the launch; the build passes it here.
@@ -141,7 +108,8 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Kernel::kThreads, 1)
     const u64 slot_offset = static_cast<u64>((it % T::kStages) * kKvTileBytes) >> 4;
     const int key0 = (n_end - 1 - it) * T::kBlockN;
     wgmma_fence();
-    wgmma_qk<T>(s[0], q_desc, k_desc0 + slot_offset);
+    // S = Q K^T
+    wgmma_k_major<Element, T::kBlockN, T::kBlockM, T::kHeadDim>(s[0], q_desc, k_desc0 + slot_offset);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(s[0]);
@@ -149,10 +117,10 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Kernel::kThreads, 1)
     if (!mask.tile_is_full(row_begin, row_begin + rows, key0, key0 + T::kBlockN))
       mask_scores(s, mask, row_begin + warp_row0, key0, lane);
     softmax.update(s, acc_o, scale_log2);
-    pack_p<T>(p_frag, s[0]);
+    pack_a_frags<Element, T::kBlockN>(p_frag, s[0]);
 
     wgmma_fence();  // acc_o was rescaled by ordinary instructions
-    wgmma_pv<T>(acc_o[0], p_frag, v_desc0 + slot_offset);
+    wgmma_rs_mn_major<Element, T::kBlockN, T::kSlabs>(acc_o[0], p_frag, v_desc0 + slot_offset);  // O += P V
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(acc_o[0]);

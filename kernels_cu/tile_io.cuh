@@ -155,32 +155,36 @@ __device__ __forceinline__ void load_tile_swizzled_async(u32 smem, const u16* gm
       valid_rows, valid_cols, tid);
 }
 
-// Writes a warpgroup's accumulator fragments (64 rows from row0, all kCols / 8 n8 tiles) into a
-// swizzled tile of kRows rows as 16-bit pairs.
+// Where, in a swizzled tile of kRows rows (tile: its first byte), a warpgroup keeps the 16-bit
+// pair h (rows g and g + 8) of n8 tile nt of its accumulator fragments (64 rows from row0).
+template <int kRows, class Byte>
+__device__ __forceinline__ Byte* frag_pair(Byte* tile, int row0, int nt, int h, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  return tile + swizzled_offset<kRows>(row0 + g + 8 * h, nt) + 4 * t;
+}
+
+// Writes a warpgroup's accumulator fragments (all kNTiles n8 tiles) into a swizzled tile of
+// kRows rows as 16-bit pairs.
 template <class Element, int kRows, int kNTiles>
 __device__ __forceinline__ void store_frags_swizzled(u16* smem, const float (&acc)[kNTiles][4], int row0, int lane) {
-  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int row = row0 + g + 8 * h;
-      char* base = reinterpret_cast<char*>(smem) + swizzled_offset<kRows>(row, nt) + 4 * t;
-      *reinterpret_cast<u32*>(base) = Element::pack(acc[nt][2 * h], acc[nt][2 * h + 1]);
+      char* pair = frag_pair<kRows>(reinterpret_cast<char*>(smem), row0, nt, h, lane);
+      *reinterpret_cast<u32*>(pair) = Element::pack(acc[nt][2 * h], acc[nt][2 * h + 1]);
     }
 }
 
 // The inverse: a warpgroup's fragments read back (as 16-bit values) from a swizzled tile.
 template <class Element, int kRows, int kNTiles>
 __device__ __forceinline__ void load_frags_swizzled(const u16* smem, float (&acc)[kNTiles][4], int row0, int lane) {
-  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int row = row0 + g + 8 * h;
-      const char* base = reinterpret_cast<const char*>(smem) + swizzled_offset<kRows>(row, nt) + 4 * t;
-      Element::unpack(*reinterpret_cast<const u32*>(base), acc[nt][2 * h], acc[nt][2 * h + 1]);
+      const char* pair = frag_pair<kRows>(reinterpret_cast<const char*>(smem), row0, nt, h, lane);
+      Element::unpack(*reinterpret_cast<const u32*>(pair), acc[nt][2 * h], acc[nt][2 * h + 1]);
     }
 }
 
