@@ -27,6 +27,11 @@ BWD_MAX_ACC_FLOATS = 200
 WGMMA_ALIGN_SLACK = 1024  # kSmemAlignSlack in flash_fwd_sm90.cu and flash_bwd_dkdv_sm90.cu
 
 
+def sm90_dq_stage_cols(head_dim: int) -> int:
+    """Columns of a 64 x 64 dQ piece the Hopper dK/dV kernel stages at once (kDqStageCols)."""
+    return 32 if head_dim > 128 else 64
+
+
 def kernel_head_dim(head_dim: int) -> int:
     """The compiled head dim that runs a problem of this head dim (head_dim <= 256)."""
     return next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
@@ -171,11 +176,13 @@ class DkdvConfig:
 
     def smem_bytes(self, head_dim: int) -> int:
         """DkdvSmem: K, V + stages x (Q, dO, lse, delta) + P^T and dS^T; Sm90DkdvSmem: the same
-        unpadded without P^T, plus the slack that aligns it to 1024 bytes."""
+        unpadded without P^T, plus each warpgroup's dQ staging buffer and the slack that aligns
+        it to 1024 bytes."""
         stats = 2 * self.stages * self.block_m * 4
         if self.wgmma:  # head_dim 256 adds P^T on the next 1024-byte boundary (Sm90DkdvSplitSmem)
             tiles = (2 * self.block_n + 2 * self.stages * self.block_m) * head_dim * ELEMENT_BYTES
-            size = tiles + self.block_n * self.block_m * ELEMENT_BYTES + stats
+            dq_stage = 2 * 64 * sm90_dq_stage_cols(head_dim) * 4
+            size = tiles + self.block_n * self.block_m * ELEMENT_BYTES + stats + dq_stage
             if head_dim > 128:
                 size = -(-size // 1024) * 1024 + self.block_n * self.block_m * ELEMENT_BYTES
             return size + WGMMA_ALIGN_SLACK

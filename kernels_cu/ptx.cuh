@@ -137,15 +137,42 @@ __device__ __forceinline__ void red_add_f32(float* addr, float v) {
   asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(addr), "f"(v) : "memory");
 }
 
-// red.global.add.v2.f32 (sm_90): two adjacent floats at an 8-byte aligned address, one request.
-__device__ __forceinline__ void red_add_f32x2(float* addr, float a, float b) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(addr), "f"(a), "f"(b) : "memory");
-#else
-  red_add_f32(addr, a);
-  red_add_f32(addr + 1, b);
-#endif
+// st.shared.v2.f32: two adjacent floats at an 8-byte aligned shared address.
+__device__ __forceinline__ void st_shared_f32x2(u32 addr, float a, float b) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b) : "memory");
 }
+
+// bar.sync id, threads: a barrier for `threads` threads (whole warps) on named barrier `id`
+// (0 is __syncthreads'), here one warpgroup's.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+#if __CUDA_ARCH__ >= 900
+// cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 (sm_90): global[i] += shared[i] for
+// `bytes` bytes (a multiple of 16; both addresses 16-byte aligned), done by the copy engine in
+// the background. The shared source must not change until a bulk_wait_read has seen it read.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* global_dst, u32 smem_src, u32 bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(global_dst),
+               "r"(smem_src), "r"(bytes)
+               : "memory");
+}
+
+// cp.async.bulk.commit_group: close the group of bulk operations this thread issued so far.
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+
+// cp.async.bulk.wait_group.read N: at most N of this thread's bulk groups still read shared memory.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+
+// cp.async.bulk.wait_group N: at most N of this thread's bulk groups are still in flight.
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif  // __CUDA_ARCH__ >= 900
 
 // ---- Hopper only (sm_90a): warpgroup MMA. Used by flash_fwd_sm90.cu, compiled for sm_90a. ----
 // A warpgroup (4 consecutive warps) computes a 64 x N tile; each warp holds rows 16w..16w+15 in

@@ -173,6 +173,14 @@ struct Sm90DkdvTraits {
   static constexpr int kSlabs = HeadDim / 64;    // 128-byte column slabs of a Q/dO/K/V tile
   static constexpr int kDqPieces = (BlockM / 64) * kSlabs;  // 64 x 64 pieces of the dQ tile
   static constexpr int kSwizzleBytes = 1024;
+  // dQ's float32 accumulator in global memory is laid out in units of 64 rows x 32 columns, each
+  // one contiguous 8 KB block (flash_bwd_dkdv_sm90.cu). A warpgroup stages kDqStageCols columns
+  // of a piece at a time in shared memory and adds them with one bulk reduction: the whole
+  // piece (16 KB) where it fits, half of it at head_dim 256 (whose tiles leave 17 KB).
+  static constexpr int kDqUnitCols = 32;
+  static constexpr int kDqUnitFloats = 64 * kDqUnitCols;
+  static constexpr int kDqStageCols = kSplitD ? 32 : 64;
+  static constexpr int kDqStageFloats = 64 * kDqStageCols;
 
   static_assert(NWarps == 4 || NWarps == 8, "one or two warpgroups (config.py offers two: one spills)");
   static_assert(!kSplitD || NWarps == 8, "head_dim 256 splits its columns over two warpgroups");
@@ -191,6 +199,7 @@ struct Sm90DkdvSmem {
   u16 dst[T::kBlockN * T::kBlockM];  // dS^T (keys x queries), the A operand of dQ = dS K
   float lse[T::kStages][T::kBlockM];  // 0 for rows past seqlen_q (their Q and dO rows are 0 too)
   float delta[T::kStages][T::kBlockM];
+  float dq_stage[T::kWarpgroups][T::kDqStageFloats];  // each warpgroup's dQ on its way out (atomic dQ)
 };
 
 // kSplitD adds P^T, which warpgroup 0 hands to warpgroup 1 (for dS^T) and both read for dV.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything a GPU machine must run before kernel work is called done, in one call:
+# Everything a GPU machine must run before kernel work is called done, in one call ($OUT here is
+# the results folder, see below):
 #   info     cupyflash info                                  -> $OUT/info.txt
 #   tests    the GPU test suite (tests/test_gpu_*.py)         -> $OUT/gpu_tests.log
 #   validate cupyflash validate --quick                       -> $OUT/validate.log
@@ -8,10 +9,14 @@
 #   overhead scripts/host_overhead.py: host time per call against PyTorch -> $OUT/overhead.log
 #   tune     cupyflash autotune on the default buckets        -> $OUT/tune.log
 # Usage: scripts/gpu_check.sh [STEP ...]   (default: info tests validate bench-fp16 bench-bf16 overhead)
-# Writes under $OUT when set (the device tool fetches it), else ./gpu_check_out. Kernels compile
-# into $CUPYFLASH_CACHE_DIR (default /tmp/cupyflash-cache): the first step pays for NVRTC.
+# Writes into ./gpu_check_out, or, when $OUT is set (the device tool, which brings back at most 8
+# files), into a scratch folder that is packed into $OUT/gpu_check.tar.gz after every step, so a
+# run cut short still returns the steps it finished. Kernels compile into $CUPYFLASH_CACHE_DIR
+# (default /tmp/cupyflash-cache): the first step pays for NVRTC.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PACK=${OUT:+$OUT/gpu_check.tar.gz}
+OUT=${OUT:+$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -30,6 +35,7 @@ run_step() {  # name, log file, command...: runs, logs, records a failure withou
   local rc=$?
   echo "== $name: exit $rc after $((SECONDS - start)) s"
   [[ $rc -ne 0 ]] && status=1
+  if [[ -n $PACK ]]; then tar -czf "$PACK.tmp" -C "$OUT" . && mv "$PACK.tmp" "$PACK"; fi
   return 0
 }
 

@@ -21,7 +21,7 @@ import pytest
 
 import cupyflash as cf
 from cupyflash import build, launch, plan, selection, tuning
-from cupyflash.config import TileConfig
+from cupyflash.config import TileConfig, kernel_head_dim
 from cupyflash.device import DeviceLimits
 from cupyflash.problem import Problem
 
@@ -164,6 +164,8 @@ def expected_value(name: str, t: dict[str, FakeArray], p: Problem) -> float:
         return 0 if array is None else array.strides[index] // array.itemsize
     if name == "n_elements":
         return t["dq"].size
+    if name == "accum_units":  # flash_bwd_convert_dq_tiled: 32-column units of the kernel's head dim
+        return t["dq_accum"].shape[3]
     scale = p.softmax_scale
     return {"seqlen_q": p.seqlen_q, "seqlen_k": p.seqlen_k, "heads_q": p.heads_q, "group_size": p.group_size,
             "head_dim": t["q"].shape[3], "window_left": p.window[0], "window_right": p.window[1],
@@ -221,7 +223,11 @@ def test_every_launch_matches_its_cuda_signature(fake_cupy: FakeCupy, monkeypatc
     entries = [kernel.function.spec.entry for kernel in bwd.launches]
     hopper = limits is H100  # the wgmma dK/dV kernel, which always makes dQ with atomics
     assert entries[:2] == ["flash_bwd_delta", "flash_bwd_dkdv_sm90" if hopper else "flash_bwd_dkdv"]
-    assert entries[2] == ("flash_bwd_convert_dq" if "dq_accum" in t else "flash_bwd_dq")
+    convert = "flash_bwd_convert_dq_tiled" if hopper else "flash_bwd_convert_dq"  # the sm90 kernel's own layout
+    assert entries[2] == (convert if "dq_accum" in t else "flash_bwd_dq")
+    if hopper and "dq_accum" in t:
+        assert t["dq_accum"].shape == (p.batch, p.heads_q, -(-p.seqlen_q // 64), kernel_head_dim(head_dim) // 32,
+                                       64, 32)
     # heuristics.MAX_ATOMIC_DQ_HEAD_DIM applies to mma.sync
     assert ("dq_accum" in t) == ((hopper or head_dim <= 64) and not deterministic)
     for record, kernel in zip(fake_cupy.launched, bwd.launches, strict=True):
