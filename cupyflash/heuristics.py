@@ -42,13 +42,15 @@ DKDV_TABLE: tuple[tuple[int, DkdvConfig, str], ...] = (
     # Hopper (wgmma, flash_bwd_dkdv_sm90.cu; fits() admits these on sm_90 only, head dims 64, 128).
     # H100, fp16, paper grid, S = 1024..8192, against the other wgmma tiles and the mma.sync rows
     # below (2026-11-23, benchmarks/results/h100-2026-11-23-wgmma-bwd/bwd-sweep-fp16.json):
-    (64, DkdvConfig(128, 128, 8, 2, 1, wgmma=True), "two warpgroups of 64 keys, Q tiles of 128, 131 KB: "
-                                                    "195-333 TFLOP/s, the best tile in all 8 cells"),
-    (128, DkdvConfig(64, 128, 8, 3, 1, wgmma=True), "Q tiles of 64 (128 would spill), three stages, 179 KB: "
-                                                    "210-369 TFLOP/s, the best tile in all 8 cells"),
-    (256, DkdvConfig(64, 64, 8, 2, 1, wgmma=True), "both warpgroups share 64 keys and split head_dim; 243 "
-                                                   "regs, 210 KB: 0.93-1.04x FA2 against 0.67-0.77x for "
-                                                   "mma.sync (bwd-sweep-fp16-d256.json)"),
+    # The kernel then moved dQ out by bulk reductions (2026-12-01), which added the 32 KB (16 KB at
+    # d256) dQ staging buffers to each size below; H200 fp16 numbers from that kernel follow the H100 ones.
+    (64, DkdvConfig(128, 128, 8, 2, 1, wgmma=True), "two warpgroups of 64 keys, Q tiles of 128, 163 KB: "
+                                                    "195-333 TFLOP/s, the best tile in all 8 cells; H200 209-343"),
+    (128, DkdvConfig(64, 128, 8, 3, 1, wgmma=True), "Q tiles of 64 (128 would not fit), three stages, 211 KB: "
+                                                    "210-369 TFLOP/s, the best tile in all 8 cells; H200 267-405"),
+    (256, DkdvConfig(64, 64, 8, 2, 1, wgmma=True), "both warpgroups share 64 keys and split head_dim; 235 "
+                                                   "regs, 226 KB: 0.93-1.04x FA2 against 0.67-0.77x for "
+                                                   "mma.sync (bwd-sweep-fp16-d256.json); H200 1.15-1.41x"),
     # mma.sync (sm_80 and up; on sm_90 the head dims wgmma does not cover)
     (64, DkdvConfig(32, 128, 4, 2, 1), "H100: 185-219 TFLOP/s against 150-182 for 64x128 on 8 warps; 75 KB"),
     (128, DkdvConfig(64, 128, 8, 2, 2), "H100: 178-216 TFLOP/s against 152-188 for 32x128 unsplit; 173 KB"),
@@ -68,8 +70,8 @@ DQ_TABLE: tuple[tuple[int, TileConfig, str], ...] = (
 )
 
 # dQ by float32 atomics from the dK/dV kernel, or in its own pass. Measured on the H100: the
-# wgmma dK/dV kernel with atomics beats its own-pass variant by 6-45% in every cell of the sweep
-# above, so it always uses them. For mma.sync, atomics win at head_dim 64; at 128 the separate
+# wgmma dK/dV kernel with atomics (red.add then; bulk reductions since) beats its own-pass
+# variant by 6-45% in every cell of the sweep above, so it always uses them. For mma.sync, atomics win at head_dim 64; at 128 the separate
 # pass won 3 of 4 buckets (s2048 full and causal, s8192 causal); at 256 the atomic dK/dV variant
 # spills. So there, above 64, dQ gets its own pass.
 MAX_ATOMIC_DQ_HEAD_DIM = 64
