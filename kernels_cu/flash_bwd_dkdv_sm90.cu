@@ -97,8 +97,10 @@ __device__ __forceinline__ void dq_piece_gemm(float (&acc)[8][4], u64 dst_mn_des
 // then free of bank conflicts. Rows past seqlen_q receive exact zeros (their Q and dO rows are 0).
 //
 // Why bulk reductions: the per-thread red.global.add.v2.f32 of every dQ element made the L2 the
-// limit of this kernel (ncu: L2 74% busy, tensor pipes far below); on an H200 the kernel with the
-// adds left out ran 1.6-1.9x faster at every head dim (benchmarks/results/h200-2026-12-01).
+// limit of this kernel (ncu at head_dim 256: L2 72% busy, the SM 30%); on an H200 the kernel with
+// the adds left out ran 1.3-1.5x faster at head_dim 64, 1.5-1.8x at 128 and 1.7-2.0x at 256.
+// Bulk reductions gained a median 3%, 12% and 12% there, and left the L2 53% busy at 256
+// (benchmarks/results/h200-2026-12-01). Four-float red.add (v4) had gained nothing.
 template <class T>
 __device__ __forceinline__ float* dq_unit(float* dq_accum, int batch, int head, int heads_q, int seqlen_q, int row,
                                           int col) {
