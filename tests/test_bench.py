@@ -387,13 +387,15 @@ def test_measure_compile_times_without_gpu() -> None:
     rows = bench.measure_compile_times(["float16"], [64], limits=h100)
     entries = [(r["pass"], r["entry"]) for r in rows]
     # Hopper's forward and dK/dV kernels are the wgmma ones (sm_90a); head_dim 64's default
-    # backward makes dQ with atomics, so the deterministic one has its own two kernels
+    # backward makes dQ with atomics (in the sm90 kernel's own accumulator layout), so the
+    # deterministic one has its own two kernels
     assert entries == [("fwd", "flash_fwd_sm90"), ("bwd", "flash_bwd_delta"), ("bwd", "flash_bwd_dkdv_sm90"),
-                       ("bwd", "flash_bwd_convert_dq"), ("bwd-det", "flash_bwd_dkdv_sm90"), ("bwd-det", "flash_bwd_dq")]
+                       ("bwd", "flash_bwd_convert_dq_tiled"), ("bwd-det", "flash_bwd_dkdv_sm90"),
+                       ("bwd-det", "flash_bwd_dq")]
     for r in rows:
         assert r["seconds"] >= 0 and r["arch"] == ("sm_90a" if r["entry"].endswith("_sm90") else "sm_90")
         assert r.get("failure") is not None or r["registers"] > 0, r
-    convert = next(r for r in rows if r["entry"] == "flash_bwd_convert_dq")
+    convert = next(r for r in rows if r["entry"] == "flash_bwd_convert_dq_tiled")
     assert convert["memoized"] is True  # one program with flash_bwd_delta, compiled just before
 
 

@@ -36,7 +36,8 @@ def heuristic_specs() -> list[tuple[str, build.KernelSpec]]:
                           (limits.arch, launch.dq_spec(dtype, dim, bwd.dq))]
                 if bwd.dq_atomic:
                     specs.append((limits.arch, launch.dkdv_spec(dtype, dim, bwd.dkdv, True)))
-            specs += [(limits.arch, launch.prep_spec(dtype, e)) for e in ("flash_bwd_delta", "flash_bwd_convert_dq")]
+            specs += [(limits.arch, launch.prep_spec(dtype, e))
+                      for e in ("flash_bwd_delta", "flash_bwd_convert_dq", "flash_bwd_convert_dq_tiled")]
     unique = {(arch, spec) for arch, spec in specs}
     return sorted(unique, key=lambda item: (item[0], item[1].source, item[1].defines))
 
