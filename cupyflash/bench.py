@@ -790,9 +790,8 @@ def _default_specs(dtype: str, kernel_dim: int, limits: Any) -> list[tuple[str, 
     specs = [("fwd", launch.fwd_spec(dtype, kernel_dim, fwd)),
              ("bwd", launch.prep_spec(dtype, "flash_bwd_delta")),
              ("bwd", launch.dkdv_spec(dtype, kernel_dim, bwd.dkdv, bwd.dq_atomic))]
-    if bwd.dq_atomic:  # the Hopper dK/dV kernel's dQ accumulator has its own layout
-        convert = "flash_bwd_convert_dq_tiled" if bwd.dkdv.wgmma else "flash_bwd_convert_dq"
-        specs += [("bwd", launch.prep_spec(dtype, convert)),
+    if bwd.dq_atomic:
+        specs += [("bwd", launch.prep_spec(dtype, launch.convert_dq_entry(bwd.dkdv))),
                   ("bwd-det", launch.dkdv_spec(dtype, kernel_dim, bwd.dkdv, False)), ("bwd-det", dq_pass)]
     else:
         specs.append(("bwd", dq_pass))

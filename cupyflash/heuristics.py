@@ -71,9 +71,10 @@ DQ_TABLE: tuple[tuple[int, TileConfig, str], ...] = (
 
 # dQ by float32 atomics from the dK/dV kernel, or in its own pass. Measured on the H100: the
 # wgmma dK/dV kernel with atomics (red.add then; bulk reductions since) beats its own-pass
-# variant by 6-45% in every cell of the sweep above, so it always uses them. For mma.sync, atomics win at head_dim 64; at 128 the separate
-# pass won 3 of 4 buckets (s2048 full and causal, s8192 causal); at 256 the atomic dK/dV variant
-# spills. So there, above 64, dQ gets its own pass.
+# variant by 6-45% in every cell of the sweep above, so it always uses them. For mma.sync,
+# atomics win at head_dim 64; at 128 the separate pass won 3 of 4 buckets (s2048 full and
+# causal, s8192 causal); at 256 the atomic dK/dV variant spills. So there, above 64, dQ gets
+# its own pass.
 MAX_ATOMIC_DQ_HEAD_DIM = 64
 
 

@@ -26,14 +26,21 @@ ELEMENT = {"float16": "cf::Half", "bfloat16": "cf::BFloat16"}
 LOG2_E = math.log2(math.e)
 DELTA_ROWS_PER_BLOCK, DELTA_THREADS = 16, 128  # kDeltaRows, kDeltaThreads in flash_bwd_prep.cu
 CONVERT_THREADS, CHUNK = 256, 8  # kConvertThreads, kChunk
-DQ_UNIT_ROWS, DQ_UNIT_COLS = 64, 32  # the units of the Hopper dK/dV kernel's dq_accum (kDqUnitCols)
+DQ_UNIT_ROWS, DQ_UNIT_COLS = 64, 32  # DqUnits::kRows, kCols (traits.cuh)
 
 
-def tiled_dq_accum_shape(p: Problem, kernel_dim: int) -> tuple[int, ...]:
-    """The float32 dQ accumulator of flash_bwd_dkdv_sm90: units of 64 rows x 32 columns, each one
-    contiguous block, [batch][heads_q][ceil(seqlen_q / 64)][kernel_dim / 32][64][32]."""
+def dq_accum_shape(p: Problem, kernel_dim: int, dkdv: DkdvConfig, q_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The float32 dQ accumulator the dK/dV kernel adds into: like q for the mma.sync kernel; for
+    the Hopper one, DqUnits (traits.cuh), [batch][heads_q][ceil(seqlen_q / 64)][kernel_dim / 32][64][32]."""
+    if not dkdv.wgmma:
+        return q_shape
     return (p.batch, p.heads_q, math.ceil(p.seqlen_q / DQ_UNIT_ROWS), kernel_dim // DQ_UNIT_COLS, DQ_UNIT_ROWS,
             DQ_UNIT_COLS)
+
+
+def convert_dq_entry(dkdv: DkdvConfig) -> str:
+    """The kernel that turns the dQ accumulator of this dK/dV kernel into dq (dq_accum_shape)."""
+    return "flash_bwd_convert_dq_tiled" if dkdv.wgmma else "flash_bwd_convert_dq"
 
 
 def _defines(dtype: str, **values: int) -> tuple[tuple[str, str], ...]:
@@ -188,7 +195,7 @@ def backward_dkdv(p: Problem, kernel_dim: int, cfg: BwdConfig, accum_dq: bool, t
     function = _function(dkdv_spec(p.dtype, kernel_dim, cfg.dkdv, accum_dq), limits, device_id, smem)
     grid = (math.ceil(p.seqlen_k / cfg.dkdv.block_n), p.heads_kv, p.batch)
     dq_accum = "dq_accum" if accum_dq else np.uint64(0)  # a null pointer when unused
-    # The Hopper kernel's dq_accum has its own layout (tiled_dq_accum_shape), without strides.
+    # The Hopper kernel's dq_accum has its own layout (dq_accum_shape), without strides.
     dqa_strides = () if cfg.dkdv.wgmma else _strides(t["dq_accum"]) if accum_dq else (np.int64(0),) * 3
     args = ("q", "k", "v", "dout", "lse", "delta", dq_accum, "dk", "dv",
             *_strides(t["q"]), *_strides(t["k"]), *_strides(t["v"]), *_strides(t["dout"]), *_strides(t["dk"]),
@@ -209,21 +216,19 @@ def backward_dq(p: Problem, kernel_dim: int, cfg: TileConfig, t: Mapping[str, An
     return Launch(function, grid, cfg.num_warps * 32, smem, args)
 
 
-def backward_convert_dq(p: Problem, t: Mapping[str, Any], limits: DeviceLimits, device_id: int) -> Launch:
-    """flash_bwd_convert_dq: dq = softmax_scale * dq_accum, both contiguous."""
-    function = _function(prep_spec(p.dtype, "flash_bwd_convert_dq"), limits, device_id)
-    n_elements = t["dq"].size
-    grid = (math.ceil(n_elements / CHUNK / CONVERT_THREADS), 1, 1)
-    args = ("dq_accum", "dq", np.int64(n_elements), np.float32(p.softmax_scale))
-    return Launch(function, grid, CONVERT_THREADS, 0, args)
-
-
-def backward_convert_dq_tiled(p: Problem, kernel_dim: int, t: Mapping[str, Any], limits: DeviceLimits,
-                              device_id: int) -> Launch:
-    """flash_bwd_convert_dq_tiled: dq = softmax_scale * dq_accum, from flash_bwd_dkdv_sm90's layout."""
-    function = _function(prep_spec(p.dtype, "flash_bwd_convert_dq_tiled"), limits, device_id)
-    head_dim = t["dq"].shape[3]
-    grid = (math.ceil(p.seqlen_q * p.heads_q * head_dim // 4 / CONVERT_THREADS), p.batch, 1)
-    args = ("dq_accum", "dq", *_strides(t["dq"]), np.int32(p.seqlen_q), np.int32(p.heads_q), np.int32(head_dim),
-            np.int32(kernel_dim // DQ_UNIT_COLS), np.float32(p.softmax_scale))
+def backward_convert_dq(p: Problem, kernel_dim: int, dkdv: DkdvConfig, t: Mapping[str, Any], limits: DeviceLimits,
+                        device_id: int) -> Launch:
+    """dq = softmax_scale * dq_accum, in the accumulator's layout (convert_dq_entry):
+    flash_bwd_convert_dq (both contiguous, the same shape) or flash_bwd_convert_dq_tiled."""
+    entry = convert_dq_entry(dkdv)
+    function = _function(prep_spec(p.dtype, entry), limits, device_id)
+    if entry == "flash_bwd_convert_dq":
+        n_elements = t["dq"].size
+        grid = (math.ceil(n_elements / CHUNK / CONVERT_THREADS), 1, 1)
+        args = ("dq_accum", "dq", np.int64(n_elements), np.float32(p.softmax_scale))
+    else:  # one block row per query row, blocks across (heads_q, head_dim / 4), one z per batch
+        head_dim = t["dq"].shape[3]
+        grid = (p.seqlen_q, math.ceil(p.heads_q * head_dim // 4 / CONVERT_THREADS), p.batch)
+        args = ("dq_accum", "dq", *_strides(t["dq"]), np.int32(p.seqlen_q), np.int32(p.heads_q),
+                np.int32(head_dim), np.int32(kernel_dim // DQ_UNIT_COLS), np.float32(p.softmax_scale))
     return Launch(function, grid, CONVERT_THREADS, 0, args)

@@ -121,17 +121,14 @@ def build_backward(problem: Problem, t: dict[str, Any], deterministic: bool, dev
     buffers = [Buffer("dq", cupy.empty, q.shape, q.dtype), Buffer("dk", cupy.empty, k.shape, k.dtype),
                Buffer("dv", cupy.empty, k.shape, k.dtype),
                Buffer("delta", cupy.empty, (problem.batch, problem.heads_q, problem.seqlen_q), np.float32)]
-    tiled = config.dkdv.wgmma  # the Hopper kernel's dQ accumulator has a layout of its own
     if accum_dq:  # zeroed: the kernel adds into it
-        shape = launch.tiled_dq_accum_shape(problem, kernel_dim) if tiled else q.shape
+        shape = launch.dq_accum_shape(problem, kernel_dim, config.dkdv, q.shape)
         buffers.append(Buffer("dq_accum", cupy.zeros, shape, np.float32))
     _allocate(buffers, t)
     launches = [launch.backward_delta(problem, t, limits, device_id),
                 launch.backward_dkdv(problem, kernel_dim, config, accum_dq, t, limits, device_id)]
-    if accum_dq and tiled:
-        launches.append(launch.backward_convert_dq_tiled(problem, kernel_dim, t, limits, device_id))
-    elif accum_dq:
-        launches.append(launch.backward_convert_dq(problem, t, limits, device_id))
+    if accum_dq:
+        launches.append(launch.backward_convert_dq(problem, kernel_dim, config.dkdv, t, limits, device_id))
     else:
         launches.append(launch.backward_dq(problem, kernel_dim, config.dq, t, limits, device_id))
     return Plan(buffers, launches, BACKWARD_RESULTS, limits, generation)

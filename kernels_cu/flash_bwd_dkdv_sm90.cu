@@ -77,53 +77,27 @@ __device__ __forceinline__ u16* p_transposed_tile(Sm90DkdvSplitSmem<T>& sm) {
   return sm.pt;
 }
 
-// acc = dS K for one 64 x 64 piece of the dQ tile: query block piece / kSlabs, head_dim slab
-// piece % kSlabs. dS^T (kBlockN keys x kBlockM queries) and K are read MN-major.
-template <class T, class Element>
-__device__ __forceinline__ void dq_piece_gemm(float (&acc)[8][4], u64 dst_mn_desc, u64 k_mn_desc, int piece) {
-  const int mq = piece / T::kSlabs, slab = piece % T::kSlabs;
-#pragma unroll
-  for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
-    const int a_offset = mq * T::kBlockN * 128 + kk * 16 * 128;
-    const int b_offset = slab * T::kBlockN * 128 + kk * 16 * 128;
-    wgmma_ss_tb<Element::kIsBf16, true>(acc, dst_mn_desc + (a_offset >> 4), k_mn_desc + (b_offset >> 4), kk > 0);
-  }
-}
-
-// The float32 dQ accumulator (plan.py allocates it, zeroed; flash_bwd_convert_dq_tiled reads it):
-// [batch][heads_q][ceil(seqlen_q / 64)][kHeadDim / 32][64 rows][32 columns], units of 64 x 32
-// (Sm90DkdvTraits::kDqUnitCols), each one contiguous 8 KB block. Within a unit, 16-byte chunk c
-// of row r sits at chunk c ^ (r % 8) of its row: the fragment stores into the shared copy are
-// then free of bank conflicts. Rows past seqlen_q receive exact zeros (their Q and dO rows are 0).
+// Why bulk reductions into DqUnits (traits.cuh): the per-thread red.global.add.v2.f32 of every
+// dQ element made the L2 the limit of this kernel (ncu at head_dim 256: L2 72% busy, the SM
+// 30%); on an H200 the kernel with the adds left out ran 1.3-1.5x faster at head_dim 64, 1.5-1.8x
+// at 128 and 1.7-2.0x at 256. Bulk reductions gained a median 3%, 12% and 12% there, and left the
+// L2 53% busy at 256 (benchmarks/results/h200-2026-12-01). Four-float red.add (v4) gained nothing.
 //
-// Why bulk reductions: the per-thread red.global.add.v2.f32 of every dQ element made the L2 the
-// limit of this kernel (ncu at head_dim 256: L2 72% busy, the SM 30%); on an H200 the kernel with
-// the adds left out ran 1.3-1.5x faster at head_dim 64, 1.5-1.8x at 128 and 1.7-2.0x at 256.
-// Bulk reductions gained a median 3%, 12% and 12% there, and left the L2 53% busy at 256
-// (benchmarks/results/h200-2026-12-01). Four-float red.add (v4) had gained nothing.
-template <class T>
-__device__ __forceinline__ float* dq_unit(float* dq_accum, int batch, int head, int heads_q, int seqlen_q, int row,
-                                          int col) {
-  // int is enough for the unit's index: 2^31 units would be 2^42 floats
-  const int unit = ((batch * heads_q + head) * ((seqlen_q + 63) / 64) + row / 64) * (T::kHeadDim / T::kDqUnitCols) +
-                   col / T::kDqUnitCols;
-  return dq_accum + static_cast<i64>(unit) * T::kDqUnitFloats;
-}
-
 // Columns [kPart kDqStageCols, +kDqStageCols) of a warpgroup's 64 x 64 dQ piece (acc, the m64n64
 // accumulator layout: this warp's rows 16 (warp % 4) + g and + 8, columns 8 nt + 2 t and + 1)
-// into the staging buffer, laid out as kDqStageCols / 32 consecutive units of dq_accum. Row r's
-// chunk c = 2 (nt % 4) + t / 2 goes to chunk c ^ (r % 8) = 2 (nt % 4) ^ (g ^ t / 2).
+// into the staging buffer, laid out as kDqStageCols / 32 consecutive DqUnits. Row r's chunk
+// c = 2 (nt % 4) + t / 2 goes to chunk c ^ (r % 8) = 2 (nt % 4) ^ (g ^ t / 2): DqUnits::chunk_offset
+// with the lane's part of it computed once.
 template <class T, int kPart>
 __device__ __forceinline__ void stage_dq_part(u32 stage, const float (&acc)[8][4], int warp, int lane) {
   const int g = lane >> 2, t = lane & 3, swizzle = g ^ (t >> 1);
-  const u32 lane_row = stage + ((warp % 4) * 16 + g) * T::kDqUnitCols * 4 + (t & 1) * 8;  // bytes
+  const u32 lane_row = stage + ((warp % 4) * 16 + g) * DqUnits::kCols * 4 + (t & 1) * 8;  // bytes
 #pragma unroll
   for (int j = 0; j < T::kDqStageCols / 8; ++j)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int nt = kPart * (T::kDqStageCols / 8) + j;
-      const u32 address = lane_row + (j / 4) * T::kDqUnitFloats * 4 + h * 8 * T::kDqUnitCols * 4 +
+      const u32 address = lane_row + (j / 4) * DqUnits::kFloats * 4 + h * 8 * DqUnits::kCols * 4 +
                           ((2 * (j % 4)) ^ swizzle) * 16;
       st_shared_f32x2(address, acc[nt][2 * h], acc[nt][2 * h + 1]);
     }
@@ -132,7 +106,7 @@ __device__ __forceinline__ void stage_dq_part(u32 stage, const float (&acc)[8][4
 // dq_accum += one 64 x 64 dQ piece of a warpgroup, kDqStageCols columns at a time: every thread
 // stores its fragments into the warpgroup's staging buffer, then the warpgroup's first thread
 // (the leader) hands the part to the copy engine as one bulk reduction and goes on. piece_dst is
-// the piece's first unit in dq_accum (dq_unit).
+// the piece's first unit in dq_accum (DqUnits::unit).
 template <class T>
 __device__ __forceinline__ void add_dq_piece(float* piece_dst, u32 stage, const float (&acc)[8][4], int warp,
                                              int lane) {
@@ -147,7 +121,7 @@ __device__ __forceinline__ void add_dq_piece(float* piece_dst, u32 stage, const 
     fence_proxy_async();  // the stores, to the copy engine's (async) proxy
     named_barrier_sync(barrier, 128);
     if (leader) {
-      bulk_reduce_add_f32(piece_dst + part * (T::kDqStageCols / T::kDqUnitCols) * T::kDqUnitFloats, stage,
+      bulk_reduce_add_f32(piece_dst + part * (T::kDqStageCols / DqUnits::kCols) * DqUnits::kFloats, stage,
                           T::kDqStageFloats * 4);
       bulk_commit();
     }
@@ -160,7 +134,7 @@ static_assert(sizeof(cf::Sm90DkdvShared) + cf::kSmemAlignSlack == CF_SMEM_BYTES,
               "config.py smem_bytes() disagrees with the kernel's layout");
 
 // Arguments, shapes and grid as flash_bwd_dkdv (flash_bwd_dkdv.cu), with kBlockN keys per block
-// (Sm90DkdvTraits), except dq_accum: float32 in the unit layout above (dq_unit), so it takes no
+// (Sm90DkdvTraits), except dq_accum: float32 in the DqUnits layout (traits.cuh), so it takes no
 // strides. Block: kThreads; dynamic smem: Sm90DkdvShared plus kSmemAlignSlack.
 extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
     flash_bwd_dkdv_sm90(const cf::u16* __restrict__ q, const cf::u16* __restrict__ k, const cf::u16* __restrict__ v,
@@ -268,26 +242,13 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
     const int head = kv_head * group_size + it / m_tiles;
     const int row0 = (m_begin + it % m_tiles) * T::kBlockM;
     const int rows = min(T::kBlockM, seqlen_q - row0);
-    // dV += P^T dO and dK += dS^T Q: SS from P^T, dS^T in shared memory with kSplitD, else RS
-    // from the fragments in registers.
-    auto mma_dv = [&] {
-      if constexpr (T::kSplitD)
-        wgmma_ss_over_q<T>(acc_dv, wgmma_desc_sw128(smem_addr(p_transposed_tile(sm)), 16, T::kSwizzleBytes),
-                           do_mn_desc0 + slot_offset, acc_slab0);
-      else
-        wgmma_rs_mn_major<Element, T::kBlockM, T::kAccSlabs>(acc_dv, p_frag, do_mn_desc0 + slot_offset);
-    };
-    auto mma_dk = [&] {
-      if constexpr (T::kSplitD)
-        wgmma_ss_over_q<T>(acc_dk, wgmma_desc_sw128(dst_smem, 16, T::kSwizzleBytes), q_mn_desc0 + slot_offset,
-                           acc_slab0);
-      else
-        wgmma_rs_mn_major<Element, T::kBlockM, T::kAccSlabs>(acc_dk, ds_frag, q_mn_desc0 + slot_offset);
-    };
 
     if constexpr (T::kSplitD) {
       // Warpgroup 0: S^T and P^T; warpgroup 1: dP^T, then dS^T once P^T is in shared memory.
+      // Both are K-major A operands of dV and dK.
       u16* const pt_tile = p_transposed_tile(sm);
+      const u64 pt_desc = wgmma_desc_sw128(smem_addr(pt_tile), 16, T::kSwizzleBytes);
+      const u64 dst_desc = wgmma_desc_sw128(dst_smem, 16, T::kSwizzleBytes);
       wgmma_fence();
       wgmma_k_major<Element, T::kBlockM, T::kBlockN, T::kHeadDim>(st, warpgroup == 0 ? k_desc : v_desc,
                                               (warpgroup == 0 ? q_desc0 : do_desc0) + slot_offset);
@@ -311,8 +272,8 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
       fence_proxy_async();
       __syncthreads();  // P^T and dS^T complete in shared memory
       wgmma_fence();
-      mma_dv();
-      mma_dk();
+      wgmma_ss_over_q<T>(acc_dv, pt_desc, do_mn_desc0 + slot_offset, acc_slab0);
+      wgmma_ss_over_q<T>(acc_dk, dst_desc, q_mn_desc0 + slot_offset, acc_slab0);
       wgmma_commit();
     } else {
       wgmma_fence();
@@ -326,7 +287,8 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
       if (!mask.tile_is_full(row0, row0 + rows, key_begin, key_begin + T::kBlockN))
         mask_scores_transposed(*reinterpret_cast<float(*)[1][T::kQTiles][4]>(&st), mask, key_begin + key_row0, row0,
                                lane);
-      // to_probabilities + to_score_gradients in one pass.
+      // to_probabilities + to_score_gradients in one pass: two passes compile to different
+      // code (same registers, no spills), not yet measured on a GPU.
       const float* lse_row = sm.lse[slot];
       const float* delta_row = sm.delta[slot];
 #pragma unroll
@@ -340,35 +302,39 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
         }
       pack_a_frags<Element, T::kBlockM>(p_frag, st);
       pack_a_frags<Element, T::kBlockM>(ds_frag, dpt);
+
       wgmma_fence();
-      mma_dv();
-      mma_dk();
+      wgmma_rs_mn_major<Element, T::kBlockM, T::kAccSlabs>(acc_dv, p_frag, do_mn_desc0 + slot_offset);
+      wgmma_rs_mn_major<Element, T::kBlockM, T::kAccSlabs>(acc_dk, ds_frag, q_mn_desc0 + slot_offset);
       wgmma_commit();
-      if constexpr (T::kAccumDq) {  // dQ needs dS^T of all the block's keys
+    }
+
+    if constexpr (T::kAccumDq) {
+      // dQ needs dS over all of the block's keys: every warpgroup writes its dS^T rows, then each
+      // computes its 64 x 64 pieces of dQ = dS K from shared memory while dK and dV run, and adds
+      // them into dq_accum (add_dq_piece).
+      if constexpr (!T::kSplitD) {  // (kSplitD wrote dS^T above)
         store_frags_swizzled<Element, T::kBlockN, T::kQTiles>(sm.dst, dpt, key_row0, lane);
         fence_proxy_async();
         __syncthreads();
       }
-    }
-
-    if constexpr (T::kAccumDq) {
-      // dQ = dS K needs dS over all of the block's keys, so both operands come from shared
-      // memory; each warpgroup computes 64 x 64 pieces of the dQ tile (dq_piece_gemm) and adds
-      // them into dq_accum in float32 (add_dq_piece).
-      float acc_dq[8][4];
-      auto add_piece = [&](int piece) {
-        wgmma_fence_operands(acc_dq);
-        const int mq = piece / T::kSlabs, slab = piece % T::kSlabs;
-        add_dq_piece<T>(dq_unit<T>(dq_accum, batch, head, heads_q, seqlen_q, row0 + 64 * mq, 64 * slab),
-                        smem_addr(sm.dq_stage[warpgroup]), acc_dq, warp, lane);
-      };
 #pragma unroll
       for (int piece = warpgroup; piece < T::kDqPieces; piece += T::kWarpgroups) {
+        const int mq = piece / T::kSlabs, slab = piece % T::kSlabs;  // query block, head_dim slab
+        float acc_dq[8][4];
         wgmma_fence();
-        dq_piece_gemm<T, Element>(acc_dq, dst_mn_desc, k_mn_desc, piece);
+#pragma unroll
+        for (int kk = 0; kk < T::kBlockN / 16; ++kk) {
+          const int a_offset = mq * T::kBlockN * 128 + kk * 16 * 128;
+          const int b_offset = slab * T::kBlockN * 128 + kk * 16 * 128;
+          wgmma_ss_tb<Element::kIsBf16, true>(acc_dq, dst_mn_desc + (a_offset >> 4), k_mn_desc + (b_offset >> 4),
+                                              kk > 0);
+        }
         wgmma_commit();
         wgmma_wait<0>();
-        add_piece(piece);
+        wgmma_fence_operands(acc_dq);
+        add_dq_piece<T>(DqUnits::unit(dq_accum, batch, head, heads_q, seqlen_q, T::kHeadDim, row0 + 64 * mq, 64 * slab),
+                        smem_addr(sm.dq_stage[warpgroup]), acc_dq, warp, lane);
       }
     }
     wgmma_wait<0>();

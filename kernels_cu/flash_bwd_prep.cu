@@ -68,31 +68,26 @@ extern "C" __global__ void __launch_bounds__(cf::kConvertThreads)
   *reinterpret_cast<Vec16*>(dq + chunk * kChunk) = Vec16{words[0], words[1], words[2], words[3]};
 }
 
-// dq_accum: float32 in flash_bwd_dkdv_sm90.cu's layout, [batch][heads_q][ceil(seqlen_q / 64)]
-//   [accum_units][64 rows][32 columns], chunk c (4 floats) of row r stored at chunk c ^ (r % 8);
-//   accum_units = the kernel's head dim / 32. dq: (batch, seqlen_q, heads_q, head_dim) 16-bit,
-//   strides in elements, head_dim a multiple of 8 (columns past it in dq_accum are dropped).
-// Grid: (ceil(seqlen_q * heads_q * head_dim / 4 / kConvertThreads), batch); block: kConvertThreads.
+// dq_accum: float32 in the DqUnits layout (traits.cuh) of the dK/dV kernel's head dim, which is
+//   32 accum_units. dq: (batch, seqlen_q, heads_q, head_dim) 16-bit, strides in elements,
+//   head_dim a multiple of 8 (columns past it in dq_accum are dropped).
+// Grid: (seqlen_q, ceil(heads_q * head_dim / 4 / kConvertThreads), batch); block: kConvertThreads.
 // Each thread converts 4 columns of one row: consecutive threads write consecutive dq columns.
 extern "C" __global__ void __launch_bounds__(cf::kConvertThreads)
     flash_bwd_convert_dq_tiled(const float* __restrict__ dq_accum, cf::u16* __restrict__ dq, cf::i64 dq_batch_stride,
                                cf::i64 dq_row_stride, cf::i64 dq_head_stride, int seqlen_q, int heads_q,
                                int head_dim, int accum_units, float softmax_scale) {
   using namespace cf;
-  constexpr int kUnitCols = 32, kChunksPerRow = kUnitCols / 4;
+  constexpr int kChunksPerUnitRow = DqUnits::kCols / 4;
   const int chunks = head_dim / 4;  // of 4 columns, per (row, head)
-  const int batch = blockIdx.y;
-  const i64 index = static_cast<i64>(blockIdx.x) * kConvertThreads + threadIdx.x;  // within the batch
-  if (index >= static_cast<i64>(seqlen_q) * heads_q * chunks) return;
-  const int chunk = static_cast<int>(index % chunks);
-  const int head = static_cast<int>((index / chunks) % heads_q);
-  const int row = static_cast<int>(index / chunks / heads_q);
-  const i64 m_blocks = (seqlen_q + 63) / 64;
-  const int r = row % 64, unit_chunk = chunk % kChunksPerRow;
-  const i64 unit = ((static_cast<i64>(batch) * heads_q + head) * m_blocks + row / 64) * accum_units +
-                   chunk / kChunksPerRow;
-  const Vec16 v = *reinterpret_cast<const Vec16*>(dq_accum + unit * 64 * kUnitCols + r * kUnitCols +
-                                                  (unit_chunk ^ (r % 8)) * 4);
+  const int row = blockIdx.x, batch = blockIdx.z;
+  const int index = blockIdx.y * kConvertThreads + threadIdx.x;  // within the row: (head, chunk)
+  if (index >= heads_q * chunks) return;
+  const int head = index / chunks, chunk = index % chunks;
+  const float* unit =
+      DqUnits::unit(dq_accum, batch, head, heads_q, seqlen_q, accum_units * DqUnits::kCols, row, 4 * chunk);
+  const Vec16 v =
+      *reinterpret_cast<const Vec16*>(unit + DqUnits::chunk_offset(row % DqUnits::kRows, chunk % kChunksPerUnitRow));
   const u32 lo = Element::pack(__uint_as_float(v.x) * softmax_scale, __uint_as_float(v.y) * softmax_scale);
   const u32 hi = Element::pack(__uint_as_float(v.z) * softmax_scale, __uint_as_float(v.w) * softmax_scale);
   u32* dst = reinterpret_cast<u32*>(dq + batch * dq_batch_stride + row * dq_row_stride + head * dq_head_stride +

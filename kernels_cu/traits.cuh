@@ -147,6 +147,29 @@ struct Sm90FwdSmem {
   u16 v[T::kStages][T::kBlockN * T::kHeadDim];
 };
 
+// The float32 dQ accumulator of the Hopper dK/dV kernel (plan.py allocates it, zeroed; the kernel
+// adds into it, flash_bwd_convert_dq_tiled reads it): [batch][heads_q][ceil(seqlen_q / 64)]
+// [head_dim / 32][64 rows][32 columns] for the kernel's head_dim. Each 64 x 32 unit is one
+// contiguous 8 KB block, so a staged piece goes out as one bulk reduction. Within a unit,
+// 16-byte chunk c of row r sits at chunk c ^ (r % 8) of its row, which keeps the fragment stores
+// into the shared copy free of bank conflicts.
+struct DqUnits {
+  static constexpr int kRows = 64, kCols = 32, kFloats = kRows * kCols;
+
+  // The unit holding (row, col) of the dQ of (batch, head). An int is enough for the unit's
+  // index: 2^31 units would be 2^42 floats.
+  template <class Float>  // float, or const float for the reader
+  static __device__ __forceinline__ Float* unit(Float* dq_accum, int batch, int head, int heads_q, int seqlen_q,
+                                                int head_dim, int row, int col) {
+    const int index = ((batch * heads_q + head) * ((seqlen_q + kRows - 1) / kRows) + row / kRows) * (head_dim / kCols) +
+                      col / kCols;
+    return dq_accum + static_cast<i64>(index) * kFloats;
+  }
+
+  // The offset in floats, within its unit, of row r's 16-byte chunk c (columns 4c .. 4c + 3).
+  static __device__ __forceinline__ int chunk_offset(int r, int c) { return r * kCols + (c ^ (r % 8)) * 4; }
+};
+
 // Hopper backward dK/dV (flash_bwd_dkdv_sm90.cu): two 4-warp warpgroups; Q / dO tiles of
 // kBlockM queries stream through kStages slots; tiles are 128-byte swizzled like Sm90FwdTraits'.
 // Head dims 64 and 128: each warpgroup owns 64 keys (block_n 128) and all of head_dim.
@@ -173,12 +196,9 @@ struct Sm90DkdvTraits {
   static constexpr int kSlabs = HeadDim / 64;    // 128-byte column slabs of a Q/dO/K/V tile
   static constexpr int kDqPieces = (BlockM / 64) * kSlabs;  // 64 x 64 pieces of the dQ tile
   static constexpr int kSwizzleBytes = 1024;
-  // dQ's float32 accumulator in global memory is laid out in units of 64 rows x 32 columns, each
-  // one contiguous 8 KB block (flash_bwd_dkdv_sm90.cu). A warpgroup stages kDqStageCols columns
-  // of a piece at a time in shared memory and adds them with one bulk reduction: the whole
-  // piece (16 KB) where it fits, half of it at head_dim 256 (whose tiles leave 17 KB).
-  static constexpr int kDqUnitCols = 32;
-  static constexpr int kDqUnitFloats = 64 * kDqUnitCols;
+  // A warpgroup stages kDqStageCols columns of a 64 x 64 dQ piece at a time in shared memory and
+  // adds them into the accumulator (DqUnits) with one bulk reduction: the whole piece (16 KB)
+  // where it fits, half of it at head_dim 256 (whose tiles leave 17 KB).
   static constexpr int kDqStageCols = kSplitD ? 32 : 64;
   static constexpr int kDqStageFloats = 64 * kDqStageCols;
 
@@ -199,7 +219,7 @@ struct Sm90DkdvSmem {
   u16 dst[T::kBlockN * T::kBlockM];  // dS^T (keys x queries), the A operand of dQ = dS K
   float lse[T::kStages][T::kBlockM];  // 0 for rows past seqlen_q (their Q and dO rows are 0 too)
   float delta[T::kStages][T::kBlockM];
-  float dq_stage[T::kWarpgroups][T::kDqStageFloats];  // each warpgroup's dQ on its way out (atomic dQ)
+  float dq_stage[T::kWarpgroups][T::kDqStageFloats];  // each warpgroup's dQ on its way out (DqUnits)
 };
 
 // kSplitD adds P^T, which warpgroup 0 hands to warpgroup 1 (for dS^T) and both read for dV.
