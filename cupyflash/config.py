@@ -240,10 +240,12 @@ def dkdv_candidates(head_dim: int, limits: DeviceLimits) -> list[DkdvConfig]:
     # wgmma: Q tiles of 128 with three stages spill with atomic dQ at head_dim 64 (ptxas, 255 regs).
     configs += [DkdvConfig(m, 128, 8, s, 1, wgmma=True) for m, s in ((64, 2), (64, 3), (128, 2))]
     configs += [DkdvConfig(64, 64, 8, 2, 1, wgmma=True)]  # head_dim 256 (columns split)
+    configs += [DkdvConfig(32, 16, 2, 2, 2)]  # head_dim 256 on 99 KB GPUs (heuristics.DKDV_TABLE)
     return [c for c in configs if c.fits(head_dim, limits)]
 
 
 def dq_candidates(head_dim: int, limits: DeviceLimits) -> list[TileConfig]:
     space = itertools.product((64, 128), (32, 64, 128), (4, 8), (2,))
     configs = [TileConfig(m, n, w, s) for m, n, w, s in space]
+    configs += [TileConfig(64, 16, 4, 2)]  # head_dim 192 and 256 on 99 KB GPUs (heuristics.DQ_TABLE)
     return [c for c in configs if c.fits(head_dim, limits, kind="dq")]

@@ -58,7 +58,10 @@ DKDV_TABLE: tuple[tuple[int, DkdvConfig, str], ...] = (
     (128, DkdvConfig(32, 64, 4, 2, 1), "sm_86 fallback (79 KB at d128)"),
     (256, DkdvConfig(64, 64, 8, 2, 2), "warps split head_dim in two so dK, dV fit in registers; 217 KB at d256"),
     (256, DkdvConfig(32, 64, 8, 2, 2), "A100 fallback (143 KB at d256)"),
-    (192, DkdvConfig(32, 32, 4, 2, 2), "sm_86 fallback (81 KB at d192); no d256 backward fits 99 KB"),
+    (192, DkdvConfig(32, 32, 4, 2, 2), "sm_86/89 fallback (81 KB at d192)"),
+    (256, DkdvConfig(32, 16, 2, 2, 2), "sm_86/89 fallback (86 KB at d256): 16 keys, two warps splitting "
+                                       "head_dim; 255 regs, no spills (ptxas, NVRTC 12.9, sm_89); slow, but "
+                                       "the only d256 tile of this kernel that fits 99 KB"),
 )
 
 DQ_TABLE: tuple[tuple[int, TileConfig, str], ...] = (
@@ -66,7 +69,8 @@ DQ_TABLE: tuple[tuple[int, TileConfig, str], ...] = (
     (128, TileConfig(64, 32, 4, 2), "sm_86 fallback"),
     (256, TileConfig(128, 32, 8, 2), "H100: 150-180 TFLOP/s backward against 148-171 with 64x64; 198 KB"),
     (256, TileConfig(64, 32, 4, 2), "A100 fallback (132 KB at d256)"),
-    (192, TileConfig(64, 16, 4, 2), "sm_86 fallback (75 KB at d192)"),
+    (192, TileConfig(64, 16, 4, 2), "sm_86/89 fallback (75 KB at d192)"),
+    (256, TileConfig(64, 16, 4, 2), "sm_86/89 fallback (99 KB at d256, exactly the limit); 237 regs"),
 )
 
 # dQ by float32 atomics from the dK/dV kernel, or in its own pass. Measured on the H100: the

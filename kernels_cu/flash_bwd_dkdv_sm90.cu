@@ -321,6 +321,10 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
 #pragma unroll
       for (int piece = warpgroup; piece < T::kDqPieces; piece += T::kWarpgroups) {
         const int mq = piece / T::kSlabs, slab = piece % T::kSlabs;  // query block, head_dim slab
+        // dq_accum rounds seqlen_q up to 64 rows (DqUnits), not to kBlockM: a piece that starts
+        // past the last query row has no unit there, and would add its zeros into whatever lies
+        // beyond the buffer. It is skipped (uniformly over the warpgroup, so its barriers match).
+        if (row0 + 64 * mq >= seqlen_q) continue;
         float acc_dq[8][4];
         wgmma_fence();
 #pragma unroll

@@ -3,12 +3,16 @@
 # the results folder, see below):
 #   info     cupyflash info                                  -> $OUT/info.txt
 #   tests    the GPU test suite (tests/test_gpu_*.py)         -> $OUT/gpu_tests.log
+#   tests-shuffled  the same in a shuffled order (TEST_SEED, default 2026): no test may depend on
+#            what ran before it                                -> $OUT/gpu_tests_shuffled.log
+#   sanitize scripts/sanitize.py: compute-sanitizer memcheck over the memory-safety sweep, racecheck
+#            and synccheck over its small set, one process per case -> $OUT/sanitize.log
 #   validate cupyflash validate --quick                       -> $OUT/validate.log
 #   bench    cupyflash bench: the paper grid against naive CuPy and PyTorch, one dtype per step
 #            (bench-fp16 / bench-bf16; BENCH_RUNS timed runs, default 10) -> $OUT/bench-*.log, .png, bench-*/*.json/.md
 #   overhead scripts/host_overhead.py: host time per call against PyTorch -> $OUT/overhead.log
 #   tune     cupyflash autotune on the default buckets        -> $OUT/tune.log
-# Usage: scripts/gpu_check.sh [STEP ...]   (default: info tests validate bench-fp16 bench-bf16 overhead)
+# Usage: scripts/gpu_check.sh [STEP ...]   (default: info tests sanitize validate bench-fp16 bench-bf16 overhead)
 # Writes into ./gpu_check_out, or, when $OUT is set (the device tool, which brings back at most 8
 # files), into a scratch folder that is packed into $OUT/gpu_check.tar.gz after every step, so a
 # run cut short still returns the steps it finished. Kernels compile into $CUPYFLASH_CACHE_DIR
@@ -23,7 +27,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export CUPYFLASH_CACHE_DIR=${CUPYFLASH_CACHE_DIR:-/tmp/cupyflash-cache}
 PY=${PYTHON:-python3}
 steps=("$@")
-[[ ${#steps[@]} -eq 0 ]] && steps=(info tests validate bench-fp16 bench-bf16 overhead)
+[[ ${#steps[@]} -eq 0 ]] && steps=(info tests sanitize validate bench-fp16 bench-bf16 overhead)
+GPU_TESTS=(tests/test_gpu_*.py)
 status=0
 
 run_step() {  # name, log file, command...: runs, logs, records a failure without stopping
@@ -42,16 +47,21 @@ run_step() {  # name, log file, command...: runs, logs, records a failure withou
 for step in "${steps[@]}"; do
   case $step in
     info) run_step info "$OUT/info.txt" $PY -m cupyflash info; cat "$OUT/info.txt" ;;
-    tests)
-      run_step tests "$OUT/gpu_tests.log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider \
-        tests/test_gpu_forward.py tests/test_gpu_backward.py tests/test_gpu_cli.py tests/test_gpu_plan.py
-      grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 3
-      grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -n 40 ;;
+    tests|tests-shuffled)
+      order=collected log=$OUT/gpu_tests.log
+      [[ $step == tests-shuffled ]] && order=random:${TEST_SEED:-2026} log=$OUT/gpu_tests_shuffled.log
+      run_step "$step" "$log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider --test-order "$order" "${GPU_TESTS[@]}"
+      grep -E "passed|failed|error" "$log" | tail -n 3
+      grep -E "^FAILED|^ERROR" "$log" | head -n 40 ;;
     tests-quick)
       run_step tests-quick "$OUT/gpu_tests.log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider \
-        -k "not 4097 and not 1023 and not 1024x1023" tests/test_gpu_forward.py tests/test_gpu_backward.py tests/test_gpu_cli.py tests/test_gpu_plan.py
+        -k "not 4097 and not 1023 and not 1024x1023" "${GPU_TESTS[@]}"
       grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 3
       grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -n 40 ;;
+    sanitize)
+      run_step sanitize "$OUT/sanitize-summary.txt" $PY scripts/sanitize.py --jobs "${SANITIZE_JOBS:-12}" \
+        --log "$OUT/sanitize.log"
+      cat "$OUT/sanitize-summary.txt" ;;
     validate) run_step validate "$OUT/validate.log" $PY -m cupyflash validate --quick; tail -n 5 "$OUT/validate.log" ;;
     bench-fp16|bench-bf16)
       dtype=$([[ $step == bench-fp16 ]] && echo float16 || echo bfloat16)

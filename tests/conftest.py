@@ -1,15 +1,69 @@
-"""Shared test set-up: tests marked ``@pytest.mark.gpu`` skip cleanly on a machine without a
-CUDA GPU (the markers themselves are registered in pyproject.toml)."""
+"""Shared test set-up.
+
+- Tests marked ``@pytest.mark.gpu`` skip cleanly on a machine without a CUDA GPU (the markers
+  themselves are registered in pyproject.toml).
+- The session is hermetic: CUPYFLASH_CACHE_DIR is a fresh temporary folder (the cubins, and the
+  tuned configs in its tuning/), CUPYFLASH_TUNING_DIR and CUPYFLASH_NO_DISK_CACHE are unset, so
+  neither a user's tuned configs nor an earlier run's cubins change what the tests see
+  (subprocesses the tests start inherit the same folder).
+- ``--test-order reverse`` or ``--test-order random:SEED`` runs the collected tests in another
+  order, to show that none depends on what ran before it (scripts/gpu_check.sh runs the GPU
+  suite in two orders).
+"""
 
 from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
 
 import pytest
 
 NO_GPU_REASON = "needs a CUDA GPU: cupyflash.device.gpu_count() is 0 (no CuPy, no CUDA driver or no device)"
+_HERMETIC_VARIABLES = ("CUPYFLASH_CACHE_DIR", "CUPYFLASH_TUNING_DIR", "CUPYFLASH_NO_DISK_CACHE")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--test-order", default="collected", metavar="ORDER",
+                     help="collected (default), reverse, or random:SEED")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    root = tempfile.mkdtemp(prefix="cupyflash-tests-")
+    config._cupyflash_saved_env = {name: os.environ.get(name) for name in _HERMETIC_VARIABLES}
+    config._cupyflash_cache_root = root
+    os.environ["CUPYFLASH_CACHE_DIR"] = root
+    os.environ.pop("CUPYFLASH_TUNING_DIR", None)
+    os.environ.pop("CUPYFLASH_NO_DISK_CACHE", None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for name, value in getattr(config, "_cupyflash_saved_env", {}).items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    root = getattr(config, "_cupyflash_cache_root", None)
+    if root:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _reorder(order: str, items: list[pytest.Item]) -> None:
+    if order == "collected":
+        return
+    if order == "reverse":
+        items.reverse()
+        return
+    kind, _, seed = order.partition(":")
+    if kind != "random" or not seed.isdigit():
+        raise pytest.UsageError(f"--test-order is {order!r}; use collected, reverse or random:SEED (SEED an integer)")
+    random.Random(int(seed)).shuffle(items)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip every gpu-marked test when no GPU is visible; the GPU suite runs unchanged on one."""
+    """Reorder if asked; skip every gpu-marked test when no GPU is visible."""
+    _reorder(config.getoption("--test-order"), items)
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return  # no GPU test collected: do not even ask the driver

@@ -394,7 +394,9 @@ def test_measure_compile_times_without_gpu() -> None:
                        ("bwd-det", "flash_bwd_dq")]
     for r in rows:
         assert r["seconds"] >= 0 and r["arch"] == ("sm_90a" if r["entry"].endswith("_sm90") else "sm_90")
-        assert r.get("failure") is not None or r["registers"] > 0, r
+        assert "failure" not in r, r  # every default kernel compiles
+        # (registers is None only when NVRTC served the program from its own cache, with no log)
+        assert r["registers"] is None or (r["registers"] > 0 and r["spill_bytes"] == 0), r
     convert = next(r for r in rows if r["entry"] == "flash_bwd_convert_dq_tiled")
     assert convert["memoized"] is True  # one program with flash_bwd_delta, compiled just before
 

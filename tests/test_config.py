@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cupyflash import autotune, config, heuristics
+from cupyflash import autotune, config, gpu_classes, heuristics
 from cupyflash.config import KERNEL_HEAD_DIMS, DkdvConfig, TileConfig
 from cupyflash.device import DeviceLimits
 
@@ -12,15 +12,33 @@ H100 = DeviceLimits("H100", (9, 0), 132, 232448, 233472)
 TINY = DeviceLimits("tiny", (8, 6), 8, 48 * 1024, 64 * 1024)
 
 
-@pytest.mark.parametrize("limits", [H100, TINY], ids=lambda l: l.name)
+@pytest.mark.parametrize("limits", gpu_classes.PROMISED, ids=lambda l: l.name)
 @pytest.mark.parametrize("head_dim", KERNEL_HEAD_DIMS)
 def test_candidates_all_fit(limits: DeviceLimits, head_dim: int) -> None:
-    for cfg in config.fwd_candidates(head_dim, limits):
-        assert cfg.smem_bytes(head_dim) <= limits.smem_per_block_optin and not cfg.problems(head_dim)
-    for cfg in config.dkdv_candidates(head_dim, limits):
-        assert cfg.smem_bytes(head_dim) <= limits.smem_per_block_optin and not cfg.problems(head_dim)
-    for cfg in config.dq_candidates(head_dim, limits):
-        assert cfg.smem_bytes(head_dim, "dq") <= limits.smem_per_block_optin
+    """Every promised GPU class has autotune candidates for every pass, and each one fits."""
+    fwd = config.fwd_candidates(head_dim, limits)
+    dkdv = config.dkdv_candidates(head_dim, limits)
+    dq = config.dq_candidates(head_dim, limits)
+    assert fwd and dkdv and dq, (len(fwd), len(dkdv), len(dq))
+    for cfg in fwd:
+        assert cfg.smem_bytes(head_dim) <= limits.smem_per_block_optin and not cfg.problems(head_dim), cfg
+    for cfg in dkdv:
+        assert cfg.smem_bytes(head_dim) <= limits.smem_per_block_optin and not cfg.problems(head_dim), cfg
+    for cfg in dq:
+        assert cfg.smem_bytes(head_dim, "dq") <= limits.smem_per_block_optin and not cfg.problems(head_dim), cfg
+
+
+@pytest.mark.parametrize("limits", gpu_classes.PROMISED, ids=lambda l: l.name)
+@pytest.mark.parametrize("head_dim", KERNEL_HEAD_DIMS)
+def test_every_promised_gpu_has_default_configs(limits: DeviceLimits, head_dim: int) -> None:
+    """The README promises head_dim up to 256 forward and backward from sm_80 on: the heuristic
+    tables give each (GPU class, head dim, pass) a config that fits (the 99 KB class at d256 was
+    missing its backward)."""
+    fwd = heuristics.default_fwd_config(head_dim, limits)
+    bwd = heuristics.default_bwd_config(head_dim, limits)
+    assert fwd.fits(head_dim, limits) and bwd.fits(head_dim, limits)
+    if limits.compute_capability != (9, 0):
+        assert not fwd.wgmma and not bwd.dkdv.wgmma
 
 
 def test_smaller_device_prunes_more() -> None:
