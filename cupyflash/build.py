@@ -5,7 +5,10 @@ variant and an explicit -arch, producing a cubin (no GPU needed, so the CPU test
 every variant). Cubins are cached on disk under a key that covers the hash of all of
 kernels_cu/ (CuPy's own cache ignores #included headers), the variant, the arch and the NVRTC
 version; files are written atomically, so a second process loads them without calling NVRTC.
-Loaded functions are memoized per device.
+Each cubin has a .json beside it (written last) with its length and sha256: an entry that fails
+them, or is not ELF, never reaches module.load (where a truncated cubin is a segfault); it is
+warned about (CacheWarning), recompiled and replaced. A cache folder that cannot be written
+warns once and kernels compile in memory. Loaded functions are memoized per device.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import re
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,23 +153,115 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+class CacheWarning(RuntimeWarning):
+    """The kernel disk cache held a bad entry (rebuilt) or could not be written (kernels compile
+    in memory). Never an error: the cache only saves compile time."""
+
+
+ELF_MAGIC = b"\x7fELF"
+# The metadata beside each cubin; written last, so a readable one marks a complete pair.
+_META_TYPES = {"log": str, "length": int, "sha256": str, "source": str, "defines": dict, "arch": str}
+
+
+class _BadEntry(Exception):
+    """A cache entry that must not reach module.load; the message says what is wrong with it."""
+
+
+def _check_meta(meta: Any, meta_path: Path) -> None:
+    """Raise _BadEntry unless `meta` has every field of _META_TYPES with its type. Entries from
+    before the length and sha256 were stored fail here too, and are rebuilt."""
+    if not isinstance(meta, dict):
+        raise _BadEntry(f"{meta_path} holds {json.dumps(meta)[:40]}, not a JSON object")
+    for name, kind in _META_TYPES.items():
+        value = meta.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise _BadEntry(f"{meta_path}: field {name!r} is {value!r}, expected a {kind.__name__}")
+
+
+def _read_entry(cubin_path: Path, meta_path: Path) -> tuple[bytes, str] | None:
+    """(cubin, ptxas log) of an intact cache entry; None when there is none (a plain miss);
+    _BadEntry when there is one that fails the checks (truncated, bit-flipped, half written)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        if cubin_path.is_file():  # a writer died between the two files, or the copy lost one
+            raise _BadEntry(f"{cubin_path} has no metadata file {meta_path.name}") from None
+        return None
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise _BadEntry(f"{meta_path} is unreadable ({type(error).__name__}: {error})") from None
+    _check_meta(meta, meta_path)
+    try:
+        cubin = cubin_path.read_bytes()
+    except OSError as error:
+        raise _BadEntry(f"{cubin_path} is unreadable ({type(error).__name__}: {error})") from None
+    # A truncated or corrupted cubin crashes the driver inside module.load (SIGSEGV, no message).
+    if len(cubin) != meta["length"]:
+        raise _BadEntry(f"{cubin_path} is {len(cubin)} bytes, its metadata says {meta['length']}")
+    if not cubin.startswith(ELF_MAGIC):
+        raise _BadEntry(f"{cubin_path} does not start with the ELF magic")
+    if hashlib.sha256(cubin).hexdigest() != meta["sha256"]:
+        raise _BadEntry(f"{cubin_path} does not match the sha256 in its metadata")
+    return cubin, meta["log"]
+
+
+_unwritable_dirs: set[Path] = set()  # warned about once per process
+
+
+def _unwritable_reason(directory: Path, error: OSError) -> str:
+    return (f"kernel cache {directory} is not writable ({type(error).__name__}: {error}): kernels compile in "
+            f"memory; set CUPYFLASH_CACHE_DIR to a writable folder, or CUPYFLASH_NO_DISK_CACHE=1")
+
+
+def _store(kernel: CompiledKernel, spec: KernelSpec, arch: str, cubin_path: Path, meta_path: Path) -> None:
+    """Write the pair atomically, metadata last; an unwritable cache warns once per directory."""
+    meta = {"log": kernel.log, "length": len(kernel.cubin), "sha256": hashlib.sha256(kernel.cubin).hexdigest(),
+            "source": spec.source, "defines": dict(spec.defines), "arch": spec.target(arch)}
+    try:
+        write_atomic(cubin_path, kernel.cubin)
+        write_atomic(meta_path, json.dumps(meta, indent=1).encode())  # written last: marks the pair complete
+    except OSError as error:
+        if cubin_path.parent not in _unwritable_dirs:
+            _unwritable_dirs.add(cubin_path.parent)
+            warnings.warn(_unwritable_reason(cubin_path.parent, error), CacheWarning, stacklevel=3)
+
+
 def cached_kernel(spec: KernelSpec, arch: str) -> CompiledKernel:
-    """The compiled variant, from the disk cache when present, else compiled and stored."""
+    """The compiled variant, from the disk cache when an intact entry is there, else compiled
+    and stored. A bad entry is warned about (CacheWarning) and replaced; a cache that cannot be
+    written is warned about once and the kernel is returned from memory. Never raises for the cache."""
     if not settings.disk_cache_enabled():
         return compile_kernel(spec, arch)
     base = settings.kernel_cache_dir() / cache_key(spec, arch)
     cubin_path, meta_path = base.with_suffix(".cubin"), base.with_suffix(".json")
     try:
-        log = json.loads(meta_path.read_text())["log"]
-        cubin = cubin_path.read_bytes()
+        entry = _read_entry(cubin_path, meta_path)
+    except _BadEntry as bad:
+        warnings.warn(f"bad kernel cache entry, recompiling: {bad}", CacheWarning, stacklevel=2)
+        entry = None
+    if entry is not None:
+        cubin, log = entry
         return CompiledKernel(cubin, *_ptxas_numbers(log, spec.entry), log)
-    except (OSError, ValueError, KeyError):
-        pass  # absent or unreadable: compile again and overwrite
     kernel = compile_kernel(spec, arch)
-    meta = {"log": kernel.log, "source": spec.source, "defines": dict(spec.defines), "arch": spec.target(arch)}
-    write_atomic(cubin_path, kernel.cubin)
-    write_atomic(meta_path, json.dumps(meta, indent=1).encode())  # written last: marks the pair complete
+    _store(kernel, spec, arch, cubin_path, meta_path)
     return kernel
+
+
+def disk_cache_problem() -> str | None:
+    """None when compiled kernels can be cached on disk: the kernel cache folder exists (or can
+    be created; this creates it, as a first compile would) and a file can be written in it.
+    Otherwise one line saying why not and that kernels compile in memory. None, without touching
+    the disk, when CUPYFLASH_NO_DISK_CACHE turns the cache off: that is a choice, not a problem."""
+    if not settings.disk_cache_enabled():
+        return None
+    directory = settings.kernel_cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe", suffix=".tmp") as probe:
+            probe.write(b"\0")
+            probe.flush()  # a full disk fails here, not at open
+    except OSError as error:
+        return _unwritable_reason(directory, error)
+    return None
 
 
 _loaded: dict[tuple[int, KernelSpec], Any] = {}

@@ -3,7 +3,11 @@
 CUPYFLASH_CACHE_DIR
     Root of the on-disk caches. Compiled kernels (cubins) go to ``<root>/kernels`` and tuned
     configurations to ``<root>/tuning``. Default: ``$XDG_CACHE_HOME/cupyflash``, or
-    ``~/.cache/cupyflash`` when XDG_CACHE_HOME is unset.
+    ``~/.cache/cupyflash`` when XDG_CACHE_HOME is unset. A cached cubin is used only when its
+    length, sha256 and ELF header match the metadata stored beside it; a bad entry is warned
+    about (``build.CacheWarning``), recompiled and replaced. When ``<root>/kernels`` cannot be
+    created or written, cupyflash warns once per process and compiles kernels in memory
+    (``cupyflash info`` reports it, from ``build.disk_cache_problem()``).
 CUPYFLASH_TUNING_DIR
     Where ``cupyflash autotune`` stores and ``attention()`` looks up tuned configurations,
     overriding ``<root>/tuning``.
