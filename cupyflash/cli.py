@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__, build, selection, settings, tuning, validation
 from .config import TileConfig
-from .device import cupy_module, current_device_id, device_limits, gpu_count
+from .device import DeviceLimits, cupy_module, current_device_id, device_limits, gpu_count
 
 NO_GPU_VALIDATE = ("No CUDA GPU found: GPU kernels were NOT validated "
                    "(only the NumPy tiled algorithm was checked)")
@@ -36,6 +36,12 @@ class _LibraryError(click.ClickException):
         super().__init__(str(error) or type(error).__name__)
         # Bad arguments read like a usage error (2); a failure to run is 1.
         self.exit_code = 2 if isinstance(error, (ValueError, TypeError)) else 1
+
+
+class _NoGpu(click.ClickException):
+    """A command told to run on a GPU found none: exit code 2, like a usage error."""
+
+    exit_code = 2
 
 
 class _Group(click.Group):
@@ -121,17 +127,16 @@ def _gpu(device_id: int) -> dict[str, Any]:
 
 def _tuned_file(path: Path) -> dict[str, Any]:
     """A tuning file's name and entry count; "unreadable" for a corrupt one (never raises)."""
-    try:
-        entries: Any = len(json.loads(path.read_text())["entries"])
-    except (OSError, ValueError, KeyError, TypeError):
-        entries = "unreadable"
-    return {"file": path.name, "entries": entries}
+    entries = tuning.file_entries(path)
+    return {"file": path.name, "entries": "unreadable" if entries is None else len(entries)}
 
 
 def _caches() -> dict[str, Any]:
-    kernels, tuning = settings.kernel_cache_dir(), settings.tuning_dir()
+    """The cache folders; kernel_cache_problem is None when cubins can be cached, else why not."""
+    kernels = settings.kernel_cache_dir()
     return {"kernel_cache_dir": str(kernels), "cubins": len(list(kernels.glob("*.cubin"))),
-            "tuning_dir": str(tuning), "tuned": [_tuned_file(p) for p in sorted(tuning.glob("*.json"))]}
+            "kernel_cache_problem": build.disk_cache_problem(),
+            "tuning_dir": str(settings.tuning_dir()), "tuned": [_tuned_file(p) for p in tuning.tuning_files()]}
 
 
 def _info() -> dict[str, Any]:
@@ -152,16 +157,30 @@ def _gpu_line(gpu: Any) -> str:
             f"{gpu['smem_per_sm']} B per SM")
 
 
+def _aligned(rows: list[tuple[str, Any]], width: int = 15) -> list[str]:
+    """label, value lines with the values in one column, at least one space after the longest label."""
+    width = max([width] + [len(label) for label, _ in rows])
+    return [f"{label:<{width}} {value}" for label, value in rows]
+
+
+def _entry_count(entries: Any) -> str:
+    if not isinstance(entries, int):
+        return str(entries)  # "unreadable"
+    return f"{entries} entry" if entries == 1 else f"{entries} entries"
+
+
 def _info_lines(facts: dict[str, Any]) -> list[str]:
     rows = [(name.replace("_", " "), facts[name]) for name in
             ("cupyflash", "python", "numpy", "cupy", "cuda_runtime", "cuda_driver", "nvrtc")]
     rows += [(f"GPU {i}", _gpu_line(gpu)) for i, gpu in enumerate(facts["gpus"])] or [("GPUs", "none visible")]
     rows += [("kernel sources", facts["kernel_sources"]), ("source hash", facts["kernel_source_hash"]),
-             ("kernel cache", f"{facts['kernel_cache_dir']} ({facts['cubins']} cubins)"),
-             ("tuning dir", facts["tuning_dir"])]
-    rows += [(f"  {t['file']}", f"{t['entries']} entries" if isinstance(t["entries"], int) else t["entries"])
-             for t in facts["tuned"]] or [("  tuned configs", "none")]
-    return [f"{label:<16}{value}" for label, value in rows]
+             ("kernel cache", f"{facts['kernel_cache_dir']} ({facts['cubins']} cubins)")]
+    if facts["kernel_cache_problem"] is not None:
+        rows.append(("  WARNING", facts["kernel_cache_problem"]))
+    rows.append(("tuning dir", facts["tuning_dir"]))
+    # The files get their own column: a long GPU name must not push every other value right.
+    tuned = [(f"  {t['file']}", _entry_count(t["entries"])) for t in facts["tuned"]]
+    return _aligned(rows) + (_aligned(tuned) if tuned else _aligned([("  tuned configs", "none")]))
 
 
 @cli.command()
@@ -231,15 +250,25 @@ def _validate_gpu(quick: bool, deterministic: bool, as_json: bool = False) -> in
     table.line(f"{'case':<{CASE_WIDTH}} {'tensor':<6} {'error':>10} {'baseline':>10} {'ratio':>7}  result")
     failures = sum(_gpu_case_rows(table, case, deterministic) for case in cases)
     table.line(f"{len(cases)} cases, {len(table.rows)} rows: "
-               + (f"{failures} FAILED" if failures else "all passed"))
-    table.finish(gpu=True, device=gpu, cupy=cupy_version, kernel_source_hash=source,
-                 deterministic=deterministic, cases=len(cases), failures=failures)
+               + (f"{failures} FAILED" if failures else "all passed") + "; GPU kernels validated: yes")
+    table.finish(gpu=True, gpu_kernels_validated=True, device=gpu, cupy=cupy_version, kernel_source_hash=source,
+                 deterministic=deterministic, ignored_options=[], cases=len(cases), failures=failures)
     return failures
 
 
-def _validate_cpu(quick: bool, as_json: bool) -> int:
-    """Without a GPU: the tiled NumPy algorithm against the naive one; returns the failure count."""
+def _note(table: _Table, text: str) -> None:
+    """A line that must not be missed: in the table, or on stderr when stdout is one JSON object."""
+    table.line(text)
+    if table.as_json:
+        click.echo(text, err=True)
+
+
+def _validate_cpu(quick: bool, as_json: bool, ignored: list[str]) -> int:
+    """Without a GPU: the tiled NumPy algorithm against the naive one; returns the failure count.
+    ignored: the options given that apply only to the GPU kernels."""
     table, cases = _Table(as_json), validation.cpu_matrix(quick)
+    for option in ignored:
+        _note(table, f"{option} ignored: it applies to the GPU kernels, and without a GPU none are validated")
     table.line("No CUDA GPU: checking the NumPy tiled algorithm (reference_tiled) against naive attention "
                f"in float64; pass: every max |tiled - naive| <= {validation.CPU_TOLERANCE:g}")
     tensors = ("out", "lse", "dq", "dk", "dv")
@@ -252,31 +281,49 @@ def _validate_cpu(quick: bool, as_json: bool) -> int:
         table.row({"case": case.id, **{t: _number(errors[t]) for t in tensors}, "ok": ok},
                   f"{case.id:<{CASE_WIDTH}} " + " ".join(f"{errors[t]:>8.1e}" for t in tensors)
                   + f"  {'pass' if ok else 'FAIL'}")
-    table.line(f"{len(cases)} cases: " + (f"{failures} FAILED" if failures else "all passed"))
-    table.line(NO_GPU_VALIDATE)
-    if as_json:
-        click.echo(NO_GPU_VALIDATE, err=True)  # stdout stays one JSON object
-    table.finish(gpu=False, note=NO_GPU_VALIDATE, tolerance=validation.CPU_TOLERANCE, cases=len(cases),
-                 failures=failures)
+    table.line(f"{len(cases)} cases: " + (f"{failures} FAILED" if failures else "all passed")
+               + "; GPU kernels validated: no")
+    _note(table, NO_GPU_VALIDATE)
+    table.finish(gpu=False, gpu_kernels_validated=False, note=NO_GPU_VALIDATE, ignored_options=ignored,
+                 tolerance=validation.CPU_TOLERANCE, cases=len(cases), failures=failures)
     return failures
+
+
+def _no_gpu_reason() -> str:
+    """Why gpu_count() is 0, in a few words."""
+    try:
+        count = _runtime().getDeviceCount()
+    except Exception as error:  # no CuPy, no driver: its message is the reason
+        return _reason(error)
+    return f"the CUDA runtime sees {count} devices"
 
 
 @cli.command()
 @click.option("--quick", is_flag=True, help="A smaller matrix (fewer head dims and lengths).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-@click.option("--deterministic", is_flag=True, help="Validate the deterministic backward (dQ in its own pass).")
+@click.option("--deterministic", is_flag=True,
+              help="Validate the deterministic backward (dQ in its own pass). GPU kernels only: "
+                   "without a GPU it is ignored, and the output says so.")
+@click.option("--require-gpu", is_flag=True,
+              help="Exit 2 when there is no CUDA GPU, instead of checking only the NumPy algorithm (for CI).")
 @click.option("--inject-config", hidden=True, metavar="JSON",
               help='Force a forward config, e.g. {"block_m": 64, "block_n": 64, "num_warps": 4, "stages": 1} '
                    "(tests use it to check that a broken config fails validation).")
-def validate(quick: bool, as_json: bool, deterministic: bool, inject_config: str | None) -> None:
+def validate(quick: bool, as_json: bool, deterministic: bool, require_gpu: bool, inject_config: str | None) -> None:
     """Check the GPU kernels against the float64 reference (or, without a GPU, the tiled
-    NumPy algorithm against the naive one). Exit code 1 when anything fails."""
+    NumPy algorithm against the naive one: then the GPU kernels are NOT validated, and the
+    summary says "GPU kernels validated: no", in JSON gpu_kernels_validated false).
+    Exit code 1 when anything fails; 2 with --require-gpu and no GPU."""
     if gpu_count() > 0:
         forced = TileConfig(**json.loads(inject_config)) if inject_config else None
         with selection.forced(fwd=forced):
             failures = _validate_gpu(quick, deterministic, as_json)
+    elif require_gpu:
+        raise _NoGpu(f"--require-gpu: no CUDA GPU found ({_no_gpu_reason()}), so no GPU kernels can be validated")
     else:
-        failures = _validate_cpu(quick, as_json)
+        ignored = [name for name, given in (("--deterministic", deterministic),
+                                            ("--inject-config", inject_config is not None)) if given]
+        failures = _validate_cpu(quick, as_json, ignored)
     if failures:
         raise click.exceptions.Exit(1)
 
@@ -349,15 +396,58 @@ def bench(dtypes: tuple[str, ...], head_dims: tuple[int, ...], seqlens: tuple[in
         click.echo(f"plot {bench_lib.plot(report, plot)}", err=True)
 
 
-if __name__ == "__main__":
-    main()
-
-
 # --------------------------------------------------------------------------- autotune
 
 
-def _tuned_rows(limits: Any) -> list[dict[str, Any]]:
-    return [{"bucket": key, **entry} for key, entry in sorted(tuning.load_entries(limits).items())]
+def _this_gpu() -> DeviceLimits | None:
+    """The current GPU, whose tuning file --show and --clear act on; None without a GPU."""
+    return device_limits(current_device_id()) if gpu_count() > 0 else None
+
+
+def _tuned_rows(stored: dict[Path, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    return [{"file": path.name, "bucket": bucket, **(entry if isinstance(entry, dict) else {"entry": entry})}
+            for path, entries in stored.items() for bucket, entry in sorted((entries or {}).items())]
+
+
+def _tuned_lines(stored: dict[Path, dict[str, Any] | None]) -> list[str]:
+    """Per file, its entry count, then one line per bucket with what was stored for it."""
+    lines = []
+    for path, entries in stored.items():
+        lines.append(f"{path.name}: " + ("unreadable, ignored" if entries is None else _entry_count(len(entries))))
+        lines += [f"  {bucket:<38} {json.dumps(entry, sort_keys=True)}"
+                  for bucket, entry in sorted((entries or {}).items())]
+    return lines
+
+
+def _show_tuned(limits: DeviceLimits | None, as_json: bool) -> None:
+    """--show: this GPU's tuned configs, or without a GPU every GPU's files in the tuning folder.
+    With --json, stdout holds only the JSON list and the notes go to stderr."""
+    stored, folder = tuning.stored_entries(limits), settings.tuning_dir()
+    if limits is None:
+        click.echo(f"No CUDA GPU found: listing the tuning files of every GPU in {folder} as stored "
+                   "(attention() uses one only on its GPU, with the versions it was tuned under)", err=as_json)
+    if not stored:
+        owner = "any GPU" if limits is None else f"{limits.name} ({limits.arch})"
+        click.echo(f"no tuned configs for {owner} in {folder}", err=as_json)
+    if as_json:
+        for path in (path for path, entries in stored.items() if entries is None):
+            click.echo(f"{path.name}: unreadable, ignored", err=True)
+        click.echo(json.dumps(_tuned_rows(stored), indent=1))
+    elif stored:
+        click.echo("\n".join(_tuned_lines(stored)))
+
+
+def _clear_tuned(limits: DeviceLimits | None, as_json: bool) -> None:
+    """--clear: removes this GPU's tuning file, or without a GPU every GPU's in the tuning folder."""
+    removed, folder = tuning.clear(limits), settings.tuning_dir()
+    if as_json:
+        click.echo(json.dumps([str(path) for path in removed], indent=1))
+        return
+    what = "no tuning files" if limits is None else f"no tuning file for {limits.name} ({limits.arch})"
+    lines = [f"removed {path}" for path in removed] or [f"{what} in {folder}: nothing removed"]
+    if limits is None:
+        lines.insert(0, f"No CUDA GPU found: removing the tuning files of every GPU in {folder}")
+    click.echo("\n".join(lines))
 
 
 def _autotune_table(results: list[Any]) -> list[str]:
@@ -367,34 +457,8 @@ def _autotune_table(results: list[Any]) -> list[str]:
     return lines
 
 
-@cli.command()
-@click.option("--pass", "kinds", multiple=True, type=click.Choice(["fwd", "bwd"]), help="Default: both.")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float16", "bfloat16"]), help="Default: both.")
-@click.option("--head-dim", "head_dims", multiple=True, type=int, help="Default: 64, 128, 256.")
-@click.option("--seqlen", "seqlens", multiple=True, type=int, help="Default: 2048, 8192.")
-@click.option("--causal", "mask", flag_value="causal", help="Causal only.")
-@click.option("--no-causal", "mask", flag_value="full", help="Non-causal only.")
-@click.option("--both", "mask", flag_value="both", default=True, help="Causal and non-causal (default).")
-@click.option("--show", is_flag=True, help="List the tuned configs cached for this GPU and exit.")
-@click.option("--clear", is_flag=True, help="Remove the tuned configs cached for this GPU and exit.")
-@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-def autotune(kinds: tuple[str, ...], dtypes: tuple[str, ...], head_dims: tuple[int, ...], seqlens: tuple[int, ...],
-             mask: str, show: bool, clear: bool, as_json: bool) -> None:
-    """Time every feasible config for each problem bucket on this GPU and cache the winners
-    (validated against the reference first); attention() then uses them. Interrupting keeps
-    the buckets already finished."""
-    from . import autotune as tuner
-
-    if gpu_count() == 0:
-        raise click.ClickException("autotune needs a CUDA GPU; none was found")
-    limits = device_limits(current_device_id())
-    if show or clear:
-        rows = _tuned_rows(limits) if show else [str(p) for p in tuning.clear(limits)]
-        click.echo(json.dumps(rows, indent=1) if as_json else "\n".join(map(str, rows)) or "(nothing cached)")
-        return
-    causal = {"causal": (True,), "full": (False,), "both": (False, True)}[mask]
-    buckets = [tuner.Bucket(k, d, h, c, s) for k in kinds or ("fwd", "bwd") for d in dtypes or ("float16", "bfloat16")
-               for h in head_dims or (64, 128, 256) for c in causal for s in seqlens or (2048, 8192)]
+def _tune(tuner: Any, buckets: list[Any], limits: DeviceLimits, as_json: bool) -> None:
+    """Tunes the buckets (tuner: cupyflash.autotune) with a progress bar on stderr, then prints the winners."""
     results: list[Any] = []
     with click.progressbar(length=tuner.candidate_count(buckets), label=f"tuning {len(buckets)} buckets",
                            show_eta=True, file=click.get_text_stream("stderr")) as bar:
@@ -412,3 +476,42 @@ def autotune(kinds: tuple[str, ...], dtypes: tuple[str, ...], head_dims: tuple[i
     else:
         click.echo("\n".join(_autotune_table(results)))
         click.echo(f"stored in {tuning.tuning_file(limits)}")
+
+
+@cli.command()
+@click.option("--pass", "kinds", multiple=True, type=click.Choice(["fwd", "bwd"]), help="Default: both.")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float16", "bfloat16"]), help="Default: both.")
+@click.option("--head-dim", "head_dims", multiple=True, type=int, help="Default: 64, 128, 256.")
+@click.option("--seqlen", "seqlens", multiple=True, type=int, help="Default: 2048, 8192.")
+@click.option("--causal", "mask", flag_value="causal", help="Causal only.")
+@click.option("--no-causal", "mask", flag_value="full", help="Non-causal only.")
+@click.option("--both", "mask", flag_value="both", default=True, help="Causal and non-causal (default).")
+@click.option("--show", is_flag=True, help="List this GPU's tuned configs and exit; without a GPU, those of "
+                                           "every GPU in the tuning folder.")
+@click.option("--clear", is_flag=True, help="Remove this GPU's tuning file and exit; without a GPU, every "
+                                            "GPU's tuning file in the tuning folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+def autotune(kinds: tuple[str, ...], dtypes: tuple[str, ...], head_dims: tuple[int, ...], seqlens: tuple[int, ...],
+             mask: str, show: bool, clear: bool, as_json: bool) -> None:
+    """Time every feasible config for each problem bucket on this GPU and cache the winners
+    (validated against the reference first); attention() then uses them. Interrupting keeps
+    the buckets already finished. Tuning needs a CUDA GPU; --show and --clear only read or
+    remove files (one per GPU model, in the tuning folder) and work without one."""
+    if show and clear:
+        raise click.UsageError("--show and --clear exclude each other: pass one of them")
+    if show or clear:
+        (_show_tuned if show else _clear_tuned)(_this_gpu(), as_json)
+        return
+    if gpu_count() == 0:
+        raise click.ClickException("autotune needs a CUDA GPU to time the kernels; none was found "
+                                   "(--show and --clear work without one)")
+    from . import autotune as tuner  # imported here: tuning needs CuPy and a GPU
+
+    causal = {"causal": (True,), "full": (False,), "both": (False, True)}[mask]
+    buckets = [tuner.Bucket(k, d, h, c, s) for k in kinds or ("fwd", "bwd") for d in dtypes or ("float16", "bfloat16")
+               for h in head_dims or (64, 128, 256) for c in causal for s in seqlens or (2048, 8192)]
+    _tune(tuner, buckets, device_limits(current_device_id()), as_json)
+
+
+if __name__ == "__main__":
+    main()

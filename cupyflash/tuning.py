@@ -63,7 +63,13 @@ def header(limits: DeviceLimits) -> dict[str, Any]:
 
 
 def tuning_file(limits: DeviceLimits) -> Path:
+    """This GPU's file: the tuning folder, the GPU's name and its architecture (no CUDA call)."""
     return _tuning_file(settings.tuning_dir(), limits)
+
+
+def tuning_files() -> list[Path]:
+    """Every tuning file in the tuning folder, whatever GPU it was made for, sorted by name."""
+    return sorted(settings.tuning_dir().glob("*.json"))
 
 
 @functools.lru_cache(maxsize=32)  # looked up on every attention() call
@@ -83,6 +89,27 @@ def _read_entries(path: Path, expected_header: dict[str, Any]) -> dict[str, Any]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         warnings.warn(f"ignoring unreadable tuned-config file {path}: {error}", RuntimeWarning, stacklevel=3)
         return None
+
+
+def file_entries(path: Path) -> dict[str, Any] | None:
+    """The entries one tuning file holds, as stored: the header is not compared with this
+    process, so this needs no GPU (and does not say whether attention() would use them).
+    None for a file that cannot be read or holds no entries object; never raises."""
+    try:
+        entries = json.loads(path.read_text())["entries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return dict(entries) if isinstance(entries, dict) else None
+
+
+def stored_entries(limits: DeviceLimits | None = None) -> dict[Path, dict[str, Any] | None]:
+    """Tuning file -> its entries. With limits, this GPU's file as attention() sees it (a stale
+    or corrupt one warns and holds {}); with None, every file in the tuning folder as stored
+    (file_entries: None for an unreadable one). A missing file is left out."""
+    if limits is not None:
+        path = tuning_file(limits)
+        return {path: load_entries(limits)} if path.exists() else {}
+    return {path: file_entries(path) for path in tuning_files()}
 
 
 def generation() -> int:
@@ -153,8 +180,9 @@ def store(limits: DeviceLimits, bucket: str, config: TileConfig | BwdConfig, rec
 
 
 def clear(limits: DeviceLimits | None = None) -> list[Path]:
-    """Removes this GPU's tuning file, or every tuning file when limits is None."""
-    paths = [tuning_file(limits)] if limits is not None else sorted(settings.tuning_dir().glob("*.json"))
+    """Removes this GPU's tuning file, or every GPU's (tuning_files()) when limits is None;
+    returns the paths it removed."""
+    paths = [tuning_file(limits)] if limits is not None else tuning_files()
     removed = []
     for path in paths:
         try:

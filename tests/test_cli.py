@@ -18,7 +18,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 import cupyflash
-from cupyflash import cli, validation
+from cupyflash import cli, tuning, validation
+from cupyflash.config import TileConfig
 from cupyflash.device import DeviceLimits, gpu_count
 from cupyflash.tolerance import Comparison
 
@@ -52,7 +53,8 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # --------------------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", [[], ["info"], ["validate"], ["bench"]], ids=["group", "info", "validate", "bench"])
+@pytest.mark.parametrize("command", [[], ["info"], ["validate"], ["bench"], ["autotune"]],
+                         ids=["group", "info", "validate", "bench", "autotune"])
 def test_help(command: list[str]) -> None:
     result = invoke(*command, "--help")
     assert result.exit_code == 0, everything(result)
@@ -74,6 +76,17 @@ def test_main_runs_the_group_in_a_process(tmp_path: Path) -> None:
     assert ok.returncode == 0 and cupyflash.__version__ in ok.stdout, ok.stderr
     bad = subprocess.run(command + ["bench", "--shape", "1,2"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "four positive integers B,S,H,D" in bad.stderr
+
+
+@pytest.mark.parametrize("module", ["cupyflash.cli", "cupyflash"])
+def test_python_m_help_lists_every_command(tmp_path: Path, module: str) -> None:
+    """`python -m cupyflash.cli --help`: main() runs only after every command is registered."""
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    listed = [line.split()[0] for line in done.stdout.split("Commands:\n")[1].splitlines() if line.strip()]
+    assert listed == ["autotune", "bench", "info", "validate"], done.stdout
 
 
 # --------------------------------------------------------------------------- info
@@ -120,6 +133,42 @@ def test_info_text_lists_tuned_files(isolated_cache: Path) -> None:
     assert "(2 cubins)" in result.stdout
     assert "GPU_A-sm_90.json" in result.stdout and "2 entries" in result.stdout
     assert "GPU_B-sm_80.json" in result.stdout and "unreadable" in result.stdout
+
+
+def test_info_long_tuning_file_name_keeps_a_space(isolated_cache: Path) -> None:
+    """A file name longer than the label column is followed by a space; the files share a column."""
+    folder = isolated_cache / "tuning"
+    folder.mkdir(parents=True)
+    long = "NVIDIA_H100_80GB_HBM3_with_a_long_name-sm_90.json"
+    (folder / long).write_text(json.dumps({"header": {}, "entries": {"fwd/float16/d64/full/s1024/mha": {}}}))
+    (folder / "A-sm_80.json").write_text("{not json")
+    lines = invoke("info").stdout.splitlines()
+    assert f"  {long} 1 entry" in lines
+    assert f"  {'A-sm_80.json':<{len(long)}} unreadable" in lines
+    assert f"tuning dir      {folder}" in lines  # the other rows keep their column
+
+
+def test_info_flags_an_unusable_kernel_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    problem = "kernel cache /nowhere/kernels is not writable (PermissionError): kernels compile in memory"
+    monkeypatch.setattr(cupyflash.build, "disk_cache_problem", lambda: problem, raising=False)
+    assert json.loads(invoke("info", "--json").stdout)["kernel_cache_problem"] == problem
+    lines = invoke("info").stdout.splitlines()
+    assert lines[lines.index(f"  WARNING       {problem}") - 1].startswith("kernel cache    ")
+
+
+def test_info_kernel_cache_that_is_a_file(isolated_cache: Path) -> None:
+    """The real check: a file where the kernel folder should be is reported, not fatal."""
+    isolated_cache.mkdir(parents=True)
+    (isolated_cache / "kernels").write_bytes(b"not a folder")
+    result = invoke("info", "--json")
+    assert result.exit_code == 0, everything(result)
+    assert str(isolated_cache / "kernels") in json.loads(result.stdout)["kernel_cache_problem"]
+    assert "\n  WARNING       kernel cache " in invoke("info").stdout
+
+
+def test_info_usable_kernel_cache_has_no_warning() -> None:
+    assert json.loads(invoke("info", "--json").stdout)["kernel_cache_problem"] is None
+    assert "WARNING" not in invoke("info").stdout
 
 
 @no_real_gpu
@@ -182,6 +231,45 @@ def test_validate_cpu_failure_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "  FAIL" in result.stdout and "1 FAILED" in result.stdout and cli.NO_GPU_VALIDATE in result.stdout
 
 
+def test_validate_text_without_gpu_says_no_gpu_kernels_were_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "gpu_count", lambda: 0)
+    monkeypatch.setattr(validation, "cpu_matrix", lambda quick: [validation.CpuCase(3, 5, 2, 2, True)])
+    result = invoke("validate")
+    assert result.exit_code == 0, everything(result)
+    assert "1 cases: all passed; GPU kernels validated: no" in result.stdout
+    assert json.loads(invoke("validate", "--json").stdout)["gpu_kernels_validated"] is False
+
+
+IGNORED_NOTE = "{} ignored: it applies to the GPU kernels, and without a GPU none are validated"
+
+
+@pytest.mark.parametrize("options, ignored", [([], []), (["--deterministic"], ["--deterministic"]),
+                                              (["--deterministic", "--inject-config", '{"block_m": 64}'],
+                                               ["--deterministic", "--inject-config"])],
+                         ids=["none", "deterministic", "deterministic-and-inject-config"])
+def test_validate_without_gpu_names_the_ignored_gpu_options(monkeypatch: pytest.MonkeyPatch, options: list[str],
+                                                            ignored: list[str]) -> None:
+    monkeypatch.setattr(cli, "gpu_count", lambda: 0)
+    monkeypatch.setattr(validation, "cpu_matrix", lambda quick: [validation.CpuCase(3, 5, 2, 2, True)])
+    text, as_json = invoke("validate", *options), invoke("validate", "--json", *options)
+    assert text.exit_code == as_json.exit_code == 0, everything(text) + everything(as_json)
+    notes = [IGNORED_NOTE.format(option) for option in ignored]
+    assert [line for line in text.stdout.splitlines() if " ignored: " in line] == notes
+    assert json.loads(as_json.stdout)["ignored_options"] == ignored
+    assert [line for line in as_json.stderr.splitlines() if " ignored: " in line] == notes
+
+
+def test_validate_require_gpu_without_gpu_exits_2_before_the_cpu_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "gpu_count", lambda: 0)
+    monkeypatch.setattr(cli, "cupy_module", lambda: None)
+    monkeypatch.setattr(validation, "cpu_matrix", lambda quick: pytest.fail("the CPU check ran"))
+    result = invoke("validate", "--require-gpu", "--json")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert everything(result).strip() == ("Error: --require-gpu: no CUDA GPU found (CuPy not installed), "
+                                          "so no GPU kernels can be validated")
+
+
 # --------------------------------------------------------------------------- validate with a (fake) GPU
 
 CASES = [validation.Case("float16", 64, False, 113, 203), validation.Case("bfloat16", 128, True, 1, 1, group=4)]
@@ -223,6 +311,17 @@ def test_validate_gpu_pass(fake_gpu: dict[str, Any], monkeypatch: pytest.MonkeyP
     assert "2 cases, 10 rows: all passed" in result.stdout
     assert f"{CASES[0].id:<{cli.CASE_WIDTH}} dq      1.000e-03  1.000e-03    1.00  pass" in result.stdout
     assert cli.NO_GPU_VALIDATE not in result.stdout
+
+
+def test_validate_gpu_says_gpu_kernels_were_validated(fake_gpu: dict[str, Any],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(validation, "run_gpu_case", _fake_run(fake_gpu, {}))
+    result = invoke("validate", "--require-gpu")
+    assert result.exit_code == 0, everything(result)
+    assert "2 cases, 10 rows: all passed; GPU kernels validated: yes" in result.stdout
+    report = json.loads(invoke("validate", "--json", "--require-gpu", "--deterministic").stdout)
+    assert report["gpu_kernels_validated"] is True and report["ignored_options"] == []
+    assert report["deterministic"] is True
 
 
 def test_validate_gpu_failure_names_tensor_and_coordinate(fake_gpu: dict[str, Any],
@@ -395,24 +494,105 @@ def test_bench_drives_the_real_bench_module(monkeypatch: pytest.MonkeyPatch) -> 
     assert too_long.exit_code == 2 and everything(too_long).startswith("Error: seqlen 20000 must be in")
 
 
-def test_autotune_without_a_gpu_says_so() -> None:
-    from click.testing import CliRunner
+# --------------------------------------------------------------------------- autotune
 
-    from cupyflash.cli import cli
-    from cupyflash.device import gpu_count
 
-    if gpu_count() > 0:
-        pytest.skip("checks the no-GPU message")
-    result = CliRunner().invoke(cli, ["autotune", "--pass", "fwd", "--head-dim", "64"])
-    assert result.exit_code == 1 and "autotune needs a CUDA GPU" in result.output
+def test_autotune_without_a_gpu_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "gpu_count", lambda: 0)
+    result = invoke("autotune", "--pass", "fwd", "--head-dim", "64")
+    assert result.exit_code == 1
+    assert everything(result).strip() == ("Error: autotune needs a CUDA GPU to time the kernels; none was found "
+                                          "(--show and --clear work without one)")
 
 
 def test_autotune_help_lists_its_options() -> None:
-    from click.testing import CliRunner
-
-    from cupyflash.cli import cli
-
-    result = CliRunner().invoke(cli, ["autotune", "--help"])
+    result = invoke("autotune", "--help")
     assert result.exit_code == 0
     for option in ("--show", "--clear", "--json", "--pass", "--head-dim", "--seqlen"):
-        assert option in result.output
+        assert option in result.stdout
+    words = " ".join(result.stdout.split())  # the help text is wrapped
+    assert "--show and --clear only read or remove files" in words and "without a GPU, every GPU's" in words
+
+
+def test_autotune_show_and_clear_exclude_each_other(isolated_cache: Path) -> None:
+    _write_cache(isolated_cache)
+    result = invoke("autotune", "--show", "--clear")
+    assert result.exit_code == 2 and "--show and --clear exclude each other" in everything(result)
+    assert len(list((isolated_cache / "tuning").glob("*.json"))) == 3  # nothing removed
+
+
+def test_autotune_show_without_gpu_lists_every_gpu_file(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "gpu_count", lambda: 0)
+    _write_cache(isolated_cache)
+    result = invoke("autotune", "--show")
+    assert result.exit_code == 0, everything(result)
+    assert result.stdout.splitlines() == [
+        f"No CUDA GPU found: listing the tuning files of every GPU in {isolated_cache / 'tuning'} as stored "
+        "(attention() uses one only on its GPU, with the versions it was tuned under)",
+        "GPU_A-sm_90.json: 2 entries",
+        f"  {'fwd/float16/d128/full/s1024/mha':<38} " + '{"config": {}}',
+        f"  {'fwd/float16/d64/full/s1024/mha':<38} " + '{"config": {}}',
+        "GPU_B-sm_80.json: unreadable, ignored",
+        "GPU_C-sm_86.json: unreadable, ignored"]
+    as_json = invoke("autotune", "--show", "--json")
+    assert json.loads(as_json.stdout) == [
+        {"file": "GPU_A-sm_90.json", "bucket": "fwd/float16/d128/full/s1024/mha", "config": {}},
+        {"file": "GPU_A-sm_90.json", "bucket": "fwd/float16/d64/full/s1024/mha", "config": {}}]
+    assert "No CUDA GPU found" in as_json.stderr and "GPU_B-sm_80.json: unreadable, ignored" in as_json.stderr
+
+
+def test_autotune_show_without_gpu_and_nothing_tuned(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "gpu_count", lambda: 0)
+    result = invoke("autotune", "--show")
+    assert result.exit_code == 0, everything(result)
+    assert result.stdout.splitlines()[-1] == f"no tuned configs for any GPU in {isolated_cache / 'tuning'}"
+    as_json = invoke("autotune", "--show", "--json")
+    assert json.loads(as_json.stdout) == [] and "no tuned configs for any GPU" in as_json.stderr
+
+
+def test_autotune_clear_without_gpu_removes_every_gpu_file(isolated_cache: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "gpu_count", lambda: 0)
+    _write_cache(isolated_cache)
+    folder = isolated_cache / "tuning"
+    result = invoke("autotune", "--clear")
+    assert result.exit_code == 0, everything(result)
+    assert result.stdout.splitlines() == [f"No CUDA GPU found: removing the tuning files of every GPU in {folder}"] + [
+        f"removed {folder / name}" for name in ("GPU_A-sm_90.json", "GPU_B-sm_80.json", "GPU_C-sm_86.json")]
+    assert not list(folder.glob("*.json")) and (isolated_cache / "kernels" / "a.cubin").exists()
+    again = invoke("autotune", "--clear")
+    assert again.exit_code == 0 and again.stdout.splitlines()[-1] == f"no tuning files in {folder}: nothing removed"
+    assert json.loads(invoke("autotune", "--clear", "--json").stdout) == []
+
+
+FWD_BUCKET = "fwd/float16/d128/causal/s4096/mha"
+
+
+@pytest.fixture
+def tuned_h100(fake_gpu: dict[str, Any], isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fake H100's tuning file with one entry, beside another GPU's file; returns the H100's."""
+    monkeypatch.setattr(tuning, "header", lambda limits: {"gpu": limits.name})  # no CUDA versions needed
+    path = tuning.store(H100, FWD_BUCKET, TileConfig(128, 32, 4, 2), {"ms": 1.0})
+    (path.parent / "GPU_A-sm_80.json").write_text(json.dumps({"header": {}, "entries": {FWD_BUCKET: {}}}))
+    return path
+
+
+def test_autotune_show_with_a_gpu_lists_only_its_file(tuned_h100: Path) -> None:
+    result = invoke("autotune", "--show")
+    assert result.exit_code == 0, everything(result)
+    stored = {"config": TileConfig(128, 32, 4, 2).to_dict(), "ms": 1.0}
+    assert result.stdout.splitlines() == [f"{tuned_h100.name}: 1 entry",
+                                          f"  {FWD_BUCKET:<38} {json.dumps(stored, sort_keys=True)}"]
+    assert json.loads(invoke("autotune", "--show", "--json").stdout) == [
+        {"file": tuned_h100.name, "bucket": FWD_BUCKET, **stored}]
+
+
+def test_autotune_clear_with_a_gpu_removes_only_its_file(tuned_h100: Path) -> None:
+    result = invoke("autotune", "--clear", "--json")
+    assert result.exit_code == 0, everything(result)
+    assert json.loads(result.stdout) == [str(tuned_h100)]
+    assert not tuned_h100.exists() and (tuned_h100.parent / "GPU_A-sm_80.json").exists()
+    again = invoke("autotune", "--clear")
+    assert again.stdout.strip() == f"no tuning file for {H100.name} (sm_90) in {tuned_h100.parent}: nothing removed"
+    show = invoke("autotune", "--show")
+    assert show.stdout.strip() == f"no tuned configs for {H100.name} (sm_90) in {tuned_h100.parent}"

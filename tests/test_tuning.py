@@ -45,10 +45,21 @@ def test_bucket_key_separates_what_changes_the_kernel_choice() -> None:
     assert tuning.seqlen_bucket(100000) == 16384
 
 
+A100 = DeviceLimits("NVIDIA A100-SXM4-80GB", (8, 0), 108, 166912, 167936)
+
+
 def test_a_different_gpu_does_not_see_the_file() -> None:
-    tuning.store(H100, bucket().key, TileConfig(128, 32, 4, 2), {})
-    other = DeviceLimits("NVIDIA A100-SXM4-80GB", (8, 0), 108, 166912, 167936)
-    assert tuning.lookup("fwd", bucket().problem(), 128, other) is None
+    """Each GPU model has its own file: without warnings (a shared file would be stale for the
+    other GPU and warn), and storing for one GPU keeps the other's winner."""
+    fwd, other_fwd = TileConfig(128, 32, 4, 2), TileConfig(64, 64, 4, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuning.store(H100, bucket().key, fwd, {})
+        assert tuning.lookup("fwd", bucket().problem(), 128, A100) is None
+        tuning.store(A100, bucket().key, other_fwd, {})
+        assert tuning.lookup("fwd", bucket().problem(), 128, H100) == fwd
+        assert tuning.lookup("fwd", bucket().problem(), 128, A100) == other_fwd
+    assert tuning.tuning_file(H100) != tuning.tuning_file(A100)
 
 
 def test_corrupt_file_warns_and_is_ignored() -> None:
@@ -92,3 +103,26 @@ def test_clear_removes_the_file() -> None:
     tuning.store(H100, bucket().key, TileConfig(128, 32, 4, 2), {})
     assert tuning.clear(H100) == [tuning.tuning_file(H100)]
     assert tuning.load_entries(H100) == {}
+
+
+def test_clear_without_limits_removes_every_gpu_file(tuning_dir) -> None:
+    tuning.store(H100, bucket().key, TileConfig(128, 32, 4, 2), {})
+    tuning.store(A100, bucket().key, TileConfig(64, 64, 4, 2), {})
+    (tuning_dir / "notes.txt").write_text("not a tuning file")
+    assert tuning.clear() == sorted([tuning.tuning_file(H100), tuning.tuning_file(A100)])
+    assert tuning.tuning_files() == [] and (tuning_dir / "notes.txt").exists()
+    assert tuning.load_entries(H100) == tuning.load_entries(A100) == {}
+
+
+def test_stored_entries_of_one_gpu_or_of_every_file(tuning_dir) -> None:
+    """With limits: this GPU's file as lookup() sees it; without: every file as stored, needing
+    no GPU (no header check), None for an unreadable one; missing files are left out."""
+    tuning.store(H100, bucket().key, TileConfig(128, 32, 4, 2), {"ms": 1.0})
+    (tuning_dir / "Old_GPU-sm_70.json").write_text(json.dumps({"header": {"gpu": "old"}, "entries": {"k": {}}}))
+    (tuning_dir / "Broken-sm_80.json").write_text('{"entries": [1, 2]}')
+    h100 = {bucket().key: {"config": TileConfig(128, 32, 4, 2).to_dict(), "ms": 1.0}}
+    assert tuning.stored_entries(H100) == {tuning.tuning_file(H100): h100}
+    assert tuning.stored_entries(A100) == {}
+    assert tuning.stored_entries() == {tuning_dir / "Broken-sm_80.json": None, tuning.tuning_file(H100): h100,
+                                       tuning_dir / "Old_GPU-sm_70.json": {"k": {}}}
+    assert list(tuning.stored_entries()) == tuning.tuning_files()  # sorted by name
