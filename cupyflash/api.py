@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from . import plan as plans
-from .arrays import Placement, to_caller, to_gpu, wrap_all
-from .device import INSTALL_HINT, cupy_module, current_device_id, gpu_count, require_cupy
-from .problem import Problem, check_seed
+from .arrays import Placement, check_given, to_caller, to_gpu, wrap_all
+from .device import INSTALL_HINT, cupy_module, current_device_id, gpu_count, require_cupy, require_supported_gpu
+from .problem import Problem, check_flag, check_seed
 
 ALIGN_ELEMENTS = 8  # cp.async moves 16 bytes: pointers and strides must be multiples of 8 elements
 BACKWARD_INPUTS = ("dout", "q", "k", "v", "out", "lse")
@@ -39,8 +39,14 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: fl
 
     Returns out (batch, seqlen_q, heads_q, head_dim) in the input dtype, and with return_lse
     also lse (batch, heads_q, seqlen_q) float32, the natural log of each row's softmax
-    denominator. A row that sees no key gets out = 0 and lse = +inf.
+    denominator. A row that sees no key (seqlen_k = 0 included) gets out = 0 and lse = +inf.
+
+    Every argument is checked before a GPU is looked for: a bad one raises TypeError or
+    ValueError naming it, on any machine.
     """
+    # Flags first, as bools: the plan key below holds them as given, and 1 == True there.
+    if causal.__class__ is not bool or return_lse.__class__ is not bool:
+        causal, return_lse = check_flag("causal", causal), check_flag("return_lse", return_lse)
     # A repeat of an earlier call (same array layouts, options and device) reuses its checks,
     # config, kernels and packed arguments: plan.py.
     options = (causal, softmax_scale, window_size)
@@ -48,10 +54,12 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: fl
     if plan is not None:
         out, lse = plan.run({"q": q, "k": k, "v": v})
         return (out, lse) if return_lse else out
-    arrays, placement = wrap_all(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+    given = {"q": q, "k": k, "v": v}
+    check_given("attention", **given)
+    arrays, placement = wrap_all(**given, alibi_slopes=alibi_slopes)
     problem = Problem.from_arrays(arrays["q"], arrays["k"], arrays["v"], causal=causal,
                                   softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
-                                  alibi_slopes=arrays.get("alibi_slopes"), dropout_p=dropout_p)
+                                  alibi_slopes=arrays.get("alibi_slopes"), dropout_p=dropout_p, sources=given)
     check_seed(seed)
     _require_kernel_features(problem)
     with _device_of(placement) as device_id:
@@ -73,22 +81,26 @@ def attention_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *,
     summed over the q heads that share each kv head. deterministic=True gives bitwise-repeatable
     results (dQ in its own pass instead of float32 atomics, about 1.4x the matrix work).
     """
+    if causal.__class__ is not bool or deterministic.__class__ is not bool:  # as in attention()
+        causal, deterministic = check_flag("causal", causal), check_flag("deterministic", deterministic)
     inputs = (dout, q, k, v, out, lse)
     options = (causal, softmax_scale, window_size, deterministic)
     plan = plans.find("bwd", inputs, options, (softcap, alibi_slopes, dropout_p, seed))
     if plan is not None:
         return plan.run(dict(zip(BACKWARD_INPUTS, inputs)))
-    arrays, placement = wrap_all(dout=dout, q=q, k=k, v=v, out=out, lse=lse, alibi_slopes=alibi_slopes)
+    given = dict(zip(BACKWARD_INPUTS, inputs))
+    check_given("attention_backward", **given)
+    arrays, placement = wrap_all(**given, alibi_slopes=alibi_slopes)
     problem = Problem.from_arrays(arrays["q"], arrays["k"], arrays["v"], causal=causal,
                                   softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
-                                  alibi_slopes=arrays.get("alibi_slopes"), dropout_p=dropout_p)
-    problem.check_backward(arrays["dout"], arrays["out"], arrays["lse"])
+                                  alibi_slopes=arrays.get("alibi_slopes"), dropout_p=dropout_p, sources=given)
+    problem.check_backward(arrays["dout"], arrays["out"], arrays["lse"], sources=given)
     check_seed(seed)
     _require_kernel_features(problem)
     with _device_of(placement) as device_id:
         t = {name: _kernel_ready(arrays[name]) for name in ("dout", "q", "k", "v", "out")}
         t["lse"] = require_cupy().ascontiguousarray(to_gpu(arrays["lse"]))
-        plan = plans.build_backward(problem, t, bool(deterministic), device_id)
+        plan = plans.build_backward(problem, t, deterministic, device_id)
         grads = plan.launch(t)
         plans.keep(plan, problem, "bwd", inputs, options, tuple(t[name] for name in BACKWARD_INPUTS), device_id)
     return tuple(to_caller(_unpadded(g, problem.head_dim), placement) for g in grads)
@@ -105,12 +117,14 @@ def _require_kernel_features(problem: Problem) -> None:
 
 @contextmanager
 def _device_of(placement: Placement) -> Iterator[int]:
-    """Run on the inputs' GPU (the current one for NumPy inputs); plans launch on its current stream."""
+    """Run on the inputs' GPU (the current one for NumPy inputs); plans launch on its current stream.
+    A GPU the kernels cannot run on is refused here, before anything is compiled for it."""
     if gpu_count() == 0:
         hint = "" if cupy_module() is not None else f" (CuPy is not installed: {INSTALL_HINT})"
         raise RuntimeError(f"cupyflash found no CUDA GPU{hint}; cupyflash.reference computes attention on the CPU")
     cupy = require_cupy()
     device_id = current_device_id() if placement.on_host else placement.device_id
+    require_supported_gpu(device_id)
     with cupy.cuda.Device(device_id):
         yield device_id
 

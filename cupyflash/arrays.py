@@ -2,7 +2,9 @@
 
 Accepted: CuPy arrays; NumPy arrays (copied to the current GPU, results returned as NumPy);
 any object with __cuda_array_interface__ or a CUDA __dlpack__ (PyTorch, JAX, ...), wrapped
-zero-copy as CuPy arrays; CPU DLPack objects are treated like NumPy arrays.
+zero-copy as CuPy arrays. Other CPU DLPack objects are treated like NumPy arrays, except torch
+CPU tensors: results would come back as NumPy where a torch user expects tensors (and outside
+autograd), so they are refused with a message saying to call .cuda().
 """
 
 from __future__ import annotations
@@ -13,8 +15,13 @@ from typing import Any
 import numpy as np
 
 from .device import cupy_module, require_cupy
+from .problem import framework
 
-_DLPACK_CPU = 1  # kDLCPU in the DLPack device enum
+# The DLPack device enum (dlpack.h): CPU memory, and the kinds of memory CUDA kernels can read.
+_DLPACK_CPU = 1  # kDLCPU
+_DLPACK_CUDA_KINDS = (2, 3, 13)  # kDLCUDA, kDLCUDAHost (pinned), kDLCUDAManaged
+_DLPACK_NAMES = {4: "OpenCL", 7: "Vulkan", 8: "Metal (Apple MPS)", 9: "VPI", 10: "ROCm", 14: "oneAPI"}
+ARRAY_KINDS = "a CuPy or NumPy array, or an object with __dlpack__ or __cuda_array_interface__"
 
 
 @dataclass(frozen=True)
@@ -35,18 +42,43 @@ def _wrap(name: str, obj: Any) -> tuple[Any, Placement]:
     cupy = cupy_module()
     if cupy is not None and isinstance(obj, cupy.ndarray):
         return obj, Placement(False, obj.device.id)
-    if hasattr(obj, "__dlpack_device__") and obj.__dlpack_device__()[0] == _DLPACK_CPU:
-        return np.from_dlpack(obj), Placement(True)
+    if hasattr(obj, "__dlpack_device__"):
+        device_type = obj.__dlpack_device__()[0]
+        if device_type == _DLPACK_CPU:
+            return _host_dlpack(name, obj), Placement(True)
+        if device_type not in _DLPACK_CUDA_KINDS:
+            kind = _DLPACK_NAMES.get(device_type, f"DLPack device type {device_type}")
+            raise TypeError(f"{name} is a {type(obj).__name__} in {kind} memory; cupyflash runs on CUDA GPUs: "
+                            f"pass {name} on a CUDA device, or as a NumPy array")
     if hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack__"):
         cupy = require_cupy()
         array = cupy.from_dlpack(obj) if hasattr(obj, "__dlpack__") else cupy.asarray(obj)
         return array, Placement(False, array.device.id)
-    raise TypeError(f"{name} must be a CuPy or NumPy array, or an object with __dlpack__ or "
-                    f"__cuda_array_interface__; got {type(obj).__name__}")
+    raise TypeError(f"{name} must be {ARRAY_KINDS}; got {type(obj).__name__}")
+
+
+def _host_dlpack(name: str, obj: Any) -> np.ndarray:
+    """A CPU DLPack object as a NumPy array (no copy); torch CPU tensors are refused (module docstring)."""
+    if framework(obj) == "torch":
+        raise TypeError(f"{name} is a torch CPU tensor; move it to the GPU with {name}.cuda() (cupyflash runs on "
+                        f"CUDA arrays), or pass a NumPy array ({name}.numpy()) for NumPy results")
+    return np.from_dlpack(obj)
+
+
+_MADE_BY = dict.fromkeys(("out", "lse"), " (out and lse are what attention(..., return_lse=True) returns)")
+
+
+def check_given(function: str, **named: Any) -> None:
+    """A TypeError naming the first of the required array arguments that is None."""
+    for name, obj in named.items():
+        if obj is None:
+            made_by = _MADE_BY.get(name, "")
+            raise TypeError(f"{name} is None; {function}() needs {name} as {ARRAY_KINDS}{made_by}")
 
 
 def wrap_all(**named: Any) -> tuple[dict[str, Any], Placement]:
-    """Wrap every non-None argument; all must live in one place (host, or one GPU)."""
+    """Wrap every non-None argument (optional ones may be None: check_given covers the others);
+    all must live in one place (host, or one GPU)."""
     arrays: dict[str, Any] = {}
     first: tuple[str, Placement] | None = None
     for name, obj in named.items():
@@ -56,10 +88,24 @@ def wrap_all(**named: Any) -> tuple[dict[str, Any], Placement]:
         if first is None:
             first = (name, placement)
         elif placement != first[1]:
-            raise ValueError(f"{name} is {placement.describe()} but {first[0]} is {first[1].describe()}; "
-                             "pass every array on the same device (all NumPy, or all on one GPU)")
-    assert first is not None, "wrap_all needs at least one array"  # internal: callers pass q
+            raise ValueError(_placement_mismatch(name, obj, placement, *first))
+    if first is None:
+        raise TypeError(f"no array given: every argument of {', '.join(named)} is None")
     return arrays, first[1]
+
+
+def _placement_mismatch(name: str, obj: Any, placement: Placement, first_name: str, first: Placement) -> str:
+    """What is where, and how to bring `name` to where `first_name` is."""
+    where = f"{name} is {placement.describe()} but {first_name} is {first.describe()}; "
+    if first.on_host:
+        fix = ("pass every array as NumPy (results come back as NumPy), or every array on one GPU "
+               f"(cupy.asarray({first_name}) copies a NumPy array to the current GPU)")
+    elif framework(obj) == "torch":
+        fix = f"pass every array on GPU {first.device_id}: {name}.to({first_name}.device) moves it there"
+    else:
+        fix = (f"pass every array on GPU {first.device_id}: copy {name} there with "
+               f"`with cupy.cuda.Device({first.device_id}): {name} = cupy.asarray({name})`")
+    return where + fix
 
 
 def to_gpu(array: Any) -> Any:

@@ -7,6 +7,9 @@ import functools
 from dataclasses import dataclass
 from types import ModuleType
 
+# cp.async, ldmatrix and bfloat16 mma.sync: the kernels need Ampere (sm_80) or newer.
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
 INSTALL_HINT = (
     "install CuPy and NVRTC for your CUDA driver: pip install 'cupyflash[cuda12]' "
     "(CUDA 12 drivers) or 'cupyflash[cuda13]' (CUDA 13 drivers)"
@@ -71,6 +74,18 @@ def device_limits(device_id: int) -> DeviceLimits:
         smem_per_sm=int(props["sharedMemPerMultiprocessor"]),
         regs_per_sm=int(props["regsPerMultiprocessor"]),
     )
+
+
+def require_supported_gpu(device_id: int) -> DeviceLimits:
+    """The GPU's limits, or one RuntimeError line naming it when its compute capability is older
+    than the kernels need (a T4 or V100 would otherwise meet a long NVRTC log on its first call)."""
+    limits = device_limits(device_id)
+    if tuple(limits.compute_capability) < MIN_COMPUTE_CAPABILITY:
+        have = ".".join(map(str, limits.compute_capability))
+        need = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
+        raise RuntimeError(f"GPU {device_id} ({limits.name}) has compute capability {have}; cupyflash needs {need} "
+                           "or newer (Ampere, Ada, Hopper); cupyflash.reference computes attention on the CPU")
+    return limits
 
 
 def current_device_id() -> int:

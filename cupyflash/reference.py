@@ -125,8 +125,10 @@ def softmax_rows(x: Array, xp: ModuleType = np) -> tuple[Array, Array]:
     """Row softmax over the last axis of logits x (..., N) with -inf for masked entries.
 
     Returns P (..., N) and lse (...).  A row with no visible key gets P = 0 and lse = +inf,
-    without producing NaN or a floating point warning.
+    without producing NaN or a floating point warning; so does every row when N = 0.
     """
+    if x.shape[-1] == 0:  # no key at all (seqlen_k = 0): max has no identity, every row is empty
+        return xp.zeros_like(x), xp.full(x.shape[:-1], xp.inf, dtype=x.dtype)
     m = xp.max(x, axis=-1, keepdims=True)
     m = xp.where(m == -xp.inf, 0.0, m)  # avoids (-inf) - (-inf); exp(-inf - 0) is just 0
     e = xp.exp(x - m)
@@ -356,6 +358,7 @@ def attention_forward(q: Array, k: Array, v: Array, *, causal: bool = False,
     required when dropout_p > 0.  xp: array module (NumPy by default).
     Returns out (B, Sq, Hq, D) and lse (B, Hq, Sq) (natural log; +inf for rows that see
     no key, whose out row is 0): float64, or float32 in the float16/bfloat16 baseline.
+    Any size may be 0 except Hkv (and D in practice): seqlen_k = 0 gives out 0 and lse +inf.
     """
     xp = np if xp is None else xp
     d = _dense_forward(q, k, v, _precision(compute_dtype), xp, causal, softmax_scale,
@@ -374,6 +377,7 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, *, causal: boo
     dout: (B, Sq, Hq, D), the gradient of the loss w.r.t. ``out``; other arguments as in
     attention_forward.  Returns dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D), summed over
     the q heads that share a kv head; float64, or float32 rounded values in the baseline.
+    Rows that see no key (all of them when seqlen_k = 0) contribute no gradient.
     """
     xp = np if xp is None else xp
     prec = _precision(compute_dtype)

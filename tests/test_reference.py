@@ -59,7 +59,15 @@ CASES = {
     "dropout": Case(batch=2, dropout_p=0.3),
     "everything": Case(batch=2, seqlen_q=5, seqlen_k=3, heads_q=4, heads_kv=2, causal=True,
                        window_size=(1, -1), softcap=2.0, alibi="per_batch", dropout_p=0.25),
+    # Empty sizes, which the API accepts: out 0 and lse +inf for every row when there is no key.
+    "no_keys": Case(batch=2, seqlen_k=0),
+    "no_keys_everything": Case(batch=2, seqlen_q=4, seqlen_k=0, heads_q=4, heads_kv=2, causal=True,
+                               window_size=(1, 0), softcap=2.0, alibi="per_batch", dropout_p=0.25),
+    "no_queries": Case(seqlen_q=0, causal=True),
+    "no_batch": Case(batch=0, alibi="per_head"),
+    "no_queries_no_keys": Case(seqlen_q=0, seqlen_k=0),
 }
+EMPTY = [name for name in CASES if name.startswith("no_")]
 
 
 def make_inputs(case: Case, seed: int = 0) -> dict:
@@ -252,6 +260,27 @@ def test_fully_masked_rows(name: str) -> None:
         assert np.all(np.isfinite(g))
     for g in grads_dead:
         assert np.all(g == 0)
+
+
+@pytest.mark.parametrize("compute_dtype", [None, "float16", "bfloat16"])
+@pytest.mark.parametrize("name", EMPTY)
+def test_empty_sizes(name: str, compute_dtype: str | None) -> None:
+    """seqlen_k = 0 (every row sees nothing), seqlen_q = 0, batch = 0: shapes as always, out 0,
+    lse +inf, gradients 0, in float64 and in the baselines, with no NaN and no warning."""
+    case = CASES[name]
+    arrays, opts = make_inputs(case)
+    q, k, v, dout = arrays["q"], arrays["k"], arrays["v"], arrays["dout"]
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        out, lse = ref.attention_forward(q, k, v, compute_dtype=compute_dtype, **opts)
+        dq, dk, dv = ref.attention_backward(dout, q, k, v, compute_dtype=compute_dtype, **opts)
+    expected_dtype = np.float64 if compute_dtype is None else np.float32
+    assert out.shape == q.shape and lse.shape == (case.batch, case.heads_q, case.seqlen_q)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    for array in (out, lse, dq, dk, dv):
+        assert array.dtype == expected_dtype
+    assert np.all(out == 0) and np.all(lse == np.inf)
+    assert all(np.all(g == 0) for g in (dq, dk, dv))
 
 
 def test_no_visible_key_at_all() -> None:
