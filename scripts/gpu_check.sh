@@ -62,7 +62,7 @@ for step in "${steps[@]}"; do
       run_step sanitize "$OUT/sanitize-summary.txt" $PY scripts/sanitize.py --jobs "${SANITIZE_JOBS:-12}" \
         --log "$OUT/sanitize.log"
       cat "$OUT/sanitize-summary.txt" ;;
-    validate) run_step validate "$OUT/validate.log" $PY -m cupyflash validate --quick; tail -n 5 "$OUT/validate.log" ;;
+    validate) run_step validate "$OUT/validate.log" $PY -m cupyflash validate --quick --require-gpu; tail -n 5 "$OUT/validate.log" ;;
     bench-fp16|bench-bf16)
       dtype=$([[ $step == bench-fp16 ]] && echo float16 || echo bfloat16)
       run_step "$step" "$OUT/$step.log" $PY -m cupyflash bench --dtype "$dtype" --runs "${BENCH_RUNS:-10}" \
