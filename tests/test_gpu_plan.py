@@ -179,3 +179,47 @@ def test_arrays_on_another_device_take_the_full_path() -> None:
     assert got.device.id == 1
     with cupy.cuda.Device(1):
         assert_bitwise_equal("out", expected, got)
+
+
+def test_threads_on_their_own_streams_give_the_serial_results() -> None:
+    """8 threads, each with its own non-blocking stream and inputs, calling forward and the
+    deterministic backward 4 times, give bitwise what one thread gave serially (plans and their
+    parameter buffers are per thread: plan.py)."""
+    import threading
+
+    import cupy
+
+    cases = [validation.Case("float16" if i % 2 else "bfloat16", (64, 128, 256, 40)[i % 4], bool(i % 3), 200 + 37 * i,
+                             300 - 11 * i, group=1 + i % 2) for i in range(8)]
+    inputs = [device_inputs(case) for case in cases]
+
+    def call(case: validation.Case, dev: dict[str, Any]) -> tuple[Any, ...]:
+        out, lse = api.attention(dev["q"], dev["k"], dev["v"], return_lse=True, **options(case))
+        grads = api.attention_backward(dev["dout"], dev["q"], dev["k"], dev["v"], out, lse, deterministic=True,
+                                       **options(case))
+        return (out, lse, *grads)
+
+    serial = [call(case, dev) for case, dev in zip(cases, inputs)]
+    cupy.cuda.Device().synchronize()
+    results: dict[int, list[tuple[Any, ...]]] = {}
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            stream = cupy.cuda.Stream(non_blocking=True)
+            with stream:
+                results[index] = [call(cases[index], inputs[index]) for _ in range(4)]
+            stream.synchronize()
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for index, expected in enumerate(serial):
+        for repeat in results[index]:
+            for name, want, got in zip(("out", "lse", "dq", "dk", "dv"), expected, repeat):
+                assert_bitwise_equal(f"{cases[index].id} {name}", want, got)
