@@ -29,6 +29,9 @@ PY=${PYTHON:-python3}
 steps=("$@")
 [[ ${#steps[@]} -eq 0 ]] && steps=(info tests sanitize validate bench-fp16 bench-bf16 overhead)
 GPU_TESTS=(tests/test_gpu_*.py)
+# PYTEST_JOBS=N spreads the GPU tests over N processes on the one GPU (pytest-xdist, when installed).
+JOBS=()
+[[ -n ${PYTEST_JOBS:-} ]] && $PY -c "import xdist" 2>/dev/null && JOBS=(-n "$PYTEST_JOBS")
 status=0
 
 run_step() {  # name, log file, command...: runs, logs, records a failure without stopping
@@ -50,7 +53,7 @@ for step in "${steps[@]}"; do
     tests|tests-shuffled)
       order=collected log=$OUT/gpu_tests.log
       [[ $step == tests-shuffled ]] && order=random:${TEST_SEED:-2026} log=$OUT/gpu_tests_shuffled.log
-      run_step "$step" "$log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider --test-order "$order" "${GPU_TESTS[@]}"
+      run_step "$step" "$log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider --test-order "$order" "${JOBS[@]}" "${GPU_TESTS[@]}"
       grep -E "passed|failed|error" "$log" | tail -n 3
       grep -E "^FAILED|^ERROR" "$log" | head -n 40 ;;
     tests-quick)

@@ -87,7 +87,8 @@ def main() -> int:
     if args.list:
         print("\n".join(c.id for c in memory_sweep.cases()))
         return 0
-    sanitizer = os.environ.get("COMPUTE_SANITIZER") or shutil.which("compute-sanitizer")
+    sanitizer = (os.environ.get("COMPUTE_SANITIZER") or shutil.which("compute-sanitizer")
+                 or next((str(p) for p in Path("/usr/local").glob("cuda*/bin/compute-sanitizer")), None))
     if sanitizer is None:
         print("compute-sanitizer not found (set COMPUTE_SANITIZER or put it on PATH)", file=sys.stderr)
         return 2
