@@ -33,7 +33,9 @@ sys.path.insert(0, str(REPO))  # sanitize this checkout, installed or not
 from cupyflash import memory_sweep  # noqa: E402
 
 TOOLS = ("memcheck", "racecheck", "synccheck")
-ERRORS = re.compile(r"ERROR SUMMARY: (\d+) error")
+# memcheck and synccheck end with "ERROR SUMMARY: N errors"; racecheck with "RACECHECK SUMMARY:
+# N hazards displayed (E errors, W warnings)", where a warning is a hazard too.
+ERRORS = re.compile(r"ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: (\d+) hazard")
 REPORT_EXIT = 99  # compute-sanitizer's exit code when it reported anything
 
 
@@ -63,7 +65,7 @@ def sanitize(sanitizer: str, tool: str, case_id: str) -> tuple[str, str, int | N
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     output = done.stdout + done.stderr
     summary = ERRORS.search(output)
-    errors = int(summary.group(1)) if summary else None
+    errors = int(summary.group(1) or summary.group(2)) if summary else None
     if done.returncode not in (0, REPORT_EXIT):
         errors = None  # the program itself failed: counted apart from sanitizer reports
     return tool, case_id, errors, output
@@ -101,7 +103,7 @@ def main() -> int:
     if args.log:
         with args.log.open("w") as log:
             for tool, case_id, errors, output in results:
-                log.write(f"===== {tool} {case_id}: {'process failed' if errors is None else f'{errors} errors'}\n")
+                log.write(f"===== {tool} {case_id}: {'process failed' if errors is None else f'{errors} reports'}\n")
                 log.write(output + "\n")
             log.write("\n".join(["===== warm-up failures"] + failed_warm_up) + "\n")
     return report(tools, results, failed_warm_up, time.monotonic() - started)
@@ -120,7 +122,7 @@ def report(tools: tuple[str, ...], results: list[tuple[str, str, int | None, str
         bad += reported + crashed
         print(f"| {tool} | {len(mine)} | {len(mine) - len(reported) - len(crashed)} | {len(reported)} | {len(crashed)} |")
     for tool, case_id, errors, _ in bad:
-        print(f"  {tool} {case_id}: {'process failed' if errors is None else f'{errors} errors'}")
+        print(f"  {tool} {case_id}: {'process failed' if errors is None else f'{errors} reports'}")
     for line in failed_warm_up:
         print(f"  warm-up {line}")
     return 1 if bad or failed_warm_up else 0

@@ -6,6 +6,9 @@
   tuned configs in its tuning/), CUPYFLASH_TUNING_DIR and CUPYFLASH_NO_DISK_CACHE are unset, so
   neither a user's tuned configs nor an earlier run's cubins change what the tests see
   (subprocesses the tests start inherit the same folder).
+- After each GPU test the CuPy memory pool gives its free blocks back to the driver, so that the
+  GPU suite can run in several processes on one GPU (PYTEST_JOBS in scripts/gpu_check.sh)
+  without one process's cached blocks starving the others.
 - ``--test-order reverse`` or ``--test-order random:SEED`` runs the collected tests in another
   order, to show that none depends on what ran before it (scripts/gpu_check.sh runs the GPU
   suite in two orders).
@@ -74,3 +77,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason=NO_GPU_REASON)
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_memory(request: pytest.FixtureRequest):
+    yield
+    if request.node.get_closest_marker("gpu") is None:
+        return
+    import cupy
+
+    cupy.cuda.Device().synchronize()
+    cupy.get_default_memory_pool().free_all_blocks()
