@@ -106,10 +106,11 @@ __device__ __forceinline__ void stage_dq_part(u32 stage, const float (&acc)[8][4
 // dq_accum += one 64 x 64 dQ piece of a warpgroup, kDqStageCols columns at a time: every thread
 // stores its fragments into the warpgroup's staging buffer, then the warpgroup's first thread
 // (the leader) hands the part to the copy engine as one bulk reduction and goes on. piece_dst is
-// the piece's first unit in dq_accum (DqUnits::unit).
+// the piece's first unit in dq_accum (DqUnits::unit). Without `inside` (a piece past the last
+// query row, whose unit does not exist) nothing is added.
 template <class T>
 __device__ __forceinline__ void add_dq_piece(float* piece_dst, u32 stage, const float (&acc)[8][4], int warp,
-                                             int lane) {
+                                             int lane, bool inside) {
   const int barrier = 1 + warp / 4;  // one per warpgroup; named barrier 0 is __syncthreads'
   const bool leader = warp % 4 == 0 && lane == 0;
 #pragma unroll
@@ -120,7 +121,7 @@ __device__ __forceinline__ void add_dq_piece(float* piece_dst, u32 stage, const 
     if (part == 1) stage_dq_part<T, 1>(stage, acc, warp, lane);
     fence_proxy_async();  // the stores, to the copy engine's (async) proxy
     named_barrier_sync(barrier, 128);
-    if (leader) {
+    if (leader && inside) {
       bulk_reduce_add_f32(piece_dst + part * (T::kDqStageCols / DqUnits::kCols) * DqUnits::kFloats, stage,
                           T::kDqStageFloats * 4);
       bulk_commit();
@@ -321,10 +322,6 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
 #pragma unroll
       for (int piece = warpgroup; piece < T::kDqPieces; piece += T::kWarpgroups) {
         const int mq = piece / T::kSlabs, slab = piece % T::kSlabs;  // query block, head_dim slab
-        // dq_accum rounds seqlen_q up to 64 rows (DqUnits), not to kBlockM: a piece that starts
-        // past the last query row has no unit there, and would add its zeros into whatever lies
-        // beyond the buffer. It is skipped (uniformly over the warpgroup, so its barriers match).
-        if (row0 + 64 * mq >= seqlen_q) continue;
         float acc_dq[8][4];
         wgmma_fence();
 #pragma unroll
@@ -337,8 +334,14 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_fence_operands(acc_dq);
+        // dq_accum rounds seqlen_q up to 64 rows (DqUnits), not to kBlockM: a piece that starts
+        // past the last query row has no unit there, and its zeros would be added into whatever
+        // lies beyond the buffer. Only its reduction is left out; the warpgroup still runs every
+        // barrier of the piece (skipping the whole piece made racecheck report a hazard on the
+        // dK staging at the end of the kernel, 2026-12-02).
+        const bool inside = row0 + 64 * mq < seqlen_q;
         add_dq_piece<T>(DqUnits::unit(dq_accum, batch, head, heads_q, seqlen_q, T::kHeadDim, row0 + 64 * mq, 64 * slab),
-                        smem_addr(sm.dq_stage[warpgroup]), acc_dq, warp, lane);
+                        smem_addr(sm.dq_stage[warpgroup]), acc_dq, warp, lane, inside);
       }
     }
     wgmma_wait<0>();
