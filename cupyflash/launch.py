@@ -20,10 +20,9 @@ import numpy as np
 from . import build
 from .config import BwdConfig, DkdvConfig, TileConfig
 from .device import DeviceLimits, require_cupy
-from .problem import Problem
+from .problem import LOG2_E, Problem  # softmax_scale * LOG2_E is checked there to fit float32
 
 ELEMENT = {"float16": "cf::Half", "bfloat16": "cf::BFloat16"}
-LOG2_E = math.log2(math.e)
 DELTA_ROWS_PER_BLOCK, DELTA_THREADS = 16, 128  # kDeltaRows, kDeltaThreads in flash_bwd_prep.cu
 CONVERT_THREADS, CHUNK = 256, 8  # kConvertThreads, kChunk
 DQ_UNIT_ROWS, DQ_UNIT_COLS = 64, 32  # DqUnits::kRows, kCols (traits.cuh)

@@ -8,7 +8,7 @@ from cupyflash import autotune, config, gpu_classes, heuristics
 from cupyflash.config import KERNEL_HEAD_DIMS, DkdvConfig, TileConfig
 from cupyflash.device import DeviceLimits
 
-H100 = DeviceLimits("H100", (9, 0), 132, 232448, 233472)
+H100 = gpu_classes.H100
 TINY = DeviceLimits("tiny", (8, 6), 8, 48 * 1024, 64 * 1024)
 
 
@@ -85,7 +85,7 @@ def test_default_buckets_cover_the_grid() -> None:
     assert problem.batch * problem.seqlen_q == 16384 and problem.heads_q * problem.head_dim == 2048
 
 
-A100 = DeviceLimits("A100", (8, 0), 108, 166912, 167936)
+A100 = gpu_classes.A100
 
 
 def test_wgmma_configs_fit_hopper_only() -> None:
