@@ -17,11 +17,10 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from . import plan as plans
-from .arrays import Placement, check_given, to_caller, to_gpu, wrap_all
+from .arrays import Placement, check_given, kernel_ready, to_caller, to_gpu, unpadded, wrap_all
 from .device import INSTALL_HINT, cupy_module, current_device_id, gpu_count, require_cupy, require_supported_gpu
 from .problem import Problem, check_flag, check_seed
 
-ALIGN_ELEMENTS = 8  # cp.async moves 16 bytes: pointers and strides must be multiples of 8 elements
 BACKWARD_INPUTS = ("dout", "q", "k", "v", "out", "lse")
 
 
@@ -63,11 +62,11 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: fl
     check_seed(seed)
     _require_kernel_features(problem)
     with _device_of(placement) as device_id:
-        t = {name: _kernel_ready(arrays[name]) for name in ("q", "k", "v")}
+        t = {name: kernel_ready(arrays[name]) for name in ("q", "k", "v")}
         plan = plans.build_forward(problem, t, device_id)
         out, lse = plan.launch(t)
         plans.keep(plan, problem, "fwd", (q, k, v), options, (t["q"], t["k"], t["v"]), device_id)
-        out = _unpadded(out, problem.head_dim)
+        out = unpadded(out, problem.head_dim)
     out = to_caller(out, placement)
     return (out, to_caller(lse, placement)) if return_lse else out
 
@@ -98,12 +97,12 @@ def attention_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *,
     check_seed(seed)
     _require_kernel_features(problem)
     with _device_of(placement) as device_id:
-        t = {name: _kernel_ready(arrays[name]) for name in ("dout", "q", "k", "v", "out")}
+        t = {name: kernel_ready(arrays[name]) for name in ("dout", "q", "k", "v", "out")}
         t["lse"] = require_cupy().ascontiguousarray(to_gpu(arrays["lse"]))
         plan = plans.build_backward(problem, t, deterministic, device_id)
         grads = plan.launch(t)
         plans.keep(plan, problem, "bwd", inputs, options, tuple(t[name] for name in BACKWARD_INPUTS), device_id)
-    return tuple(to_caller(_unpadded(g, problem.head_dim), placement) for g in grads)
+    return tuple(to_caller(unpadded(g, problem.head_dim), placement) for g in grads)
 
 
 def _require_kernel_features(problem: Problem) -> None:
@@ -127,24 +126,3 @@ def _device_of(placement: Placement) -> Iterator[int]:
     require_supported_gpu(device_id)
     with cupy.cuda.Device(device_id):
         yield device_id
-
-
-def _unpadded(array: Any, head_dim: int) -> Any:
-    """The caller's head_dim columns of a result computed on zero-padded inputs (_kernel_ready)."""
-    return array if array.shape[3] == head_dim else array[..., :head_dim]
-
-
-def _kernel_ready(array: Any) -> Any:
-    """On the GPU, head_dim padded with zeros to a multiple of 8, 16-byte aligned rows."""
-    cupy = require_cupy()
-    array = to_gpu(array)
-    head_dim = array.shape[3]
-    if head_dim % ALIGN_ELEMENTS:
-        padded = cupy.zeros(array.shape[:3] + (head_dim + (-head_dim) % ALIGN_ELEMENTS,), array.dtype)
-        padded[..., :head_dim] = array
-        return padded
-    aligned = array.data.ptr % 16 == 0 and all(
-        (stride // array.itemsize) % ALIGN_ELEMENTS == 0 for stride, n in zip(array.strides[:3], array.shape) if n > 1)
-    # A copy (C-contiguous, from the pool: aligned), not ascontiguousarray, which returns an
-    # already contiguous array as it is, misaligned pointer included.
-    return array if aligned else array.copy()

@@ -1,4 +1,5 @@
-"""Where the caller's arrays live, and bringing them to the GPU.
+"""Where the caller's arrays live, bringing them to the GPU, and the padding and alignment the
+kernels need (kernel_ready) and its undoing on the results (unpadded).
 
 Accepted: CuPy arrays; NumPy arrays (copied to the current GPU, results returned as NumPy);
 any object with __cuda_array_interface__ or a CUDA __dlpack__ (PyTorch, JAX, ...), wrapped
@@ -15,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from .device import cupy_module, require_cupy
-from .problem import framework
+from .problem import HEAD_DIM_MULTIPLE, framework
+
+POINTER_ALIGN = 16  # cp.async moves 16 bytes: the kernels need 16-byte aligned rows
 
 # The DLPack device enum (dlpack.h): CPU memory, and the kinds of memory CUDA kernels can read.
 _DLPACK_CPU = 1  # kDLCPU
@@ -117,3 +120,27 @@ def to_gpu(array: Any) -> Any:
 def to_caller(array: Any, placement: Placement) -> Any:
     """Results go back the way the inputs came: NumPy for host inputs, CuPy otherwise."""
     return array.get() if placement.on_host else array
+
+
+def kernel_ready(array: Any) -> Any:
+    """The array on the GPU as the kernels read it: head_dim zero-padded to a multiple of 8
+    (Problem.stored_head_dim), a 16-byte aligned pointer and strides of whole 16-byte chunks.
+    An array that already is so is returned as it is (no copy)."""
+    cupy = require_cupy()
+    array = to_gpu(array)
+    head_dim = array.shape[3]
+    if head_dim % HEAD_DIM_MULTIPLE:
+        padded = cupy.zeros(array.shape[:3] + (head_dim + (-head_dim) % HEAD_DIM_MULTIPLE,), array.dtype)
+        padded[..., :head_dim] = array
+        return padded
+    aligned = array.data.ptr % POINTER_ALIGN == 0 and all(
+        (stride // array.itemsize) % HEAD_DIM_MULTIPLE == 0
+        for stride, n in zip(array.strides[:3], array.shape) if n > 1)
+    # A copy (C-contiguous, from the pool: aligned), not ascontiguousarray, which returns an
+    # already contiguous array as it is, misaligned pointer included.
+    return array if aligned else array.copy()
+
+
+def unpadded(array: Any, head_dim: int) -> Any:
+    """The caller's head_dim columns of a result computed on kernel_ready inputs (a view)."""
+    return array if array.shape[3] == head_dim else array[..., :head_dim]

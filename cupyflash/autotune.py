@@ -20,10 +20,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import build, config, heuristics, launch, selection, timing, tuning, validation
-from .config import BwdConfig
+from . import build, plan, timing, tuning, validation
+from .kernels import flash_bwd_dq
+from .plan import BwdConfig
 from .device import DeviceLimits, current_device_id, device_limits, require_cupy
-from .problem import Problem, numpy_dtype
+from .problem import Problem
 
 TOKENS, HIDDEN = 16384, 2048  # the FlashAttention papers' grid: batch * seqlen, heads * head_dim
 SCREEN_KEEP = 4  # candidates that get the full timing after the one-run screen
@@ -60,21 +61,22 @@ def candidates(bucket: Bucket, limits: DeviceLimits) -> list[Any]:
     """The configs to try, heuristic first."""
     dim = bucket.head_dim
     if bucket.kind == "fwd":
-        default = heuristics.default_fwd_config(dim, limits)
-        found = config.fwd_candidates(dim, limits)
+        default = plan.default_fwd_config(dim, limits)
+        found = plan.fwd_candidates(dim, limits)
     else:
-        default = heuristics.default_bwd_config(dim, limits)
-        found = [BwdConfig(dkdv, default.dq, atomic) for dkdv in config.dkdv_candidates(dim, limits)
+        default = plan.default_bwd_config(dim, limits)
+        found = [BwdConfig(dkdv, default.dq, atomic) for dkdv in plan.dkdv_candidates(dim, limits)
                  for atomic in (True, False)]
-        found += [BwdConfig(default.dkdv, dq, False) for dq in config.dq_candidates(dim, limits)]
+        found += [BwdConfig(default.dkdv, dq, False) for dq in flash_bwd_dq.candidates(dim, limits)]
     return [default] + [c for c in dict.fromkeys(found) if c != default]
 
 
 def specs_of(bucket: Bucket, cfg: Any) -> list[build.KernelSpec]:
+    """The kernels the bucket's calls run with cfg: plan.py's list."""
+    problem = bucket.problem()
     if bucket.kind == "fwd":
-        return [launch.fwd_spec(bucket.dtype, bucket.head_dim, cfg)]
-    specs = [launch.dkdv_spec(bucket.dtype, bucket.head_dim, cfg.dkdv, cfg.dq_atomic)]
-    return specs if cfg.dq_atomic else specs + [launch.dq_spec(bucket.dtype, bucket.head_dim, cfg.dq)]
+        return [call.spec for call in plan.forward_kernels(problem, cfg)]
+    return [call.spec for call in plan.backward_kernels(problem, cfg, deterministic=False)]
 
 
 def _compile_one(spec: build.KernelSpec, arch: str) -> int | None:
@@ -87,7 +89,7 @@ def _spill_bytes(bucket: Bucket, cfg: Any, spills: dict[build.KernelSpec, int | 
     for spec in specs_of(bucket, cfg):
         known = spills.get(spec)
         if known is None:
-            smem = int(dict(spec.defines)["CF_SMEM_BYTES"])
+            smem = int(dict(spec.defines).get("CF_SMEM_BYTES", 0))  # the prep kernels take none
             known = build.local_memory_bytes(build.load_function(spec, current_device_id(), limits.arch, smem))
         total += known
     return total
@@ -120,7 +122,7 @@ class BucketResult:
 
 
 def _forced(bucket: Bucket, cfg: Any) -> Any:
-    return selection.forced(fwd=cfg) if bucket.kind == "fwd" else selection.forced(bwd=cfg)
+    return plan.forced(fwd=cfg) if bucket.kind == "fwd" else plan.forced(bwd=cfg)
 
 
 _validated: dict[tuple[Any, ...], str | None] = {}
@@ -152,9 +154,8 @@ def _runner(bucket: Bucket) -> Callable[[], Any]:
     cupy, p = require_cupy(), bucket.problem()
     shape_q = (p.batch, p.seqlen_q, p.heads_q, p.head_dim)
     shape_kv = (p.batch, p.seqlen_k, p.heads_kv, p.head_dim)
-    dtype = numpy_dtype(p.dtype)
-    q, dout = (cupy.random.standard_normal(shape_q, dtype=cupy.float32).astype(dtype) for _ in range(2))
-    k, v = (cupy.random.standard_normal(shape_kv, dtype=cupy.float32).astype(dtype) for _ in range(2))
+    data = validation.random_inputs(shape_q, shape_kv, p.dtype, xp=cupy)
+    q, k, v, dout = data["q"], data["k"], data["v"], data["dout"]
     if bucket.kind == "fwd":
         return lambda: api.attention(q, k, v, causal=p.causal)
     out, lse = api.attention(q, k, v, causal=p.causal, return_lse=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, settings
+from . import __version__, launch, settings
 from .device import require_cupy
 
 
@@ -68,6 +68,8 @@ class KernelSpec:
             f"-I{kernel_dir()}",
             "--ptxas-options=-v",
             *(f"-D{name}={value}" for name, value in self.defines),
+            # Every compile checks the parameter structs and shared constants against launch.py.
+            f"-DCF_HOST_LAYOUT={launch.host_layout()}",
         ]
 
 
@@ -97,9 +99,10 @@ def _ptxas_numbers(log: str, entry: str) -> tuple[int | None, int | None]:
 
 
 def _program_key(spec: KernelSpec, arch: str) -> tuple[str, ...]:
-    """One cubin per (sources, file, macros, arch, NVRTC): the entry points of a file share it."""
+    """One cubin per (sources, file, macros, arch, NVRTC, launch.py's layout): the entry points of a
+    file share it."""
     return (source_hash(), spec.source, repr(spec.defines), spec.target(arch), "nvrtc%d.%d" % nvrtc_version(),
-            __version__)
+            __version__, launch.host_layout())
 
 
 _programs: dict[tuple[str, ...], tuple[bytes, str] | RuntimeError] = {}

@@ -1,32 +1,26 @@
 """The ``cupyflash`` command: ``info``, ``validate``, ``bench`` and ``autotune``.
 
-Thin shells: each command parses its options, calls the library (cupyflash.validation,
-cupyflash.bench, ...) and prints. The library's input errors (ValueError, TypeError) end the
-command with one ``Error: ...`` line and exit code 2; its run-time errors (RuntimeError,
-NotImplementedError) with exit code 1.
+Thin shells: each command parses its options, calls the library (cupyflash.environment,
+cupyflash.validate_report, cupyflash.bench, ...) and prints. The library's input errors
+(ValueError, TypeError) end the command with one ``Error: ...`` line and exit code 2; its
+run-time errors (RuntimeError, NotImplementedError) with exit code 1.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
-import platform
-from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
-from . import __version__, build, selection, settings, tuning, validation
-from .config import TileConfig
-from .device import DeviceLimits, cupy_module, current_device_id, device_limits, gpu_count
+from . import __version__, environment, settings, tuning, validate_report
+from .device import DeviceLimits, current_device_id, device_limits, gpu_count
+from .validate_report import CASE_WIDTH, NO_GPU_VALIDATE  # noqa: F401  (part of the CLI's vocabulary)
 
-NO_GPU_VALIDATE = ("No CUDA GPU found: GPU kernels were NOT validated "
-                   "(only the NumPy tiled algorithm was checked)")
 PAPER_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
-CASE_WIDTH = 48  # widest gpu_matrix id ("bfloat16-d128-causal-500x300-g1-b2-w32_-1") plus room
 
 
 class _LibraryError(click.ClickException):
@@ -70,93 +64,6 @@ def main() -> None:
 # --------------------------------------------------------------------------- info
 
 
-def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def _probe(read: Callable[[], Any]) -> Any:
-    """read(), or "unavailable (reason)": without a GPU, a driver or CuPy some facts are missing."""
-    try:
-        return read()
-    except Exception as error:  # a fact that cannot be read is reported, never fatal
-        return f"unavailable ({_reason(error)})"
-
-
-def _cuda_version(number: int) -> str:
-    """CUDA's integer version (12090) as text (12.9)."""
-    if number == 0:  # what cudaDriverGetVersion reports when no driver is installed
-        raise RuntimeError("no CUDA driver found")
-    return f"{number // 1000}.{number % 1000 // 10}"
-
-
-def _runtime() -> Any:
-    """CuPy's CUDA runtime module; a short reason when CuPy itself is missing."""
-    cupy = cupy_module()
-    if cupy is None:
-        raise RuntimeError("CuPy not installed")
-    return cupy.cuda.runtime
-
-
-def _nvrtc_version() -> str:
-    _runtime()  # without CuPy, say so rather than repeat the install hint
-    major, minor = build.nvrtc_version()
-    return f"{major}.{minor}"
-
-
-def _versions() -> dict[str, Any]:
-    cupy = cupy_module()
-    return {
-        "cupyflash": __version__,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "cupy": cupy.__version__ if cupy is not None else "not installed",
-        "cuda_runtime": _probe(lambda: _cuda_version(_runtime().runtimeGetVersion())),
-        "cuda_driver": _probe(lambda: _cuda_version(_runtime().driverGetVersion())),
-        "nvrtc": _probe(_nvrtc_version),
-    }
-
-
-def _gpu(device_id: int) -> dict[str, Any]:
-    limits = device_limits(device_id)
-    major, minor = limits.compute_capability
-    return {"id": device_id, "name": limits.name, "compute_capability": f"{major}.{minor}", "arch": limits.arch,
-            "sm_count": limits.sm_count, "smem_per_block_optin": limits.smem_per_block_optin,
-            "smem_per_sm": limits.smem_per_sm}
-
-
-def _tuned_file(path: Path) -> dict[str, Any]:
-    """A tuning file's name and entry count; "unreadable" for a corrupt one (never raises)."""
-    entries = tuning.file_entries(path)
-    return {"file": path.name, "entries": "unreadable" if entries is None else len(entries)}
-
-
-def _caches() -> dict[str, Any]:
-    """The cache folders; kernel_cache_problem is None when cubins can be cached, else why not."""
-    kernels = settings.kernel_cache_dir()
-    return {"kernel_cache_dir": str(kernels), "cubins": len(list(kernels.glob("*.cubin"))),
-            "kernel_cache_problem": build.disk_cache_problem(),
-            "tuning_dir": str(settings.tuning_dir()), "tuned": [_tuned_file(p) for p in tuning.tuning_files()]}
-
-
-def _info() -> dict[str, Any]:
-    return {
-        **_versions(),
-        "gpus": [_probe(lambda i=i: _gpu(i)) for i in range(gpu_count())],
-        "kernel_sources": _probe(lambda: str(build.kernel_dir())),
-        "kernel_source_hash": _probe(build.source_hash),
-        **_caches(),
-    }
-
-
-def _gpu_line(gpu: Any) -> str:
-    if isinstance(gpu, str):
-        return gpu
-    return (f"{gpu['name']}, {gpu['arch']} (compute capability {gpu['compute_capability']}), "
-            f"{gpu['sm_count']} SMs, shared memory {gpu['smem_per_block_optin']} B per block (opt-in), "
-            f"{gpu['smem_per_sm']} B per SM")
-
-
 def _aligned(rows: list[tuple[str, Any]], width: int = 15) -> list[str]:
     """label, value lines with the values in one column, at least one space after the longest label."""
     width = max([width] + [len(label) for label, _ in rows])
@@ -170,9 +77,10 @@ def _entry_count(entries: Any) -> str:
 
 
 def _info_lines(facts: dict[str, Any]) -> list[str]:
-    rows = [(name.replace("_", " "), facts[name]) for name in
-            ("cupyflash", "python", "numpy", "cupy", "cuda_runtime", "cuda_driver", "nvrtc")]
-    rows += [(f"GPU {i}", _gpu_line(gpu)) for i, gpu in enumerate(facts["gpus"])] or [("GPUs", "none visible")]
+    """environment.info()'s facts as aligned label / value lines."""
+    rows = [(name.replace("_", " "), facts[name]) for name in environment.VERSION_KEYS]
+    rows += [(f"GPU {i}", environment.gpu_line(gpu)) for i, gpu in enumerate(facts["gpus"])] or [
+        ("GPUs", "none visible")]
     rows += [("kernel sources", facts["kernel_sources"]), ("source hash", facts["kernel_source_hash"]),
              ("kernel cache", f"{facts['kernel_cache_dir']} ({facts['cubins']} cubins)")]
     if facts["kernel_cache_problem"] is not None:
@@ -187,115 +95,28 @@ def _info_lines(facts: dict[str, Any]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
 def info(as_json: bool) -> None:
     """Versions, GPUs, kernel sources and the on-disk caches."""
-    facts = _info()
+    facts = environment.info()
     click.echo(json.dumps(facts, indent=1) if as_json else "\n".join(_info_lines(facts)))
 
 
 # --------------------------------------------------------------------------- validate
 
 
-def _number(value: float) -> float | str:
-    """JSON has no inf or nan: those become strings."""
-    return value if math.isfinite(value) else str(value)
+def _output(as_json: bool) -> validate_report.Output:
+    """The table's lines on stdout; with --json only its notes, on stderr (stdout holds the JSON)."""
+    if as_json:
+        return validate_report.Output(line=lambda text: None, note=lambda text: click.echo(text, err=True))
+    return validate_report.Output(line=click.echo, note=click.echo)
 
 
-class _Table:
-    """Streams table lines as they come, or collects rows for one JSON object at the end."""
+def _injected(inject_config: str | None) -> AbstractContextManager:
+    """--inject-config: the forward config every call uses while the GPU cases run (None: the
+    usual choice), as a config's to_dict(); without "kernel", the mma.sync forward's
+    (flash_fwd). The CLI's one contact with kernel configs, imported here for that reason."""
+    from . import plan
 
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
-        self.rows: list[dict[str, Any]] = []
-
-    def line(self, text: str) -> None:
-        if not self.as_json:
-            click.echo(text)
-
-    def row(self, row: dict[str, Any], text: str) -> None:
-        self.rows.append(row)
-        self.line(text)
-
-    def finish(self, **summary: Any) -> None:
-        if self.as_json:
-            click.echo(json.dumps({**summary, "rows": self.rows}, indent=1))
-
-
-def _gpu_case_rows(table: _Table, case: validation.Case, deterministic: bool) -> int:
-    """Runs one case, adds a row per tensor; returns its number of failed tensors."""
-    try:
-        results = validation.run_gpu_case(case, deterministic=deterministic)
-    except Exception as error:  # a crash or a compile error fails this case; the rest still run
-        message = f"{type(error).__name__}: {_reason(error)}"
-        table.row({"case": case.id, "tensor": None, "ok": False, "exception": message},
-                  f"{case.id:<{CASE_WIDTH}} ERROR  {message}")
-        return 1
-    for r in results:
-        row = {"case": case.id, "tensor": r.name, "error": _number(r.error),
-               "baseline_error": _number(r.baseline_error), "ratio": _number(r.ratio), "ok": r.ok,
-               **({} if r.ok else {"message": r.message()})}
-        table.row(row, f"{case.id:<{CASE_WIDTH}} {r.name:<6} {r.error:>10.3e} {r.baseline_error:>10.3e} "
-                       f"{r.ratio:>7.2f}  {'pass' if r.ok else 'FAIL'}")
-        if not r.ok:
-            table.line(f"    {r.message()}")  # the worst coordinate and both errors
-    return sum(not r.ok for r in results)
-
-
-def _validate_gpu(quick: bool, deterministic: bool, as_json: bool = False) -> int:
-    """The kernels against the float64 reference (tolerance rule); returns the failure count."""
-    table, cases = _Table(as_json), validation.gpu_matrix(quick)
-    device_id = current_device_id()
-    gpu, cupy_version, source = _probe(lambda: _gpu(device_id)), _versions()["cupy"], _probe(build.source_hash)
-    table.line(f"GPU {device_id}: {_gpu_line(gpu)}; CuPy {cupy_version}; kernel source hash {source}; "
-               f"{len(cases)} cases; deterministic={deterministic}")
-    table.line("pass: error <= 2 x baseline error + floor (error = max|ours - float64 reference|)")
-    table.line(f"{'case':<{CASE_WIDTH}} {'tensor':<6} {'error':>10} {'baseline':>10} {'ratio':>7}  result")
-    failures = sum(_gpu_case_rows(table, case, deterministic) for case in cases)
-    table.line(f"{len(cases)} cases, {len(table.rows)} rows: "
-               + (f"{failures} FAILED" if failures else "all passed") + "; GPU kernels validated: yes")
-    table.finish(gpu=True, gpu_kernels_validated=True, device=gpu, cupy=cupy_version, kernel_source_hash=source,
-                 deterministic=deterministic, ignored_options=[], cases=len(cases), failures=failures)
-    return failures
-
-
-def _note(table: _Table, text: str) -> None:
-    """A line that must not be missed: in the table, or on stderr when stdout is one JSON object."""
-    table.line(text)
-    if table.as_json:
-        click.echo(text, err=True)
-
-
-def _validate_cpu(quick: bool, as_json: bool, ignored: list[str]) -> int:
-    """Without a GPU: the tiled NumPy algorithm against the naive one; returns the failure count.
-    ignored: the options given that apply only to the GPU kernels."""
-    table, cases = _Table(as_json), validation.cpu_matrix(quick)
-    for option in ignored:
-        _note(table, f"{option} ignored: it applies to the GPU kernels, and without a GPU none are validated")
-    table.line("No CUDA GPU: checking the NumPy tiled algorithm (reference_tiled) against naive attention "
-               f"in float64; pass: every max |tiled - naive| <= {validation.CPU_TOLERANCE:g}")
-    tensors = ("out", "lse", "dq", "dk", "dv")
-    table.line(f"{'case':<{CASE_WIDTH}} " + " ".join(f"{t:>8}" for t in tensors) + "  result")
-    failures = 0
-    for case in cases:
-        errors = validation.run_cpu_case(case)
-        ok = all(errors[t] <= validation.CPU_TOLERANCE for t in tensors)  # False for nan too
-        failures += not ok
-        table.row({"case": case.id, **{t: _number(errors[t]) for t in tensors}, "ok": ok},
-                  f"{case.id:<{CASE_WIDTH}} " + " ".join(f"{errors[t]:>8.1e}" for t in tensors)
-                  + f"  {'pass' if ok else 'FAIL'}")
-    table.line(f"{len(cases)} cases: " + (f"{failures} FAILED" if failures else "all passed")
-               + "; GPU kernels validated: no")
-    _note(table, NO_GPU_VALIDATE)
-    table.finish(gpu=False, gpu_kernels_validated=False, note=NO_GPU_VALIDATE, ignored_options=ignored,
-                 tolerance=validation.CPU_TOLERANCE, cases=len(cases), failures=failures)
-    return failures
-
-
-def _no_gpu_reason() -> str:
-    """Why gpu_count() is 0, in a few words."""
-    try:
-        count = _runtime().getDeviceCount()
-    except Exception as error:  # no CuPy, no driver: its message is the reason
-        return _reason(error)
-    return f"the CUDA runtime sees {count} devices"
+    forced = plan.config_from_dict({"kernel": "flash_fwd", **json.loads(inject_config)}) if inject_config else None
+    return plan.forced(fwd=forced)
 
 
 @cli.command()
@@ -314,17 +135,20 @@ def validate(quick: bool, as_json: bool, deterministic: bool, require_gpu: bool,
     NumPy algorithm against the naive one: then the GPU kernels are NOT validated, and the
     summary says "GPU kernels validated: no", in JSON gpu_kernels_validated false).
     Exit code 1 when anything fails; 2 with --require-gpu and no GPU."""
+    out = _output(as_json)
     if gpu_count() > 0:
-        forced = TileConfig(**json.loads(inject_config)) if inject_config else None
-        with selection.forced(fwd=forced):
-            failures = _validate_gpu(quick, deterministic, as_json)
+        with _injected(inject_config):
+            summary = validate_report.gpu_report(quick, deterministic, out)
     elif require_gpu:
-        raise _NoGpu(f"--require-gpu: no CUDA GPU found ({_no_gpu_reason()}), so no GPU kernels can be validated")
+        raise _NoGpu(f"--require-gpu: no CUDA GPU found ({environment.no_gpu_reason()}), "
+                     "so no GPU kernels can be validated")
     else:
         ignored = [name for name, given in (("--deterministic", deterministic),
                                             ("--inject-config", inject_config is not None)) if given]
-        failures = _validate_cpu(quick, as_json, ignored)
-    if failures:
+        summary = validate_report.cpu_report(quick, ignored, out)
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+    if summary["failures"]:
         raise click.exceptions.Exit(1)
 
 

@@ -5,7 +5,7 @@ two checks run the same list of cases on a GPU: tests/test_gpu_guard.py surround
 allocation with guard bytes and checks them after the call, and scripts/sanitize.py runs each
 case in its own process under compute-sanitizer (memcheck; racecheck and synccheck on the
 smaller list). A case names a path (the kernels the GPU picks by default, or the configs an A100
-or an RTX 4090 would pick, forced through selection.forced), a validation.Case (head dim, lengths,
+or an RTX 4090 would pick, forced through plan.forced), a validation.Case (head dim, lengths,
 GQA, causal or window) and whether the backward is the deterministic one.
 
     from cupyflash import memory_sweep
@@ -20,8 +20,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
-from . import gpu_classes, heuristics, selection, validation
-from .config import kernel_head_dim
+from . import gpu_classes, plan, validation
+from .kernels.common import kernel_head_dim
 from .tolerance import Comparison
 
 PATHS = ("default", *gpu_classes.SMALLER_THAN_HOPPER)  # default, a100, rtx4090
@@ -70,8 +70,7 @@ def configs_of(path: str, head_dim: int) -> Iterator[None]:
         return
     limits = gpu_classes.SMALLER_THAN_HOPPER[path]
     kernel_dim = kernel_head_dim(head_dim)  # (the compiled head dims are multiples of 8: padding changes nothing)
-    with selection.forced(heuristics.default_fwd_config(kernel_dim, limits),
-                          heuristics.default_bwd_config(kernel_dim, limits)):
+    with plan.forced(plan.default_fwd_config(kernel_dim, limits), plan.default_bwd_config(kernel_dim, limits)):
         yield
 
 
@@ -84,7 +83,7 @@ def run(sweep_case: SweepCase, check: bool = True) -> list[Comparison]:
             return validation.run_gpu_case(case, deterministic=sweep_case.deterministic)
         from . import api
 
-        dev = validation._to_device(case, validation.make_inputs(case))
+        dev = validation.to_device(case, validation.make_inputs(case))
         options = dict(causal=case.causal, window_size=case.window)
         out, lse = api.attention(dev["q"], dev["k"], dev["v"], return_lse=True, **options)
         api.attention_backward(dev["dout"], dev["q"], dev["k"], dev["v"], out, lse,

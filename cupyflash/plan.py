@@ -1,37 +1,206 @@
-"""Launch plans: what a repeat call with the same array layouts and options reuses.
+"""Which kernels a call runs, with which configs, and the plan that runs them again.
+
+The decision, in order: a config pinned by `forced(...)` (the autotuner and tests), else the
+tuned winner of the problem's bucket (tuning.py), else the first fitting row of the kernel
+families' heuristic tables (kernels/*.py), Hopper families first. `forward_kernels` and
+`backward_kernels` are the one list of kernels a call runs; plans, the autotuner and the bench
+all read it.
 
 A training or inference loop calls attention() with the same shapes again and again. The first
-call of a kind checks everything (problem.py), picks a config (selection.py), loads the kernels
-and packs their arguments (launch.py); its Plan keeps the outcome: the outputs and temporaries
-to allocate, and one Launch per kernel. A later call whose arrays have the same type, shape,
-strides and dtype, with the same options, on the same device, finds that plan (find) and only
-allocates, writes the array pointers into the packed arguments and launches (Plan.run). That
-is where the host time of a short-sequence call went: scripts/host_overhead.py times both.
-
-The first call runs its plan the same way (Plan.launch), so there is one launch path. A plan
-is cached (keep) only when it can serve a repeat call unchanged; find only serves calls that
-its key and a few per-call checks prove to be such repeats. Everything else takes the full
-path, which reports bad inputs with the same errors as ever.
+call of a kind checks everything (problem.py), picks the configs, loads the kernels and fills
+the parameter block (launch.py); its Plan keeps the outcome: the outputs and temporaries to
+allocate, the block and one Launch per kernel. A later call whose arrays have the same type,
+shape, strides and dtype, with the same options, on the same device, finds that plan (find)
+and only allocates, writes the array pointers into the block and launches (Plan.run).
+scripts/host_overhead.py times both paths. The first call runs its plan the same way
+(Plan.launch), so there is one launch path.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from . import launch, selection, tuning
-from .config import kernel_head_dim
+from . import build, launch, tuning
+from .arrays import POINTER_ALIGN
 from .device import DeviceLimits, current_device_id, device_limits, require_cupy
+from .kernels import flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_prep, flash_fwd, flash_fwd_sm90
+from .kernels.common import no_config_error
 from .problem import Problem, array_signature
 
+FORWARD_FAMILIES = (flash_fwd_sm90, flash_fwd)  # tried in this order: the first that has a fitting row
+DKDV_FAMILIES = (flash_bwd_dkdv_sm90, flash_bwd_dkdv)
+FAMILIES = {family.ENTRY: family for family in (*FORWARD_FAMILIES, *DKDV_FAMILIES, flash_bwd_dq)}
+FwdConfig = flash_fwd.FwdConfig | flash_fwd_sm90.Sm90FwdConfig
+DkdvConfig = flash_bwd_dkdv.DkdvConfig | flash_bwd_dkdv_sm90.Sm90DkdvConfig
 FORWARD_RESULTS = ("out", "lse")
 BACKWARD_RESULTS = ("dq", "dk", "dv")
 MAX_PLANS = 256  # per thread; the cache is cleared when full, like the other memo caches
-POINTER_ALIGN = 16  # cp.async moves 16 bytes: the kernels need 16-byte aligned rows
 
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """The backward pass: the dK/dV kernel, and how dQ is made. With dq_atomic, the dK/dV
+    kernel adds dQ into a float32 buffer (fast, not bitwise repeatable) and a conversion kernel
+    makes dq of it; without, the dQ kernel (`dq`) makes it in its own pass. attention_backward's
+    deterministic=True forces the latter."""
+
+    dkdv: DkdvConfig
+    dq: flash_bwd_dq.DqConfig
+    dq_atomic: bool = True
+
+    def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
+        return self.dkdv.fits(head_dim, limits) and self.dq.fits(head_dim, limits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dkdv": self.dkdv.to_dict(), "dq": self.dq.to_dict(), "dq_atomic": self.dq_atomic}
+
+
+def config_from_dict(data: dict[str, Any]) -> Any:
+    """A config from its to_dict(): a kernel family's (named by "kernel") or a BwdConfig."""
+    if "dkdv" in data:
+        return BwdConfig(config_from_dict(data["dkdv"]), config_from_dict(data["dq"]), bool(data["dq_atomic"]))
+    fields = dict(data)
+    family = FAMILIES[fields.pop("kernel")]
+    config_class = {flash_fwd: flash_fwd.FwdConfig, flash_fwd_sm90: flash_fwd_sm90.Sm90FwdConfig,
+                    flash_bwd_dkdv: flash_bwd_dkdv.DkdvConfig, flash_bwd_dkdv_sm90: flash_bwd_dkdv_sm90.Sm90DkdvConfig,
+                    flash_bwd_dq: flash_bwd_dq.DqConfig}[family]
+    return config_class(**fields)
+
+
+def family_of(config: Any) -> Any:
+    """The module of a config's kernel family."""
+    return FAMILIES[config.kernel]
+
+
+# --------------------------------------------------------------------------- choosing configs
+
+_override = threading.local()
+_NOTHING_FORCED = (None, None)
+
+
+@contextmanager
+def forced(fwd: FwdConfig | None = None, bwd: BwdConfig | None = None) -> Iterator[None]:
+    """Pin configs for the calls made inside (this thread only). Such calls neither use nor
+    make cached plans, which hold a config."""
+    previous = getattr(_override, "configs", _NOTHING_FORCED)
+    _override.configs = (fwd, bwd)
+    try:
+        yield
+    finally:
+        _override.configs = previous
+
+
+def is_forced() -> bool:
+    return getattr(_override, "configs", _NOTHING_FORCED) != _NOTHING_FORCED
+
+
+@functools.lru_cache(maxsize=None)  # pure in its (hashable) arguments; called on every full-path call
+def default_fwd_config(head_dim: int, limits: DeviceLimits) -> FwdConfig:
+    for family in FORWARD_FAMILIES:
+        config = family.default(head_dim, limits)
+        if config is not None:
+            return config
+    raise no_config_error("forward", head_dim, limits)
+
+
+@functools.lru_cache(maxsize=None)
+def default_bwd_config(head_dim: int, limits: DeviceLimits) -> BwdConfig:
+    dkdv = next((c for c in (family.default(head_dim, limits) for family in DKDV_FAMILIES) if c is not None), None)
+    if dkdv is None:
+        raise no_config_error("backward dK/dV", head_dim, limits)
+    dq = flash_bwd_dq.default(head_dim, limits)
+    if dq is None:
+        raise no_config_error("backward dQ", head_dim, limits)
+    return BwdConfig(dkdv, dq, dq_atomic=dkdv.atomic_dq_by_default(head_dim))
+
+
+def tuned_config(kind: str, problem: Problem, limits: DeviceLimits) -> Any:
+    """The tuned config of the problem's bucket, if one is stored and fits this device, else None."""
+    entry = tuning.lookup(kind, problem, problem.kernel_head_dim, limits)
+    if entry is None:
+        return None
+    try:
+        config = config_from_dict(entry)
+        if kind == "bwd" and not isinstance(config, BwdConfig) or kind == "fwd" and isinstance(config, BwdConfig):
+            raise ValueError(f"not a {kind} config")
+    except (KeyError, TypeError, ValueError) as error:
+        warnings.warn(f"ignoring malformed tuned config {entry!r}: {error}", RuntimeWarning, stacklevel=3)
+        return None
+    return config if config.fits(problem.kernel_head_dim, limits) else None
+
+
+def choose(kind: str, problem: Problem, limits: DeviceLimits) -> Any:
+    """The config a call of kind "fwd" (a family's config) or "bwd" (a BwdConfig) runs with."""
+    pinned = getattr(_override, "configs", _NOTHING_FORCED)[0 if kind == "fwd" else 1]
+    if pinned is not None:
+        return pinned
+    tuned = tuned_config(kind, problem, limits)
+    if tuned is not None:
+        return tuned
+    default = default_fwd_config if kind == "fwd" else default_bwd_config
+    return default(problem.kernel_head_dim, limits)
+
+
+def fwd_candidates(head_dim: int, limits: DeviceLimits) -> list[FwdConfig]:
+    """Every forward config of every family worth timing for head_dim on this device."""
+    return [c for family in FORWARD_FAMILIES for c in family.candidates(head_dim, limits)]
+
+
+def dkdv_candidates(head_dim: int, limits: DeviceLimits) -> list[DkdvConfig]:
+    return [c for family in DKDV_FAMILIES for c in family.candidates(head_dim, limits)]
+
+
+# --------------------------------------------------------------------------- the kernels of a call
+
+class KernelCall(NamedTuple):
+    """One kernel of a call: what to compile, and how to launch it."""
+
+    spec: build.KernelSpec
+    grid: tuple[int, int, int]
+    threads: int
+    smem: int  # dynamic shared memory, bytes
+
+
+def forward_kernels(problem: Problem, config: FwdConfig) -> list[KernelCall]:
+    """The forward pass: one kernel, of the config's family."""
+    family, dim = family_of(config), problem.kernel_head_dim
+    return [KernelCall(family.spec(problem.dtype, dim, config), family.grid(problem, config), config.threads,
+                       config.smem_bytes(dim))]
+
+
+def atomic_dq(config: BwdConfig, deterministic: bool) -> bool:
+    """Whether dQ is added by the dK/dV kernel (then converted), or made in its own pass."""
+    return config.dq_atomic and not deterministic
+
+
+def backward_kernels(problem: Problem, config: BwdConfig, deterministic: bool) -> list[KernelCall]:
+    """The backward pass: delta; dK/dV; then the dQ conversion of the dK/dV kernel's accumulator
+    (atomic dQ) or the dQ kernel (its own pass)."""
+    dtype, dim, accum = problem.dtype, problem.kernel_head_dim, atomic_dq(config, deterministic)
+    dkdv_family = family_of(config.dkdv)
+
+    def prep(entry: str) -> KernelCall:
+        return KernelCall(flash_bwd_prep.spec(dtype, entry), flash_bwd_prep.grid(problem, entry),
+                          flash_bwd_prep.threads(entry), 0)
+
+    calls = [prep(flash_bwd_prep.DELTA),
+             KernelCall(dkdv_family.spec(dtype, dim, config.dkdv, accum), dkdv_family.grid(problem, config.dkdv),
+                        config.dkdv.threads, config.dkdv.smem_bytes(dim))]
+    if accum:
+        return calls + [prep(dkdv_family.CONVERT_ENTRY)]
+    return calls + [KernelCall(flash_bwd_dq.spec(dtype, dim, config.dq), flash_bwd_dq.grid(problem, config.dq),
+                               config.dq.threads, config.dq.smem_bytes(dim))]
+
+
+# --------------------------------------------------------------------------- plans
 
 class Buffer(NamedTuple):
     """An output or temporary the plan allocates on every call (C-contiguous, current device)."""
@@ -43,13 +212,15 @@ class Buffer(NamedTuple):
 
 
 class Plan:
-    """The buffers and kernel launches of one call, built once per signature."""
+    """The buffers, parameter block and kernel launches of one call, built once per signature."""
 
-    __slots__ = ("buffers", "launches", "results", "limits", "generation", "recheck_at", "_current_stream")
+    __slots__ = ("buffers", "params", "launches", "results", "limits", "generation", "recheck_at",
+                 "_current_stream")
 
-    def __init__(self, buffers: Sequence[Buffer], launches: Sequence[launch.Launch], results: tuple[str, ...],
-                 limits: DeviceLimits, generation: int) -> None:
-        self.buffers = tuple(buffers)
+    def __init__(self, buffers: Sequence[Buffer], params: launch.ParamBlock | None,
+                 launches: Sequence[launch.Launch], results: tuple[str, ...], limits: DeviceLimits,
+                 generation: int) -> None:
+        self.buffers, self.params = tuple(buffers), params
         # A grid with a zero dimension is a launch error; such a kernel has nothing to compute.
         self.launches = tuple(x for x in launches if 0 not in x.grid)
         self.results = results
@@ -64,9 +235,11 @@ class Plan:
 
     def launch(self, t: dict[str, Any]) -> tuple[Any, ...]:
         """Queue every kernel on the current stream; the results by name, from t."""
-        stream_ptr = self._current_stream().ptr
-        for kernel in self.launches:
-            kernel.run(t, stream_ptr)
+        if self.launches:
+            self.params.write_pointers(t)
+            stream_ptr = self._current_stream().ptr
+            for kernel in self.launches:
+                kernel.run(stream_ptr)
         return tuple(t[name] for name in self.results)
 
     def is_current(self) -> bool:
@@ -86,27 +259,31 @@ def _allocate(buffers: Sequence[Buffer], t: dict[str, Any]) -> None:
         t[name] = allocate(shape, dtype)
 
 
+def _launches(calls: Sequence[KernelCall], params: launch.ParamBlock, limits: DeviceLimits,
+              device_id: int) -> list[launch.Launch]:
+    return [launch.Launch(build.load_function(call.spec, device_id, limits.arch, call.smem), call.grid,
+                          call.threads, call.smem, params) for call in calls]
+
+
 def build_forward(problem: Problem, t: dict[str, Any], device_id: int) -> Plan:
     """The plan of a forward call on the kernel-ready q, k, v in t. Allocates out and lse into t
-    on the way: the launches read their strides."""
+    on the way: the parameter block reads their strides."""
     cupy, q = require_cupy(), t["q"]
     limits = device_limits(device_id)
     generation = tuning.generation()  # read before the lookup: a change during it makes the plan stale
     buffers = (Buffer("out", cupy.empty, q.shape, q.dtype),
                Buffer("lse", cupy.empty, (problem.batch, problem.heads_q, problem.seqlen_q), np.float32))
     _allocate(buffers, t)
-    launches = []
-    if not problem.is_empty:
-        kernel_dim = kernel_head_dim(q.shape[3])
-        config = selection.fwd_config(problem, kernel_dim, limits)
-        launches.append(launch.forward(problem, kernel_dim, config, t, limits, device_id))
-    return Plan(buffers, launches, FORWARD_RESULTS, limits, generation)
+    if problem.is_empty:
+        return Plan(buffers, None, (), FORWARD_RESULTS, limits, generation)
+    params = launch.forward_params(problem, t)
+    calls = forward_kernels(problem, choose("fwd", problem, limits))
+    return Plan(buffers, params, _launches(calls, params, limits, device_id), FORWARD_RESULTS, limits, generation)
 
 
 def build_backward(problem: Problem, t: dict[str, Any], deterministic: bool, device_id: int) -> Plan:
-    """The plan of a backward call on the kernel-ready dout, q, k, v, out, lse in t: delta, then
-    dK/dV with dQ by atomics and a conversion, or dK/dV and a separate dQ pass. Allocates the
-    gradients and temporaries into t on the way."""
+    """The plan of a backward call on the kernel-ready dout, q, k, v, out, lse in t (the kernels
+    of backward_kernels). Allocates the gradients and temporaries into t on the way."""
     cupy, q, k = require_cupy(), t["q"], t["k"]
     limits = device_limits(device_id)
     generation = tuning.generation()
@@ -114,27 +291,20 @@ def build_backward(problem: Problem, t: dict[str, Any], deterministic: bool, dev
         # Nothing to attend to: every gradient is 0.
         buffers = [Buffer(name, cupy.zeros, like.shape, like.dtype) for name, like in (("dq", q), ("dk", k), ("dv", k))]
         _allocate(buffers, t)
-        return Plan(buffers, (), BACKWARD_RESULTS, limits, generation)
-    kernel_dim = kernel_head_dim(q.shape[3])
-    config = selection.bwd_config(problem, kernel_dim, limits)
-    accum_dq = config.dq_atomic and not deterministic
+        return Plan(buffers, None, (), BACKWARD_RESULTS, limits, generation)
+    config = choose("bwd", problem, limits)
     buffers = [Buffer("dq", cupy.empty, q.shape, q.dtype), Buffer("dk", cupy.empty, k.shape, k.dtype),
                Buffer("dv", cupy.empty, k.shape, k.dtype),
                Buffer("delta", cupy.empty, (problem.batch, problem.heads_q, problem.seqlen_q), np.float32)]
-    if accum_dq:  # zeroed: the kernel adds into it
-        shape = launch.dq_accum_shape(problem, kernel_dim, config.dkdv, q.shape)
-        buffers.append(Buffer("dq_accum", cupy.zeros, shape, np.float32))
+    if atomic_dq(config, deterministic):  # zeroed: the kernel adds into it
+        buffers.append(Buffer("dq_accum", cupy.zeros, config.dkdv.dq_accum_shape(problem), np.float32))
     _allocate(buffers, t)
-    launches = [launch.backward_delta(problem, t, limits, device_id),
-                launch.backward_dkdv(problem, kernel_dim, config, accum_dq, t, limits, device_id)]
-    if accum_dq:
-        launches.append(launch.backward_convert_dq(problem, kernel_dim, config.dkdv, t, limits, device_id))
-    else:
-        launches.append(launch.backward_dq(problem, kernel_dim, config.dq, t, limits, device_id))
-    return Plan(buffers, launches, BACKWARD_RESULTS, limits, generation)
+    params = launch.backward_params(problem, t)
+    calls = backward_kernels(problem, config, deterministic)
+    return Plan(buffers, params, _launches(calls, params, limits, device_id), BACKWARD_RESULTS, limits, generation)
 
 
-# Per thread: a plan's parameter buffers are written on every call, so threads never share one.
+# Per thread: a plan's parameter block is written on every call, so threads never share one.
 _local = threading.local()
 
 
@@ -151,7 +321,7 @@ def find(kind: str, arrays: Sequence[Any], options: tuple, unsupported: tuple) -
     the outputs are allocated) with a 16-byte aligned pointer (the full path would copy it).
     """
     plans = getattr(_local, "plans", None)
-    if not plans or selection.is_forced():
+    if not plans or is_forced():
         return None
     try:
         softcap, alibi_slopes, dropout_p, seed = unsupported
@@ -176,7 +346,7 @@ def keep(plan: Plan, problem: Problem, kind: str, inputs: Sequence[Any], options
     that reached the kernels as it was (ready[i] is inputs[i]: not copied, padded or moved), no
     config was forced, and no dimension is zero (such calls are cheap and their own special case)."""
     ndarray = require_cupy().ndarray
-    if selection.is_forced() or 0 in (problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads_q):
+    if is_forced() or 0 in (problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads_q):
         return
     if not all(type(x) is ndarray and r is x for x, r in zip(inputs, ready, strict=True)):
         return

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .config import MAX_HEAD_DIM
+from .kernels.common import MAX_HEAD_DIM, kernel_head_dim
 
 SUPPORTED_DTYPES = ("float16", "bfloat16")
 MAX_GRID_YZ = 65535  # CUDA grid limit: heads and batch are grid dimensions y and z
@@ -23,6 +23,9 @@ INT32_MAX = 2**31 - 1  # the kernels take lengths and window sides as int (kerne
 # seqlen_q + seqlen_k + 256. Each length below 2**30 minus a margin keeps that inside int32.
 MAX_SEQLEN = 2**30 - 1024
 LOG2_E = math.log2(math.e)  # the kernels take softmax_scale * log2(e) as a float32 (launch.py)
+# cp.async moves 16 bytes: the kernels read head_dim in whole 8-element chunks, so arrays.py pads
+# the stored head dim to a multiple of this.
+HEAD_DIM_MULTIPLE = 8
 
 
 _dtype_names: dict[Any, str] = {}
@@ -186,7 +189,12 @@ def _check_arrays(q: Any, k: Any, v: Any, sources: Mapping[str, Any]) -> tuple[i
 @dataclass(frozen=True)
 class Problem:
     """Sizes and options of one attention call. `window` is what the kernels take: causal folded
-    in (right = 0), and a side wider than the sequences made unbounded (-1)."""
+    in (right = 0), and a side wider than the sequences made unbounded (-1).
+
+    Three head dims: `head_dim` is the caller's; `stored_head_dim` is that rounded up to 8, the
+    columns of the arrays the kernels read (arrays.kernel_ready zero-pads them); and
+    `kernel_head_dim` is the compiled one that runs it (kernels/common.py), whose extra columns
+    the kernels zero-fill on load and skip on store."""
 
     batch: int
     seqlen_q: int
@@ -201,6 +209,14 @@ class Problem:
     softcap: float = 0.0
     has_alibi: bool = False
     dropout_p: float = 0.0
+
+    @property
+    def stored_head_dim(self) -> int:
+        return -(-self.head_dim // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
+
+    @property
+    def kernel_head_dim(self) -> int:
+        return kernel_head_dim(self.head_dim)
 
     @property
     def group_size(self) -> int:

@@ -289,25 +289,42 @@ class _Dense:
     softcap: float
 
 
+def query_rows(rows: tuple[int, int] | None, seqlen_q: int) -> tuple[int, int]:
+    """``(start, stop)`` of the query rows to compute: all of them when ``rows`` is None."""
+    if rows is None:
+        return 0, seqlen_q
+    if len(rows) != 2:
+        raise ValueError(f"rows must be (start, stop), got {rows!r}")
+    start, stop = (int(r) for r in rows)
+    if not 0 <= start <= stop <= seqlen_q:
+        raise ValueError(f"rows is ({start}, {stop}); it must satisfy 0 <= start <= stop <= seqlen_q "
+                         f"= {seqlen_q}")
+    return start, stop
+
+
 def _dense_forward(q: Array, k: Array, v: Array, prec: _Precision, xp: ModuleType,
                    causal: bool, softmax_scale: float | None, window_size: tuple[int, int],
                    softcap: float, alibi_slopes: Array | None, dropout_p: float,
-                   dropout_mask: Array | None) -> _Dense:
-    """Full-matrix forward pass, keeping every intermediate (see attention_forward)."""
+                   dropout_mask: Array | None, rows: tuple[int, int] | None = None) -> _Dense:
+    """Full-matrix forward pass, keeping every intermediate (see attention_forward); with
+    ``rows``, only those query rows (their scores are (B, Hq, stop - start, Sk))."""
     q, k, v = (_load(t, prec, xp) for t in (q, k, v))
     check_qkv(q, k, v)
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, group = k.shape[1], heads // k.shape[2]
+    start, stop = query_rows(rows, seqlen_q)
     scale = default_softmax_scale(head_dim) if softmax_scale is None else float(softmax_scale)
+    # The full seqlen_q stays in the options: it places every row against the keys.
     opts = LogitOptions(seqlen_q, seqlen_k, scale, float(softcap), causal, tuple(window_size))
     shape = (batch, heads, seqlen_q, seqlen_k)
     keep = dropout_keep(dropout_p, dropout_mask, shape, prec.dtype, xp)
+    keep = None if keep is None else keep[:, :, start:stop]
     slopes = alibi_slopes_2d(alibi_slopes, batch, heads, prec.dtype, xp)
     slopes = None if slopes is None else slopes[:, :, None, None]  # over (Sq, Sk)
-    qh = xp.swapaxes(q, 1, 2)
+    qh = xp.swapaxes(q[:, start:stop], 1, 2)
     kh = xp.swapaxes(xp.repeat(k, group, axis=2), 1, 2)  # q head h reads kv head h // group
     vh = xp.swapaxes(xp.repeat(v, group, axis=2), 1, 2)
-    rows, cols = xp.arange(seqlen_q)[:, None], xp.arange(seqlen_k)[None, :]
+    rows, cols = xp.arange(start, stop)[:, None], xp.arange(seqlen_k)[None, :]
     x, s = logits(qh, kh, rows, cols, opts, slopes, xp)
     P, lse = softmax_rows(x, xp)
     out = xp.matmul(_drop(prec.operand(P, xp), keep), vh) * (1.0 / (1.0 - dropout_p))
@@ -350,7 +367,8 @@ def attention_forward(q: Array, k: Array, v: Array, *, causal: bool = False,
                       window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                       alibi_slopes: Array | None = None, dropout_p: float = 0.0,
                       dropout_mask: Array | None = None, xp: ModuleType | None = None,
-                      compute_dtype: Any = None) -> tuple[Array, Array]:
+                      compute_dtype: Any = None,
+                      rows: tuple[int, int] | None = None) -> tuple[Array, Array]:
     """Dense attention forward pass.
 
     q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D), any float dtype (incl. ml_dtypes bfloat16).
@@ -359,10 +377,13 @@ def attention_forward(q: Array, k: Array, v: Array, *, causal: bool = False,
     Returns out (B, Sq, Hq, D) and lse (B, Hq, Sq) (natural log; +inf for rows that see
     no key, whose out row is 0): float64, or float32 in the float16/bfloat16 baseline.
     Any size may be 0 except Hkv (and D in practice): seqlen_k = 0 gives out 0 and lse +inf.
+    rows: ``(start, stop)`` computes only query rows start <= i < stop of this problem (masks
+    and alignment those of the full seqlen_q): out (B, stop - start, Hq, D), lse
+    (B, Hq, stop - start), in (B, Hq, stop - start, Sk) of memory instead of (B, Hq, Sq, Sk).
     """
     xp = np if xp is None else xp
     d = _dense_forward(q, k, v, _precision(compute_dtype), xp, causal, softmax_scale,
-                       window_size, softcap, alibi_slopes, dropout_p, dropout_mask)
+                       window_size, softcap, alibi_slopes, dropout_p, dropout_mask, rows)
     return xp.ascontiguousarray(xp.swapaxes(d.out, 1, 2)), d.lse
 
 
@@ -371,22 +392,26 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, *, causal: boo
                        window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                        alibi_slopes: Array | None = None, dropout_p: float = 0.0,
                        dropout_mask: Array | None = None, xp: ModuleType | None = None,
-                       compute_dtype: Any = None) -> tuple[Array, Array, Array]:
+                       compute_dtype: Any = None,
+                       rows: tuple[int, int] | None = None) -> tuple[Array, Array, Array]:
     """Dense attention backward pass (recomputes the forward).
 
     dout: (B, Sq, Hq, D), the gradient of the loss w.r.t. ``out``; other arguments as in
     attention_forward.  Returns dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D), summed over
     the q heads that share a kv head; float64, or float32 rounded values in the baseline.
     Rows that see no key (all of them when seqlen_k = 0) contribute no gradient.
+    rows: ``(start, stop)`` as in attention_forward: dq (B, stop - start, Hq, D) of those
+    rows, and dk, dv the gradients of those rows' outputs alone (dout elsewhere is ignored).
     """
     xp = np if xp is None else xp
     prec = _precision(compute_dtype)
     d = _dense_forward(q, k, v, prec, xp, causal, softmax_scale, window_size, softcap,
-                       alibi_slopes, dropout_p, dropout_mask)
+                       alibi_slopes, dropout_p, dropout_mask, rows)
     dO = _load(dout, prec, xp)
     if tuple(dO.shape) != tuple(q.shape):
         raise ValueError(f"dout shape {tuple(dO.shape)} != q shape {tuple(q.shape)}")
-    dQ, dK, dV = _dense_backward(xp.swapaxes(dO, 1, 2), d, prec, xp)
+    start, stop = query_rows(rows, q.shape[1])
+    dQ, dK, dV = _dense_backward(xp.swapaxes(dO[:, start:stop], 1, 2), d, prec, xp)
     kv_heads = k.shape[2]
     grads = (xp.swapaxes(dQ, 1, 2), _sum_groups(dK, kv_heads), _sum_groups(dV, kv_heads))
     return tuple(xp.ascontiguousarray(prec.operand(g, xp)) for g in grads)

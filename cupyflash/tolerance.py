@@ -6,11 +6,16 @@ ref64 is the float64 reference; baseline is naive attention computed in the inpu
 (reference.py's compute_dtype mode: dtype operands, float32 accumulation, P and dS rounded to
 the dtype); floor is the dtype's rounding noise, relative to the largest reference value.
 Infinities must match exactly (lse of a row that sees nothing); a NaN never passes.
+
+compare() works on the host by default (the arrays are copied there in float64); given
+``xp=cupy`` it compares where the arrays are and copies back only the numbers of the
+Comparison, for results too large to copy (the benchmark's grid).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -54,30 +59,42 @@ def _host64(array: Any) -> np.ndarray:
     return np.asarray(array, dtype=np.float64)
 
 
-def _abs_error(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
+def _as64(array: Any, xp: ModuleType | None) -> Any:
+    """float64 values on the host (xp None) or in xp's memory (no host copy with xp=cupy)."""
+    if xp is None:
+        return _host64(array)
+    return xp.asarray(array).astype(xp.float64, copy=False)
+
+
+def _abs_error(ours: Any, ref: Any, xp: ModuleType = np) -> Any:
     """|ours - ref| with equal infinities counting 0 and any NaN or inf mismatch counting nan."""
     with np.errstate(invalid="ignore"):
-        error = np.abs(ours - ref)
+        error = xp.abs(ours - ref)
     error[ours == ref] = 0.0
-    error[np.isinf(ours) ^ np.isinf(ref)] = np.nan
+    error[xp.isinf(ours) ^ xp.isinf(ref)] = np.nan
     return error
 
 
-def compare(name: str, ours: Any, ref64: Any, baseline: Any, kind: str) -> Comparison:
-    """kind: "float16" / "bfloat16" (the result's dtype) or "lse"."""
-    ours, ref64, baseline = _host64(ours), _host64(ref64), _host64(baseline)
+def compare(name: str, ours: Any, ref64: Any, baseline: Any, kind: str, *,
+            xp: ModuleType | None = None) -> Comparison:
+    """kind: "float16" / "bfloat16" (the result's dtype) or "lse". ours, ref64, baseline: arrays
+    of one shape, any float dtype. xp: None compares on the host in NumPy; cupy compares on the
+    current GPU (NumPy arrays are copied there) and brings back only the Comparison's numbers."""
+    mod = np if xp is None else xp
+    ours, ref64, baseline = (_as64(a, xp) for a in (ours, ref64, baseline))
     if ours.shape != ref64.shape:
         raise ValueError(f"{name}: ours has shape {ours.shape} but the reference has {ref64.shape}")
-    error = _abs_error(ours, ref64)
-    base_error = _abs_error(baseline, ref64)
-    finite_ref = ref64[np.isfinite(ref64)]
-    floor = FLOOR_EPS[kind] * max(1.0, float(np.max(np.abs(finite_ref))) if finite_ref.size else 1.0)
+    error = _abs_error(ours, ref64, mod)
+    base_error = _abs_error(baseline, ref64, mod)
+    finite_ref = ref64[mod.isfinite(ref64)]
+    floor = FLOOR_EPS[kind] * max(1.0, float(mod.max(mod.abs(finite_ref))) if finite_ref.size else 1.0)
     if error.size == 0:
         return Comparison(name, 0.0, 0.0, floor, (), 0.0, 0.0)
-    bad = np.isnan(error)
-    flat = int(np.argmax(bad)) if bad.any() else int(np.argmax(error))
+    bad = mod.isnan(error)
+    any_bad = bool(bad.any())
+    flat = int(mod.argmax(bad)) if any_bad else int(mod.argmax(error))
     worst = tuple(int(i) for i in np.unravel_index(flat, error.shape))
-    return Comparison(name, float("nan") if bad.any() else float(error.max()), float(np.nanmax(base_error)), floor,
+    return Comparison(name, float("nan") if any_bad else float(error.max()), float(mod.nanmax(base_error)), floor,
                       worst, float(ours[worst]), float(ref64[worst]))
 
 

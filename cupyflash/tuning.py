@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, settings
-from .config import BwdConfig, TileConfig
 from .device import DeviceLimits
 from .problem import Problem
 
-FORMAT = 1
+FORMAT = 2  # 2: each config names its kernel family ("kernel"), 2026-12-02
 # path -> (mtime, entries, time.monotonic() of the last stat); mtime -1 when the file is absent
 _files: dict[Path, tuple[float, dict[str, Any] | None, float]] = {}
 # attention() looks its config up on every call; a stat per call cost ~10 us of host time, so a
@@ -153,19 +152,18 @@ def _answer(limits: DeviceLimits, entries: dict[str, Any] | None) -> dict[str, A
     return entries or {}
 
 
-def lookup(kind: str, problem: Problem, kernel_dim: int, limits: DeviceLimits) -> TileConfig | BwdConfig | None:
+def lookup(kind: str, problem: Problem, kernel_dim: int, limits: DeviceLimits) -> dict[str, Any] | None:
+    """The stored config dict (a config's to_dict()) of the problem's bucket, or None. plan.py
+    makes the config of it and checks that it fits."""
     entry = load_entries(limits).get(bucket_key(kind, problem, kernel_dim))
-    if entry is None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+        if entry is not None:
+            warnings.warn(f"ignoring malformed tuned entry {entry!r}", RuntimeWarning, stacklevel=2)
         return None
-    try:
-        config = TileConfig(**entry["config"]) if kind == "fwd" else BwdConfig.from_dict(entry["config"])
-    except (KeyError, TypeError, ValueError) as error:
-        warnings.warn(f"ignoring malformed tuned config {entry!r}: {error}", RuntimeWarning, stacklevel=2)
-        return None
-    return config if config.fits(kernel_dim, limits) else None
+    return entry["config"]
 
 
-def store(limits: DeviceLimits, bucket: str, config: TileConfig | BwdConfig, record: dict[str, Any]) -> Path:
+def store(limits: DeviceLimits, bucket: str, config: Any, record: dict[str, Any]) -> Path:
     """Adds or replaces one bucket's winner; the file is rewritten atomically."""
     from .build import write_atomic
 

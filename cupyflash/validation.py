@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -68,19 +69,48 @@ def gpu_matrix(quick: bool = False) -> list[Case]:
     return cases + extras
 
 
+INPUT_DTYPES = ("float16", "bfloat16")
+
+
+def random_inputs(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], dtype: str, *, seed: int = 0,
+                  xp: ModuleType = np, q_scale: float = 1.0) -> dict[str, Any]:
+    """Signed normal q, k, v, dout for one problem: every test, check and timing draws its
+    inputs here.
+
+    q_shape (B, Sq, Hq, D) for q and dout, kv_shape (B, Sk, Hkv, D) for k and v. Drawn in
+    float32 by xp.random.default_rng(seed) in the order q, k, v, dout, q times q_scale (> 1
+    gives large logits), then rounded to nearest (ties to even) in `dtype` ("float16" or
+    "bfloat16"). xp: numpy (host arrays) or cupy (drawn on the current GPU, no host copy).
+    """
+    if dtype not in INPUT_DTYPES:
+        raise ValueError(f"dtype is {dtype!r}; random inputs are one of {INPUT_DTYPES}")
+    rng = xp.random.default_rng(seed)
+    q = rng.standard_normal(q_shape, dtype=np.float32) * q_scale
+    k, v = (rng.standard_normal(kv_shape, dtype=np.float32) for _ in range(2))
+    dout = rng.standard_normal(q_shape, dtype=np.float32)
+    return {name: _rounded(x, dtype, xp) for name, x in (("q", q), ("k", k), ("v", v), ("dout", dout))}
+
+
+def _rounded(x: Any, dtype: str, xp: ModuleType) -> Any:
+    """float32 x as `dtype`. bfloat16 keeps the top 16 bits of the rounded float32 value, so the
+    array module needs no bfloat16 cast (CuPy has none); the values equal a cast's."""
+    if dtype == "bfloat16":
+        bits = reference.round_to(x, "bfloat16", xp).view(xp.uint32) >> xp.uint32(16)
+        return bits.astype(xp.uint16).view(numpy_dtype("bfloat16"))
+    return x.astype(numpy_dtype(dtype))
+
+
 def make_inputs(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
     """Signed normal q, k, v, dout on the host, already rounded to the case's dtype."""
-    rng = np.random.default_rng(seed)
     heads_q = case.heads_kv * case.group
-    dtype = numpy_dtype(case.dtype)
-    q = rng.standard_normal((case.batch, case.seqlen_q, heads_q, case.head_dim), np.float32) * case.q_scale
-    k = rng.standard_normal((case.batch, case.seqlen_k, case.heads_kv, case.head_dim), np.float32)
-    v = rng.standard_normal((case.batch, case.seqlen_k, case.heads_kv, case.head_dim), np.float32)
-    dout = rng.standard_normal(q.shape, np.float32)
-    return {name: array.astype(dtype) for name, array in (("q", q), ("k", k), ("v", v), ("dout", dout))}
+    return random_inputs((case.batch, case.seqlen_q, heads_q, case.head_dim),
+                         (case.batch, case.seqlen_k, case.heads_kv, case.head_dim), case.dtype, seed=seed,
+                         q_scale=case.q_scale)
 
 
-def _to_device(case: Case, host: dict[str, np.ndarray]) -> dict[str, Any]:
+def to_device(case: Case, host: dict[str, np.ndarray]) -> dict[str, Any]:
+    """make_inputs' arrays on the current GPU, in the case's layout: contiguous, or q, k, v as
+    strided views of one (B, S, 3, H, D) buffer ("packed")."""
     import cupy
 
     if case.layout == "packed":  # one (B, S, 3, H, D) buffer, q, k, v are strided views of it
@@ -89,6 +119,8 @@ def _to_device(case: Case, host: dict[str, np.ndarray]) -> dict[str, Any]:
         packed = cupy.asarray(np.stack([host["q"], host["k"], host["v"]], axis=2))
         return {"q": packed[:, :, 0], "k": packed[:, :, 1], "v": packed[:, :, 2], "dout": cupy.asarray(host["dout"])}
     return {name: cupy.asarray(array) for name, array in host.items()}
+
+
 
 
 def poison_pool(*specs: tuple[tuple[int, ...], Any]) -> None:
@@ -111,7 +143,7 @@ def run_gpu_case(case: Case, *, backward: bool = True, deterministic: bool = Fal
     from . import api
 
     host = make_inputs(case, seed)
-    dev = _to_device(case, host)
+    dev = to_device(case, host)
     options = dict(causal=case.causal, window_size=case.window)
     q_dev, k_dev = dev["q"], dev["k"]
     poison_pool((q_dev.shape, q_dev.dtype), ((case.batch, q_dev.shape[2], case.seqlen_q), np.float32))

@@ -8,9 +8,10 @@
 //
 // Compile-time macros (set by cupyflash/build.py): CF_ELEMENT (Half | BFloat16), CF_HEAD_DIM,
 // CF_BLOCK_M, CF_BLOCK_N, CF_NUM_WARPS, CF_STAGES.
-#include "gemm.cuh"
 #include "fwd_block.cuh"
+#include "gemm.cuh"
 #include "mask.cuh"
+#include "params.cuh"
 #include "softmax.cuh"
 #include "tile_io.cuh"
 #include "traits.cuh"
@@ -20,50 +21,35 @@ using FwdKernel = RowTraits<CF_HEAD_DIM, CF_BLOCK_M, CF_BLOCK_N, CF_NUM_WARPS, C
 using Element = CF_ELEMENT;
 }  // namespace cf
 
-// cupyflash/config.py computes the same size for the launch; the build passes it here.
-static_assert(sizeof(cf::FwdSmem<cf::FwdKernel>) == CF_SMEM_BYTES, "config.py smem_bytes() disagrees with the kernel's layout");
+// cupyflash/kernels/flash_fwd.py computes the same size for the launch; the build passes it here.
+static_assert(sizeof(cf::FwdSmem<cf::FwdKernel>) == CF_SMEM_BYTES, "cupyflash/kernels/flash_fwd.py smem_bytes() disagrees with the kernel's layout");
 
-// q:   (batch, seqlen_q, heads_q, head_dim), 16-bit, last dim contiguous; strides in elements.
-// k/v: (batch, seqlen_k, heads_q / group_size, head_dim), same rules (MQA/GQA: q head h reads
-//      kv head h / group_size).
-// out: like q. lse: (batch, heads_q, seqlen_q) float32 contiguous, natural log, +inf for rows
-//      that see no key.
-// head_dim: the real head dim, <= CF_HEAD_DIM (columns past it are zero-filled / not stored).
-// window_left / window_right: keys [i + off - left, i + off + right] with off = seqlen_k -
-//      seqlen_q; -1 = unbounded; causal = right 0.
-// scale_log2: softmax_scale * log2(e), so that exp(scale * s) = exp2(scale_log2 * s).
-// Grid: (ceil(seqlen_q / kBlockM), heads_q, batch); block: kThreads; dynamic smem: FwdSmem.
+// Reads FwdParams (params.cuh, where every field's shape and units are): q, k, v; writes out
+// and lse. Grid: (ceil(seqlen_q / kBlockM), heads_q, batch); block: kThreads; dynamic smem: FwdSmem.
 // minBlocksPerSM = 1: without it ptxas sometimes caps registers at 128 to fit two blocks
 // per SM and spills (seen on the head_dim 32 dK/dV kernel); one block per SM is the design.
 extern "C" __global__ void __launch_bounds__(cf::FwdKernel::kThreads, 1)
-    flash_fwd(const cf::u16* __restrict__ q, const cf::u16* __restrict__ k, const cf::u16* __restrict__ v,
-              cf::u16* __restrict__ out, float* __restrict__ lse, cf::i64 q_batch_stride, cf::i64 q_row_stride,
-              cf::i64 q_head_stride, cf::i64 k_batch_stride, cf::i64 k_row_stride, cf::i64 k_head_stride,
-              cf::i64 v_batch_stride, cf::i64 v_row_stride, cf::i64 v_head_stride, cf::i64 o_batch_stride,
-              cf::i64 o_row_stride, cf::i64 o_head_stride, int seqlen_q, int seqlen_k, int heads_q,
-              int group_size, int head_dim, int window_left, int window_right, float scale_log2) {
+    flash_fwd(const __grid_constant__ cf::FwdParams p) {
   using namespace cf;
   using T = FwdKernel;
   extern __shared__ Vec16 smem_raw[];
   FwdSmem<T>& sm = *reinterpret_cast<FwdSmem<T>*>(smem_raw);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
-  const FwdBlock block = locate_fwd_block<T::kBlockM, T::kBlockN>(
-      mask, q, k, v, out, lse, q_batch_stride, q_row_stride, q_head_stride, k_batch_stride, k_head_stride,
-      v_batch_stride, v_head_stride, o_batch_stride, o_row_stride, o_head_stride, heads_q, group_size);
-  if (finish_empty_block<T::kBlockM, T::kHeadDim, T::kThreads>(block, o_row_stride, head_dim, tid)) return;
+  const Mask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const FwdBlock block = locate_fwd_block<T::kBlockM, T::kBlockN>(mask, p);
+  if (finish_empty_block<T::kBlockM, T::kHeadDim, T::kThreads>(block, p.out.row_stride, p.head_dim, tid)) return;
   const int row_begin = block.row_begin, rows = block.rows, n_end = block.n_end;
   const int n_tiles = n_end - block.n_begin;
   auto load_kv = [&](int slot, int n_block) {
     load_kv_tiles_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(
-        sm.k[slot], sm.v[slot], block.k_head, k_row_stride, block.v_head, v_row_stride, n_block, seqlen_k,
-        head_dim, tid);
+        sm.k[slot], sm.v[slot], block.k_head, p.k.row_stride, block.v_head, p.v.row_stride, n_block, p.seqlen_k,
+        p.head_dim, tid);
   };
 
   // Prologue: Q and the first kStages - 1 K/V tiles, one commit group per tile (Q joins the first).
-  load_tile_async<T::kBlockM, T::kHeadDim, T::kStride, T::kThreads>(sm.q, block.q_tile, q_row_stride, rows,
-                                                                    head_dim, tid);
+  load_tile_async<T::kBlockM, T::kHeadDim, T::kStride, T::kThreads>(sm.q, block.q_tile, p.q.row_stride, rows,
+                                                                    p.head_dim, tid);
 #pragma unroll
   for (int s = 0; s < T::kStages - 1; ++s) {
     if (s < n_tiles) load_kv(s, n_end - 1 - s);
@@ -92,19 +78,19 @@ extern "C" __global__ void __launch_bounds__(cf::FwdKernel::kThreads, 1)
     gemm_nt<Element, T::kMTiles, T::kNTiles, T::kHeadDim>(s, sm.q, warp_row0, sm.k[slot], 0, lane);
     if (!mask.tile_is_full(row_begin, row_begin + rows, key0, key0 + T::kBlockN))
       mask_scores(s, mask, row_begin + warp_row0, key0, lane);
-    softmax.update(s, acc_o, scale_log2);
+    softmax.update(s, acc_o, p.scale_log2);
     gemm_rn<Element, T::kMTiles, T::kDTiles, T::kNTiles>(acc_o, s, sm.v[slot], 0, lane);
   }
 
   float row_lse[T::kMTiles][2];
-  softmax.finalize(acc_o, row_lse, scale_log2);
+  softmax.finalize(acc_o, row_lse, p.scale_log2);
   // Each warp stages its own rows of O in its own rows of the Q tile, then stores them 16 bytes
   // at a time; no other warp touches those rows, so a warp barrier suffices.
   sync_warp();
   store_frags_to_smem<Element>(sm.q, acc_o, warp_row0, 0, lane, 1.f);
   sync_warp();
-  store_tile<T::kWarpRows, T::kHeadDim, T::kStride, 32>(block.o_tile + warp_row0 * o_row_stride, o_row_stride,
-                                                        &sm.q[warp_row0], rows - warp_row0, head_dim, lane);
+  store_tile<T::kWarpRows, T::kHeadDim, T::kStride, 32>(block.o_tile + warp_row0 * p.out.row_stride, p.out.row_stride,
+                                                        &sm.q[warp_row0], rows - warp_row0, p.head_dim, lane);
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int mt = 0; mt < T::kMTiles; ++mt)

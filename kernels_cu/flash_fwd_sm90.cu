@@ -13,9 +13,10 @@
 //
 // Compile-time macros (cupyflash/build.py): CF_ELEMENT (Half | BFloat16), CF_HEAD_DIM (64, 128,
 // 192, 256), CF_BLOCK_N (64 | 128), CF_NUM_WARPS (4, 8, 12: one to three warpgroups), CF_STAGES.
-#include "gemm.cuh"
 #include "fwd_block.cuh"
+#include "gemm.cuh"
 #include "mask.cuh"
+#include "params.cuh"
 #include "softmax.cuh"
 #include "tile_io.cuh"
 #include "traits.cuh"
@@ -26,22 +27,16 @@ using Sm90Kernel = Sm90FwdTraits<CF_HEAD_DIM, CF_BLOCK_N, CF_NUM_WARPS, CF_STAGE
 using Element = CF_ELEMENT;
 // Dynamic shared memory is only 16-byte aligned; the layout needs 1024 (one swizzle atom), so
 // the launch asks for this much more and the kernel rounds its base up.
-constexpr int kSmemAlignSlack = 1024;
 }  // namespace cf
 
-// cupyflash/config.py computes the same size for the launch; the build passes it here.
+// cupyflash/kernels/flash_fwd_sm90.py computes the same size for the launch; the build passes it here.
 static_assert(sizeof(cf::Sm90FwdSmem<cf::Sm90Kernel>) + cf::kSmemAlignSlack == CF_SMEM_BYTES,
-              "config.py smem_bytes() disagrees with the kernel's layout");
+              "cupyflash/kernels/flash_fwd_sm90.py smem_bytes() disagrees with the kernel's layout");
 
-// Arguments, shapes and grid as flash_fwd (flash_fwd.cu); block: kThreads; dynamic smem:
-// Sm90FwdSmem plus kSmemAlignSlack.
+// Reads and writes what flash_fwd does (FwdParams, params.cuh), with the same grid; block:
+// kThreads; dynamic smem: Sm90FwdSmem plus kSmemAlignSlack.
 extern "C" __global__ void __launch_bounds__(cf::Sm90Kernel::kThreads, 1)
-    flash_fwd_sm90(const cf::u16* __restrict__ q, const cf::u16* __restrict__ k, const cf::u16* __restrict__ v,
-                   cf::u16* __restrict__ out, float* __restrict__ lse, cf::i64 q_batch_stride, cf::i64 q_row_stride,
-                   cf::i64 q_head_stride, cf::i64 k_batch_stride, cf::i64 k_row_stride, cf::i64 k_head_stride,
-                   cf::i64 v_batch_stride, cf::i64 v_row_stride, cf::i64 v_head_stride, cf::i64 o_batch_stride,
-                   cf::i64 o_row_stride, cf::i64 o_head_stride, int seqlen_q, int seqlen_k, int heads_q,
-                   int group_size, int head_dim, int window_left, int window_right, float scale_log2) {
+    flash_fwd_sm90(const __grid_constant__ cf::FwdParams p) {
   using namespace cf;
   using T = Sm90Kernel;
   extern __shared__ Vec16 smem_raw[];
@@ -52,27 +47,25 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Kernel::kThreads, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int warpgroup = warp / 4;
-  const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
-  const FwdBlock block = locate_fwd_block<T::kBlockM, T::kBlockN>(
-      mask, q, k, v, out, lse, q_batch_stride, q_row_stride, q_head_stride, k_batch_stride, k_head_stride,
-      v_batch_stride, v_head_stride, o_batch_stride, o_row_stride, o_head_stride, heads_q, group_size);
-  if (finish_empty_block<T::kBlockM, T::kHeadDim, T::kThreads>(block, o_row_stride, head_dim, tid)) return;
+  const Mask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const FwdBlock block = locate_fwd_block<T::kBlockM, T::kBlockN>(mask, p);
+  if (finish_empty_block<T::kBlockM, T::kHeadDim, T::kThreads>(block, p.out.row_stride, p.head_dim, tid)) return;
   const int row_begin = block.row_begin, rows = block.rows, n_end = block.n_end;
   const int n_tiles = n_end - block.n_begin;
   constexpr int kKvTileBytes = T::kBlockN * T::kHeadDim * 2;
   const u32 q_smem = smem_addr(sm.q), k_smem = smem_addr(sm.k[0]), v_smem = smem_addr(sm.v[0]);
   auto load_kv = [&](int slot, int n_block) {
     const int key0 = n_block * T::kBlockN;
-    const int keys = min(T::kBlockN, seqlen_k - key0);
+    const int keys = min(T::kBlockN, p.seqlen_k - key0);
     load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
-        k_smem + slot * kKvTileBytes, block.k_head + key0 * k_row_stride, k_row_stride, keys, head_dim, tid);
+        k_smem + slot * kKvTileBytes, block.k_head + key0 * p.k.row_stride, p.k.row_stride, keys, p.head_dim, tid);
     load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
-        v_smem + slot * kKvTileBytes, block.v_head + key0 * v_row_stride, v_row_stride, keys, head_dim, tid);
+        v_smem + slot * kKvTileBytes, block.v_head + key0 * p.v.row_stride, p.v.row_stride, keys, p.head_dim, tid);
   };
 
   // Prologue: Q and the first kStages - 1 K/V tiles, one commit group per tile (Q joins the first).
-  load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(q_smem, block.q_tile, q_row_stride, rows,
-                                                                 head_dim, tid);
+  load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(q_smem, block.q_tile, p.q.row_stride, rows,
+                                                                 p.head_dim, tid);
 #pragma unroll
   for (int s = 0; s < T::kStages - 1; ++s) {
     if (s < n_tiles) load_kv(s, n_end - 1 - s);
@@ -116,7 +109,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Kernel::kThreads, 1)
 
     if (!mask.tile_is_full(row_begin, row_begin + rows, key0, key0 + T::kBlockN))
       mask_scores(s, mask, row_begin + warp_row0, key0, lane);
-    softmax.update(s, acc_o, scale_log2);
+    softmax.update(s, acc_o, p.scale_log2);
     pack_a_frags<Element, T::kBlockN>(p_frag, s[0]);
 
     wgmma_fence();  // acc_o was rescaled by ordinary instructions
@@ -127,12 +120,12 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Kernel::kThreads, 1)
   }
 
   float row_lse[1][2];
-  softmax.finalize(acc_o, row_lse, scale_log2);
+  softmax.finalize(acc_o, row_lse, p.scale_log2);
   // O is staged in the Q tile for 16-byte stores. Every warpgroup must be done reading Q first.
   __syncthreads();
   store_frags_swizzled<Element, T::kBlockM, T::kDTiles>(sm.q, acc_o[0], warp_row0, lane);
   __syncthreads();
-  store_tile_swizzled<T::kBlockM, T::kHeadDim, T::kThreads>(block.o_tile, o_row_stride, sm.q, rows, head_dim, tid);
+  store_tile_swizzled<T::kBlockM, T::kHeadDim, T::kThreads>(block.o_tile, p.out.row_stride, sm.q, rows, p.head_dim, tid);
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {

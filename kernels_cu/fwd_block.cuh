@@ -3,6 +3,7 @@
 // K/V tiles it must visit, and what it writes when its rows see no key at all.
 #pragma once
 #include "mask.cuh"
+#include "params.cuh"
 #include "tile_io.cuh"
 
 namespace cf {
@@ -19,26 +20,21 @@ struct FwdBlock {
 };
 
 // Blocks run in reverse row order so that, under a causal mask, those with the most K tiles
-// start first. Grid: (ceil(seqlen_q / kBlockM), heads_q, batch). Strides in elements.
+// start first. Grid: (ceil(seqlen_q / kBlockM), heads_q, batch).
 template <int kBlockM, int kBlockN>
-__device__ __forceinline__ FwdBlock locate_fwd_block(const Mask& mask, const u16* q, const u16* k, const u16* v,
-                                                     u16* out, float* lse, i64 q_batch_stride, i64 q_row_stride,
-                                                     i64 q_head_stride, i64 k_batch_stride, i64 k_head_stride,
-                                                     i64 v_batch_stride, i64 v_head_stride, i64 o_batch_stride,
-                                                     i64 o_row_stride, i64 o_head_stride, int heads_q,
-                                                     int group_size) {
+__device__ __forceinline__ FwdBlock locate_fwd_block(const Mask& mask, const FwdParams& p) {
   FwdBlock b;
   const int m_block = gridDim.x - 1 - blockIdx.x;
   b.head = blockIdx.y;
   b.batch = blockIdx.z;
   b.row_begin = m_block * kBlockM;
   b.rows = min(kBlockM, mask.seqlen_q - b.row_begin);
-  const int kv_head = b.head / group_size;
-  b.q_tile = q + b.batch * q_batch_stride + b.head * q_head_stride + b.row_begin * q_row_stride;
-  b.k_head = k + b.batch * k_batch_stride + kv_head * k_head_stride;
-  b.v_head = v + b.batch * v_batch_stride + kv_head * v_head_stride;
-  b.o_tile = out + b.batch * o_batch_stride + b.head * o_head_stride + b.row_begin * o_row_stride;
-  b.lse_tile = lse + (static_cast<i64>(b.batch) * heads_q + b.head) * mask.seqlen_q + b.row_begin;
+  const int kv_head = b.head / p.group_size;
+  b.q_tile = p.q.ptr + b.batch * p.q.batch_stride + b.head * p.q.head_stride + b.row_begin * p.q.row_stride;
+  b.k_head = p.k.ptr + b.batch * p.k.batch_stride + kv_head * p.k.head_stride;
+  b.v_head = p.v.ptr + b.batch * p.v.batch_stride + kv_head * p.v.head_stride;
+  b.o_tile = p.out.ptr + b.batch * p.out.batch_stride + b.head * p.out.head_stride + b.row_begin * p.out.row_stride;
+  b.lse_tile = p.lse + (static_cast<i64>(b.batch) * p.heads_q + b.head) * mask.seqlen_q + b.row_begin;
   mask.key_tiles<kBlockN>(b.row_begin, b.row_begin + b.rows, b.n_begin, b.n_end);
   return b;
 }

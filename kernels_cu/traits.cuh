@@ -1,7 +1,9 @@
 // Compile-time numbers of every kernel: tile sizes, warps, pipeline depth, and what follows from
-// them. cupyflash/build.py sets the CF_* macros (one cubin per variant); cupyflash/config.py
-// mirrors the shared-memory arithmetic, and a CPU test checks the two agree.
+// them. cupyflash/build.py sets the CF_* macros (one cubin per variant); each kernel family's
+// module in cupyflash/kernels/ mirrors its shared-memory arithmetic, and every kernel checks the
+// two agree (CF_SMEM_BYTES).
 #pragma once
+#include "params.cuh"
 #include "ptx.cuh"
 
 namespace cf {
@@ -154,7 +156,7 @@ struct Sm90FwdSmem {
 // 16-byte chunk c of row r sits at chunk c ^ (r % 8) of its row, which keeps the fragment stores
 // into the shared copy free of bank conflicts.
 struct DqUnits {
-  static constexpr int kRows = 64, kCols = 32, kFloats = kRows * kCols;
+  static constexpr int kRows = kDqUnitRows, kCols = kDqUnitCols, kFloats = kRows * kCols;
 
   // The unit holding (row, col) of the dQ of (batch, head). An int is enough for the unit's
   // index: 2^31 units would be 2^42 floats.
@@ -202,7 +204,7 @@ struct Sm90DkdvTraits {
   static constexpr int kDqStageCols = kSplitD ? 32 : 64;
   static constexpr int kDqStageFloats = 64 * kDqStageCols;
 
-  static_assert(NWarps == 4 || NWarps == 8, "one or two warpgroups (config.py offers two: one spills)");
+  static_assert(NWarps == 4 || NWarps == 8, "one or two warpgroups (kernels/flash_bwd_dkdv_sm90.py offers two: one spills)");
   static_assert(!kSplitD || NWarps == 8, "head_dim 256 splits its columns over two warpgroups");
   static_assert(HeadDim == 64 || HeadDim == 128 || HeadDim == 256, "head dims 64, 128, 256");
   static_assert(BlockM == 64 || BlockM == 128, "S^T is one m64n64 or m64n128 wgmma per k16 step");

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmark this checkout, installed or not
 
-from cupyflash import bench  # noqa: E402
+from cupyflash import bench, environment  # noqa: E402
 
 CAUSAL = {"both": (False, True), "yes": (True,), "no": (False,)}
 
@@ -60,9 +60,9 @@ def _grid(args: argparse.Namespace) -> list[bench.BenchShape]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    environment = bench.environment()
-    environment.update({"git_commit": args.commit} if args.commit else {})
-    print(bench.describe_environment(environment), flush=True)
+    env = environment.record()  # printed first: a run that fails still says where it ran
+    env.update({"git_commit": args.commit} if args.commit else {})
+    print(environment.describe(env), flush=True)
     try:
         report = bench.run(_grid(args), passes=args.passes, impls=args.impls, runs=args.runs, warmup=args.warmup,
                            progress=lambda message: print(message, flush=True), compile_times=args.compile_times)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, i
 import cupy  # noqa: E402
 
 import cupyflash  # noqa: E402
-from cupyflash import bench, plan  # noqa: E402
+from cupyflash import environment, plan  # noqa: E402
 
 
 def per_call_us(fn, calls: int, sync) -> float:
@@ -110,7 +110,7 @@ def main() -> None:
     except ImportError:
         pass
     print(f"host microseconds per call, shape {shape} float16 causal, {args.calls} calls queued back to back")
-    print(bench.describe_environment(bench.environment()))
+    print(environment.describe(environment.record()))
     for label, us in rows.items():
         print(f"  {label:28s} {us:8.1f}")
     print(json.dumps({k: round(v, 1) for k, v in rows.items()}))

@@ -11,12 +11,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, installed or not
 
 import cupy  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cupyflash  # noqa: E402
-from cupyflash import api, launch, plan, selection, timing  # noqa: E402
-from cupyflash.arrays import wrap_all  # noqa: E402
+from cupyflash import api, launch, plan, timing  # noqa: E402
+from cupyflash.arrays import kernel_ready, wrap_all  # noqa: E402
 from cupyflash.device import device_limits  # noqa: E402
 from cupyflash.problem import Problem  # noqa: E402
 from host_overhead import per_call_us  # noqa: E402  (scripts/, beside this file)
@@ -37,12 +36,10 @@ def _enter_exit():
 
 limits = device_limits(0)
 p = Problem.from_arrays(q, q, q, causal=True)
-cfg = selection.fwd_config(p, 64, limits)
-out = cupy.empty_like(q)
-lse = cupy.empty((1, 2, 128), cupy.float32)
+cfg = plan.choose("fwd", p, limits)
 stream = cupy.cuda.get_current_stream()
-t = {"q": q, "k": q, "v": q, "out": out, "lse": lse}
-kernel = launch.forward(p, 64, cfg, t, limits, 0)
+t = {"q": q, "k": q, "v": q}
+forward_plan = plan.build_forward(p, t, 0)
 stages = {
     "attention(), cached plan": lambda: cupyflash.attention(q, q, q, causal=True),
     "attention(), full path": lambda: (plan.clear(), cupyflash.attention(q, q, q, causal=True)),
@@ -50,19 +47,15 @@ stages = {
     "wrap_all": lambda: wrap_all(q=q, k=q, v=q, alibi_slopes=None),
     "Problem.from_arrays": lambda: Problem.from_arrays(q, q, q, causal=True),
     "_device_of enter/exit": lambda: _enter_exit(),
-    "_kernel_ready x3": lambda: [api._kernel_ready(q) for _ in range(3)],
+    "kernel_ready x3": lambda: [kernel_ready(q) for _ in range(3)],
     "cupy.empty x2": lambda: (cupy.empty(q.shape, q.dtype), cupy.empty((1, 2, 128), cupy.float32)),
-    "selection.fwd_config": lambda: selection.fwd_config(p, 64, limits),
-    "launch.forward (a Launch)": lambda: launch.forward(p, 64, cfg, t, limits, 0),
-    "Launch.run": lambda: kernel.run(t, stream.ptr),
+    "plan.choose": lambda: plan.choose("fwd", p, limits),
+    "launch.forward_params": lambda: launch.forward_params(p, t),
+    "plan.build_forward": lambda: plan.build_forward(p, dict(t), 0),
+    "Plan.launch (pointers, 1 launch)": lambda: forward_plan.launch(t),
 }
 for name, fn in stages.items():
     print(f"{name:28s} {per_call(fn):7.1f} us", flush=True)
-
-fn = launch._function(launch.fwd_spec("float16", 64, cfg), limits, 0, cfg.smem_bytes(64))
-args = (q, q, q, out, lse, *launch._strides(q), *launch._strides(q), *launch._strides(q), *launch._strides(out),
-        *launch._shape_args(p, 64), np.float32(0.1))
-print(f"{'cupy Function call only':28s} {per_call(lambda: fn((1, 2, 1), (cfg.num_warps * 32, 1, 1), args, shared_mem=cfg.smem_bytes(64), stream=stream)):7.1f} us")
 
 # Kernel-only time vs the bench method, S = 1024 causal.
 from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -1,9 +1,10 @@
 """Tests of cupyflash.bench.
 
-Without a GPU: the grid, FLOP counts, the naive and slice references (run with NumPy against
-the float64 reference), the tables, JSON files, plot data and the environment record. With a
-GPU (marked `gpu`): one tiny shape through run(), every implementation that is installed.
-Neither PyTorch nor matplotlib is needed; the plot test runs only where matplotlib is.
+Without a GPU: the grid, FLOP counts, the naive peer, the check (reference.py in pieces or in
+rows, judged by tolerance.py; run with NumPy), the shared input generator, the tables, JSON
+files, plot data and the environment record. With a GPU (marked `gpu`): one tiny shape through
+run(), every implementation that is installed. Neither PyTorch nor matplotlib is needed; the
+plot test runs only where matplotlib is.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cupyflash import bench, build, reference
+from cupyflash import bench, build, reference, tolerance, validation
 from cupyflash.bench import BenchShape
 from cupyflash.device import DeviceLimits, gpu_count
+from cupyflash.problem import numpy_dtype
 
 needs_gpu = pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA GPU")
 
@@ -98,16 +100,50 @@ def test_naive_skip_reason() -> None:
     assert bench.naive_skip_reason(small, free_bytes=80 * 10**9) is None
 
 
-# --------------------------------------------------------------------------- references in NumPy
+# --------------------------------------------------------------------------- inputs
 
 
 def _host_inputs(batch: int, seqlen_q: int, seqlen_k: int, heads: int, head_dim: int,
-                 dtype: str = "float16") -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(1)
-    q = rng.standard_normal((batch, seqlen_q, heads, head_dim), np.float32)
-    k, v = (rng.standard_normal((batch, seqlen_k, heads, head_dim), np.float32) for _ in range(2))
-    dout = rng.standard_normal(q.shape, np.float32)
-    return {n: a.astype(bench.numpy_dtype(dtype)) for n, a in (("q", q), ("k", k), ("v", v), ("dout", dout))}
+                 dtype: str = "float16", heads_kv: int | None = None) -> dict[str, np.ndarray]:
+    kv = (batch, seqlen_k, heads if heads_kv is None else heads_kv, head_dim)
+    return validation.random_inputs((batch, seqlen_q, heads, head_dim), kv, dtype, seed=1)
+
+
+def test_random_inputs_are_make_inputs() -> None:
+    """One generator: validation's cases draw exactly what random_inputs draws."""
+    case = validation.Case("bfloat16", 40, True, 17, 33, group=4, q_scale=10.0)
+    drawn = validation.random_inputs((2, 17, 8, 40), (2, 33, 2, 40), "bfloat16", seed=5, q_scale=10.0)
+    made = validation.make_inputs(case, seed=5)
+    assert drawn.keys() == made.keys() == {"q", "k", "v", "dout"}
+    for name in made:
+        assert drawn[name].dtype == made[name].dtype == numpy_dtype("bfloat16"), name
+        assert np.array_equal(drawn[name].view(np.uint16), made[name].view(np.uint16)), name
+    assert made["q"].shape == made["dout"].shape == (2, 17, 8, 40) and made["k"].shape == (2, 33, 2, 40)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_random_inputs_round_like_a_cast(dtype: str) -> None:
+    """bfloat16 goes through its bits (CuPy has no bfloat16 cast) and still equals a cast."""
+    scale = 1e30 if dtype == "bfloat16" else 100.0  # large values, within the dtype's range
+    x = validation.random_inputs((1, 64, 4, 32), (1, 64, 4, 32), dtype, seed=2, q_scale=scale)
+    rng = np.random.default_rng(2)
+    q32 = rng.standard_normal((1, 64, 4, 32), dtype=np.float32) * scale
+    assert np.array_equal(x["q"].view(np.uint16), q32.astype(numpy_dtype(dtype)).view(np.uint16))
+    assert len({x[n].tobytes() for n in x}) == 4  # four different draws
+
+
+def test_random_inputs_reject_other_dtypes() -> None:
+    with pytest.raises(ValueError, match="dtype is 'float32'"):
+        validation.random_inputs((1, 2, 1, 8), (1, 2, 1, 8), "float32")
+
+
+# --------------------------------------------------------------------------- the naive peer
+
+
+def _relative(ours: np.ndarray, ref: np.ndarray) -> float:
+    """max|ours - ref| / max|ref|: how far the naive peer is (a test of the peer, not the judge)."""
+    ours32 = bench.to_float32(ours).astype(np.float64)
+    return float(np.max(np.abs(ours32 - ref)) / np.max(np.abs(ref)))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -116,12 +152,12 @@ def test_naive_matches_float64_reference(causal: bool) -> None:
     p, out = bench.naive_forward(x["q"], x["k"], x["v"], causal, np)
     assert p.dtype == np.float16 and out.dtype == np.float16 and out.shape == (2, 3, 37, 16)
     ref_out, _ = reference.attention_forward(x["q"], x["k"], x["v"], causal=causal)
-    assert bench.relative_error(out.transpose(0, 2, 1, 3), ref_out) < 2e-3
+    assert _relative(out.transpose(0, 2, 1, 3), ref_out) < 2e-3
     grads = bench.naive_backward(x["dout"], x["q"], x["k"], x["v"], p, out, np)
     ref_grads = reference.attention_backward(x["dout"], x["q"], x["k"], x["v"], causal=causal)
     for name, ours, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert ours.dtype == np.float16, name
-        assert bench.relative_error(ours.transpose(0, 2, 1, 3), ref) < 5e-3, name
+        assert _relative(ours.transpose(0, 2, 1, 3), ref) < 5e-3, name
 
 
 def test_naive_bfloat16_runs_in_float32() -> None:
@@ -129,49 +165,173 @@ def test_naive_bfloat16_runs_in_float32() -> None:
     p, out = bench.naive_forward(x["q"], x["k"], x["v"], True, np)
     assert p.dtype == out.dtype == np.float32
     ref_out, _ = reference.attention_forward(x["q"], x["k"], x["v"], causal=True)
-    assert bench.relative_error(out.transpose(0, 2, 1, 3), ref_out) < 1e-5
+    assert _relative(out.transpose(0, 2, 1, 3), ref_out) < 1e-5
     grads = bench.naive_backward(x["dout"], x["q"], x["k"], x["v"], p, out, np)
     ref_grads = reference.attention_backward(x["dout"], x["q"], x["k"], x["v"], causal=True)
     for ours, ref in zip(grads, ref_grads):
-        assert bench.relative_error(ours.transpose(0, 2, 1, 3), ref) < 1e-5
-
-
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("lengths", [(50, 50), (20, 45), (45, 45)], ids=["50x50", "20x45", "45x45"])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_slice_reference_matches_float64(causal: bool, lengths: tuple[int, int], dtype: str) -> None:
-    seqlen_q, seqlen_k = lengths
-    rows = 16
-    x = _host_inputs(2, seqlen_q, seqlen_k, 3, 8, dtype)
-    got = bench.slice_reference(x["q"], x["k"], x["v"], x["dout"], causal, rows, np)
-    ref_out, _ = reference.attention_forward(x["q"], x["k"], x["v"], causal=causal)
-    ref_dq, _, _ = reference.attention_backward(x["dout"], x["q"], x["k"], x["v"], causal=causal)
-    assert got["out"].shape == got["dq"].shape == (rows, 3, 8)
-    np.testing.assert_allclose(got["out"], ref_out[0, -rows:], rtol=0, atol=2e-5)
-    np.testing.assert_allclose(got["dq"], ref_dq[0, -rows:], rtol=0, atol=2e-5)
-
-
-def test_slice_reference_with_fewer_rows_than_asked() -> None:
-    x = _host_inputs(1, 10, 10, 2, 8)
-    got = bench.slice_reference(x["q"], x["k"], x["v"], x["dout"], True, 64, np)
-    assert got["out"].shape == (10, 2, 8)
+        assert _relative(ours.transpose(0, 2, 1, 3), ref) < 1e-5
 
 
 def test_to_float32_reads_bfloat16_bits() -> None:
     values = np.array([1.0, -2.5, 3.140625, 0.0], np.float32)
-    assert np.array_equal(bench.to_float32(values.astype(bench.numpy_dtype("bfloat16"))), values)
+    assert np.array_equal(bench.to_float32(values.astype(numpy_dtype("bfloat16"))), values)
     assert bench.to_float32(values.astype(np.float16)).dtype == np.float32
 
 
-def test_relative_error() -> None:
-    ref = np.array([1.0, -4.0, 2.0], np.float32)
-    assert bench.relative_error(ref, ref) == 0.0
-    assert math.isclose(bench.relative_error(ref + np.float32(0.02), ref), 0.02 / 4, rel_tol=1e-5)
-    assert math.isnan(bench.relative_error(np.array([1.0, np.nan, 2.0], np.float32), ref))
-    assert math.isnan(bench.relative_error(np.array([1.0, np.inf, 2.0], np.float32), ref))
-    assert bench.relative_error(np.ones(2, np.float32), np.zeros(2, np.float32)) == 1.0
-    with pytest.raises(ValueError, match="shape"):
-        bench.relative_error(np.ones(2), np.ones(3))
+# --------------------------------------------------------------------------- reference.py in rows
+
+
+@pytest.mark.parametrize("options", [dict(causal=False), dict(causal=True), dict(window_size=(5, 2)),
+                                     dict(causal=True, softcap=3.0)], ids=["full", "causal", "window", "softcap"])
+@pytest.mark.parametrize("lengths", [(50, 50), (20, 45), (45, 20)], ids=["50x50", "20x45", "45x20"])
+def test_reference_rows_equal_the_whole(options: dict, lengths: tuple[int, int]) -> None:
+    """rows=(start, stop) gives those rows of the whole problem: out, lse, dq; dk and dv are the
+    gradients of those rows alone, i.e. the whole backward with dout zero elsewhere."""
+    seqlen_q, seqlen_k = lengths
+    x = {n: a.astype(np.float64) for n, a in _host_inputs(2, seqlen_q, seqlen_k, 4, 8, heads_kv=2).items()}
+    start, stop = seqlen_q // 3, seqlen_q - 2
+    out, lse = reference.attention_forward(x["q"], x["k"], x["v"], **options)
+    out_rows, lse_rows = reference.attention_forward(x["q"], x["k"], x["v"], rows=(start, stop), **options)
+    np.testing.assert_allclose(out_rows, out[:, start:stop], rtol=0, atol=1e-13)
+    np.testing.assert_array_equal(np.isinf(lse_rows), np.isinf(lse[:, :, start:stop]))
+    np.testing.assert_allclose(lse_rows, lse[:, :, start:stop], rtol=0, atol=1e-13)
+    masked = np.zeros_like(x["dout"])
+    masked[:, start:stop] = x["dout"][:, start:stop]
+    whole = reference.attention_backward(masked, x["q"], x["k"], x["v"], **options)
+    rows = reference.attention_backward(x["dout"], x["q"], x["k"], x["v"], rows=(start, stop), **options)
+    np.testing.assert_allclose(rows[0], whole[0][:, start:stop], rtol=0, atol=1e-12)
+    for name, got, want in zip(("dk", "dv"), rows[1:], whole[1:]):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=name)
+
+
+def test_reference_rows_checks_its_range() -> None:
+    x = _host_inputs(1, 10, 10, 1, 8)
+    with pytest.raises(ValueError, match=r"rows is \(4, 11\); .* seqlen_q = 10"):
+        reference.attention_forward(x["q"], x["k"], x["v"], rows=(4, 11))
+    empty, lse = reference.attention_forward(x["q"], x["k"], x["v"], rows=(3, 3))
+    assert empty.shape == (1, 0, 1, 8) and lse.shape == (1, 1, 0)
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def test_tolerance_compare_in_an_array_module_equals_the_host() -> None:
+    """compare(xp=...) is the same rule as the host's, computed where the arrays are."""
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((2, 5, 3))
+    base = ref + rng.standard_normal(ref.shape) * 1e-3
+    ours = (ref + rng.standard_normal(ref.shape) * 3e-3).astype(np.float32)
+    ours[1, 2, 0] = np.nan
+    for candidate in (base, ours):  # (repr: a NaN error is not == itself)
+        assert repr(tolerance.compare("t", candidate, ref, base, "float16", xp=np)) == \
+            repr(tolerance.compare("t", candidate, ref, base, "float16"))
+
+
+@pytest.mark.parametrize("budget_heads", [0.5, 1, 3, 8, 100], ids=["none", "1", "3", "8", "all"])
+def test_pieces_cover_the_problem_once(budget_heads: float) -> None:
+    batch, heads_kv, group = 3, 8, 2
+    per_head = bench.check.head_bytes(40, 30, group)
+    parts = bench.check.pieces(batch, heads_kv, 40, 30, group, budget_heads * per_head)
+    if budget_heads < 1:
+        assert parts == []
+        return
+    seen = np.zeros((batch, heads_kv), int)
+    for b, h in parts:
+        seen[b, h] += 1
+        assert (b.stop - b.start) * (h.stop - h.start) * per_head <= budget_heads * per_head
+    assert (seen == 1).all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("heads_per_piece", [1, 2, 100], ids=["head", "two-heads", "batches"])
+def test_full_reference_in_pieces_equals_reference_py(dtype: str, heads_per_piece: int) -> None:
+    data = _host_inputs(3, 33, 33, 4, 16, dtype, heads_kv=2)  # GQA: two q heads per kv head
+    budget = heads_per_piece * bench.check.head_bytes(33, 33, 2) / bench.REFERENCE_MEMORY_FRACTION
+    ref = bench.reference_for(data, True, dtype, ("fwd", "bwd"), int(budget), np)
+    assert ref.kind == "full" and ref.note is None
+    wide = {n: bench.to_float32(a) for n, a in data.items()}
+    out, _ = reference.attention_forward(wide["q"], wide["k"], wide["v"], causal=True)
+    base_out, _ = reference.attention_forward(wide["q"], wide["k"], wide["v"], causal=True, compute_dtype=dtype)
+    grads = reference.attention_backward(wide["dout"], wide["q"], wide["k"], wide["v"], causal=True)
+    np.testing.assert_allclose(ref.ref64["out"], out, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(ref.baseline["out"], base_out, rtol=0, atol=1e-6)
+    for name, want in zip(("dq", "dk", "dv"), grads):
+        assert ref.ref64[name].dtype == np.float64 and ref.ref64[name].shape == want.shape, name
+        np.testing.assert_allclose(ref.ref64[name], want, rtol=0, atol=1e-12, err_msg=name)
+        assert not np.isnan(ref.baseline[name]).any(), name
+
+
+def _check_data(dtype: str = "float16", causal: bool = False) -> tuple[dict, dict, dict]:
+    """Inputs, and the baseline's own results (out; dq, dk, dv), which the rule passes."""
+    data = _host_inputs(2, 40, 40, 2, 16, dtype)
+    wide = {n: bench.to_float32(a) for n, a in data.items()}
+    out, _ = reference.attention_forward(wide["q"], wide["k"], wide["v"], causal=causal, compute_dtype=dtype)
+    grads = reference.attention_backward(wide["dout"], wide["q"], wide["k"], wide["v"], causal=causal,
+                                         compute_dtype=dtype)
+    return data, {"fwd": (out,), "bwd": grads}, wide
+
+
+def test_judge_full() -> None:
+    data, results, _ = _check_data()
+    ref = bench.reference_for(data, False, "float16", ("fwd", "bwd"), 10**9, np)
+    row = bench.judge(ref, "bwd", results["bwd"], "float16", np)
+    assert row["valid"] is True and row["check"] == "full" and set(row["errors"]) == set(row["allowed"]) == {
+        "dq", "dk", "dv"}
+    assert 0 <= row["error"] <= 1 and "note" not in row and "mismatches" not in row
+    broken = results["bwd"][1].copy()
+    broken[1, 7, 0, 3] += 0.5
+    row = bench.judge(ref, "bwd", (results["bwd"][0], broken, results["bwd"][2]), "float16", np)
+    assert row["valid"] is False and row["error"] > 1
+    assert row["mismatches"] == [next(m for m in row["mismatches"] if m.startswith("dk: "))]
+    assert "at (1, 7, 0, 3)" in row["mismatches"][0]  # the worst coordinate
+    nan_out = results["fwd"][0].copy()
+    nan_out[0, 0, 0, 0] = np.nan
+    row = bench.judge(ref, "fwd", (nan_out,), "float16", np)
+    assert row["valid"] is False and math.isnan(row["error"])
+
+
+def test_judge_slice_when_a_head_does_not_fit() -> None:
+    data, results, _ = _check_data("bfloat16", causal=True)
+    ref = bench.reference_for(data, True, "bfloat16", ("fwd", "bwd"), 1000, np)
+    assert ref.kind == "slice" and ref.start == 40 - min(40, bench.CHECK_ROWS)
+    assert set(ref.ref64) == {"out", "dq"} and "one head of the full reference would need" in ref.note
+    row = bench.judge(ref, "bwd", results["bwd"], "bfloat16", np)
+    assert row["valid"] is True and row["check"] == "slice" and set(row["errors"]) == {"dq"}
+    assert row["note"].startswith(f"checked dq of the last {40 - ref.start} query rows of batch 0 only (one head")
+    row = bench.judge(ref, "fwd", results["fwd"], "bfloat16", np)
+    assert row["valid"] is True and set(row["errors"]) == {"out"}
+
+
+def test_slice_reference_is_the_last_rows() -> None:
+    data, _, wide = _check_data(causal=True)
+    ref = bench.slice_reference(data, True, "float16", ("out", "dq", "dk"), 16, np)
+    assert ref.kind == "slice" and ref.start == 24 and set(ref.ref64) == {"out", "dq"}
+    out, _ = reference.attention_forward(wide["q"], wide["k"], wide["v"], causal=True)
+    dq = reference.attention_backward(wide["dout"], wide["q"], wide["k"], wide["v"], causal=True)[0]
+    np.testing.assert_allclose(ref.ref64["out"], out[:1, 24:], rtol=0, atol=1e-13)
+    np.testing.assert_allclose(ref.ref64["dq"], dq[:1, 24:], rtol=0, atol=1e-12)
+
+
+def test_no_reference_means_not_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise MemoryError("out of memory allocating 4 GB")
+
+    monkeypatch.setattr(bench.check, "slice_reference", fail)
+    data, results, _ = _check_data()
+    ref = bench.reference_for(data, False, "float16", ("fwd",), 0, np)
+    assert ref.kind is None and "slice reference failed: MemoryError: out of memory" in ref.note
+    row = bench.judge(ref, "fwd", results["fwd"], "float16", np)
+    assert row["valid"] is None and row["note"].startswith("not validated: one head")
+
+
+def test_progress_line() -> None:
+    shape = BenchShape("float16", 64, 1024, True, 16, 32)
+    row = {**bench.measure._row("cupyflash", "fwd", shape), "ms": 1.5, "tflops": 300.0, "valid": True,
+           "error": 0.25}
+    assert bench.measure.describe(row) == ("float16-d64-s1024-causal-b16h32 cupyflash fwd: 1.500 ms, "
+                                           "300.0 TFLOP/s, valid (error 0.25 of allowed)")
+    skipped = {**bench.measure._row("naive-cupy", "fwd", shape), "note": "skipped: would need 9 GB"}
+    assert bench.measure.describe(skipped).endswith("naive-cupy fwd: skipped: would need 9 GB")
 
 
 # --------------------------------------------------------------------------- environment
@@ -227,7 +387,7 @@ def _fake_row(impl: str, pass_: str, shape: BenchShape, tflops: float | None, va
     row = {"impl": impl, "pass": pass_, "dtype": shape.dtype, "head_dim": shape.head_dim, "seqlen": shape.seqlen,
            "causal": shape.causal, "batch": shape.batch, "heads": shape.heads,
            "ms": None if tflops is None else bench.flops(shape, pass_) / (tflops * 1e12) * 1e3,
-           "tflops": tflops, "valid": valid, "error": 1e-3 if valid is not None else None, "check": "naive"}
+           "tflops": tflops, "valid": valid, "error": 0.5 if valid is not None else None, "check": "full"}
     row.update(extra)
     return row
 
@@ -238,7 +398,7 @@ def _fake_report() -> dict:
     rows = [
         _fake_row("cupyflash", "fwd", a, 300.0, peak_extra_mb=128.25, output_mb=64.0, first_call_ms=950.0,
                   new_cubins=1),
-        _fake_row("naive-cupy", "fwd", a, 80.0, valid=None, check=None, reference=True),
+        _fake_row("naive-cupy", "fwd", a, 80.0),
         _fake_row("torch-flash", "fwd", a, 250.0),
         _fake_row("torch-cudnn", "fwd", a, 400.0),
         _fake_row("cupyflash", "fwd", b, 310.0, valid=False, error=float("nan"), first_call_ms=5.0, new_cubins=0),
@@ -288,9 +448,18 @@ def test_format_table_backward_and_empty() -> None:
 def test_unvalidated_results_are_marked() -> None:
     shape = BenchShape("bfloat16", 128, 2048, False, 8, 16)
     report = {"environment": ENV, "rows": [_fake_row("cupyflash", "bwd", shape, 123.4, valid=None, check=None),
-                                           _fake_row("naive-cupy", "bwd", shape, 7.25, valid=None, check=None,
+                                           _fake_row("naive-cupy", "bwd", shape, 7.25, valid=False)]}
+    assert _table_rows(bench.format_table(report, "bwd")) == [["bfloat16", "128", "2048", "0", "123 ?", "7.2 ✗"]]
+
+
+def test_reports_checked_against_naive_cupy_still_print() -> None:
+    """Reports from before the check used cupyflash.reference: the naive-cupy row was the
+    reference itself (reference: true, valid: null) and carries no mark."""
+    shape = BenchShape("float16", 64, 1024, False, 16, 32)
+    report = {"environment": ENV, "rows": [_fake_row("cupyflash", "fwd", shape, 300.0, check="naive"),
+                                           _fake_row("naive-cupy", "fwd", shape, 80.0, valid=None, check=None,
                                                      reference=True)]}
-    assert _table_rows(bench.format_table(report, "bwd")) == [["bfloat16", "128", "2048", "0", "123 ?", "7.2"]]
+    assert _table_rows(bench.format_table(report, "fwd")) == [["float16", "64", "1024", "0", "300", "80"]]
 
 
 def test_memory_and_compile_tables() -> None:
@@ -362,12 +531,12 @@ def test_plot_writes_png(tmp_path: Path) -> None:
 
 def test_plot_picks_what_the_report_has() -> None:
     report = _fake_report()
-    assert bench._plot_choice(report, None, None) == ("float16", False)
-    assert bench._plot_choice(report, None, True) == ("float16", True)
+    assert bench.plots._plot_choice(report, None, None) == ("float16", False)
+    assert bench.plots._plot_choice(report, None, True) == ("float16", True)
     for row in report["rows"]:
         row["dtype"], row["causal"] = "bfloat16", True
-    assert bench._plot_choice(report, None, None) == ("bfloat16", True)
-    assert bench._plot_choice(report, "float16", None) == ("float16", False)  # absent: plot() then says so
+    assert bench.plots._plot_choice(report, None, None) == ("bfloat16", True)
+    assert bench.plots._plot_choice(report, "float16", None) == ("float16", False)  # absent: plot() then says so
 
 
 # --------------------------------------------------------------------------- compile times
@@ -416,11 +585,12 @@ def test_run_tiny_shape(dtype: str) -> None:
     for key in (("cupyflash", "fwd"), ("cupyflash", "bwd"), ("cupyflash-det", "bwd")):
         row = rows[key]
         assert row.get("failure") is None, row
-        assert row["valid"] is True and row["check"] == "naive", row
+        assert row["valid"] is True and row["check"] == "full" and row["error"] <= 1, row
         assert row["ms"] > 0 and row["tflops"] > 0
         assert row["peak_extra_mb"] >= row["output_mb"] > 0
     naive = rows[("naive-cupy", "fwd")]
-    assert naive["ms"] > 0 and naive.get("reference") is True and naive["runs"] == 2
+    # a peer judged like the others (it rounds S and dP to the dtype, so it may fail the rule)
+    assert naive["ms"] > 0 and naive["valid"] in (True, False) and naive["check"] == "full" and naive["runs"] == 2
     assert naive["peak_extra_mb"] - naive["output_mb"] >= bench.naive_score_bytes(shapes[0]) / bench.MIB  # S x S
     for impl in ("torch-flash", "torch-cudnn", "torch-efficient"):
         if (impl, "fwd") in rows and rows[(impl, "fwd")].get("failure") is None:
@@ -431,7 +601,8 @@ def test_run_tiny_shape(dtype: str) -> None:
 @pytest.mark.gpu
 @needs_gpu
 def test_reference_falls_back_to_the_slice(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench, "NAIVE_MEMORY_FRACTION", 0.0)  # naive never fits
+    monkeypatch.setattr(bench.check, "REFERENCE_MEMORY_FRACTION", 0.0)  # no head of the reference fits
+    monkeypatch.setattr(bench.peers, "NAIVE_MEMORY_FRACTION", 0.0)  # nor does naive-cupy
     shape = BenchShape("float16", 128, 512, False, 2, 4)
     report = bench.run([shape], impls=["cupyflash", "naive-cupy"], runs=2, warmup=1)
     rows = {(r["impl"], r["pass"]): r for r in report["rows"]}

@@ -1,7 +1,7 @@
 """The runtime build on a machine without a GPU: every variant the heuristics can pick compiles
 with NVRTC for sm_80 and sm_90 without spilling registers; the kernels' shared-memory layout
-agrees with config.py (each compile static_asserts it); the disk cache is keyed on every
-kernel source and lets a second process skip NVRTC."""
+agrees with each family's smem_bytes (each compile static_asserts it); the disk cache is keyed
+on every kernel source and lets a second process skip NVRTC."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import textwrap
 
 import pytest
 
-from cupyflash import build, gpu_classes, heuristics, launch
-from cupyflash.config import KERNEL_HEAD_DIMS, BwdConfig, DkdvConfig, TileConfig, dkdv_candidates
+from cupyflash import build, gpu_classes, plan
 from cupyflash.device import DeviceLimits
+from cupyflash.kernels import flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_prep, flash_fwd, flash_fwd_sm90
+from cupyflash.kernels.common import KERNEL_HEAD_DIMS
+from cupyflash.plan import BwdConfig
+from cupyflash.problem import Problem
 
 cupy = pytest.importorskip("cupy", reason="the build tests need CuPy's NVRTC bindings")
 
@@ -24,19 +27,22 @@ RTX3090 = DeviceLimits("RTX 3090", (8, 6), 82, 101376, 102400)
 TINY = DeviceLimits("tiny", (8, 6), 8, 48 * 1024, 64 * 1024)
 
 
+def _problem(dtype: str, head_dim: int) -> Problem:
+    return Problem(1, 100, 100, 2, 2, head_dim, dtype, False, head_dim ** -0.5, (-1, -1))
+
+
 def heuristic_specs() -> list[tuple[str, build.KernelSpec]]:
+    """Every kernel a call on these GPUs runs by default (plan.py's lists), both backward kinds."""
     specs = []
     for limits in (H100, A100, RTX3090):
         for dtype in ("float16", "bfloat16"):
             for dim in KERNEL_HEAD_DIMS:
-                specs.append((limits.arch, launch.fwd_spec(dtype, dim, heuristics.default_fwd_config(dim, limits))))
-                bwd = heuristics.default_bwd_config(dim, limits)
-                specs += [(limits.arch, launch.dkdv_spec(dtype, dim, bwd.dkdv, False)),
-                          (limits.arch, launch.dq_spec(dtype, dim, bwd.dq))]
-                if bwd.dq_atomic:
-                    specs.append((limits.arch, launch.dkdv_spec(dtype, dim, bwd.dkdv, True)))
-            specs += [(limits.arch, launch.prep_spec(dtype, e))
-                      for e in ("flash_bwd_delta", "flash_bwd_convert_dq", "flash_bwd_convert_dq_tiled")]
+                problem = _problem(dtype, dim)
+                calls = plan.forward_kernels(problem, plan.default_fwd_config(dim, limits))
+                for deterministic in (False, True):
+                    calls += plan.backward_kernels(problem, plan.default_bwd_config(dim, limits), deterministic)
+                specs += [(limits.arch, call.spec) for call in calls]
+            specs += [(limits.arch, flash_bwd_prep.spec(dtype, e)) for e in flash_bwd_prep.ENTRIES]
     unique = {(arch, spec) for arch, spec in specs}
     return sorted(unique, key=lambda item: (item[0], item[1].source, item[1].defines))
 
@@ -53,26 +59,29 @@ def test_every_heuristic_variant_compiles_without_spills(arch: str, spec: build.
 def test_no_d256_backward_below_99_kb() -> None:
     """Below the promised classes, the error names the head dim and the device's limit."""
     with pytest.raises(RuntimeError, match="head_dim 256 fits tiny"):
-        heuristics.default_bwd_config(256, TINY)
+        plan.default_bwd_config(256, TINY)
 
 
 def test_smem_mismatch_is_caught_at_compile_time() -> None:
-    config = TileConfig(128, 64, 8, 2)
-    spec = launch.fwd_spec("float16", 128, config)
+    config = flash_fwd.FwdConfig(128, 64, 8, 2)
+    spec = flash_fwd.spec("float16", 128, config)
     wrong = build.KernelSpec(spec.source, spec.entry, tuple(
         (name, str(int(value) + 16) if name == "CF_SMEM_BYTES" else value) for name, value in spec.defines))
     with pytest.raises(RuntimeError, match="smem_bytes"):
         build.compile_kernel(wrong, "sm_90")
 
 
+DkdvConfig = flash_bwd_dkdv.DkdvConfig
+
+
 @pytest.mark.parametrize("config,head_dim", [(DkdvConfig(64, 128, 8, 2, 1), 128), (DkdvConfig(32, 64, 8, 2, 2), 256),
                                              (DkdvConfig(64, 64, 4, 3, 1), 64)])
 def test_dkdv_smem_arithmetic_matches_the_kernel(config: DkdvConfig, head_dim: int) -> None:
-    build.compile_kernel(launch.dkdv_spec("bfloat16", head_dim, config, True), "sm_80")
+    build.compile_kernel(flash_bwd_dkdv.spec("bfloat16", head_dim, config, True), "sm_80")
 
 
 def test_dq_smem_arithmetic_matches_the_kernel() -> None:
-    build.compile_kernel(launch.dq_spec("float16", 96, TileConfig(64, 32, 4, 3)), "sm_80")
+    build.compile_kernel(flash_bwd_dq.spec("float16", 96, flash_bwd_dq.DqConfig(64, 32, 4, 3)), "sm_80")
 
 
 def test_source_hash_covers_headers(tmp_path, monkeypatch) -> None:
@@ -94,9 +103,9 @@ def test_disk_cache_second_process_skips_nvrtc(tmp_path) -> None:
     calling NVRTC (its compile_kernel is replaced by one that fails)."""
     script = textwrap.dedent("""
         import sys
-        from cupyflash import build, launch
-        from cupyflash.config import TileConfig
-        spec = launch.fwd_spec("float16", 64, TileConfig(64, 64, 4, 2))
+        from cupyflash import build
+        from cupyflash.kernels import flash_fwd
+        spec = flash_fwd.spec("float16", 64, flash_fwd.FwdConfig(64, 64, 4, 2))
         if sys.argv[1] == "second":
             def no_nvrtc(*args):
                 raise AssertionError("NVRTC called although the disk cache has the cubin")
@@ -118,7 +127,7 @@ def test_disk_cache_second_process_skips_nvrtc(tmp_path) -> None:
 
 def test_corrupt_cache_entry_is_recompiled(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CUPYFLASH_CACHE_DIR", str(tmp_path))
-    spec = launch.prep_spec("float16", "flash_bwd_delta")
+    spec = flash_bwd_prep.spec("float16", "flash_bwd_delta")
     good = build.cached_kernel(spec, "sm_80")
     meta = next((tmp_path / "kernels").glob("*.json"))
     meta.write_text("{ not json")
@@ -133,34 +142,88 @@ def test_compile_error_names_the_variant() -> None:
         build.compile_kernel(spec, "sm_90")
 
 
-def test_bwd_config_round_trips_json() -> None:
-    config = BwdConfig(DkdvConfig(64, 128, 8, 2, 1), TileConfig(128, 64, 8, 2), dq_atomic=False)
-    assert BwdConfig.from_dict(config.to_dict()) == config
-    assert hash(config) == hash(BwdConfig.from_dict(config.to_dict()))
+@pytest.mark.parametrize("config", [
+    BwdConfig(DkdvConfig(64, 128, 8, 2, 1), flash_bwd_dq.DqConfig(128, 64, 8, 2), dq_atomic=False),
+    BwdConfig(flash_bwd_dkdv_sm90.Sm90DkdvConfig(64, 128, 3), flash_bwd_dq.DqConfig(128, 64, 8, 2)),
+    flash_fwd.FwdConfig(128, 64, 4, 3), flash_fwd_sm90.Sm90FwdConfig(128, 64, 2)], ids=repr)
+def test_configs_round_trip_json(config) -> None:
+    import json
+
+    again = plan.config_from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and type(again) is type(config) and hash(again) == hash(config)
 
 
-@pytest.mark.parametrize("config,head_dim", [(TileConfig(192, 64, 12, 2, wgmma=True), 128),
-                                             (TileConfig(128, 64, 8, 2, wgmma=True), 192),
-                                             (TileConfig(64, 128, 4, 3, wgmma=True), 64)])
-def test_wgmma_smem_arithmetic_matches_the_kernel(config: TileConfig, head_dim: int) -> None:
-    kernel = build.compile_kernel(launch.fwd_spec("bfloat16", head_dim, config), "sm_90")
+Sm90FwdConfig, Sm90DkdvConfig = flash_fwd_sm90.Sm90FwdConfig, flash_bwd_dkdv_sm90.Sm90DkdvConfig
+
+
+@pytest.mark.parametrize("config,head_dim", [(Sm90FwdConfig(192, 64, 2), 128), (Sm90FwdConfig(128, 64, 2), 192),
+                                             (Sm90FwdConfig(64, 128, 3), 64)])
+def test_wgmma_smem_arithmetic_matches_the_kernel(config: Sm90FwdConfig, head_dim: int) -> None:
+    spec = flash_fwd_sm90.spec("bfloat16", head_dim, config)
+    kernel = build.compile_kernel(spec, "sm_90")
     assert kernel.spill_bytes == 0
-    assert "-arch=sm_90a" in launch.fwd_spec("bfloat16", head_dim, config).options("sm_90")
+    assert "-arch=sm_90a" in spec.options("sm_90")
 
 
-@pytest.mark.parametrize("head_dim,config", [(d, c) for d in (64, 128, 256) for c in dkdv_candidates(d, H100) if c.wgmma],
-                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_m}x{x.num_warps}w{x.stages}s")
+@pytest.mark.parametrize("head_dim,config", [(d, c) for d in (64, 128, 256)
+                                             for c in flash_bwd_dkdv_sm90.candidates(d, H100)],
+                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_m}x{x.block_n}s{x.stages}")
 @pytest.mark.parametrize("accum_dq", [True, False])
-def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, config: DkdvConfig, accum_dq: bool) -> None:
-    spec = launch.dkdv_spec("float16", head_dim, config, accum_dq)
-    kernel = build.compile_kernel(spec, "sm_90")  # static_asserts config.py's smem arithmetic
+def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, config: Sm90DkdvConfig,
+                                                            accum_dq: bool) -> None:
+    spec = flash_bwd_dkdv_sm90.spec("float16", head_dim, config, accum_dq)
+    kernel = build.compile_kernel(spec, "sm_90")  # static_asserts the family's smem arithmetic
     assert kernel.spill_bytes == 0, f"{spec} spills {kernel.spill_bytes} bytes:\n{kernel.log}"
     assert "-arch=sm_90a" in spec.options("sm_90")
 
 
 def test_wgmma_dkdv_runs_on_sm90_only() -> None:
-    config = DkdvConfig(64, 128, 8, 2, 1, wgmma=True)
+    config = Sm90DkdvConfig(64, 128, 2)
     assert config.fits(128, H100) and not config.fits(128, A100)
     assert not config.fits(256, H100) and config.problems(256)  # 256 shares 64 keys per block
-    assert DkdvConfig(64, 64, 8, 2, 1, wgmma=True).fits(256, H100)
-    assert DkdvConfig(64, 64, 4, 2, 1, wgmma=True).problems(128)
+    assert Sm90DkdvConfig(64, 64, 2).fits(256, H100)
+    assert Sm90DkdvConfig(64, 64, 2).problems(128)
+
+
+def _layout_with(monkeypatch: pytest.MonkeyPatch, struct: str, fields: tuple, constants: dict | None = None) -> None:
+    """Make every compile check the kernels against a launch.py whose `struct` has `fields`."""
+    from cupyflash import launch
+
+    structs = {**launch.STRUCTS, struct: fields}
+    monkeypatch.setattr(launch, "STRUCTS", structs)
+    monkeypatch.setattr(launch, "DTYPES", {name: launch._dtype(name) for name in structs})
+    monkeypatch.setattr(launch, "CONSTANTS", constants or launch.CONSTANTS)
+    text = launch.host_layout.__wrapped__()
+    monkeypatch.setattr(launch, "host_layout", lambda: text)
+
+
+def _swapped(fields: tuple, a: str, b: str) -> tuple:
+    names = [name for name, _ in fields]
+    i, j = names.index(a), names.index(b)
+    swapped = list(fields)
+    swapped[i], swapped[j] = fields[j], fields[i]
+    return tuple(swapped)
+
+
+@pytest.mark.parametrize("struct,change,message", [
+    ("FwdParams", lambda f: _swapped(f, "seqlen_q", "seqlen_k"), "FwdParams.seqlen_q is not where"),
+    ("BwdParams", lambda f: _swapped(f, "delta", "dq_accum"), "BwdParams.delta is not where"),
+    ("FwdParams", lambda f: f[:-1], "size or alignment of FwdParams"),
+    ("NextFeatures", lambda f: tuple((n, "cf::i64" if n == "page_size" else k) for n, k in f),
+     "NextFeatures.page_size is not of the type"),
+], ids=["two-ints-swapped", "two-pointers-swapped", "field-missing", "wrong-type"])
+def test_a_layout_that_differs_from_params_cuh_does_not_compile(monkeypatch: pytest.MonkeyPatch, struct: str,
+                                                                change, message: str) -> None:
+    from cupyflash import launch
+
+    _layout_with(monkeypatch, struct, change(launch.STRUCTS[struct]))
+    with pytest.raises(RuntimeError, match=message):
+        build.compile_kernel(flash_bwd_prep.spec("float16", "flash_bwd_delta"), "sm_80")
+
+
+def test_a_constant_that_differs_from_params_cuh_does_not_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cupyflash import launch
+
+    _layout_with(monkeypatch, "Tensor16", launch.STRUCTS["Tensor16"], {**launch.CONSTANTS, "kDeltaRows": 32})
+    with pytest.raises(RuntimeError, match="kDeltaRows differs"):
+        build.compile_kernel(flash_bwd_prep.spec("float16", "flash_bwd_delta"), "sm_80")

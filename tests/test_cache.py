@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from cupyflash import build, launch
+from cupyflash import build
+from cupyflash.kernels import flash_bwd_prep
 
 pytest.importorskip("cupy", reason="the cache tests need CuPy's NVRTC bindings")
 
-SPEC = launch.prep_spec("float16", "flash_bwd_delta")  # the cheapest kernel to compile
-OTHER_SPEC = launch.prep_spec("float16", "flash_bwd_convert_dq")
+SPEC = flash_bwd_prep.spec("float16", "flash_bwd_delta")  # the cheapest kernel to compile
+OTHER_SPEC = flash_bwd_prep.spec("float16", "flash_bwd_convert_dq")
 ARCH = "sm_80"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -187,10 +188,11 @@ def test_disk_cache_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 CONCURRENT_SCRIPT = textwrap.dedent("""
     import hashlib, os, sys, time
-    from cupyflash import build, launch
+    from cupyflash import build
+    from cupyflash.kernels import flash_bwd_prep
     while not os.path.exists(sys.argv[1]):  # start together: every process finds the cache empty
         time.sleep(0.005)
-    kernel = build.cached_kernel(launch.prep_spec("float16", "flash_bwd_delta"), "sm_80")
+    kernel = build.cached_kernel(flash_bwd_prep.spec("float16", "flash_bwd_delta"), "sm_80")
     print(hashlib.sha256(kernel.cubin).hexdigest())
 """)
 

@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 import cupyflash
-from cupyflash import cli, tuning, validation
-from cupyflash.config import TileConfig
+from cupyflash import cli, environment, tuning, validate_report, validation
+from cupyflash.kernels.flash_fwd import FwdConfig
 from cupyflash.device import DeviceLimits, gpu_count
 from cupyflash.tolerance import Comparison
 
@@ -179,15 +179,16 @@ def test_info_without_gpu() -> None:
 
 
 def test_info_without_cupy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "cupy_module", lambda: None)
+    monkeypatch.setattr(environment, "cupy_module", lambda: None)
     facts = json.loads(invoke("info", "--json").stdout)
     assert facts["cupy"] == "not installed"
     assert facts["cuda_runtime"] == facts["cuda_driver"] == facts["nvrtc"] == "unavailable (CuPy not installed)"
 
 
 def test_info_with_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "gpu_count", lambda: 2)
-    monkeypatch.setattr(cli, "device_limits", lambda i: H100 if i == 0 else (_ for _ in ()).throw(RuntimeError("lost")))
+    monkeypatch.setattr(environment, "gpu_count", lambda: 2)
+    monkeypatch.setattr(environment, "device_limits",
+                        lambda i: H100 if i == 0 else (_ for _ in ()).throw(RuntimeError("lost")))
     facts = json.loads(invoke("info", "--json").stdout)
     assert facts["gpus"][0] == {"id": 0, "name": H100.name, "compute_capability": "9.0", "arch": "sm_90",
                                 "sm_count": 132, "smem_per_block_optin": 232448, "smem_per_sm": 233472}
@@ -261,7 +262,7 @@ def test_validate_without_gpu_names_the_ignored_gpu_options(monkeypatch: pytest.
 
 def test_validate_require_gpu_without_gpu_exits_2_before_the_cpu_check(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "gpu_count", lambda: 0)
-    monkeypatch.setattr(cli, "cupy_module", lambda: None)
+    monkeypatch.setattr(environment, "cupy_module", lambda: None)
     monkeypatch.setattr(validation, "cpu_matrix", lambda quick: pytest.fail("the CPU check ran"))
     result = invoke("validate", "--require-gpu", "--json")
     assert result.exit_code == 2
@@ -284,8 +285,10 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """One H100 and a two-case matrix; each run records its arguments."""
     calls: dict[str, Any] = {"run": []}
     monkeypatch.setattr(cli, "gpu_count", lambda: 1)
-    monkeypatch.setattr(cli, "current_device_id", lambda: 0)
-    monkeypatch.setattr(cli, "device_limits", lambda i: H100)
+    for module in (cli, validate_report):  # autotune asks in cli, the validate header in validate_report
+        monkeypatch.setattr(module, "current_device_id", lambda: 0)
+    for module in (cli, environment):
+        monkeypatch.setattr(module, "device_limits", lambda i: H100)
 
     def gpu_matrix(quick: bool) -> list[validation.Case]:
         calls["quick"] = quick
@@ -572,7 +575,7 @@ FWD_BUCKET = "fwd/float16/d128/causal/s4096/mha"
 def tuned_h100(fake_gpu: dict[str, Any], isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The fake H100's tuning file with one entry, beside another GPU's file; returns the H100's."""
     monkeypatch.setattr(tuning, "header", lambda limits: {"gpu": limits.name})  # no CUDA versions needed
-    path = tuning.store(H100, FWD_BUCKET, TileConfig(128, 32, 4, 2), {"ms": 1.0})
+    path = tuning.store(H100, FWD_BUCKET, FwdConfig(128, 32, 4, 2), {"ms": 1.0})
     (path.parent / "GPU_A-sm_80.json").write_text(json.dumps({"header": {}, "entries": {FWD_BUCKET: {}}}))
     return path
 
@@ -580,7 +583,7 @@ def tuned_h100(fake_gpu: dict[str, Any], isolated_cache: Path, monkeypatch: pyte
 def test_autotune_show_with_a_gpu_lists_only_its_file(tuned_h100: Path) -> None:
     result = invoke("autotune", "--show")
     assert result.exit_code == 0, everything(result)
-    stored = {"config": TileConfig(128, 32, 4, 2).to_dict(), "ms": 1.0}
+    stored = {"config": FwdConfig(128, 32, 4, 2).to_dict(), "ms": 1.0}
     assert result.stdout.splitlines() == [f"{tuned_h100.name}: 1 entry",
                                           f"  {FWD_BUCKET:<38} {json.dumps(stored, sort_keys=True)}"]
     assert json.loads(invoke("autotune", "--show", "--json").stdout) == [

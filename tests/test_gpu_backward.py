@@ -7,8 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cupyflash import heuristics, selection, validation
-from cupyflash.config import BwdConfig, DkdvConfig, TileConfig, dkdv_candidates, kernel_head_dim
+from cupyflash import plan, validation
+from cupyflash.kernels import flash_bwd_dkdv_sm90
+from cupyflash.kernels.common import kernel_head_dim
+from cupyflash.kernels.flash_bwd_dkdv import DkdvConfig
+from cupyflash.kernels.flash_bwd_dq import DqConfig
+from cupyflash.plan import BwdConfig
 from cupyflash.device import DeviceLimits
 
 from .test_gpu_forward import PeakTracker
@@ -87,33 +91,34 @@ def test_backward_memory_is_gradients_plus_o_n(seqlen: int) -> None:
 
 # On Hopper the defaults run the wgmma dK/dV kernel for head dims 64, 128 and 256. The mma.sync
 # kernels (what sm_80/86/89 run) must stay correct there too: the quick matrix, forced.
-MMA_SYNC_BWD = {64: BwdConfig(DkdvConfig(32, 128, 4, 2, 1), TileConfig(128, 64, 8, 2), dq_atomic=True),
-                128: BwdConfig(DkdvConfig(64, 128, 8, 2, 2), TileConfig(128, 64, 8, 2), dq_atomic=False),
-                256: BwdConfig(DkdvConfig(64, 64, 8, 2, 2), TileConfig(128, 32, 8, 2), dq_atomic=False)}
+MMA_SYNC_BWD = {64: BwdConfig(DkdvConfig(32, 128, 4, 2, 1), DqConfig(128, 64, 8, 2), dq_atomic=True),
+                128: BwdConfig(DkdvConfig(64, 128, 8, 2, 2), DqConfig(128, 64, 8, 2), dq_atomic=False),
+                256: BwdConfig(DkdvConfig(64, 64, 8, 2, 2), DqConfig(128, 32, 8, 2), dq_atomic=False)}
 
 
 @pytest.mark.parametrize("case", [c for c in validation.gpu_matrix(quick=True)
                                   if kernel_head_dim(c.head_dim) in MMA_SYNC_BWD], ids=lambda case: case.id)
 def test_mma_sync_backward_matches_reference(case: validation.Case) -> None:
-    with selection.forced(bwd=MMA_SYNC_BWD[kernel_head_dim(case.head_dim)]):
+    with plan.forced(bwd=MMA_SYNC_BWD[kernel_head_dim(case.head_dim)]):
         results = validation.run_gpu_case(case, backward=True)
     failures = [r.message() for r in results if not r.ok]
     assert not failures, "\n".join(failures)
 
 
-def _wgmma_dkdv_candidates() -> list[tuple[int, DkdvConfig]]:
+def _wgmma_dkdv_candidates() -> list[tuple[int, flash_bwd_dkdv_sm90.Sm90DkdvConfig]]:
     hopper = DeviceLimits("H100", (9, 0), 132, 232448, 233472)
-    return [(d, c) for d in (64, 128, 256) for c in dkdv_candidates(d, hopper) if c.wgmma]
+    return [(d, c) for d in (64, 128, 256) for c in flash_bwd_dkdv_sm90.candidates(d, hopper)]
 
 
 # Every wgmma dK/dV tile the autotuner may pick, with dQ by atomics and in its own pass, on two
 # awkward cases (tails on both sides, causal, GQA, bf16).
 @pytest.mark.parametrize("head_dim,config", _wgmma_dkdv_candidates(),
-                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_m}x{x.num_warps}w{x.stages}s")
+                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_m}x{x.block_n}s{x.stages}")
 @pytest.mark.parametrize("dq_atomic", [True, False], ids=["atomic-dq", "dq-pass"])
 @pytest.mark.parametrize("case_args", [("float16", True, 113, 203, 4), ("bfloat16", False, 1023, 1024, 1)],
                          ids=["fp16-causal-113x203-gqa4", "bf16-1023x1024"])
-def test_every_wgmma_dkdv_tile_matches_reference(head_dim: int, config: DkdvConfig, dq_atomic: bool,
+def test_every_wgmma_dkdv_tile_matches_reference(head_dim: int, config: flash_bwd_dkdv_sm90.Sm90DkdvConfig,
+                                                 dq_atomic: bool,
                                                  case_args: tuple) -> None:
     import cupy
 
@@ -123,8 +128,8 @@ def test_every_wgmma_dkdv_tile_matches_reference(head_dim: int, config: DkdvConf
         pytest.skip("wgmma runs on sm_90 only")
     dtype, causal, seqlen_q, seqlen_k, group = case_args
     case = validation.Case(dtype, head_dim, causal, seqlen_q, seqlen_k, group)
-    dq_pass = heuristics.default_bwd_config(head_dim, device_limits(cupy.cuda.runtime.getDevice())).dq
-    with selection.forced(bwd=BwdConfig(config, dq_pass, dq_atomic=dq_atomic)):
+    dq_pass = plan.default_bwd_config(head_dim, device_limits(cupy.cuda.runtime.getDevice())).dq
+    with plan.forced(bwd=BwdConfig(config, dq_pass, dq_atomic=dq_atomic)):
         results = validation.run_gpu_case(case, backward=True)
     failures = [r.message() for r in results if not r.ok]
     assert not failures, "\n".join(failures)

@@ -26,13 +26,13 @@ def test_validate_fails_with_a_broken_config() -> None:
 
 SECOND_PROCESS = textwrap.dedent("""
     import json, sys
-    from cupyflash import autotune, selection, tuning
+    from cupyflash import autotune, plan, tuning
     from cupyflash.device import device_limits
     bucket = autotune.Bucket("fwd", "float16", 64, True, 1024)
     if sys.argv[1] == "tune":
         autotune.tune([bucket])
     problem = bucket.problem()
-    chosen = selection.fwd_config(problem, 64, device_limits(0))
+    chosen = plan.choose("fwd", problem, device_limits(0))
     print(json.dumps(tuning.load_entries(device_limits(0))[bucket.key]["config"]), chosen)
 """)
 

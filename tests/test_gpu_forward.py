@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cupyflash import selection, validation
-from cupyflash.config import TileConfig, fwd_candidates, kernel_head_dim
+from cupyflash import plan, validation
+from cupyflash.kernels import flash_fwd_sm90
+from cupyflash.kernels.common import kernel_head_dim
+from cupyflash.kernels.flash_fwd import FwdConfig
 from cupyflash.device import DeviceLimits
 
 pytestmark = pytest.mark.gpu
@@ -104,29 +106,30 @@ def test_forward_memory_is_outputs_plus_a_few_mb(seqlen: int) -> None:
 
 # On Hopper the defaults run the wgmma kernel for head dims that are multiples of 64. The
 # mma.sync kernel (what sm_80/86/89 run) must stay correct there too: the quick matrix, forced.
-MMA_SYNC = {64: TileConfig(128, 64, 4, 2), 128: TileConfig(128, 32, 4, 2), 256: TileConfig(128, 64, 8, 2)}
+MMA_SYNC = {64: FwdConfig(128, 64, 4, 2), 128: FwdConfig(128, 32, 4, 2), 256: FwdConfig(128, 64, 8, 2)}
 
 
 @pytest.mark.parametrize("case", [c for c in validation.gpu_matrix(quick=True) if kernel_head_dim(c.head_dim) in MMA_SYNC],
                          ids=lambda case: case.id)
 def test_mma_sync_forward_matches_reference(case: validation.Case) -> None:
-    with selection.forced(fwd=MMA_SYNC[kernel_head_dim(case.head_dim)]):
+    with plan.forced(fwd=MMA_SYNC[kernel_head_dim(case.head_dim)]):
         results = validation.run_gpu_case(case, backward=False)
     failures = [r.message() for r in results if not r.ok]
     assert not failures, "\n".join(failures)
 
 
-def _wgmma_candidates() -> list[tuple[int, TileConfig]]:
+def _wgmma_candidates() -> list[tuple[int, flash_fwd_sm90.Sm90FwdConfig]]:
     hopper = DeviceLimits("H100", (9, 0), 132, 232448, 233472)
-    return [(d, c) for d in (64, 128, 192, 256) for c in fwd_candidates(d, hopper) if c.wgmma]
+    return [(d, c) for d in (64, 128, 192, 256) for c in flash_fwd_sm90.candidates(d, hopper)]
 
 
 # Every wgmma tile the autotuner may pick, on two awkward cases (tails, causal, GQA, bf16).
 @pytest.mark.parametrize("head_dim,config", _wgmma_candidates(),
-                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_n}x{x.num_warps}w{x.stages}s")
+                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_m}x{x.block_n}s{x.stages}")
 @pytest.mark.parametrize("case_args", [("float16", True, 113, 203, 4), ("bfloat16", False, 1023, 1024, 1)],
                          ids=["fp16-causal-113x203-gqa4", "bf16-1023x1024"])
-def test_every_wgmma_tile_matches_reference(head_dim: int, config: TileConfig, case_args: tuple) -> None:
+def test_every_wgmma_tile_matches_reference(head_dim: int, config: flash_fwd_sm90.Sm90FwdConfig,
+                                            case_args: tuple) -> None:
     import cupy
 
     from cupyflash.device import device_limits
@@ -135,7 +138,7 @@ def test_every_wgmma_tile_matches_reference(head_dim: int, config: TileConfig, c
         pytest.skip("wgmma runs on sm_90 only")
     dtype, causal, seqlen_q, seqlen_k, group = case_args
     case = validation.Case(dtype, head_dim, causal, seqlen_q, seqlen_k, group)
-    with selection.forced(fwd=config):
+    with plan.forced(fwd=config):
         results = validation.run_gpu_case(case, backward=False)
     failures = [r.message() for r in results if not r.ok]
     assert not failures, "\n".join(failures)

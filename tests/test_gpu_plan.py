@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cupyflash import api, build, launch, plan, tuning, validation
-from cupyflash.config import TileConfig
+from cupyflash.kernels import flash_fwd
 from cupyflash.device import device_limits, gpu_count
 from cupyflash.problem import Problem
 
@@ -24,7 +24,7 @@ CASES = [validation.Case("float16", 64, True, 113, 203, group=4),
 
 
 def device_inputs(case: validation.Case) -> dict[str, Any]:
-    return validation._to_device(case, validation.make_inputs(case))
+    return validation.to_device(case, validation.make_inputs(case))
 
 
 def options(case: validation.Case) -> dict[str, Any]:
@@ -100,7 +100,7 @@ def test_a_repeat_call_runs_on_the_callers_stream(monkeypatch: pytest.MonkeyPatc
     forbid_full_path(monkeypatch)
     streams = []
     run = launch.Launch.run
-    monkeypatch.setattr(launch.Launch, "run", lambda self, arrays, ptr: (streams.append(ptr), run(self, arrays, ptr)))
+    monkeypatch.setattr(launch.Launch, "run", lambda self, ptr: (streams.append(ptr), run(self, ptr)))
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         got_out, got_lse = api.attention(q, k, v, causal=True, return_lse=True)
@@ -133,11 +133,11 @@ def test_a_tuning_change_reaches_the_next_call(monkeypatch: pytest.MonkeyPatch, 
     api.attention(q, k, v, causal=True)
     assert len(loaded) == 1, "the repeat call loaded a kernel: it did not use its plan"
     limits = device_limits(cupy.cuda.runtime.getDevice())
-    tuned = TileConfig(64, 32, 4, 2)  # mma.sync, and no GPU's default for head_dim 64
+    tuned = flash_fwd.FwdConfig(64, 32, 4, 2)  # mma.sync, and no GPU's default for head_dim 64
     bucket = tuning.bucket_key("fwd", Problem.from_arrays(q, k, v, causal=True), 64)
     tuning.store(limits, bucket, tuned, {})
     got = api.attention(q, k, v, causal=True)
-    assert loaded[-1] == launch.fwd_spec("float16", 64, tuned) != default_spec
+    assert loaded[-1] == flash_fwd.spec("float16", 64, tuned) != default_spec
     assert float(np.abs(host32(got) - host32(expected)).max()) < 1e-2
     tuning.clear(limits)
     api.attention(q, k, v, causal=True)

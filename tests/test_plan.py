@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 import cupyflash as cf
-from cupyflash import build, launch, plan, selection, tuning
-from cupyflash.config import TileConfig, kernel_head_dim
+from cupyflash import build, launch, plan, tuning
+from cupyflash.kernels.common import kernel_head_dim
+from cupyflash.kernels.flash_fwd import FwdConfig
 from cupyflash.device import DeviceLimits
 from cupyflash.problem import Problem
 
@@ -117,81 +118,82 @@ def problem_of(t: dict[str, FakeArray], **options: Any) -> Problem:
     return Problem.from_arrays(layout["q"], layout["k"], layout["v"], **options)
 
 
-# --- the parameter buffer ---
+# --- the parameter block ---
 
-def test_pack_arguments_puts_each_value_at_the_start_of_its_slot() -> None:
-    args = ("q", np.int32(-2), np.int64(-3), np.float32(1.5), np.uint64(7), "lse")
-    values, pointers, slots = launch.pack_arguments(args)
-    raw = values.view(np.uint8)
-    assert values.dtype == np.uint64 and values.shape == (6,)
-    assert slots == ((0, "q"), (5, "lse"))
-    assert raw[8:12].view(np.int32)[0] == -2 and not raw[12:16].any()  # 4 bytes, the rest zero
-    assert raw[16:24].view(np.int64)[0] == -3
-    assert raw[24:28].view(np.float32)[0] == 1.5 and not raw[28:32].any()
-    assert values[4] == 7 and values[0] == values[5] == 0
-    assert list(pointers) == [values.ctypes.data + 8 * i for i in range(6)]
-
-
-@pytest.mark.parametrize("bad", [3, 0.5, np.float64(0.5), np.int16(1), None], ids=repr)
-def test_pack_arguments_rejects_values_without_a_cuda_width(bad: Any) -> None:
-    with pytest.raises(TypeError, match="kernel argument 1 is"):
-        launch.pack_arguments(("q", bad))
-
-
-def cuda_parameters(spec: build.KernelSpec) -> list[tuple[str, str]]:
-    """(C++ type, name) of each parameter of the spec's extern "C" kernel."""
-    text = (build.kernel_dir() / spec.source).read_text()
-    match = re.search(rf"\b{spec.entry}\(([^)]*)\)\s*\{{", text)  # the definition: the body follows
-    assert match, f"no definition of {spec.entry} in {spec.source}"
-    parameters = []
-    for parameter in match.group(1).split(","):
-        *words, name = parameter.replace("*", " * ").split()
-        parameters.append((" ".join(w for w in words if w not in ("const", "__restrict__")), name))
-    return parameters
+def header_structs() -> dict[str, type]:
+    """The structs of kernels_cu/params.cuh as ctypes Structures, parsed from the header itself
+    (not from launch.py): ctypes lays them out by the platform's C rules, as nvcc does."""
+    text = (build.kernel_dir() / "params.cuh").read_text()
+    scalars = {"u16*": ctypes.c_uint64, "float*": ctypes.c_uint64, "int*": ctypes.c_uint64, "i64": ctypes.c_int64,
+               "u64": ctypes.c_uint64, "int": ctypes.c_int32, "float": ctypes.c_float}
+    structs: dict[str, type] = {}
+    for name, body in re.findall(r"^struct (\w+) \{\n(.*?)^\};", text, re.S | re.M):
+        if "static constexpr" in body:  # a type trait of the layout checks, not a parameter struct
+            continue
+        fields = []
+        for line in body.splitlines():
+            code = line.split("//")[0].strip()
+            if not code:
+                continue
+            match = re.fullmatch(r"(?:const )?(\w+\*?) ([\w, ]+);", code.replace(" *", "*"))
+            assert match, f"params.cuh: cannot read {code!r} of {name}"
+            kind = structs.get(match.group(1)) or scalars[match.group(1)]
+            fields += [(field.strip(), kind) for field in match.group(2).split(",")]
+        structs[name] = type(name, (ctypes.Structure,), {"_fields_": fields})
+    return structs
 
 
-C_TYPES = {"cf::i64": ctypes.c_int64, "int": ctypes.c_int32, "float": ctypes.c_float}
-NUMPY_TYPES = {"cf::i64": np.int64, "int": np.int32, "float": np.float32}
-STRIDE_OWNER = {"o": "out", "do": "dout", "dqa": "dq_accum"}  # C++ stride prefix -> array name
+def test_launch_py_mirrors_the_header_layout() -> None:
+    """Every field of every struct at the same offset with the same size, and the same sizes."""
+    assert set(header_structs()) == set(launch.DTYPES)
+    for name, struct in header_structs().items():
+        dtype = launch.DTYPES[name]
+        assert ctypes.sizeof(struct) == dtype.itemsize, name
+        assert [f for f, _ in struct._fields_] == list(dtype.names), f"{name}: fields or their order"
+        for field, _ in struct._fields_:
+            assert getattr(struct, field).offset == dtype.fields[field][1], f"{name}.{field}"
+            assert getattr(struct, field).size == dtype.fields[field][0].itemsize, f"{name}.{field}"
 
 
-def expected_value(name: str, t: dict[str, FakeArray], p: Problem) -> float:
-    """What the kernel parameter `name` must hold, from the arrays and the problem."""
-    stride = re.fullmatch(r"(\w+?)_(batch|row|head)_stride", name)
-    if stride:
-        array = t.get(STRIDE_OWNER.get(stride.group(1), stride.group(1)))
-        index = ("batch", "row", "head").index(stride.group(2))
-        return 0 if array is None else array.strides[index] // array.itemsize
-    if name == "n_elements":
-        return t["dq"].size
-    if name == "accum_units":  # flash_bwd_convert_dq_tiled: 32-column units of the kernel's head dim
-        return t["dq_accum"].shape[3]
+def expected_fields(t: dict[str, FakeArray], p: Problem, struct: str) -> dict[str, Any]:
+    """What each field the kernels read must hold, from the arrays and the problem."""
     scale = p.softmax_scale
-    return {"seqlen_q": p.seqlen_q, "seqlen_k": p.seqlen_k, "heads_q": p.heads_q, "group_size": p.group_size,
-            "head_dim": t["q"].shape[3], "window_left": p.window[0], "window_right": p.window[1],
-            "scale_log2": np.float32(scale * math.log2(math.e)), "softmax_scale": np.float32(scale)}[name]
+    want: dict[str, Any] = {
+        "batch": p.batch, "seqlen_q": p.seqlen_q, "seqlen_k": p.seqlen_k, "heads_q": p.heads_q,
+        "group_size": p.group_size, "head_dim": t["q"].shape[3], "window_left": p.window[0],
+        "window_right": p.window[1], "scale_log2": np.float32(scale * math.log2(math.e)), "lse": t["lse"].data.ptr}
+    tensors = ("q", "k", "v", "out") if struct == "FwdParams" else ("q", "k", "v", "out", "dout", "dq", "dk", "dv")
+    for name in tensors:
+        array = t[name]
+        want[name] = (array.data.ptr, *(stride // array.itemsize for stride in array.strides[:3]))
+    if struct == "BwdParams":
+        accum = t.get("dq_accum")
+        want.update(delta=t["delta"].data.ptr, dq_accum=0 if accum is None else accum.data.ptr,
+                    softmax_scale=np.float32(scale), dq_accum_head_dim=kernel_head_dim(p.head_dim))
+        strides = (0, 0, 0) if accum is None or accum.ndim != 4 else (s // 4 for s in accum.strides[:3])
+        for kind, value in zip(("batch", "row", "head"), strides):
+            want[f"dq_accum_{kind}_stride"] = value
+    return want
 
 
 def check_launch(record: tuple[int, ...], kernel: launch.Launch, t: dict[str, FakeArray], p: Problem) -> None:
-    """Reads the parameters as cuLaunchKernel would (a void** of len(signature) addresses, each
-    read with its C++ type's width) and compares them with the signature's names."""
+    """Reads the parameter block as cuLaunchKernel would (a void** whose one address points at
+    the struct), through the header's layout, and compares every field with what it must hold."""
     function_ptr, gx, gy, gz, bx, by, bz, smem, stream, params, extra = record
     assert (function_ptr, (gx, gy, gz), (bx, by, bz), smem) == (kernel.function.ptr, kernel.grid, kernel.block,
                                                                kernel.smem)
     assert stream == STREAM and extra == 0
-    signature = cuda_parameters(kernel.function.spec)
-    assert len(kernel.args) == len(signature), f"{kernel.function.spec.entry}: argument count"
-    addresses = (ctypes.c_uint64 * len(signature)).from_address(params)
-    for (c_type, name), address, arg in zip(signature, addresses, kernel.args):
-        where = f"{kernel.function.spec.entry}({name})"
-        if c_type.endswith("*"):
-            got = ctypes.c_uint64.from_address(address).value
-            want = t[name].data.ptr if name in t else 0  # dq_accum: a null pointer when not accumulating
-            assert arg == (name if name in t else np.uint64(0)), where
-        else:
-            assert type(arg) is NUMPY_TYPES[c_type], f"{where}: {type(arg).__name__} for {c_type}"
-            got, want = C_TYPES[c_type].from_address(address).value, expected_value(name, t, p)
-        assert got == want, f"{where} = {got}, expected {want}"
+    source = (build.kernel_dir() / kernel.function.spec.source).read_text()
+    struct = re.search(rf"\b{kernel.function.spec.entry}\(const __grid_constant__ cf::(\w+) p\)", source).group(1)
+    assert struct == kernel.params.struct, f"{kernel.function.spec.entry} takes {struct}"
+    block = header_structs()[struct].from_address(ctypes.c_uint64.from_address(params).value)
+    for name, want in expected_fields(t, p, struct).items():
+        got = getattr(block, name)
+        if isinstance(want, tuple):
+            got = (got.ptr, got.batch_stride, got.row_stride, got.head_stride)
+        assert got == want, f"{kernel.function.spec.entry}: {struct}.{name} = {got}, expected {want}"
+    features = block.next
+    assert all(getattr(features, f) == 0 for f, _ in features._fields_), "NextFeatures must be zero"
 
 
 CASES = [  # (id, limits, head_dim, packed, options, deterministic)
@@ -200,12 +202,13 @@ CASES = [  # (id, limits, head_dim, packed, options, deterministic)
     ("h100-d64-window-atomic-dq", H100, 64, False, {"window_size": (3, 1), "softmax_scale": 0.3}, False),
     ("h100-d64-deterministic", H100, 64, True, {"causal": True}, True),
     ("a100-d256", A100, 256, False, {}, False),
+    ("a100-d40-padded", A100, 40, False, {}, False),
 ]
 
 
 @pytest.mark.parametrize("limits,head_dim,packed,options,deterministic", [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
-def test_every_launch_matches_its_cuda_signature(fake_cupy: FakeCupy, monkeypatch: pytest.MonkeyPatch,
+def test_every_launch_reads_the_right_parameters(fake_cupy: FakeCupy, monkeypatch: pytest.MonkeyPatch,
                                                  limits: DeviceLimits, head_dim: int, packed: bool,
                                                  options: dict[str, Any], deterministic: bool) -> None:
     use_device(monkeypatch, limits)
@@ -221,30 +224,38 @@ def test_every_launch_matches_its_cuda_signature(fake_cupy: FakeCupy, monkeypatc
     bwd = plan.build_backward(p, t, deterministic, 0)
     bwd.launch(t)
     entries = [kernel.function.spec.entry for kernel in bwd.launches]
-    hopper = limits is H100  # the wgmma dK/dV kernel, which always makes dQ with atomics
+    assert entries == [call.spec.entry for call in plan.backward_kernels(p, plan.choose("bwd", p, limits),
+                                                                         deterministic)]
+    hopper = limits is H100 and head_dim in (64, 128, 256)  # the wgmma dK/dV kernel: always atomic dQ
     assert entries[:2] == ["flash_bwd_delta", "flash_bwd_dkdv_sm90" if hopper else "flash_bwd_dkdv"]
     convert = "flash_bwd_convert_dq_tiled" if hopper else "flash_bwd_convert_dq"  # the sm90 kernel's own layout
     assert entries[2] == (convert if "dq_accum" in t else "flash_bwd_dq")
     if hopper and "dq_accum" in t:
         assert t["dq_accum"].shape == (p.batch, p.heads_q, -(-p.seqlen_q // 64), kernel_head_dim(head_dim) // 32,
                                        64, 32)
-    # heuristics.MAX_ATOMIC_DQ_HEAD_DIM applies to mma.sync
+    # flash_bwd_dkdv.MAX_ATOMIC_DQ_HEAD_DIM applies to mma.sync
     assert ("dq_accum" in t) == ((hopper or head_dim <= 64) and not deterministic)
     for record, kernel in zip(fake_cupy.launched, bwd.launches, strict=True):
         check_launch(record, kernel, t, p)
 
 
-def test_a_repeat_run_rewrites_only_the_array_slots(fake_cupy: FakeCupy, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_repeat_run_rewrites_only_the_pointers(fake_cupy: FakeCupy, monkeypatch: pytest.MonkeyPatch) -> None:
     use_device(monkeypatch, H100)
     first, second = inputs(fake_cupy, 64), inputs(fake_cupy, 64)
     p = problem_of(first, causal=True)
     bwd = plan.build_backward(p, first, False, 0)
-    before = [kernel.values.copy() for kernel in bwd.launches]
+    assert all(kernel.params is bwd.params for kernel in bwd.launches), "one block per plan"
+    before = bwd.params.words.copy()
     bwd.run(second)  # allocates new gradients and temporaries into `second`
-    for kernel, old in zip(bwd.launches, before):
-        changed = {int(i) for i in np.flatnonzero(kernel.values != old)}
-        assert changed == {index for index, _ in kernel.array_slots}
-        assert all(kernel.values[i] == second[name].data.ptr for i, name in kernel.array_slots)
+    changed = {int(i) for i in np.flatnonzero(bwd.params.words != before)}
+    assert changed == {index for index, _ in bwd.params.array_slots}
+    assert all(bwd.params.words[i] == second[name].data.ptr for i, name in bwd.params.array_slots)
+
+
+def test_a_field_that_does_not_fit_its_type_raises() -> None:
+    block = launch.ParamBlock("FwdParams")
+    with pytest.raises(OverflowError):
+        block.set(seqlen_q=2**31)
 
 
 def test_zero_grids_are_not_launched(fake_cupy: FakeCupy, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -329,7 +340,7 @@ def test_no_plan_on_another_current_device(kept, monkeypatch: pytest.MonkeyPatch
 
 def test_no_plan_inside_forced(kept) -> None:
     built, qkv = kept
-    with selection.forced(fwd=TileConfig(64, 64, 4, 2)):
+    with plan.forced(fwd=FwdConfig(64, 64, 4, 2)):
         assert plan.find("fwd", qkv, FWD_OPTIONS, DEFAULTS) is None
     assert plan.find("fwd", qkv, FWD_OPTIONS, DEFAULTS) is built
 
@@ -363,7 +374,7 @@ def test_keep_refuses_forced_configs_and_empty_problems(kept, fake_cupy: FakeCup
     built, qkv = kept
     plan.clear()
     problem = problem_of(dict(zip("qkv", qkv)), causal=True)
-    with selection.forced(fwd=TileConfig(64, 64, 4, 2)):
+    with plan.forced(fwd=FwdConfig(64, 64, 4, 2)):
         plan.keep(built, problem, "fwd", qkv, FWD_OPTIONS, qkv, 0)
     empty_k = fake_cupy.array(np.empty((B, 0, HKV, 64), np.float16))
     empty = (qkv[0], empty_k, empty_k)
@@ -385,7 +396,7 @@ def test_store_and_clear_change_the_generation_and_stale_the_plan(kept) -> None:
     built, qkv = kept
     bucket = tuning.bucket_key("fwd", problem_of(dict(zip("qkv", qkv)), causal=True), 64)
     before = tuning.generation()
-    tuning.store(H100, bucket, TileConfig(64, 64, 4, 2), {})
+    tuning.store(H100, bucket, FwdConfig(64, 64, 4, 2), {})
     stored = tuning.generation()
     assert stored != before and not built.is_current()
     assert plan.find("fwd", qkv, FWD_OPTIONS, DEFAULTS) is None
@@ -402,7 +413,7 @@ def test_a_file_written_by_another_process_is_noticed(kept, monkeypatch: pytest.
     assert built.is_current()
     path = tuning.tuning_file(H100)
     bucket = tuning.bucket_key("fwd", problem_of(dict(zip("qkv", qkv)), causal=True), 64)
-    entries = {bucket: {"config": TileConfig(64, 64, 4, 2).to_dict()}}
+    entries = {bucket: {"config": FwdConfig(64, 64, 4, 2).to_dict()}}
     path.write_text(tuning.json.dumps({"header": tuning.header(H100), "entries": entries}))
     os.utime(path, (1, 1))  # an mtime no earlier read saw
     assert built.is_current()  # not looked for before RECHECK_SECONDS
@@ -413,7 +424,7 @@ def test_a_file_written_by_another_process_is_noticed(kept, monkeypatch: pytest.
 
 def test_a_new_tuning_folder_changes_the_generation(fake_cupy: FakeCupy, monkeypatch: pytest.MonkeyPatch,
                                                     tmp_path) -> None:
-    tuning.store(H100, "fwd/float16/d64/causal/s128/gqa", TileConfig(64, 64, 4, 2), {})
+    tuning.store(H100, "fwd/float16/d64/causal/s128/gqa", FwdConfig(64, 64, 4, 2), {})
     tuning.load_entries(H100)
     before = tuning.generation()
     monkeypatch.setenv("CUPYFLASH_TUNING_DIR", str(tmp_path / "elsewhere"))

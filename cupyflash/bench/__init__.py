@@ -1,0 +1,44 @@
+"""Speed of cupyflash beside its peers, measured in one process on one GPU.
+
+    from cupyflash import bench
+    report = bench.run(bench.paper_grid(), progress=print)
+    bench.save(report, "benchmarks/results", bench.default_stem(report))
+    print(bench.format_table(report, "fwd"))
+
+One module per stage:
+
+    grid           the shapes (the FlashAttention papers' grid), passes, impl names, FLOPs
+    peers          the implementations timed (cupyflash, naive CuPy, torch SDPA) and their setup
+    check          the float64 reference (cupyflash.reference) and the rule (cupyflash.tolerance)
+                   every result is judged by before it is timed
+    gpu            peak memory and first-call time of one call, freeing memory between calls
+    measure        run(): inputs, reference, check, time, for every (shape, pass, impl)
+    report         markdown tables, JSON + markdown files
+    plots          TFLOP/s plots (matplotlib, imported only when drawing)
+    compile_times  NVRTC seconds, registers and spills of every default kernel
+
+All implementations are fed the same random signed-normal q, k, v, dout of shape (batch,
+seqlen, heads, head_dim), drawn by cupyflash.validation.random_inputs. A result that fails the
+check is still timed but flagged (valid: false, "✗"). The environment of a report (GPU,
+versions, commit, date) comes from cupyflash.environment, as `cupyflash info`'s does.
+"""
+
+from ..environment import describe as describe_environment
+from ..environment import record as environment
+from .check import CHECK_ROWS, REFERENCE_MEMORY_FRACTION, Reference, judge, reference_for, slice_reference
+from .compile_times import measure_compile_times
+from .gpu import MIB
+from .grid import DTYPES, IMPL_PASSES, IMPLS, PASS_TENSORS, PASSES, RATIO_PEERS, BenchShape, flops, paper_grid, \
+    quick_grid, tflops
+from .measure import inputs, run
+from .peers import NAIVE_MAX_RUNS, NAIVE_MEMORY_FRACTION, TORCH_BACKENDS, available_impls, naive_backward, \
+    naive_forward, naive_score_bytes, naive_skip_reason, to_float32
+from .plots import plot, plot_series, save_plots
+from .report import default_stem, first_calls, format_compile_table, format_memory_table, format_report, \
+    format_table, load, save
+
+__all__ = ["BenchShape", "paper_grid", "quick_grid", "flops", "tflops", "run", "environment",
+           "describe_environment", "default_stem", "measure_compile_times", "format_table",
+           "format_memory_table", "format_compile_table", "format_report", "first_calls", "save", "load",
+           "plot", "plot_series", "save_plots", "naive_forward", "naive_backward", "slice_reference",
+           "reference_for", "judge", "naive_skip_reason", "naive_score_bytes", "available_impls", "inputs"]

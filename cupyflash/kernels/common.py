@@ -1,0 +1,56 @@
+"""What every kernel family shares: the compiled head dims, the element types, the pipeline
+rule, the -D macros of a variant and the first-fitting walk over a heuristic table."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, TypeVar
+
+from ..device import DeviceLimits
+
+# Head dims with a compiled kernel; any other multiple of 8 runs on the next one up, with the
+# extra columns zero-filled on load and skipped on store.
+KERNEL_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)
+MAX_HEAD_DIM = KERNEL_HEAD_DIMS[-1]
+ELEMENT = {"float16": "cf::Half", "bfloat16": "cf::BFloat16"}  # the C++ type of each dtype (traits.cuh)
+ELEMENT_BYTES = 2
+SMEM_PAD = 8  # elements of padding per shared row of the mma.sync kernels (kSmemPad, traits.cuh)
+HOPPER = (9, 0)  # wgmma exists on sm_90 only
+
+Config = TypeVar("Config")
+
+
+def kernel_head_dim(head_dim: int) -> int:
+    """The compiled head dim that runs a problem of this head dim (head_dim <= 256)."""
+    return next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
+
+
+def padded_row_bytes(head_dim: int) -> int:
+    """One shared-memory row of an mma.sync tile: head_dim elements and the bank-conflict pad."""
+    return (head_dim + SMEM_PAD) * ELEMENT_BYTES
+
+
+def pipeline_and_dim_problems(stages: int, head_dim: int) -> list[str]:
+    """The rules every kernel shares: double-buffered (or deeper) tiles, a compiled head dim."""
+    reasons = [] if stages >= 2 else ["stages must be at least 2"]
+    if head_dim not in KERNEL_HEAD_DIMS:
+        reasons.append(f"head_dim {head_dim} has no kernel; compiled head dims are {KERNEL_HEAD_DIMS}")
+    return reasons
+
+
+def defines(dtype: str, **values: int) -> tuple[tuple[str, str], ...]:
+    """The -D macros of one variant: CF_ELEMENT, then CF_<NAME> for each value, in order."""
+    return (("CF_ELEMENT", ELEMENT[dtype]),) + tuple((f"CF_{k.upper()}", str(int(v))) for k, v in values.items())
+
+
+def first_fitting(table: Sequence[tuple[int, Config, str]], head_dim: int,
+                  fits: Callable[[Config], bool]) -> Config | None:
+    """The first row whose head-dim bound covers head_dim and whose config fits, or None."""
+    for max_dim, config, _why in table:
+        if head_dim <= max_dim and fits(config):
+            return config
+    return None
+
+
+def no_config_error(what: str, head_dim: int, limits: DeviceLimits) -> RuntimeError:
+    return RuntimeError(f"no built-in {what} config for head_dim {head_dim} fits {limits.name} "
+                        f"({limits.smem_per_block_optin} bytes of shared memory per block)")

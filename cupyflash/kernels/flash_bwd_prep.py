@@ -1,0 +1,39 @@
+"""The small backward kernels (kernels_cu/flash_bwd_prep.cu), which have no tile config:
+flash_bwd_delta (delta = rowsum(dout * out), before dK/dV) and the two dQ conversions after it
+(dq = softmax_scale * dq_accum in the 16-bit type), one per dK/dV kernel's accumulator layout."""
+
+from __future__ import annotations
+
+import functools
+
+from .. import build
+from ..launch import CONVERT_CHUNK, CONVERT_THREADS, DELTA_ROWS, DELTA_THREADS
+from ..problem import Problem
+from .common import defines
+
+SOURCE = "flash_bwd_prep.cu"
+DELTA, CONVERT_DQ, CONVERT_DQ_TILED = "flash_bwd_delta", "flash_bwd_convert_dq", "flash_bwd_convert_dq_tiled"
+ENTRIES = (DELTA, CONVERT_DQ, CONVERT_DQ_TILED)
+
+
+@functools.lru_cache(maxsize=None)
+def spec(dtype: str, entry: str) -> build.KernelSpec:
+    if entry not in ENTRIES:
+        raise ValueError(f"entry {entry!r} is not a kernel of {SOURCE}; its kernels are {ENTRIES}")
+    return build.KernelSpec(SOURCE, entry, defines(dtype))
+
+
+def threads(entry: str) -> int:
+    return DELTA_THREADS if entry == DELTA else CONVERT_THREADS
+
+
+def grid(p: Problem, entry: str) -> tuple[int, int, int]:
+    """delta: DELTA_ROWS query rows per block of each (head, batch). convert_dq: one thread per
+    CONVERT_CHUNK elements of the contiguous dq. convert_dq_tiled: one block row per query row,
+    blocks across (heads_q, head_dim / 4), one z per batch."""
+    if entry == DELTA:
+        return (-(-p.seqlen_q // DELTA_ROWS), p.heads_q, p.batch)
+    if entry == CONVERT_DQ:
+        n_elements = p.batch * p.seqlen_q * p.heads_q * p.stored_head_dim
+        return (-(-n_elements // (CONVERT_CHUNK * CONVERT_THREADS)), 1, 1)
+    return (p.seqlen_q, -(-(p.heads_q * p.stored_head_dim // 4) // CONVERT_THREADS), p.batch)

@@ -1,0 +1,100 @@
+"""The Hopper forward kernel (kernels_cu/flash_fwd_sm90.cu): wgmma, sm_90 only, head dims that
+are multiples of 64 (64, 128, 192, 256).
+
+Warpgroups of 4 warps own 64 query rows each, so block_m (64, 128 or 192) sets the warps. Tiles
+are unpadded and 128-byte swizzled; shared memory is Sm90FwdSmem (traits.cuh) plus the slack
+that aligns it to 1024 bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .. import build
+from ..device import DeviceLimits
+from ..launch import SMEM_ALIGN_SLACK
+from ..problem import Problem
+from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems
+from .flash_fwd import MAX_ACC_FLOATS
+
+SOURCE, ENTRY = "flash_fwd_sm90.cu", "flash_fwd_sm90"
+ROWS_PER_WARPGROUP = 64
+
+
+@dataclass(frozen=True)
+class Sm90FwdConfig:
+    block_m: int  # 64 per warpgroup
+    block_n: int
+    stages: int = 2
+
+    kernel = ENTRY
+
+    @property
+    def num_warps(self) -> int:
+        return 4 * self.block_m // ROWS_PER_WARPGROUP
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.num_warps
+
+    def problems(self, head_dim: int) -> list[str]:
+        reasons = []
+        if self.block_m not in (64, 128, 192):
+            reasons.append(f"block_m {self.block_m} must be 64, 128 or 192 (64 rows per warpgroup)")
+        if self.block_n not in (64, 128):
+            reasons.append(f"block_n {self.block_n} must be 64 or 128")
+        if head_dim % 64:
+            reasons.append(f"head_dim {head_dim} must be a multiple of 64 (128-byte slabs)")
+        return reasons + pipeline_and_dim_problems(self.stages, head_dim)
+
+    def acc_floats(self, head_dim: int) -> int:
+        """O (64 rows x head_dim) plus one S tile over the warpgroup's 128 threads."""
+        return (head_dim + self.block_n) // 2
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """Sm90FwdSmem: Q + stages x (K, V), unpadded, plus the alignment slack."""
+        return (self.block_m + 2 * self.stages * self.block_n) * head_dim * ELEMENT_BYTES + SMEM_ALIGN_SLACK
+
+    def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
+        return (limits.compute_capability == HOPPER and not self.problems(head_dim)
+                and self.smem_bytes(head_dim) <= limits.smem_per_block_optin
+                and self.acc_floats(head_dim) <= MAX_ACC_FLOATS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, **asdict(self)}
+
+
+@functools.lru_cache(maxsize=None)
+def spec(dtype: str, head_dim: int, cfg: Sm90FwdConfig) -> build.KernelSpec:
+    return build.KernelSpec(SOURCE, ENTRY, defines(
+        dtype, head_dim=head_dim, block_n=cfg.block_n, num_warps=cfg.num_warps, stages=cfg.stages,
+        smem_bytes=cfg.smem_bytes(head_dim)), arch_suffix="a")
+
+
+def grid(p: Problem, cfg: Sm90FwdConfig) -> tuple[int, int, int]:
+    return (-(-p.seqlen_q // cfg.block_m), p.heads_q, p.batch)
+
+
+def candidates(head_dim: int, limits: DeviceLimits) -> list[Sm90FwdConfig]:
+    space = itertools.product((64, 128, 192), (64, 128), (2, 3))
+    return [c for c in (Sm90FwdConfig(*values) for values in space) if c.fits(head_dim, limits)]
+
+
+# (largest head dim, config, why it wins). H100, fp16, paper grid, S = 512..8192, against the
+# other tiles of this kernel (benchmarks/results/h100-2026-11-23-wgmma/wgmma-tile-sweep-fp16.json,
+# confirmed by `cupyflash autotune`, autotune-all.log there).
+TABLE: tuple[tuple[int, Sm90FwdConfig, str], ...] = (
+    (64, Sm90FwdConfig(64, 128, 3), "one warpgroup, 105 KB: two blocks per SM; 164-361 TFLOP/s, autotune "
+                                    "finds at most 6% more (stages 2, or block_n 64 causal)"),
+    (128, Sm90FwdConfig(128, 128, 3), "two warpgroups, three stages, 225 KB: 152-439 TFLOP/s at S >= 1024; "
+                                      "kept by autotune in every d128 bucket"),
+    (256, Sm90FwdConfig(128, 64, 2), "d192 and d256; acc_o 128 + S 32 floats per thread at d256: 234 regs, "
+                                     "193 KB; 284-465 TFLOP/s at S >= 1024; kept by autotune"),
+)
+
+
+def default(head_dim: int, limits: DeviceLimits) -> Sm90FwdConfig | None:
+    return first_fitting(TABLE, head_dim, lambda c: c.fits(head_dim, limits))

@@ -1,0 +1,123 @@
+// The contract between the host and the kernels: one parameter struct per pass, and the few
+// numbers the host also needs to size grids and buffers.
+//
+// Every forward kernel takes a FwdParams and every backward kernel a BwdParams, as one
+// `const __grid_constant__` argument (it stays in the constant bank; taking a field's address
+// makes no copy). cupyflash/launch.py writes the same layout once, as NumPy structured dtypes,
+// and cupyflash/build.py passes its offsets to every compile as CF_HOST_LAYOUT, a list of
+// CF_OFFSET / CF_SIZE / CF_VALUE checks expanded at the end of this file: a field added,
+// moved or retyped on one side only, or a constant changed on one side only, fails the compile.
+#pragma once
+#include "ptx.cuh"
+
+#ifndef CF_HOST_LAYOUT
+#error "CF_HOST_LAYOUT is not defined: compile the kernels through cupyflash/build.py"
+#endif
+
+namespace cf {
+
+// A (batch, seqlen, heads, head_dim) array of 16-bit elements; the last dimension is contiguous.
+struct Tensor16 {
+  u16* ptr;
+  i64 batch_stride, row_stride, head_stride;  // in elements
+};
+
+// Fields that later kernels will read (variable-length batches, paged KV caches, split-KV
+// partials, score modifiers, dropout). The host writes zeros (null pointers) today; no kernel
+// reads them yet, so a feature that needs one starts from a struct that already has it.
+struct NextFeatures {
+  const int* cu_seqlens_q;  // (batch + 1) int32 row offsets of packed sequences; null: fixed lengths
+  const int* cu_seqlens_k;
+  const int* seqused_k;     // (batch) int32 keys in use per sequence; null: all of seqlen_k
+  const int* block_table;   // (batch, max_pages) int32 page indices of a paged KV cache; null: dense
+  i64 block_table_batch_stride;
+  int page_size;            // keys per page
+  int num_splits;           // key splits whose partial results are combined after; 0: one pass
+  float* out_partial;       // (num_splits, batch, heads_q, seqlen_q, head_dim) float32
+  float* lse_partial;       // (num_splits, batch, heads_q, seqlen_q) float32
+  float softcap;            // scores become softcap * tanh(s / softcap); 0: off
+  const float* alibi_slopes;  // (batch or 1, heads_q) float32; null: off
+  u64 rng_seed, rng_offset;  // dropout's Philox stream
+  float dropout_p;          // 0: off
+};
+
+// What a forward kernel reads. Grid and block are the kernel's own (see its header comment).
+struct FwdParams {
+  Tensor16 q;       // (batch, seqlen_q, heads_q, head_dim)
+  Tensor16 k, v;    // (batch, seqlen_k, heads_q / group_size, head_dim): q head h reads kv head h / group_size
+  Tensor16 out;     // like q
+  float* lse;       // (batch, heads_q, seqlen_q) float32 contiguous: natural log of each row's softmax
+                    // denominator, +inf for a row that sees no key
+  int batch, seqlen_q, seqlen_k, heads_q, group_size;
+  int head_dim;     // the stored head dim (the caller's, rounded up to 8), <= the compiled kHeadDim:
+                    // columns past it are zero-filled on load and not stored
+  int window_left, window_right;  // query i sees keys [i + off - left, i + off + right], off =
+                                  // seqlen_k - seqlen_q; -1: unbounded; causal is right = 0
+  float scale_log2;  // softmax_scale * log2(e): exp(scale * s) = exp2(scale_log2 * s)
+  NextFeatures next;
+};
+
+// What every backward kernel reads (delta, dK/dV, dQ and the dQ conversions).
+struct BwdParams {
+  Tensor16 q, k, v, out, dout;  // as in FwdParams; dout like q
+  Tensor16 dq, dk, dv;          // like q, k, v
+  const float* lse;             // (batch, heads_q, seqlen_q) float32 from the forward
+  float* delta;                 // (batch, heads_q, seqlen_q) float32: rowsum(dout * out)
+  float* dq_accum;              // float32 dQ / softmax_scale the dK/dV kernel adds into; null
+                                // without atomic dQ. mma.sync kernel: like q, with the strides
+                                // below; Hopper kernel: DqUnits (traits.cuh), no strides
+  i64 dq_accum_batch_stride, dq_accum_row_stride, dq_accum_head_stride;  // in floats
+  int dq_accum_head_dim;        // Hopper layout: the dK/dV kernel's compiled head dim
+  int batch, seqlen_q, seqlen_k, heads_q, group_size, head_dim, window_left, window_right;
+  float scale_log2;             // as in FwdParams
+  float softmax_scale;
+  NextFeatures next;
+};
+
+// Numbers the host computes grids and buffer shapes from.
+constexpr int kSmemAlignSlack = 1024;  // Hopper kernels lay their shared struct on a 1024-byte boundary
+constexpr int kDeltaThreads = 128;     // flash_bwd_delta's block
+constexpr int kDeltaLanesPerRow = 8;   // lanes that share one row, 16 bytes each per step
+constexpr int kDeltaRows = kDeltaThreads / kDeltaLanesPerRow;  // rows per flash_bwd_delta block
+constexpr int kConvertThreads = 256;   // the dQ conversions' block
+constexpr int kConvertChunk = 8;       // elements per thread of flash_bwd_convert_dq
+constexpr int kDqUnitRows = 64, kDqUnitCols = 32;  // DqUnits (traits.cuh)
+
+}  // namespace cf
+
+// The checks CF_HOST_LAYOUT expands to. NVRTC has no offsetof, so the layout is pinned another
+// way: every field has the type launch.py gives it (CF_FIELD: so its size and alignment), the
+// fields come in launch.py's order (CF_PROBE builds a constexpr struct from launch.py's list of
+// values, in its order, and CF_AT checks each named field got its own value), and the struct has
+// launch.py's size and alignment (CF_SIZE). Order, types and the C layout rule fix every offset;
+// tests/test_plan.py reads the header with ctypes and checks that NumPy follows that rule.
+namespace cf {
+template <class A, class B>
+struct SameType {
+  static constexpr bool value = false;
+};
+template <class A>
+struct SameType<A, A> {
+  static constexpr bool value = true;
+};
+// Distinct addresses for the pointer fields of the probes (never read or written; 320 bytes of
+// each module's global memory, the price of a layout check without offsetof).
+constexpr int kProbePointers = 32;
+static __device__ u16 probe_u16[kProbePointers];
+static __device__ float probe_f32[kProbePointers];
+static __device__ int probe_i32[kProbePointers];
+}  // namespace cf
+
+#define CF_FIELD(type, field, cpp_type)                                             \
+  static_assert(cf::SameType<decltype(cf::type::field), cpp_type>::value,         \
+                #type "." #field " is not of the type cupyflash/launch.py gives it");
+#define CF_PROBE(type, ...) constexpr cf::type probe_##type{__VA_ARGS__};
+#define CF_AT(type, field, value) \
+  static_assert(probe_##type.field == (value), #type "." #field " is not where cupyflash/launch.py puts it");
+#define CF_SIZE(type, bytes, align)                                                           \
+  static_assert(sizeof(cf::type) == (bytes) && alignof(cf::type) == (align),                 \
+                "the size or alignment of " #type " differs from cupyflash/launch.py's");
+#define CF_VALUE(name, value) static_assert(cf::name == (value), #name " differs from cupyflash/launch.py's");
+namespace cf_host_layout {
+CF_HOST_LAYOUT
+}  // namespace cf_host_layout
