@@ -54,6 +54,38 @@ static_assert(sizeof(cf::DkdvSmem<cf::DkdvKernel>) == CF_SMEM_BYTES, "cupyflash/
 extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
     flash_bwd_dkdv(const __grid_constant__ cf::BwdParams p) {
   using namespace cf;
+  // The fields the body reads, as values: a lambda capturing p by reference would read them
+  // through p's address (ld.param [reg]) in every iteration instead of once.
+  const int seqlen_q = p.seqlen_q;
+  const int seqlen_k = p.seqlen_k;
+  const int window_left = p.window_left;
+  const int window_right = p.window_right;
+  const i64 dk_batch_stride = p.dk.batch_stride;
+  const i64 dk_head_stride = p.dk.head_stride;
+  const i64 dk_row_stride = p.dk.row_stride;
+  const i64 dv_batch_stride = p.dv.batch_stride;
+  const i64 dv_head_stride = p.dv.head_stride;
+  const i64 dv_row_stride = p.dv.row_stride;
+  const int head_dim = p.head_dim;
+  const int group_size = p.group_size;
+  const i64 k_batch_stride = p.k.batch_stride;
+  const i64 k_head_stride = p.k.head_stride;
+  const i64 k_row_stride = p.k.row_stride;
+  const i64 v_batch_stride = p.v.batch_stride;
+  const i64 v_head_stride = p.v.head_stride;
+  const i64 v_row_stride = p.v.row_stride;
+  const i64 q_batch_stride = p.q.batch_stride;
+  const i64 q_head_stride = p.q.head_stride;
+  const i64 q_row_stride = p.q.row_stride;
+  const i64 do_batch_stride = p.dout.batch_stride;
+  const i64 do_head_stride = p.dout.head_stride;
+  const i64 do_row_stride = p.dout.row_stride;
+  const int heads_q = p.heads_q;
+  const float scale_log2 = p.scale_log2;
+  const i64 dqa_batch_stride = p.dq_accum_batch_stride;
+  const i64 dqa_head_stride = p.dq_accum_head_stride;
+  const i64 dqa_row_stride = p.dq_accum_row_stride;
+  const float softmax_scale = p.softmax_scale;
   const u16* __restrict__ q = p.q.ptr;
   const u16* __restrict__ k = p.k.ptr;
   const u16* __restrict__ v = p.v.ptr;
@@ -71,39 +103,39 @@ extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
   const int kv_head = blockIdx.y, batch = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int t = lane & 3;
-  const Mask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
   const int key_begin = n_block * T::kBlockN;
-  const int keys = min(T::kBlockN, p.seqlen_k - key_begin);
+  const int keys = min(T::kBlockN, seqlen_k - key_begin);
 
-  u16* dk_tile = dk + batch * p.dk.batch_stride + kv_head * p.dk.head_stride + key_begin * p.dk.row_stride;
-  u16* dv_tile = dv + batch * p.dv.batch_stride + kv_head * p.dv.head_stride + key_begin * p.dv.row_stride;
+  u16* dk_tile = dk + batch * dk_batch_stride + kv_head * dk_head_stride + key_begin * dk_row_stride;
+  u16* dv_tile = dv + batch * dv_batch_stride + kv_head * dv_head_stride + key_begin * dv_row_stride;
   int m_begin, m_end;
   mask.query_tiles<T::kBlockM>(key_begin, key_begin + keys, m_begin, m_end);
   if (m_end <= m_begin) {  // no query sees these keys: their gradients are 0
-    store_zero_tile<T::kBlockN, T::kHeadDim, T::kThreads>(dk_tile, p.dk.row_stride, keys, p.head_dim, tid);
-    store_zero_tile<T::kBlockN, T::kHeadDim, T::kThreads>(dv_tile, p.dv.row_stride, keys, p.head_dim, tid);
+    store_zero_tile<T::kBlockN, T::kHeadDim, T::kThreads>(dk_tile, dk_row_stride, keys, head_dim, tid);
+    store_zero_tile<T::kBlockN, T::kHeadDim, T::kThreads>(dv_tile, dv_row_stride, keys, head_dim, tid);
     return;
   }
   const int m_tiles = m_end - m_begin;
-  const int iters = p.group_size * m_tiles;  // (q head of the group, Q tile) pairs
+  const int iters = group_size * m_tiles;  // (q head of the group, Q tile) pairs
 
   load_tile_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(
-      sm.k, k + batch * p.k.batch_stride + kv_head * p.k.head_stride + key_begin * p.k.row_stride, p.k.row_stride, keys,
-      p.head_dim, tid);
+      sm.k, k + batch * k_batch_stride + kv_head * k_head_stride + key_begin * k_row_stride, k_row_stride, keys,
+      head_dim, tid);
   load_tile_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(
-      sm.v, v + batch * p.v.batch_stride + kv_head * p.v.head_stride + key_begin * p.v.row_stride, p.v.row_stride, keys,
-      p.head_dim, tid);
+      sm.v, v + batch * v_batch_stride + kv_head * v_head_stride + key_begin * v_row_stride, v_row_stride, keys,
+      head_dim, tid);
   auto load_q_tile = [&](int slot, int it) {
-    const int head = kv_head * p.group_size + it / m_tiles;
+    const int head = kv_head * group_size + it / m_tiles;
     const int row0 = (m_begin + it % m_tiles) * T::kBlockM;
-    const int rows = min(T::kBlockM, p.seqlen_q - row0);
+    const int rows = min(T::kBlockM, seqlen_q - row0);
     load_tile_async<T::kBlockM, T::kHeadDim, T::kStride, T::kThreads>(
-        sm.q[slot], q + batch * p.q.batch_stride + head * p.q.head_stride + row0 * p.q.row_stride, p.q.row_stride, rows,
-        p.head_dim, tid);
+        sm.q[slot], q + batch * q_batch_stride + head * q_head_stride + row0 * q_row_stride, q_row_stride, rows,
+        head_dim, tid);
     load_tile_async<T::kBlockM, T::kHeadDim, T::kStride, T::kThreads>(
-        sm.dout[slot], dout + batch * p.dout.batch_stride + head * p.dout.head_stride + row0 * p.dout.row_stride, p.dout.row_stride,
-        rows, p.head_dim, tid);
-    const i64 stats = (static_cast<i64>(batch) * p.heads_q + head) * p.seqlen_q + row0;
+        sm.dout[slot], dout + batch * do_batch_stride + head * do_head_stride + row0 * do_row_stride, do_row_stride,
+        rows, head_dim, tid);
+    const i64 stats = (static_cast<i64>(batch) * heads_q + head) * seqlen_q + row0;
     load_rows_async<T::kBlockM, T::kThreads>(sm.lse[slot], lse + stats, rows, tid);
     load_rows_async<T::kBlockM, T::kThreads>(sm.delta[slot], delta + stats, rows, tid);
   };
@@ -116,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
   const int wn = warp / T::kWarpsD, wd = warp % T::kWarpsD;
   const int key_row0 = wn * T::kMTiles * 16;                // this warp's key rows
   const int q_col0 = wd * (T::kBlockM / T::kWarpsD);        // its query columns of S^T, dP^T
-  const int d_col0 = wd * (T::kHeadDim / T::kWarpsD);       // its p.head_dim columns of dK, dV
+  const int d_col0 = wd * (T::kHeadDim / T::kWarpsD);       // its head_dim columns of dK, dV
   float acc_dk[T::kMTiles][T::kAccDTiles][4], acc_dv[T::kMTiles][T::kAccDTiles][4];
   zero(acc_dk);
   zero(acc_dv);
@@ -129,9 +161,9 @@ extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
     cp_async_commit();
 
     const int slot = it % T::kStages;
-    const int head = kv_head * p.group_size + it / m_tiles;
+    const int head = kv_head * group_size + it / m_tiles;
     const int row0 = (m_begin + it % m_tiles) * T::kBlockM;
-    const int rows = min(T::kBlockM, p.seqlen_q - row0);
+    const int rows = min(T::kBlockM, seqlen_q - row0);
 
     float st[T::kMTiles][T::kQTiles][4];  // S^T, then P^T
     zero(st);
@@ -148,7 +180,7 @@ extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int i = q_col0 + 8 * nt + 2 * t + (c & 1);
-          const float prob = exp2_approx(fmaf(st[mt][nt][c], p.scale_log2, -sm.lse[slot][i] * kLog2e));
+          const float prob = exp2_approx(fmaf(st[mt][nt][c], scale_log2, -sm.lse[slot][i] * kLog2e));
           st[mt][nt][c] = prob;
           dpt[mt][nt][c] = prob * (dpt[mt][nt][c] - sm.delta[slot][i]);
         }
@@ -167,16 +199,16 @@ extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
       float acc_dq[T::kDqMTiles][T::kDqDTiles][4];
       zero(acc_dq);
       gemm_sn<Element, true, T::kDqMTiles, T::kDqDTiles, T::kBlockN>(acc_dq, sm.dst, dq_row0, sm.k, dq_col0, lane);
-      float* dq_tile = dq_accum + batch * p.dq_accum_batch_stride + head * p.dq_accum_head_stride + row0 * p.dq_accum_row_stride;
-      add_dq_frags(dq_tile, p.dq_accum_row_stride, acc_dq, dq_row0, dq_col0, rows, p.head_dim, lane);
+      float* dq_tile = dq_accum + batch * dqa_batch_stride + head * dqa_head_stride + row0 * dqa_row_stride;
+      add_dq_frags(dq_tile, dqa_row_stride, acc_dq, dq_row0, dq_col0, rows, head_dim, lane);
     }
   }
 
-  // Stage dK (times p.softmax_scale: S = scale Q K^T) and dV in the K and V tiles, then store.
+  // Stage dK (times softmax_scale: S = scale Q K^T) and dV in the K and V tiles, then store.
   __syncthreads();  // every warp is done reading K and V
-  store_frags_to_smem<Element>(sm.k, acc_dk, key_row0, d_col0, lane, p.softmax_scale);
+  store_frags_to_smem<Element>(sm.k, acc_dk, key_row0, d_col0, lane, softmax_scale);
   store_frags_to_smem<Element>(sm.v, acc_dv, key_row0, d_col0, lane, 1.f);
   __syncthreads();
-  store_tile<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(dk_tile, p.dk.row_stride, sm.k, keys, p.head_dim, tid);
-  store_tile<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(dv_tile, p.dv.row_stride, sm.v, keys, p.head_dim, tid);
+  store_tile<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(dk_tile, dk_row_stride, sm.k, keys, head_dim, tid);
+  store_tile<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(dv_tile, dv_row_stride, sm.v, keys, head_dim, tid);
 }

@@ -140,6 +140,35 @@ static_assert(sizeof(cf::Sm90DkdvShared) + cf::kSmemAlignSlack == CF_SMEM_BYTES,
 extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
     flash_bwd_dkdv_sm90(const __grid_constant__ cf::BwdParams p) {
   using namespace cf;
+  // The fields the body reads, as values: a lambda capturing p by reference would read them
+  // through p's address (ld.param [reg]) in every iteration instead of once.
+  const int seqlen_q = p.seqlen_q;
+  const int seqlen_k = p.seqlen_k;
+  const int window_left = p.window_left;
+  const int window_right = p.window_right;
+  const i64 dk_batch_stride = p.dk.batch_stride;
+  const i64 dk_head_stride = p.dk.head_stride;
+  const i64 dk_row_stride = p.dk.row_stride;
+  const i64 dv_batch_stride = p.dv.batch_stride;
+  const i64 dv_head_stride = p.dv.head_stride;
+  const i64 dv_row_stride = p.dv.row_stride;
+  const int head_dim = p.head_dim;
+  const int group_size = p.group_size;
+  const i64 k_batch_stride = p.k.batch_stride;
+  const i64 k_head_stride = p.k.head_stride;
+  const i64 k_row_stride = p.k.row_stride;
+  const i64 v_batch_stride = p.v.batch_stride;
+  const i64 v_head_stride = p.v.head_stride;
+  const i64 v_row_stride = p.v.row_stride;
+  const i64 q_batch_stride = p.q.batch_stride;
+  const i64 q_head_stride = p.q.head_stride;
+  const i64 q_row_stride = p.q.row_stride;
+  const i64 do_batch_stride = p.dout.batch_stride;
+  const i64 do_head_stride = p.dout.head_stride;
+  const i64 do_row_stride = p.dout.row_stride;
+  const int heads_q = p.heads_q;
+  const float scale_log2 = p.scale_log2;
+  const float softmax_scale = p.softmax_scale;
   const u16* __restrict__ q = p.q.ptr;
   const u16* __restrict__ k = p.k.ptr;
   const u16* __restrict__ v = p.v.ptr;
@@ -160,43 +189,43 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
   const int kv_head = blockIdx.y, batch = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int warpgroup = warp / 4, t = lane & 3;
-  const Mask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
   const int key_begin = n_block * T::kBlockN;
-  const int keys = min(T::kBlockN, p.seqlen_k - key_begin);
+  const int keys = min(T::kBlockN, seqlen_k - key_begin);
 
-  u16* dk_tile = dk + batch * p.dk.batch_stride + kv_head * p.dk.head_stride + key_begin * p.dk.row_stride;
-  u16* dv_tile = dv + batch * p.dv.batch_stride + kv_head * p.dv.head_stride + key_begin * p.dv.row_stride;
+  u16* dk_tile = dk + batch * dk_batch_stride + kv_head * dk_head_stride + key_begin * dk_row_stride;
+  u16* dv_tile = dv + batch * dv_batch_stride + kv_head * dv_head_stride + key_begin * dv_row_stride;
   int m_begin, m_end;
   mask.query_tiles<T::kBlockM>(key_begin, key_begin + keys, m_begin, m_end);
   if (m_end <= m_begin) {  // no query sees these keys: their gradients are 0
-    store_zero_tile<T::kBlockN, T::kHeadDim, T::kThreads>(dk_tile, p.dk.row_stride, keys, p.head_dim, tid);
-    store_zero_tile<T::kBlockN, T::kHeadDim, T::kThreads>(dv_tile, p.dv.row_stride, keys, p.head_dim, tid);
+    store_zero_tile<T::kBlockN, T::kHeadDim, T::kThreads>(dk_tile, dk_row_stride, keys, head_dim, tid);
+    store_zero_tile<T::kBlockN, T::kHeadDim, T::kThreads>(dv_tile, dv_row_stride, keys, head_dim, tid);
     return;
   }
   const int m_tiles = m_end - m_begin;
-  const int iters = p.group_size * m_tiles;  // (q head of the group, Q tile) pairs
+  const int iters = group_size * m_tiles;  // (q head of the group, Q tile) pairs
 
   constexpr int kQTileBytes = T::kBlockM * T::kHeadDim * 2;
   const u32 k_smem = smem_addr(sm.k), v_smem = smem_addr(sm.v);
   const u32 q_smem = smem_addr(sm.q[0]), do_smem = smem_addr(sm.dout[0]), dst_smem = smem_addr(sm.dst);
   load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
-      k_smem, k + batch * p.k.batch_stride + kv_head * p.k.head_stride + key_begin * p.k.row_stride, p.k.row_stride, keys,
-      p.head_dim, tid);
+      k_smem, k + batch * k_batch_stride + kv_head * k_head_stride + key_begin * k_row_stride, k_row_stride, keys,
+      head_dim, tid);
   load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
-      v_smem, v + batch * p.v.batch_stride + kv_head * p.v.head_stride + key_begin * p.v.row_stride, p.v.row_stride, keys,
-      p.head_dim, tid);
+      v_smem, v + batch * v_batch_stride + kv_head * v_head_stride + key_begin * v_row_stride, v_row_stride, keys,
+      head_dim, tid);
   auto load_q_tile = [&](int slot, int it) {
-    const int head = kv_head * p.group_size + it / m_tiles;
+    const int head = kv_head * group_size + it / m_tiles;
     const int row0 = (m_begin + it % m_tiles) * T::kBlockM;
-    const int rows = min(T::kBlockM, p.seqlen_q - row0);
+    const int rows = min(T::kBlockM, seqlen_q - row0);
     load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(
-        q_smem + slot * kQTileBytes, q + batch * p.q.batch_stride + head * p.q.head_stride + row0 * p.q.row_stride,
-        p.q.row_stride, rows, p.head_dim, tid);
+        q_smem + slot * kQTileBytes, q + batch * q_batch_stride + head * q_head_stride + row0 * q_row_stride,
+        q_row_stride, rows, head_dim, tid);
     load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(
         do_smem + slot * kQTileBytes,
-        dout + batch * p.dout.batch_stride + head * p.dout.head_stride + row0 * p.dout.row_stride, p.dout.row_stride, rows,
-        p.head_dim, tid);
-    const i64 stats = (static_cast<i64>(batch) * p.heads_q + head) * p.seqlen_q + row0;
+        dout + batch * do_batch_stride + head * do_head_stride + row0 * do_row_stride, do_row_stride, rows,
+        head_dim, tid);
+    const i64 stats = (static_cast<i64>(batch) * heads_q + head) * seqlen_q + row0;
     load_rows_async<T::kBlockM, T::kThreads>(sm.lse[slot], lse + stats, rows, tid);
     load_rows_async<T::kBlockM, T::kThreads>(sm.delta[slot], delta + stats, rows, tid);
   };
@@ -210,7 +239,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
   // MN-major for dK and dV; dS^T and K MN-major for dQ. Without kSplitD the warpgroup's keys
   // start 64 rows in; with it, both warpgroups have the same keys and their own columns.
   const int key_rows_in = T::kSplitD ? 0 : warpgroup * 64;
-  const int acc_slab0 = T::kSplitD ? warpgroup * T::kAccSlabs : 0;  // first p.head_dim slab of dK, dV
+  const int acc_slab0 = T::kSplitD ? warpgroup * T::kAccSlabs : 0;  // first head_dim slab of dK, dV
   const u64 k_desc = wgmma_desc_sw128(k_smem + key_rows_in * 128, 16, T::kSwizzleBytes);
   const u64 v_desc = wgmma_desc_sw128(v_smem + key_rows_in * 128, 16, T::kSwizzleBytes);
   const u64 q_desc0 = wgmma_desc_sw128(q_smem, 16, T::kSwizzleBytes);
@@ -239,9 +268,9 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
 
     const int slot = it % T::kStages;
     const u64 slot_offset = static_cast<u64>(slot * kQTileBytes) >> 4;
-    const int head = kv_head * p.group_size + it / m_tiles;
+    const int head = kv_head * group_size + it / m_tiles;
     const int row0 = (m_begin + it % m_tiles) * T::kBlockM;
-    const int rows = min(T::kBlockM, p.seqlen_q - row0);
+    const int rows = min(T::kBlockM, seqlen_q - row0);
 
     if constexpr (T::kSplitD) {
       // Warpgroup 0: S^T and P^T; warpgroup 1: dP^T, then dS^T once P^T is in shared memory.
@@ -259,7 +288,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
         if (!mask.tile_is_full(row0, row0 + rows, key_begin, key_begin + T::kBlockN))
           mask_scores_transposed(*reinterpret_cast<float(*)[1][T::kQTiles][4]>(&st), mask, key_begin + key_row0,
                                  row0, lane);
-        to_probabilities<T>(st, sm.lse[slot], p.scale_log2, lane);
+        to_probabilities<T>(st, sm.lse[slot], scale_log2, lane);
         store_frags_swizzled<Element, T::kBlockN, T::kQTiles>(pt_tile, st, key_row0, lane);
       }
       __syncthreads();
@@ -296,7 +325,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int i = 8 * nt + 2 * t + (c & 1);
-          const float prob = exp2_approx(fmaf(st[nt][c], p.scale_log2, -lse_row[i] * kLog2e));
+          const float prob = exp2_approx(fmaf(st[nt][c], scale_log2, -lse_row[i] * kLog2e));
           st[nt][c] = prob;
           dpt[nt][c] = prob * (dpt[nt][c] - delta_row[i]);
         }
@@ -320,7 +349,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
       }
 #pragma unroll
       for (int piece = warpgroup; piece < T::kDqPieces; piece += T::kWarpgroups) {
-        const int mq = piece / T::kSlabs, slab = piece % T::kSlabs;  // query block, p.head_dim slab
+        const int mq = piece / T::kSlabs, slab = piece % T::kSlabs;  // query block, head_dim slab
         float acc_dq[8][4];
         wgmma_fence();
 #pragma unroll
@@ -333,13 +362,13 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_fence_operands(acc_dq);
-        // dq_accum rounds p.seqlen_q up to 64 rows (DqUnits), not to kBlockM: a piece that starts
+        // dq_accum rounds seqlen_q up to 64 rows (DqUnits), not to kBlockM: a piece that starts
         // past the last query row has no unit there, and its zeros would be added into whatever
         // lies beyond the buffer. Only its reduction is left out; the warpgroup still runs every
         // barrier of the piece (skipping the whole piece made racecheck report a hazard on the
         // dK staging at the end of the kernel, 2026-12-02).
-        const bool inside = row0 + 64 * mq < p.seqlen_q;
-        add_dq_piece<T>(DqUnits::unit(dq_accum, batch, head, p.heads_q, p.seqlen_q, T::kHeadDim, row0 + 64 * mq, 64 * slab),
+        const bool inside = row0 + 64 * mq < seqlen_q;
+        add_dq_piece<T>(DqUnits::unit(dq_accum, batch, head, heads_q, seqlen_q, T::kHeadDim, row0 + 64 * mq, 64 * slab),
                         smem_addr(sm.dq_stage[warpgroup]), acc_dq, warp, lane, inside);
       }
     }
@@ -348,18 +377,18 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
     wgmma_fence_operands(acc_dk);
   }
 
-  // Stage dK (times p.softmax_scale: S = scale Q K^T) and dV in the K and V tiles, then store.
+  // Stage dK (times softmax_scale: S = scale Q K^T) and dV in the K and V tiles, then store.
   __syncthreads();  // every warpgroup is done reading K and V
 #pragma unroll
   for (int nt = 0; nt < T::kDTiles; ++nt)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) acc_dk[nt][c] *= p.softmax_scale;
+    for (int c = 0; c < 4; ++c) acc_dk[nt][c] *= softmax_scale;
   const int acc_col0 = acc_slab0 * 64 * T::kBlockN;  // elements: slabs of kBlockN rows x 64 columns
   store_frags_swizzled<Element, T::kBlockN, T::kDTiles>(sm.k + acc_col0, acc_dk, key_row0, lane);
   store_frags_swizzled<Element, T::kBlockN, T::kDTiles>(sm.v + acc_col0, acc_dv, key_row0, lane);
   __syncthreads();
-  store_tile_swizzled<T::kBlockN, T::kHeadDim, T::kThreads>(dk_tile, p.dk.row_stride, sm.k, keys, p.head_dim, tid);
-  store_tile_swizzled<T::kBlockN, T::kHeadDim, T::kThreads>(dv_tile, p.dv.row_stride, sm.v, keys, p.head_dim, tid);
+  store_tile_swizzled<T::kBlockN, T::kHeadDim, T::kThreads>(dk_tile, dk_row_stride, sm.k, keys, head_dim, tid);
+  store_tile_swizzled<T::kBlockN, T::kHeadDim, T::kThreads>(dv_tile, dv_row_stride, sm.v, keys, head_dim, tid);
   if constexpr (T::kAccumDq)
     if (tid % 128 == 0) bulk_wait<0>();  // the staging buffer stays allocated until the last reduction is done
 }

@@ -35,6 +35,32 @@ static_assert(sizeof(cf::DqSmem<cf::DqKernel>) == CF_SMEM_BYTES, "cupyflash/kern
 extern "C" __global__ void __launch_bounds__(cf::DqKernel::kThreads, 1)
     flash_bwd_dq(const __grid_constant__ cf::BwdParams p) {
   using namespace cf;
+  // The fields the body reads, as values: a lambda capturing p by reference would read them
+  // through p's address (ld.param [reg]) in every iteration instead of once.
+  const int seqlen_q = p.seqlen_q;
+  const int seqlen_k = p.seqlen_k;
+  const int window_left = p.window_left;
+  const int window_right = p.window_right;
+  const int group_size = p.group_size;
+  const i64 dq_batch_stride = p.dq.batch_stride;
+  const i64 dq_head_stride = p.dq.head_stride;
+  const i64 dq_row_stride = p.dq.row_stride;
+  const int head_dim = p.head_dim;
+  const i64 k_batch_stride = p.k.batch_stride;
+  const i64 k_head_stride = p.k.head_stride;
+  const i64 v_batch_stride = p.v.batch_stride;
+  const i64 v_head_stride = p.v.head_stride;
+  const i64 k_row_stride = p.k.row_stride;
+  const i64 v_row_stride = p.v.row_stride;
+  const i64 q_batch_stride = p.q.batch_stride;
+  const i64 q_head_stride = p.q.head_stride;
+  const i64 q_row_stride = p.q.row_stride;
+  const i64 do_batch_stride = p.dout.batch_stride;
+  const i64 do_head_stride = p.dout.head_stride;
+  const i64 do_row_stride = p.dout.row_stride;
+  const int heads_q = p.heads_q;
+  const float scale_log2 = p.scale_log2;
+  const float softmax_scale = p.softmax_scale;
   const u16* __restrict__ q = p.q.ptr;
   const u16* __restrict__ k = p.k.ptr;
   const u16* __restrict__ v = p.v.ptr;
@@ -50,42 +76,42 @@ extern "C" __global__ void __launch_bounds__(cf::DqKernel::kThreads, 1)
   const int head = blockIdx.y, batch = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2;
-  const Mask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
   const int row_begin = m_block * T::kBlockM;
-  const int rows = min(T::kBlockM, p.seqlen_q - row_begin);
-  const int kv_head = head / p.group_size;
+  const int rows = min(T::kBlockM, seqlen_q - row_begin);
+  const int kv_head = head / group_size;
 
-  u16* dq_tile = dq + batch * p.dq.batch_stride + head * p.dq.head_stride + row_begin * p.dq.row_stride;
+  u16* dq_tile = dq + batch * dq_batch_stride + head * dq_head_stride + row_begin * dq_row_stride;
   int n_begin, n_end;
   mask.key_tiles<T::kBlockN>(row_begin, row_begin + rows, n_begin, n_end);
   if (n_end <= n_begin) {
-    store_zero_tile<T::kBlockM, T::kHeadDim, T::kThreads>(dq_tile, p.dq.row_stride, rows, p.head_dim, tid);
+    store_zero_tile<T::kBlockM, T::kHeadDim, T::kThreads>(dq_tile, dq_row_stride, rows, head_dim, tid);
     return;
   }
   const int n_tiles = n_end - n_begin;
-  const u16* k_head = k + batch * p.k.batch_stride + kv_head * p.k.head_stride;
-  const u16* v_head = v + batch * p.v.batch_stride + kv_head * p.v.head_stride;
+  const u16* k_head = k + batch * k_batch_stride + kv_head * k_head_stride;
+  const u16* v_head = v + batch * v_batch_stride + kv_head * v_head_stride;
   auto load_kv = [&](int slot, int n_block) {
     load_kv_tiles_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(
-        sm.k[slot], sm.v[slot], k_head, p.k.row_stride, v_head, p.v.row_stride, n_block, p.seqlen_k, p.head_dim, tid);
+        sm.k[slot], sm.v[slot], k_head, k_row_stride, v_head, v_row_stride, n_block, seqlen_k, head_dim, tid);
   };
   load_tile_async<T::kBlockM, T::kHeadDim, T::kStride, T::kThreads>(
-      sm.q, q + batch * p.q.batch_stride + head * p.q.head_stride + row_begin * p.q.row_stride, p.q.row_stride, rows,
-      p.head_dim, tid);
+      sm.q, q + batch * q_batch_stride + head * q_head_stride + row_begin * q_row_stride, q_row_stride, rows,
+      head_dim, tid);
   load_tile_async<T::kBlockM, T::kHeadDim, T::kStride, T::kThreads>(
-      sm.dout, dout + batch * p.dout.batch_stride + head * p.dout.head_stride + row_begin * p.dout.row_stride, p.dout.row_stride,
-      rows, p.head_dim, tid);
+      sm.dout, dout + batch * do_batch_stride + head * do_head_stride + row_begin * do_row_stride, do_row_stride,
+      rows, head_dim, tid);
 #pragma unroll
   for (int s = 0; s < T::kStages - 1; ++s) {
     if (s < n_tiles) load_kv(s, n_begin + s);
     cp_async_commit();
   }
 
-  // Row statistics of the two rows per m16 tile this thread owns; rows past p.seqlen_q get
+  // Row statistics of the two rows per m16 tile this thread owns; rows past seqlen_q get
   // lse = +inf, so their P (and dS) is 0.
   const int warp_row0 = warp * T::kWarpRows;
   float lse_log2[T::kMTiles][2], row_delta[T::kMTiles][2];
-  const i64 stats = (static_cast<i64>(batch) * p.heads_q + head) * p.seqlen_q + row_begin;
+  const i64 stats = (static_cast<i64>(batch) * heads_q + head) * seqlen_q + row_begin;
 #pragma unroll
   for (int mt = 0; mt < T::kMTiles; ++mt)
 #pragma unroll
@@ -120,15 +146,15 @@ extern "C" __global__ void __launch_bounds__(cf::DqKernel::kThreads, 1)
       for (int nt = 0; nt < T::kNTiles; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const float prob = exp2_approx(fmaf(s[mt][nt][c], p.scale_log2, -lse_log2[mt][c / 2]));
+          const float prob = exp2_approx(fmaf(s[mt][nt][c], scale_log2, -lse_log2[mt][c / 2]));
           dp[mt][nt][c] = prob * (dp[mt][nt][c] - row_delta[mt][c / 2]);
         }
     gemm_rn<Element, T::kMTiles, T::kDTiles, T::kNTiles>(acc_dq, dp, sm.k[slot], 0, lane);
   }
 
   sync_warp();  // each warp stages only its own rows of the Q tile
-  store_frags_to_smem<Element>(sm.q, acc_dq, warp_row0, 0, lane, p.softmax_scale);
+  store_frags_to_smem<Element>(sm.q, acc_dq, warp_row0, 0, lane, softmax_scale);
   sync_warp();
-  store_tile<T::kWarpRows, T::kHeadDim, T::kStride, 32>(dq_tile + warp_row0 * p.dq.row_stride, p.dq.row_stride,
-                                                        &sm.q[warp_row0], rows - warp_row0, p.head_dim, lane);
+  store_tile<T::kWarpRows, T::kHeadDim, T::kStride, 32>(dq_tile + warp_row0 * dq_row_stride, dq_row_stride,
+                                                        &sm.q[warp_row0], rows - warp_row0, head_dim, lane);
 }

@@ -19,6 +19,17 @@ using Element = CF_ELEMENT;
 extern "C" __global__ void __launch_bounds__(cf::kDeltaThreads)
     flash_bwd_delta(const __grid_constant__ cf::BwdParams p) {
   using namespace cf;
+  // The fields the body reads, as values: a lambda capturing p by reference would read them
+  // through p's address (ld.param [reg]) in every iteration instead of once.
+  const int seqlen_q = p.seqlen_q;
+  const i64 o_batch_stride = p.out.batch_stride;
+  const i64 o_row_stride = p.out.row_stride;
+  const i64 o_head_stride = p.out.head_stride;
+  const i64 do_batch_stride = p.dout.batch_stride;
+  const i64 do_row_stride = p.dout.row_stride;
+  const i64 do_head_stride = p.dout.head_stride;
+  const int head_dim = p.head_dim;
+  const int heads_q = p.heads_q;
   const u16* __restrict__ out = p.out.ptr;
   const u16* __restrict__ dout = p.dout.ptr;
   float* __restrict__ delta = p.delta;
@@ -26,10 +37,10 @@ extern "C" __global__ void __launch_bounds__(cf::kDeltaThreads)
   const int row = blockIdx.x * kDeltaRows + threadIdx.x / kDeltaLanesPerRow;
   const int sub = threadIdx.x % kDeltaLanesPerRow;
   float sum = 0.f;
-  if (row < p.seqlen_q) {
-    const u16* o_row = out + batch * p.out.batch_stride + row * p.out.row_stride + head * p.out.head_stride;
-    const u16* do_row = dout + batch * p.dout.batch_stride + row * p.dout.row_stride + head * p.dout.head_stride;
-    for (int col = sub * kChunk; col < p.head_dim; col += kDeltaLanesPerRow * kChunk) {
+  if (row < seqlen_q) {
+    const u16* o_row = out + batch * o_batch_stride + row * o_row_stride + head * o_head_stride;
+    const u16* do_row = dout + batch * do_batch_stride + row * do_row_stride + head * do_head_stride;
+    for (int col = sub * kChunk; col < head_dim; col += kDeltaLanesPerRow * kChunk) {
       const Vec16 o = *reinterpret_cast<const Vec16*>(o_row + col);
       const Vec16 d = *reinterpret_cast<const Vec16*>(do_row + col);
       const u32 o_words[4] = {o.x, o.y, o.z, o.w}, d_words[4] = {d.x, d.y, d.z, d.w};
@@ -45,7 +56,7 @@ extern "C" __global__ void __launch_bounds__(cf::kDeltaThreads)
   // The kDeltaLanesPerRow lanes of a row are adjacent within one warp.
 #pragma unroll
   for (int mask = 1; mask < kDeltaLanesPerRow; mask <<= 1) sum += shfl_xor(sum, mask);
-  if (row < p.seqlen_q && sub == 0) delta[(static_cast<i64>(batch) * p.heads_q + head) * p.seqlen_q + row] = sum;
+  if (row < seqlen_q && sub == 0) delta[(static_cast<i64>(batch) * heads_q + head) * seqlen_q + row] = sum;
 }
 
 // dq_accum: float32 like q, dq: 16-bit like q, both contiguous (the plan allocates them so):
@@ -54,9 +65,16 @@ extern "C" __global__ void __launch_bounds__(cf::kDeltaThreads)
 extern "C" __global__ void __launch_bounds__(cf::kConvertThreads)
     flash_bwd_convert_dq(const __grid_constant__ cf::BwdParams p) {
   using namespace cf;
+  // The fields the body reads, as values: a lambda capturing p by reference would read them
+  // through p's address (ld.param [reg]) in every iteration instead of once.
+  const int batch = p.batch;
+  const int seqlen_q = p.seqlen_q;
+  const int heads_q = p.heads_q;
+  const int head_dim = p.head_dim;
+  const float softmax_scale = p.softmax_scale;
   const float* __restrict__ dq_accum = p.dq_accum;
   u16* __restrict__ dq = p.dq.ptr;
-  const i64 n_elements = static_cast<i64>(p.batch) * p.seqlen_q * p.heads_q * p.head_dim;
+  const i64 n_elements = static_cast<i64>(batch) * seqlen_q * heads_q * head_dim;
   const i64 chunk = static_cast<i64>(blockIdx.x) * kConvertThreads + threadIdx.x;
   if (chunk * kConvertChunk >= n_elements) return;
   const Vec16* src = reinterpret_cast<const Vec16*>(dq_accum + chunk * kConvertChunk);
@@ -64,8 +82,8 @@ extern "C" __global__ void __launch_bounds__(cf::kConvertThreads)
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const Vec16 v = src[half];
-    words[2 * half] = Element::pack(__uint_as_float(v.x) * p.softmax_scale, __uint_as_float(v.y) * p.softmax_scale);
-    words[2 * half + 1] = Element::pack(__uint_as_float(v.z) * p.softmax_scale, __uint_as_float(v.w) * p.softmax_scale);
+    words[2 * half] = Element::pack(__uint_as_float(v.x) * softmax_scale, __uint_as_float(v.y) * softmax_scale);
+    words[2 * half + 1] = Element::pack(__uint_as_float(v.z) * softmax_scale, __uint_as_float(v.w) * softmax_scale);
   }
   *reinterpret_cast<Vec16*>(dq + chunk * kConvertChunk) = Vec16{words[0], words[1], words[2], words[3]};
 }
@@ -78,21 +96,31 @@ extern "C" __global__ void __launch_bounds__(cf::kConvertThreads)
 extern "C" __global__ void __launch_bounds__(cf::kConvertThreads)
     flash_bwd_convert_dq_tiled(const __grid_constant__ cf::BwdParams p) {
   using namespace cf;
+  // The fields the body reads, as values: a lambda capturing p by reference would read them
+  // through p's address (ld.param [reg]) in every iteration instead of once.
+  const int head_dim = p.head_dim;
+  const int heads_q = p.heads_q;
+  const int seqlen_q = p.seqlen_q;
+  const int dq_accum_head_dim = p.dq_accum_head_dim;
+  const float softmax_scale = p.softmax_scale;
+  const i64 dq_batch_stride = p.dq.batch_stride;
+  const i64 dq_row_stride = p.dq.row_stride;
+  const i64 dq_head_stride = p.dq.head_stride;
   const float* __restrict__ dq_accum = p.dq_accum;
   u16* __restrict__ dq = p.dq.ptr;
   constexpr int kChunksPerUnitRow = DqUnits::kCols / 4;
-  const int chunks = p.head_dim / 4;  // of 4 columns, per (row, head)
+  const int chunks = head_dim / 4;  // of 4 columns, per (row, head)
   const int row = blockIdx.x, batch = blockIdx.z;
   const int index = blockIdx.y * kConvertThreads + threadIdx.x;  // within the row: (head, chunk)
-  if (index >= p.heads_q * chunks) return;
+  if (index >= heads_q * chunks) return;
   const int head = index / chunks, chunk = index % chunks;
   const float* unit =
-      DqUnits::unit(dq_accum, batch, head, p.heads_q, p.seqlen_q, p.dq_accum_head_dim, row, 4 * chunk);
+      DqUnits::unit(dq_accum, batch, head, heads_q, seqlen_q, dq_accum_head_dim, row, 4 * chunk);
   const Vec16 v =
       *reinterpret_cast<const Vec16*>(unit + DqUnits::chunk_offset(row % DqUnits::kRows, chunk % kChunksPerUnitRow));
-  const u32 lo = Element::pack(__uint_as_float(v.x) * p.softmax_scale, __uint_as_float(v.y) * p.softmax_scale);
-  const u32 hi = Element::pack(__uint_as_float(v.z) * p.softmax_scale, __uint_as_float(v.w) * p.softmax_scale);
-  u32* dst = reinterpret_cast<u32*>(dq + batch * p.dq.batch_stride + row * p.dq.row_stride + head * p.dq.head_stride +
+  const u32 lo = Element::pack(__uint_as_float(v.x) * softmax_scale, __uint_as_float(v.y) * softmax_scale);
+  const u32 hi = Element::pack(__uint_as_float(v.z) * softmax_scale, __uint_as_float(v.w) * softmax_scale);
+  u32* dst = reinterpret_cast<u32*>(dq + batch * dq_batch_stride + row * dq_row_stride + head * dq_head_stride +
                                     4 * chunk);
   dst[0] = lo;
   dst[1] = hi;

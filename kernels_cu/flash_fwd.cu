@@ -31,25 +31,37 @@ static_assert(sizeof(cf::FwdSmem<cf::FwdKernel>) == CF_SMEM_BYTES, "cupyflash/ke
 extern "C" __global__ void __launch_bounds__(cf::FwdKernel::kThreads, 1)
     flash_fwd(const __grid_constant__ cf::FwdParams p) {
   using namespace cf;
+  // The fields the body reads, as values: a lambda capturing p by reference would read them
+  // through p's address (ld.param [reg]) in every iteration instead of once.
+  const int seqlen_q = p.seqlen_q;
+  const int seqlen_k = p.seqlen_k;
+  const int window_left = p.window_left;
+  const int window_right = p.window_right;
+  const i64 o_row_stride = p.out.row_stride;
+  const int head_dim = p.head_dim;
+  const i64 k_row_stride = p.k.row_stride;
+  const i64 v_row_stride = p.v.row_stride;
+  const i64 q_row_stride = p.q.row_stride;
+  const float scale_log2 = p.scale_log2;
   using T = FwdKernel;
   extern __shared__ Vec16 smem_raw[];
   FwdSmem<T>& sm = *reinterpret_cast<FwdSmem<T>*>(smem_raw);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const Mask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
   const FwdBlock block = locate_fwd_block<T::kBlockM, T::kBlockN>(mask, p);
-  if (finish_empty_block<T::kBlockM, T::kHeadDim, T::kThreads>(block, p.out.row_stride, p.head_dim, tid)) return;
+  if (finish_empty_block<T::kBlockM, T::kHeadDim, T::kThreads>(block, o_row_stride, head_dim, tid)) return;
   const int row_begin = block.row_begin, rows = block.rows, n_end = block.n_end;
   const int n_tiles = n_end - block.n_begin;
   auto load_kv = [&](int slot, int n_block) {
     load_kv_tiles_async<T::kBlockN, T::kHeadDim, T::kStride, T::kThreads>(
-        sm.k[slot], sm.v[slot], block.k_head, p.k.row_stride, block.v_head, p.v.row_stride, n_block, p.seqlen_k,
-        p.head_dim, tid);
+        sm.k[slot], sm.v[slot], block.k_head, k_row_stride, block.v_head, v_row_stride, n_block, seqlen_k,
+        head_dim, tid);
   };
 
   // Prologue: Q and the first kStages - 1 K/V tiles, one commit group per tile (Q joins the first).
-  load_tile_async<T::kBlockM, T::kHeadDim, T::kStride, T::kThreads>(sm.q, block.q_tile, p.q.row_stride, rows,
-                                                                    p.head_dim, tid);
+  load_tile_async<T::kBlockM, T::kHeadDim, T::kStride, T::kThreads>(sm.q, block.q_tile, q_row_stride, rows,
+                                                                    head_dim, tid);
 #pragma unroll
   for (int s = 0; s < T::kStages - 1; ++s) {
     if (s < n_tiles) load_kv(s, n_end - 1 - s);
@@ -78,19 +90,19 @@ extern "C" __global__ void __launch_bounds__(cf::FwdKernel::kThreads, 1)
     gemm_nt<Element, T::kMTiles, T::kNTiles, T::kHeadDim>(s, sm.q, warp_row0, sm.k[slot], 0, lane);
     if (!mask.tile_is_full(row_begin, row_begin + rows, key0, key0 + T::kBlockN))
       mask_scores(s, mask, row_begin + warp_row0, key0, lane);
-    softmax.update(s, acc_o, p.scale_log2);
+    softmax.update(s, acc_o, scale_log2);
     gemm_rn<Element, T::kMTiles, T::kDTiles, T::kNTiles>(acc_o, s, sm.v[slot], 0, lane);
   }
 
   float row_lse[T::kMTiles][2];
-  softmax.finalize(acc_o, row_lse, p.scale_log2);
+  softmax.finalize(acc_o, row_lse, scale_log2);
   // Each warp stages its own rows of O in its own rows of the Q tile, then stores them 16 bytes
   // at a time; no other warp touches those rows, so a warp barrier suffices.
   sync_warp();
   store_frags_to_smem<Element>(sm.q, acc_o, warp_row0, 0, lane, 1.f);
   sync_warp();
-  store_tile<T::kWarpRows, T::kHeadDim, T::kStride, 32>(block.o_tile + warp_row0 * p.out.row_stride, p.out.row_stride,
-                                                        &sm.q[warp_row0], rows - warp_row0, p.head_dim, lane);
+  store_tile<T::kWarpRows, T::kHeadDim, T::kStride, 32>(block.o_tile + warp_row0 * o_row_stride, o_row_stride,
+                                                        &sm.q[warp_row0], rows - warp_row0, head_dim, lane);
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int mt = 0; mt < T::kMTiles; ++mt)

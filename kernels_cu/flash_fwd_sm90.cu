@@ -38,6 +38,18 @@ static_assert(sizeof(cf::Sm90FwdSmem<cf::Sm90Kernel>) + cf::kSmemAlignSlack == C
 extern "C" __global__ void __launch_bounds__(cf::Sm90Kernel::kThreads, 1)
     flash_fwd_sm90(const __grid_constant__ cf::FwdParams p) {
   using namespace cf;
+  // The fields the body reads, as values: a lambda capturing p by reference would read them
+  // through p's address (ld.param [reg]) in every iteration instead of once.
+  const int seqlen_q = p.seqlen_q;
+  const int seqlen_k = p.seqlen_k;
+  const int window_left = p.window_left;
+  const int window_right = p.window_right;
+  const i64 o_row_stride = p.out.row_stride;
+  const int head_dim = p.head_dim;
+  const i64 k_row_stride = p.k.row_stride;
+  const i64 v_row_stride = p.v.row_stride;
+  const i64 q_row_stride = p.q.row_stride;
+  const float scale_log2 = p.scale_log2;
   using T = Sm90Kernel;
   extern __shared__ Vec16 smem_raw[];
   const u32 raw_address = smem_addr(smem_raw);
@@ -47,25 +59,25 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Kernel::kThreads, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int warpgroup = warp / 4;
-  const Mask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
   const FwdBlock block = locate_fwd_block<T::kBlockM, T::kBlockN>(mask, p);
-  if (finish_empty_block<T::kBlockM, T::kHeadDim, T::kThreads>(block, p.out.row_stride, p.head_dim, tid)) return;
+  if (finish_empty_block<T::kBlockM, T::kHeadDim, T::kThreads>(block, o_row_stride, head_dim, tid)) return;
   const int row_begin = block.row_begin, rows = block.rows, n_end = block.n_end;
   const int n_tiles = n_end - block.n_begin;
   constexpr int kKvTileBytes = T::kBlockN * T::kHeadDim * 2;
   const u32 q_smem = smem_addr(sm.q), k_smem = smem_addr(sm.k[0]), v_smem = smem_addr(sm.v[0]);
   auto load_kv = [&](int slot, int n_block) {
     const int key0 = n_block * T::kBlockN;
-    const int keys = min(T::kBlockN, p.seqlen_k - key0);
+    const int keys = min(T::kBlockN, seqlen_k - key0);
     load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
-        k_smem + slot * kKvTileBytes, block.k_head + key0 * p.k.row_stride, p.k.row_stride, keys, p.head_dim, tid);
+        k_smem + slot * kKvTileBytes, block.k_head + key0 * k_row_stride, k_row_stride, keys, head_dim, tid);
     load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
-        v_smem + slot * kKvTileBytes, block.v_head + key0 * p.v.row_stride, p.v.row_stride, keys, p.head_dim, tid);
+        v_smem + slot * kKvTileBytes, block.v_head + key0 * v_row_stride, v_row_stride, keys, head_dim, tid);
   };
 
   // Prologue: Q and the first kStages - 1 K/V tiles, one commit group per tile (Q joins the first).
-  load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(q_smem, block.q_tile, p.q.row_stride, rows,
-                                                                 p.head_dim, tid);
+  load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(q_smem, block.q_tile, q_row_stride, rows,
+                                                                 head_dim, tid);
 #pragma unroll
   for (int s = 0; s < T::kStages - 1; ++s) {
     if (s < n_tiles) load_kv(s, n_end - 1 - s);
@@ -109,7 +121,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Kernel::kThreads, 1)
 
     if (!mask.tile_is_full(row_begin, row_begin + rows, key0, key0 + T::kBlockN))
       mask_scores(s, mask, row_begin + warp_row0, key0, lane);
-    softmax.update(s, acc_o, p.scale_log2);
+    softmax.update(s, acc_o, scale_log2);
     pack_a_frags<Element, T::kBlockN>(p_frag, s[0]);
 
     wgmma_fence();  // acc_o was rescaled by ordinary instructions
@@ -120,12 +132,12 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Kernel::kThreads, 1)
   }
 
   float row_lse[1][2];
-  softmax.finalize(acc_o, row_lse, p.scale_log2);
+  softmax.finalize(acc_o, row_lse, scale_log2);
   // O is staged in the Q tile for 16-byte stores. Every warpgroup must be done reading Q first.
   __syncthreads();
   store_frags_swizzled<Element, T::kBlockM, T::kDTiles>(sm.q, acc_o[0], warp_row0, lane);
   __syncthreads();
-  store_tile_swizzled<T::kBlockM, T::kHeadDim, T::kThreads>(block.o_tile, p.out.row_stride, sm.q, rows, p.head_dim, tid);
+  store_tile_swizzled<T::kBlockM, T::kHeadDim, T::kThreads>(block.o_tile, o_row_stride, sm.q, rows, head_dim, tid);
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
