@@ -68,11 +68,7 @@ def config_from_dict(data: dict[str, Any]) -> Any:
     if "dkdv" in data:
         return BwdConfig(config_from_dict(data["dkdv"]), config_from_dict(data["dq"]), bool(data["dq_atomic"]))
     fields = dict(data)
-    family = FAMILIES[fields.pop("kernel")]
-    config_class = {flash_fwd: flash_fwd.FwdConfig, flash_fwd_sm90: flash_fwd_sm90.Sm90FwdConfig,
-                    flash_bwd_dkdv: flash_bwd_dkdv.DkdvConfig, flash_bwd_dkdv_sm90: flash_bwd_dkdv_sm90.Sm90DkdvConfig,
-                    flash_bwd_dq: flash_bwd_dq.DqConfig}[family]
-    return config_class(**fields)
+    return FAMILIES[fields.pop("kernel")].CONFIG(**fields)
 
 
 def family_of(config: Any) -> Any:

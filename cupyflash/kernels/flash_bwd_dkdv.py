@@ -90,6 +90,9 @@ class DkdvConfig:
         return {"kernel": self.kernel, **asdict(self)}
 
 
+CONFIG = DkdvConfig  # the config class of this family (plan.config_from_dict)
+
+
 @functools.lru_cache(maxsize=None)
 def spec(dtype: str, head_dim: int, cfg: DkdvConfig, accum_dq: bool) -> build.KernelSpec:
     return build.KernelSpec(SOURCE, ENTRY, defines(

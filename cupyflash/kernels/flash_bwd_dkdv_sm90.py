@@ -90,6 +90,9 @@ class Sm90DkdvConfig:
         return {"kernel": self.kernel, **asdict(self)}
 
 
+CONFIG = Sm90DkdvConfig  # the config class of this family (plan.config_from_dict)
+
+
 @functools.lru_cache(maxsize=None)
 def spec(dtype: str, head_dim: int, cfg: Sm90DkdvConfig, accum_dq: bool) -> build.KernelSpec:
     return build.KernelSpec(SOURCE, ENTRY, defines(

@@ -59,6 +59,9 @@ class DqConfig:
         return {"kernel": self.kernel, **asdict(self)}
 
 
+CONFIG = DqConfig  # the config class of this family (plan.config_from_dict)
+
+
 @functools.lru_cache(maxsize=None)
 def spec(dtype: str, head_dim: int, cfg: DqConfig) -> build.KernelSpec:
     return build.KernelSpec(SOURCE, ENTRY, defines(

@@ -72,6 +72,9 @@ class FwdConfig:
         return {"kernel": self.kernel, **asdict(self)}
 
 
+CONFIG = FwdConfig  # the config class of this family (plan.config_from_dict)
+
+
 @functools.lru_cache(maxsize=None)  # one spec per variant, built once
 def spec(dtype: str, head_dim: int, cfg: FwdConfig) -> build.KernelSpec:
     return build.KernelSpec(SOURCE, ENTRY, defines(

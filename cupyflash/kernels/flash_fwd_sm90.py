@@ -67,6 +67,9 @@ class Sm90FwdConfig:
         return {"kernel": self.kernel, **asdict(self)}
 
 
+CONFIG = Sm90FwdConfig  # the config class of this family (plan.config_from_dict)
+
+
 @functools.lru_cache(maxsize=None)
 def spec(dtype: str, head_dim: int, cfg: Sm90FwdConfig) -> build.KernelSpec:
     return build.KernelSpec(SOURCE, ENTRY, defines(
