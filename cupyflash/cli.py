@@ -18,7 +18,6 @@ import click
 
 from . import __version__, environment, settings, tuning, validate_report
 from .device import DeviceLimits, current_device_id, device_limits, gpu_count
-from .validate_report import CASE_WIDTH, NO_GPU_VALIDATE  # noqa: F401  (part of the CLI's vocabulary)
 
 PAPER_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 

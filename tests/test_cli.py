@@ -203,7 +203,7 @@ def test_info_with_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_validate_quick_without_gpu() -> None:
     result = invoke("validate", "--quick")
     assert result.exit_code == 0, everything(result)
-    assert cli.NO_GPU_VALIDATE in result.stdout
+    assert validate_report.NO_GPU_VALIDATE in result.stdout
     lines = result.stdout.splitlines()
     assert lines[1].split()[:6] == ["case", "out", "lse", "dq", "dk", "dv"]
     rows = [line for line in lines if line.endswith("  pass")]
@@ -216,10 +216,10 @@ def test_validate_json_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     result = invoke("validate", "--quick", "--json")
     assert result.exit_code == 0, everything(result)
     report = json.loads(result.stdout)
-    assert report["gpu"] is False and report["failures"] == 0 and report["note"] == cli.NO_GPU_VALIDATE
+    assert report["gpu"] is False and report["failures"] == 0 and report["note"] == validate_report.NO_GPU_VALIDATE
     assert len(report["rows"]) == report["cases"] == len(validation.cpu_matrix(quick=True))
     assert all(row["ok"] and row["out"] <= validation.CPU_TOLERANCE for row in report["rows"])
-    assert cli.NO_GPU_VALIDATE in result.stderr
+    assert validate_report.NO_GPU_VALIDATE in result.stderr
 
 
 def test_validate_cpu_failure_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -229,7 +229,7 @@ def test_validate_cpu_failure_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
                                                                   "dk": 0.0, "dv": 0.0})
     result = invoke("validate", "--quick")
     assert result.exit_code == 1
-    assert "  FAIL" in result.stdout and "1 FAILED" in result.stdout and cli.NO_GPU_VALIDATE in result.stdout
+    assert "  FAIL" in result.stdout and "1 FAILED" in result.stdout and validate_report.NO_GPU_VALIDATE in result.stdout
 
 
 def test_validate_text_without_gpu_says_no_gpu_kernels_were_validated(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,8 +312,8 @@ def test_validate_gpu_pass(fake_gpu: dict[str, Any], monkeypatch: pytest.MonkeyP
     assert fake_gpu["quick"] is True and fake_gpu["run"] == [(case.id, True) for case in CASES]
     assert "GPU 0: NVIDIA H100 80GB HBM3, sm_90" in result.stdout
     assert "2 cases, 10 rows: all passed" in result.stdout
-    assert f"{CASES[0].id:<{cli.CASE_WIDTH}} dq      1.000e-03  1.000e-03    1.00  pass" in result.stdout
-    assert cli.NO_GPU_VALIDATE not in result.stdout
+    assert f"{CASES[0].id:<{validate_report.CASE_WIDTH}} dq      1.000e-03  1.000e-03    1.00  pass" in result.stdout
+    assert validate_report.NO_GPU_VALIDATE not in result.stdout
 
 
 def test_validate_gpu_says_gpu_kernels_were_validated(fake_gpu: dict[str, Any],

@@ -10,53 +10,24 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from .. import build
 from ..device import DeviceLimits
 from ..problem import Problem
-from .common import defines, first_fitting, padded_row_bytes, pipeline_and_dim_problems
-from .flash_fwd import MAX_ACC_FLOATS, row_tile_problems
+from .common import defines, first_fitting, padded_row_bytes
+from .flash_fwd import RowTileConfig
 
 SOURCE, ENTRY = "flash_bwd_dq.cu", "flash_bwd_dq"
 
 
 @dataclass(frozen=True)
-class DqConfig:
-    block_m: int
-    block_n: int
-    num_warps: int
-    stages: int = 2
-
+class DqConfig(RowTileConfig):
     kernel = ENTRY
-
-    @property
-    def m_tiles(self) -> int:
-        return self.block_m // (16 * self.num_warps)
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.num_warps
-
-    def problems(self, head_dim: int) -> list[str]:
-        return row_tile_problems(self.block_m, self.block_n, self.num_warps) + pipeline_and_dim_problems(
-            self.stages, head_dim)
-
-    def acc_floats(self, head_dim: int) -> int:
-        """dQ plus one S tile per thread."""
-        return self.m_tiles * (head_dim + self.block_n) // 2
 
     def smem_bytes(self, head_dim: int) -> int:
         """DqSmem: Q, dO + stages x (K, V), padded rows."""
         return (2 * self.block_m + 2 * self.stages * self.block_n) * padded_row_bytes(head_dim)
-
-    def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
-        return (not self.problems(head_dim) and self.smem_bytes(head_dim) <= limits.smem_per_block_optin
-                and self.acc_floats(head_dim) <= MAX_ACC_FLOATS and self.threads <= 1024)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kernel": self.kernel, **asdict(self)}
 
 
 CONFIG = DqConfig  # the config class of this family (plan.config_from_dict)

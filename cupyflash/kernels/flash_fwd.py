@@ -24,24 +24,18 @@ SOURCE, ENTRY = "flash_fwd.cu", "flash_fwd"
 MAX_ACC_FLOATS = 160
 
 
-def row_tile_problems(block_m: int, block_n: int, num_warps: int) -> list[str]:
-    """The row-tile rules of RowTraits (traits.cuh), shared with the dQ kernel."""
-    reasons = []
-    if block_m % (16 * num_warps) or block_m // (16 * num_warps) not in (1, 2):
-        reasons.append(f"block_m {block_m} must be 16 or 32 rows per warp for {num_warps} warps")
-    if block_n % 16:
-        reasons.append(f"block_n {block_n} must be a multiple of 16")
-    return reasons
-
-
 @dataclass(frozen=True)
-class FwdConfig:
+class RowTileConfig:
+    """The tile shape of RowTraits (traits.cuh), which this kernel shares with the dQ kernel
+    (flash_bwd_dq.py): each warp owns 16 or 32 rows of block_m, K/V tiles of block_n keys
+    stream through `stages` slots. Subclasses give the kernel and its shared memory."""
+
     block_m: int
     block_n: int
     num_warps: int
     stages: int = 2
 
-    kernel = ENTRY  # names the family in to_dict (tuning files)
+    kernel = ""  # the family's entry point, which names it in to_dict (tuning files)
 
     @property
     def m_tiles(self) -> int:
@@ -53,16 +47,19 @@ class FwdConfig:
 
     def problems(self, head_dim: int) -> list[str]:
         """Why this config cannot be compiled for head_dim (empty when it can)."""
-        return row_tile_problems(self.block_m, self.block_n, self.num_warps) + pipeline_and_dim_problems(
-            self.stages, head_dim)
+        reasons = []
+        if self.block_m % (16 * self.num_warps) or self.m_tiles not in (1, 2):
+            reasons.append(f"block_m {self.block_m} must be 16 or 32 rows per warp for {self.num_warps} warps")
+        if self.block_n % 16:
+            reasons.append(f"block_n {self.block_n} must be a multiple of 16")
+        return reasons + pipeline_and_dim_problems(self.stages, head_dim)
 
     def acc_floats(self, head_dim: int) -> int:
-        """fp32 accumulator registers per thread: O plus one S tile."""
+        """fp32 accumulator registers per thread: O (or dQ) plus one S tile."""
         return self.m_tiles * (head_dim + self.block_n) // 2
 
     def smem_bytes(self, head_dim: int) -> int:
-        """FwdSmem: Q + stages x (K, V), padded rows."""
-        return (self.block_m + 2 * self.stages * self.block_n) * padded_row_bytes(head_dim)
+        raise NotImplementedError
 
     def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
         return (not self.problems(head_dim) and self.smem_bytes(head_dim) <= limits.smem_per_block_optin
@@ -70,6 +67,15 @@ class FwdConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kernel": self.kernel, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class FwdConfig(RowTileConfig):
+    kernel = ENTRY
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """FwdSmem: Q + stages x (K, V), padded rows."""
+        return (self.block_m + 2 * self.stages * self.block_n) * padded_row_bytes(head_dim)
 
 
 CONFIG = FwdConfig  # the config class of this family (plan.config_from_dict)
