@@ -47,7 +47,7 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: fl
     if causal.__class__ is not bool or return_lse.__class__ is not bool:
         causal, return_lse = check_flag("causal", causal), check_flag("return_lse", return_lse)
     # A repeat of an earlier call (same array layouts, options and device) reuses its checks,
-    # config, kernels and packed arguments: plan.py.
+    # config, kernels and parameter block: plan.py.
     options = (causal, softmax_scale, window_size)
     plan = plans.find("fwd", (q, k, v), options, (softcap, alibi_slopes, dropout_p, seed))
     if plan is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -118,33 +118,42 @@ def _element_strides(array: Any) -> tuple[int, int, int]:
     return tuple(s // array.itemsize for s in array.strides[:3])
 
 
+def _zeros(kind: str) -> Any:
+    """The all-zero value of a field of this kind, as np.array takes it (a tuple per struct)."""
+    return tuple(_zeros(k) for _, k in STRUCTS[kind]) if kind in STRUCTS else 0
+
+
+_FIELD_ZEROS = {struct: tuple((name, _zeros(kind)) for name, kind in fields) for struct, fields in STRUCTS.items()}
+_PTR_OFFSET = DTYPES["Tensor16"].fields["ptr"][1]
+
+
 class ParamBlock:
-    """One FwdParams or BwdParams in host memory, and the arrays whose pointers it holds."""
+    """One FwdParams or BwdParams in host memory, and the arrays whose pointers it holds.
+
+    values: field -> value, a Tensor16 field as (0, batch, row, head strides); fields left out
+    are zero (NextFeatures: no kernel reads it yet). arrays: (field, array name) of each pointer
+    field written per call; a Tensor16 field's is its ptr. The record is made in one np.array
+    call: field by field, the full path of a call spent ~40 us here."""
 
     __slots__ = ("struct", "record", "words", "address", "array_slots")
 
-    def __init__(self, struct: str) -> None:
+    def __init__(self, struct: str, values: Mapping[str, Any] | None = None,
+                 arrays: Sequence[tuple[str, str]] = ()) -> None:
         self.struct = struct
-        self.record = np.zeros(1, DTYPES[struct])  # NextFeatures stays zero: no kernel reads it yet
+        values = values or {}
+        self.record = np.array([tuple(values.get(name, zero) for name, zero in _FIELD_ZEROS[struct])], DTYPES[struct])
         self.words = self.record.view(np.uint64)  # every struct is a whole number of 8-byte words
         # cuLaunchKernel's kernelParams: the address of each argument; there is one, the block.
         self.address = np.array([self.record.ctypes.data], np.uint64)
-        self.array_slots: list[tuple[int, str]] = []  # (word index of a pointer field, array name)
+        fields, kinds = DTYPES[struct].fields, dict(STRUCTS[struct])
+        # (word index of a pointer field, array name)
+        self.array_slots = [((fields[field][1] + (_PTR_OFFSET if kinds[field] == "Tensor16" else 0)) // 8, name)
+                            for field, name in arrays]
 
     def set(self, **values: Any) -> None:
         """Scalar fields by name; the record's dtype gives each its C++ width."""
         for name, value in values.items():
             self.record[name] = value
-
-    def pointer(self, field: str, name: str, offset: int = 0) -> None:
-        """Field `field` (at `offset` bytes into it) holds the pointer of array `name`, per call."""
-        self.array_slots.append(((DTYPES[self.struct].fields[field][1] + offset) // 8, name))
-
-    def tensor(self, field: str, name: str, array: Any) -> None:
-        """A Tensor16 field: array `name`'s pointer per call, its strides now."""
-        view = self.record[field]
-        view["batch_stride"], view["row_stride"], view["head_stride"] = _element_strides(array)
-        self.pointer(field, name, DTYPES["Tensor16"].fields["ptr"][1])
 
     def write_pointers(self, arrays: Mapping[str, Any]) -> None:
         words = self.words
@@ -152,41 +161,41 @@ class ParamBlock:
             words[index] = arrays[name].data.ptr
 
 
-def _set_sizes(block: ParamBlock, p: Problem) -> None:
-    block.set(batch=p.batch, seqlen_q=p.seqlen_q, seqlen_k=p.seqlen_k, heads_q=p.heads_q, group_size=p.group_size,
-              head_dim=p.stored_head_dim, window_left=p.window[0], window_right=p.window[1],
-              scale_log2=np.float32(p.softmax_scale * LOG2_E))
+def _sizes(p: Problem) -> dict[str, Any]:
+    return {"batch": p.batch, "seqlen_q": p.seqlen_q, "seqlen_k": p.seqlen_k, "heads_q": p.heads_q,
+            "group_size": p.group_size, "head_dim": p.stored_head_dim, "window_left": p.window[0],
+            "window_right": p.window[1], "scale_log2": np.float32(p.softmax_scale * LOG2_E)}
+
+
+def _tensors(t: Mapping[str, Any], names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    return {name: (0, *_element_strides(t[name])) for name in names}
+
+
+FORWARD_TENSORS = ("q", "k", "v", "out")
+BACKWARD_TENSORS = ("q", "k", "v", "out", "dout", "dq", "dk", "dv")
 
 
 def forward_params(p: Problem, t: Mapping[str, Any]) -> ParamBlock:
     """The FwdParams of a forward call on the arrays in t (q, k, v, out, lse)."""
-    block = ParamBlock("FwdParams")
-    for name in ("q", "k", "v", "out"):
-        block.tensor(name, name, t[name])
-    block.pointer("lse", "lse")
-    _set_sizes(block, p)
-    return block
+    arrays = [(name, name) for name in (*FORWARD_TENSORS, "lse")]
+    return ParamBlock("FwdParams", {**_tensors(t, FORWARD_TENSORS), **_sizes(p)}, arrays)
 
 
 def backward_params(p: Problem, t: Mapping[str, Any]) -> ParamBlock:
     """The BwdParams of a backward call on the arrays in t. dq_accum is optional (null without
     atomic dQ); shaped like q it is the mma.sync layout and its strides are filled, otherwise
     it is the Hopper kernel's DqUnits layout, which has none."""
-    block = ParamBlock("BwdParams")
-    for name in ("q", "k", "v", "out", "dout", "dq", "dk", "dv"):
-        block.tensor(name, name, t[name])
-    for name in ("lse", "delta"):
-        block.pointer(name, name)
+    values = {**_tensors(t, BACKWARD_TENSORS), **_sizes(p), "dq_accum_head_dim": p.kernel_head_dim,
+              "softmax_scale": np.float32(p.softmax_scale)}
+    arrays = [(name, name) for name in (*BACKWARD_TENSORS, "lse", "delta")]
     accum = t.get("dq_accum")
     if accum is not None:
-        block.pointer("dq_accum", "dq_accum")
+        arrays.append(("dq_accum", "dq_accum"))
         if accum.ndim == 4:
             strides = _element_strides(accum)
-            block.set(dq_accum_batch_stride=strides[0], dq_accum_row_stride=strides[1],
-                      dq_accum_head_stride=strides[2])
-    _set_sizes(block, p)
-    block.set(dq_accum_head_dim=p.kernel_head_dim, softmax_scale=np.float32(p.softmax_scale))
-    return block
+            values.update(dq_accum_batch_stride=strides[0], dq_accum_row_stride=strides[1],
+                          dq_accum_head_stride=strides[2])
+    return ParamBlock("BwdParams", values, arrays)
 
 
 class Launch:
@@ -207,8 +216,3 @@ class Launch:
     def run(self, stream_ptr: int) -> None:
         """Queue the kernel with its block as it is now (the caller wrote the pointers)."""
         self._launch_kernel(*self._head, stream_ptr, self._kernel_params, 0)
-
-
-def ceil_div(n: int, d: int) -> int:
-    """Blocks of d that cover n (exact for any int, unlike math.ceil(n / d))."""
-    return -(-n // d)

@@ -9,6 +9,7 @@ kernels are never loaded, and launchKernel only records its arguments.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import re
@@ -120,6 +121,7 @@ def problem_of(t: dict[str, FakeArray], **options: Any) -> Problem:
 
 # --- the parameter block ---
 
+@functools.lru_cache(maxsize=None)  # read once: every launch of every case is checked through it
 def header_structs() -> dict[str, type]:
     """The structs of kernels_cu/params.cuh as ctypes Structures, parsed from the header itself
     (not from launch.py): ctypes lays them out by the platform's C rules, as nvcc does."""
