@@ -168,8 +168,8 @@ class KernelCall(NamedTuple):
 def forward_kernels(problem: Problem, config: FwdConfig) -> list[KernelCall]:
     """The forward pass: one kernel, of the config's family."""
     family, dim = family_of(config), problem.kernel_head_dim
-    return [KernelCall(family.spec(problem.dtype, dim, config), family.grid(problem, config), config.threads,
-                       config.smem_bytes(dim))]
+    return [KernelCall(family.spec(problem.dtype, dim, config, window_sides=problem.window_sides),
+                       family.grid(problem, config), config.threads, config.smem_bytes(dim))]
 
 
 def atomic_dq(config: BwdConfig, deterministic: bool) -> bool:
@@ -181,19 +181,19 @@ def backward_kernels(problem: Problem, config: BwdConfig, deterministic: bool) -
     """The backward pass: delta; dK/dV; then the dQ conversion of the dK/dV kernel's accumulator
     (atomic dQ) or the dQ kernel (its own pass)."""
     dtype, dim, accum = problem.dtype, problem.kernel_head_dim, atomic_dq(config, deterministic)
-    dkdv_family = family_of(config.dkdv)
+    dkdv_family, sides = family_of(config.dkdv), problem.window_sides
 
     def prep(entry: str) -> KernelCall:
         return KernelCall(flash_bwd_prep.spec(dtype, entry), flash_bwd_prep.grid(problem, entry),
                           flash_bwd_prep.threads(entry), 0)
 
     calls = [prep(flash_bwd_prep.DELTA),
-             KernelCall(dkdv_family.spec(dtype, dim, config.dkdv, accum), dkdv_family.grid(problem, config.dkdv),
-                        config.dkdv.threads, config.dkdv.smem_bytes(dim))]
+             KernelCall(dkdv_family.spec(dtype, dim, config.dkdv, accum, window_sides=sides),
+                        dkdv_family.grid(problem, config.dkdv), config.dkdv.threads, config.dkdv.smem_bytes(dim))]
     if accum:
         return calls + [prep(dkdv_family.CONVERT_ENTRY)]
-    return calls + [KernelCall(flash_bwd_dq.spec(dtype, dim, config.dq), flash_bwd_dq.grid(problem, config.dq),
-                               config.dq.threads, config.dq.smem_bytes(dim))]
+    return calls + [KernelCall(flash_bwd_dq.spec(dtype, dim, config.dq, window_sides=sides),
+                               flash_bwd_dq.grid(problem, config.dq), config.dq.threads, config.dq.smem_bytes(dim))]
 
 
 # --------------------------------------------------------------------------- plans

@@ -219,6 +219,12 @@ class Problem:
         return kernel_head_dim(self.head_dim)
 
     @property
+    def window_sides(self) -> tuple[bool, bool]:
+        """Whether each side of `window` bounds the keys (left, right): the kernels are compiled
+        per pair (CF_WINDOW_LEFT, CF_WINDOW_RIGHT, mask.cuh), so a side that is unbounded costs nothing."""
+        return self.window[0] >= 0, self.window[1] >= 0
+
+    @property
     def group_size(self) -> int:
         return self.heads_q // self.heads_kv
 

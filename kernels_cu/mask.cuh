@@ -4,14 +4,29 @@
 // With off = seqlen_k - seqlen_q, query i sees key j iff
 //     0 <= j < seqlen_k,   j <= i + off + right (when right >= 0),   j >= i + off - left (when left >= 0).
 // Causal is right = 0 (the host folds it in). -1 means unbounded.
+//
+// Compile-time macros: CF_WINDOW_LEFT, CF_WINDOW_RIGHT (0 | 1), whether the call's window bounds
+// that side (Problem.window_sides). A variant compiled without a side holds it at -1 whatever the
+// parameter block says, so every test of that side folds away: the causal and unmasked calls,
+// nearly all of them, carry no window arithmetic and no predicates for it through their loops.
+// (Tested at run time, the sides cost the Hopper dK/dV kernel 6-11% at head_dim 128 once they
+// came from the parameter struct, where LLVM no longer specialised the mask code on them.)
 #pragma once
 #include "ptx.cuh"
+
+#if !defined(CF_WINDOW_LEFT) || !defined(CF_WINDOW_RIGHT)
+#error "CF_WINDOW_LEFT and CF_WINDOW_RIGHT (0 | 1) must be defined (cupyflash/kernels/common.py window_defines)"
+#endif
 
 namespace cf {
 
 struct Mask {
   int seqlen_q, seqlen_k;
   int left, right;  // window; -1 = unbounded
+
+  __device__ __forceinline__ Mask(int seqlen_q_, int seqlen_k_, int window_left, int window_right)
+      : seqlen_q(seqlen_q_), seqlen_k(seqlen_k_), left(CF_WINDOW_LEFT ? window_left : -1),
+        right(CF_WINDOW_RIGHT ? window_right : -1) {}
 
   __device__ __forceinline__ int offset() const { return seqlen_k - seqlen_q; }
 

@@ -27,21 +27,29 @@ RTX3090 = DeviceLimits("RTX 3090", (8, 6), 82, 101376, 102400)
 TINY = DeviceLimits("tiny", (8, 6), 8, 48 * 1024, 64 * 1024)
 
 
-def _problem(dtype: str, head_dim: int) -> Problem:
-    return Problem(1, 100, 100, 2, 2, head_dim, dtype, False, head_dim ** -0.5, (-1, -1))
+# The kernel windows a call can have (Problem.window): none, causal, and both sides bounded (the
+# general variant, which holds the most in registers).
+WINDOWS = ((-1, -1), (-1, 0), (5, 5))
+GENERAL = (True, True)  # window_sides of the variant that tests both sides at run time
+
+
+def _problem(dtype: str, head_dim: int, window: tuple[int, int] = (-1, -1)) -> Problem:
+    return Problem(1, 100, 100, 2, 2, head_dim, dtype, window == (-1, 0), head_dim ** -0.5, window)
 
 
 def heuristic_specs() -> list[tuple[str, build.KernelSpec]]:
-    """Every kernel a call on these GPUs runs by default (plan.py's lists), both backward kinds."""
+    """Every kernel a call on these GPUs runs by default (plan.py's lists), both backward kinds,
+    for each kind of window (each compiles its own variant)."""
     specs = []
     for limits in (H100, A100, RTX3090):
         for dtype in ("float16", "bfloat16"):
             for dim in KERNEL_HEAD_DIMS:
-                problem = _problem(dtype, dim)
-                calls = plan.forward_kernels(problem, plan.default_fwd_config(dim, limits))
-                for deterministic in (False, True):
-                    calls += plan.backward_kernels(problem, plan.default_bwd_config(dim, limits), deterministic)
-                specs += [(limits.arch, call.spec) for call in calls]
+                for window in WINDOWS:
+                    problem = _problem(dtype, dim, window)
+                    calls = plan.forward_kernels(problem, plan.default_fwd_config(dim, limits))
+                    for deterministic in (False, True):
+                        calls += plan.backward_kernels(problem, plan.default_bwd_config(dim, limits), deterministic)
+                    specs += [(limits.arch, call.spec) for call in calls]
             specs += [(limits.arch, flash_bwd_prep.spec(dtype, e)) for e in flash_bwd_prep.ENTRIES]
     unique = {(arch, spec) for arch, spec in specs}
     return sorted(unique, key=lambda item: (item[0], item[1].source, item[1].defines))
@@ -64,7 +72,7 @@ def test_no_d256_backward_below_99_kb() -> None:
 
 def test_smem_mismatch_is_caught_at_compile_time() -> None:
     config = flash_fwd.FwdConfig(128, 64, 8, 2)
-    spec = flash_fwd.spec("float16", 128, config)
+    spec = flash_fwd.spec("float16", 128, config, window_sides=GENERAL)
     wrong = build.KernelSpec(spec.source, spec.entry, tuple(
         (name, str(int(value) + 16) if name == "CF_SMEM_BYTES" else value) for name, value in spec.defines))
     with pytest.raises(RuntimeError, match="smem_bytes"):
@@ -77,11 +85,12 @@ DkdvConfig = flash_bwd_dkdv.DkdvConfig
 @pytest.mark.parametrize("config,head_dim", [(DkdvConfig(64, 128, 8, 2, 1), 128), (DkdvConfig(32, 64, 8, 2, 2), 256),
                                              (DkdvConfig(64, 64, 4, 3, 1), 64)])
 def test_dkdv_smem_arithmetic_matches_the_kernel(config: DkdvConfig, head_dim: int) -> None:
-    build.compile_kernel(flash_bwd_dkdv.spec("bfloat16", head_dim, config, True), "sm_80")
+    build.compile_kernel(flash_bwd_dkdv.spec("bfloat16", head_dim, config, True, window_sides=GENERAL), "sm_80")
 
 
 def test_dq_smem_arithmetic_matches_the_kernel() -> None:
-    build.compile_kernel(flash_bwd_dq.spec("float16", 96, flash_bwd_dq.DqConfig(64, 32, 4, 3)), "sm_80")
+    build.compile_kernel(flash_bwd_dq.spec("float16", 96, flash_bwd_dq.DqConfig(64, 32, 4, 3), window_sides=GENERAL),
+                         "sm_80")
 
 
 def test_source_hash_covers_headers(tmp_path, monkeypatch) -> None:
@@ -105,7 +114,7 @@ def test_disk_cache_second_process_skips_nvrtc(tmp_path) -> None:
         import sys
         from cupyflash import build
         from cupyflash.kernels import flash_fwd
-        spec = flash_fwd.spec("float16", 64, flash_fwd.FwdConfig(64, 64, 4, 2))
+        spec = flash_fwd.spec("float16", 64, flash_fwd.FwdConfig(64, 64, 4, 2), window_sides=(False, False))
         if sys.argv[1] == "second":
             def no_nvrtc(*args):
                 raise AssertionError("NVRTC called although the disk cache has the cubin")
@@ -159,7 +168,7 @@ Sm90FwdConfig, Sm90DkdvConfig = flash_fwd_sm90.Sm90FwdConfig, flash_bwd_dkdv_sm9
 @pytest.mark.parametrize("config,head_dim", [(Sm90FwdConfig(192, 64, 2), 128), (Sm90FwdConfig(128, 64, 2), 192),
                                              (Sm90FwdConfig(64, 128, 3), 64)])
 def test_wgmma_smem_arithmetic_matches_the_kernel(config: Sm90FwdConfig, head_dim: int) -> None:
-    spec = flash_fwd_sm90.spec("bfloat16", head_dim, config)
+    spec = flash_fwd_sm90.spec("bfloat16", head_dim, config, window_sides=GENERAL)
     kernel = build.compile_kernel(spec, "sm_90")
     assert kernel.spill_bytes == 0
     assert "-arch=sm_90a" in spec.options("sm_90")
@@ -169,9 +178,10 @@ def test_wgmma_smem_arithmetic_matches_the_kernel(config: Sm90FwdConfig, head_di
                                              for c in flash_bwd_dkdv_sm90.candidates(d, H100)],
                          ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_m}x{x.block_n}s{x.stages}")
 @pytest.mark.parametrize("accum_dq", [True, False])
+@pytest.mark.parametrize("window_sides", [(False, False), GENERAL], ids=("unmasked", "windowed"))
 def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, config: Sm90DkdvConfig,
-                                                            accum_dq: bool) -> None:
-    spec = flash_bwd_dkdv_sm90.spec("float16", head_dim, config, accum_dq)
+                                                            accum_dq: bool, window_sides: tuple[bool, bool]) -> None:
+    spec = flash_bwd_dkdv_sm90.spec("float16", head_dim, config, accum_dq, window_sides=window_sides)
     kernel = build.compile_kernel(spec, "sm_90")  # static_asserts the family's smem arithmetic
     assert kernel.spill_bytes == 0, f"{spec} spills {kernel.spill_bytes} bytes:\n{kernel.log}"
     assert "-arch=sm_90a" in spec.options("sm_90")

@@ -196,6 +196,12 @@ def check_launch(record: tuple[int, ...], kernel: launch.Launch, t: dict[str, Fa
         assert got == want, f"{kernel.function.spec.entry}: {struct}.{name} = {got}, expected {want}"
     features = block.next
     assert all(getattr(features, f) == 0 for f, _ in features._fields_), "NextFeatures must be zero"
+    # A variant compiled without a window side ignores that side of the block (mask.cuh): each
+    # masked kernel must be compiled for exactly the sides the block bounds.
+    macros = dict(kernel.function.spec.defines)
+    if "CF_WINDOW_LEFT" in macros or "mask.cuh" in source:
+        assert (macros["CF_WINDOW_LEFT"], macros["CF_WINDOW_RIGHT"]) == (
+            str(int(block.window_left >= 0)), str(int(block.window_right >= 0))), kernel.function.spec
 
 
 CASES = [  # (id, limits, head_dim, packed, options, deterministic)

@@ -42,6 +42,14 @@ def defines(dtype: str, **values: int) -> tuple[tuple[str, str], ...]:
     return (("CF_ELEMENT", ELEMENT[dtype]),) + tuple((f"CF_{k.upper()}", str(int(v))) for k, v in values.items())
 
 
+def window_defines(window_sides: tuple[bool, bool]) -> dict[str, bool]:
+    """CF_WINDOW_LEFT and CF_WINDOW_RIGHT of a masked kernel (mask.cuh): which sides of the call's
+    window bound the keys (Problem.window_sides). A variant compiled without a side ignores that
+    side of the parameter block, so the two must come from the same Problem (plan.py builds both)."""
+    left, right = window_sides
+    return {"window_left": bool(left), "window_right": bool(right)}
+
+
 def first_fitting(table: Sequence[tuple[int, Config, str]], head_dim: int,
                   fits: Callable[[Config], bool]) -> Config | None:
     """The first row whose head-dim bound covers head_dim and whose config fits, or None."""

@@ -17,7 +17,8 @@ from typing import Any
 from .. import build
 from ..device import DeviceLimits
 from ..problem import Problem
-from .common import ELEMENT_BYTES, SMEM_PAD, defines, first_fitting, padded_row_bytes, pipeline_and_dim_problems
+from .common import (ELEMENT_BYTES, SMEM_PAD, defines, first_fitting, padded_row_bytes, pipeline_and_dim_problems,
+                     window_defines)
 
 SOURCE, ENTRY = "flash_bwd_dkdv.cu", "flash_bwd_dkdv"
 CONVERT_ENTRY = "flash_bwd_convert_dq"  # reads this kernel's dQ accumulator (flash_bwd_prep.py)
@@ -94,10 +95,12 @@ CONFIG = DkdvConfig  # the config class of this family (plan.config_from_dict)
 
 
 @functools.lru_cache(maxsize=None)
-def spec(dtype: str, head_dim: int, cfg: DkdvConfig, accum_dq: bool) -> build.KernelSpec:
+def spec(dtype: str, head_dim: int, cfg: DkdvConfig, accum_dq: bool, *,
+         window_sides: tuple[bool, bool]) -> build.KernelSpec:
     return build.KernelSpec(SOURCE, ENTRY, defines(
         dtype, head_dim=head_dim, block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
-        stages=cfg.stages, warps_d=cfg.warps_d, accum_dq=accum_dq, smem_bytes=cfg.smem_bytes(head_dim)))
+        stages=cfg.stages, warps_d=cfg.warps_d, accum_dq=accum_dq, smem_bytes=cfg.smem_bytes(head_dim),
+        **window_defines(window_sides)))
 
 
 def grid(p: Problem, cfg: DkdvConfig) -> tuple[int, int, int]:

@@ -18,7 +18,7 @@ from .. import build
 from ..device import DeviceLimits
 from ..launch import DQ_UNIT_COLS, DQ_UNIT_ROWS, SMEM_ALIGN_SLACK
 from ..problem import Problem
-from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems
+from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems, window_defines
 from .flash_bwd_dkdv import MAX_ACC_FLOATS
 
 SOURCE, ENTRY = "flash_bwd_dkdv_sm90.cu", "flash_bwd_dkdv_sm90"
@@ -94,10 +94,11 @@ CONFIG = Sm90DkdvConfig  # the config class of this family (plan.config_from_dic
 
 
 @functools.lru_cache(maxsize=None)
-def spec(dtype: str, head_dim: int, cfg: Sm90DkdvConfig, accum_dq: bool) -> build.KernelSpec:
+def spec(dtype: str, head_dim: int, cfg: Sm90DkdvConfig, accum_dq: bool, *,
+         window_sides: tuple[bool, bool]) -> build.KernelSpec:
     return build.KernelSpec(SOURCE, ENTRY, defines(
         dtype, head_dim=head_dim, block_m=cfg.block_m, num_warps=NUM_WARPS, stages=cfg.stages, accum_dq=accum_dq,
-        smem_bytes=cfg.smem_bytes(head_dim)), arch_suffix="a")
+        smem_bytes=cfg.smem_bytes(head_dim), **window_defines(window_sides)), arch_suffix="a")
 
 
 def grid(p: Problem, cfg: Sm90DkdvConfig) -> tuple[int, int, int]:
