@@ -4,6 +4,10 @@
     out = cf.attention(q, k, v, causal=True)
     out, lse = cf.attention(q, k, v, return_lse=True)
     dq, dk, dv = cf.attention_backward(dout, q, k, v, out, lse)
+    # packed sequences of different lengths (README: "Variable-length batches")
+    out = cf.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True)
+    # flash_attn 2's signatures, for code written for it (README: "Migrating from flash_attn")
+    from cupyflash import flash_attn_func, flash_attn_varlen_func
 
 Importing compiles nothing and needs no GPU; kernels compile (NVRTC) on first use and are
 cached on disk.
@@ -11,6 +15,9 @@ cached on disk.
 
 __version__ = "0.1.0"
 
-from .api import attention, attention_backward  # noqa: E402  (after __version__: build.py reads it)
+# After __version__: build.py reads it.
+from .api import attention, attention_backward, attention_varlen, attention_varlen_backward  # noqa: E402
+from .flash_attn_compat import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 
-__all__ = ["attention", "attention_backward", "__version__"]
+__all__ = ["attention", "attention_backward", "attention_varlen", "attention_varlen_backward",
+           "flash_attn_func", "flash_attn_varlen_func", "__version__"]

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from . import plan as plans
+from . import varlen
 from .arrays import Placement, check_given, kernel_ready, to_caller, to_gpu, unpadded, wrap_all
 from .device import INSTALL_HINT, cupy_module, current_device_id, gpu_count, require_cupy, require_supported_gpu
 from .problem import Problem, check_flag, check_seed
@@ -103,6 +104,114 @@ def attention_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *,
         grads = plan.launch(t)
         plans.keep(plan, problem, "bwd", inputs, options, tuple(t[name] for name in BACKWARD_INPUTS), device_id)
     return tuple(to_caller(unpadded(g, problem.head_dim), placement) for g in grads)
+
+
+def attention_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, max_seqlen_q: int,
+                     max_seqlen_k: int, *, causal: bool = False, softmax_scale: float | None = None,
+                     window_size: tuple[int, int] = (-1, -1), seqused_k: Any = None, softcap: float = 0.0,
+                     alibi_slopes: Any = None, dropout_p: float = 0.0, seed: int | None = None,
+                     return_lse: bool = False, check: bool = False) -> Any:
+    """``attention`` over a packed batch of sequences of different lengths, in one launch per kernel.
+
+    q: (total_q, heads_q, head_dim); k, v: (total_k, heads_kv, head_dim); cu_seqlens_q and
+    cu_seqlens_k: int32 (batch + 1,) on the same device, sequence b owning query rows
+    cu_seqlens_q[b]:cu_seqlens_q[b + 1] and keys from cu_seqlens_k[b] to cu_seqlens_k[b + 1]
+    (or seqused_k[b] of them: int32 (batch,)). max_seqlen_q / max_seqlen_k: Python ints, at least
+    every sequence's length. Each sequence gets exactly what attention() gives it alone: causal
+    and windows are per sequence, bottom-right aligned; a zero-length sequence produces nothing.
+
+    Returns out (total_q, heads_q, head_dim), and with return_lse also lse (heads_q, total_q) float32.
+
+    The offsets' values are not read on the host, so a call needs no device sync and can be
+    captured in a CUDA graph; offsets that break the rules give wrong results (never an access
+    outside the arrays). check=True copies them to the host and checks the rules first (a sync):
+    cu_seqlens_*[0] == 0, non-decreasing, cu_seqlens_q[-1] == total_q, cu_seqlens_k[-1] <= total_k,
+    0 <= seqused_k[b] <= its slot, every length <= its max_seqlen. See cupyflash/varlen.py.
+    """
+    causal, return_lse, check = (check_flag(name, value) for name, value in
+                                 (("causal", causal), ("return_lse", return_lse), ("check", check)))
+    offsets = {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k, "seqused_k": seqused_k}
+    inputs = (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
+    options = ("varlen", causal, softmax_scale, window_size, max_seqlen_q, max_seqlen_k, seqused_k is None)
+    plan = None if check else plans.find("fwd", _given(inputs), options, (softcap, alibi_slopes, dropout_p, seed))
+    if plan is not None:
+        out, lse = plan.run({"q": q[None], "k": k[None], "v": v[None], **offsets})
+        return (out[0], lse) if return_lse else out[0]
+    given = {"q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
+    check_given("attention_varlen", **given)
+    arrays, placement = wrap_all(**given, seqused_k=seqused_k, alibi_slopes=alibi_slopes)
+    problem = varlen.problem_of(arrays["q"], arrays["k"], arrays["v"], arrays, max_seqlen_q, max_seqlen_k,
+                                causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                                softcap=softcap, alibi_slopes=arrays.get("alibi_slopes"), dropout_p=dropout_p,
+                                sources=given)
+    check_seed(seed)
+    _require_kernel_features(problem)
+    if check:
+        varlen.check_values(problem, arrays, max_seqlen_q, max_seqlen_k)
+    with _device_of(placement) as device_id:
+        t = {name: kernel_ready(arrays[name][None]) for name in ("q", "k", "v")}
+        t.update(_device_offsets(arrays))
+        plan = plans.build_forward(problem, t, device_id)
+        out, lse = plan.launch(t)
+        ready = (t["q"], t["k"], t["v"], t["cu_seqlens_q"], t["cu_seqlens_k"], t.get("seqused_k"))
+        plans.keep(plan, problem, "fwd", _given(inputs), options, _given(ready), device_id)
+        out = unpadded(out, problem.head_dim)[0]
+    out = to_caller(out, placement)
+    return (out, to_caller(lse, placement)) if return_lse else out
+
+
+def attention_varlen_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, cu_seqlens_q: Any,
+                              cu_seqlens_k: Any, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                              softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                              seqused_k: Any = None, softcap: float = 0.0, alibi_slopes: Any = None,
+                              dropout_p: float = 0.0, seed: int | None = None, deterministic: bool = False,
+                              check: bool = False) -> tuple[Any, Any, Any]:
+    """Gradients (dq, dk, dv) of ``attention_varlen``, shaped like q, k, v, given dout, and out and
+    lse from the forward call with the same arguments. dk and dv rows of keys no sequence uses
+    are 0. deterministic and check as in attention_backward and attention_varlen."""
+    causal, deterministic, check = (check_flag(name, value) for name, value in
+                                    (("causal", causal), ("deterministic", deterministic), ("check", check)))
+    offsets = {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k, "seqused_k": seqused_k}
+    inputs = (dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k)
+    options = ("varlen", causal, softmax_scale, window_size, max_seqlen_q, max_seqlen_k, seqused_k is None,
+               deterministic)
+    plan = None if check else plans.find("bwd", _given(inputs), options, (softcap, alibi_slopes, dropout_p, seed))
+    if plan is not None:
+        views = {name: x[None] for name, x in zip(("dout", "q", "k", "v", "out"), inputs)}
+        return tuple(g[0] for g in plan.run({**views, "lse": lse, **offsets}))
+    given = {**dict(zip(BACKWARD_INPUTS, inputs)), "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
+    check_given("attention_varlen_backward", **given)
+    arrays, placement = wrap_all(**given, seqused_k=seqused_k, alibi_slopes=alibi_slopes)
+    problem = varlen.problem_of(arrays["q"], arrays["k"], arrays["v"], arrays, max_seqlen_q, max_seqlen_k,
+                                causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                                softcap=softcap, alibi_slopes=arrays.get("alibi_slopes"), dropout_p=dropout_p,
+                                sources=given)
+    varlen.check_backward(problem, arrays["dout"], arrays["out"], arrays["lse"], sources=given)
+    check_seed(seed)
+    _require_kernel_features(problem)
+    if check:
+        varlen.check_values(problem, arrays, max_seqlen_q, max_seqlen_k)
+    with _device_of(placement) as device_id:
+        t = {name: kernel_ready(arrays[name][None]) for name in ("dout", "q", "k", "v", "out")}
+        t["lse"] = require_cupy().ascontiguousarray(to_gpu(arrays["lse"]))
+        t.update(_device_offsets(arrays))
+        plan = plans.build_backward(problem, t, deterministic, device_id)
+        grads = plan.launch(t)
+        ready = (*(t[name] for name in BACKWARD_INPUTS), t["cu_seqlens_q"], t["cu_seqlens_k"], t.get("seqused_k"))
+        plans.keep(plan, problem, "bwd", _given(inputs), options, _given(ready), device_id)
+    return tuple(to_caller(unpadded(g, problem.head_dim)[0], placement) for g in grads)
+
+
+def _given(arrays: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The arrays of a call without its optional ones left out (None), for plan keys."""
+    return tuple(a for a in arrays if a is not None)
+
+
+def _device_offsets(arrays: dict[str, Any]) -> dict[str, Any]:
+    """cu_seqlens_q, cu_seqlens_k and seqused_k (when given) as contiguous int32 on the GPU."""
+    cupy = require_cupy()
+    return {name: cupy.ascontiguousarray(to_gpu(arrays[name])) for name in varlen.OFFSET_NAMES
+            if arrays.get(name) is not None}
 
 
 def _require_kernel_features(problem: Problem) -> None:

@@ -35,7 +35,8 @@ STRUCTS["NextFeatures"] = (
     ("cu_seqlens_q", "const int*"), ("cu_seqlens_k", "const int*"), ("seqused_k", "const int*"),
     ("block_table", "const int*"), ("block_table_batch_stride", "cf::i64"), ("page_size", "int"),
     ("num_splits", "int"), ("out_partial", "float*"), ("lse_partial", "float*"), ("softcap", "float"),
-    ("alibi_slopes", "const float*"), ("rng_seed", "cf::u64"), ("rng_offset", "cf::u64"), ("dropout_p", "float"))
+    ("alibi_slopes", "const float*"), ("rng_seed", "cf::u64"), ("rng_offset", "cf::u64"), ("dropout_p", "float"),
+    ("total_q", "int"), ("total_k", "int"))
 _SIZES = tuple((name, "int") for name in ("batch", "seqlen_q", "seqlen_k", "heads_q", "group_size", "head_dim",
                                           "window_left", "window_right"))
 STRUCTS["FwdParams"] = (
@@ -130,10 +131,11 @@ _PTR_OFFSET = DTYPES["Tensor16"].fields["ptr"][1]
 class ParamBlock:
     """One FwdParams or BwdParams in host memory, and the arrays whose pointers it holds.
 
-    values: field -> value, a Tensor16 field as (0, batch, row, head strides); fields left out
-    are zero (NextFeatures: no kernel reads it yet). arrays: (field, array name) of each pointer
-    field written per call; a Tensor16 field's is its ptr. The record is made in one np.array
-    call: field by field, the full path of a call spent ~40 us here."""
+    values: field -> value, a Tensor16 field as (0, batch, row, head strides), `next` as a
+    NextFeatures tuple; fields left out are zero. arrays: (field, array name) of each pointer
+    field written per call; a Tensor16 field's is its ptr, and "next.<field>" names a field of
+    NextFeatures. The record is made in one np.array call: field by field, the full path of a
+    call spent ~40 us here."""
 
     __slots__ = ("struct", "record", "words", "address", "array_slots")
 
@@ -145,10 +147,8 @@ class ParamBlock:
         self.words = self.record.view(np.uint64)  # every struct is a whole number of 8-byte words
         # cuLaunchKernel's kernelParams: the address of each argument; there is one, the block.
         self.address = np.array([self.record.ctypes.data], np.uint64)
-        fields, kinds = DTYPES[struct].fields, dict(STRUCTS[struct])
         # (word index of a pointer field, array name)
-        self.array_slots = [((fields[field][1] + (_PTR_OFFSET if kinds[field] == "Tensor16" else 0)) // 8, name)
-                            for field, name in arrays]
+        self.array_slots = [(_pointer_offset(struct, field) // 8, name) for field, name in arrays]
 
     def set(self, **values: Any) -> None:
         """Scalar fields by name; the record's dtype gives each its C++ width."""
@@ -161,14 +161,41 @@ class ParamBlock:
             words[index] = arrays[name].data.ptr
 
 
+def _pointer_offset(struct: str, field: str) -> int:
+    """Byte offset of a pointer field: a Tensor16's ptr, or a dotted path into a nested struct."""
+    outer, _, inner = field.partition(".")
+    offset, kind = DTYPES[struct].fields[outer][1], dict(STRUCTS[struct])[outer]
+    if inner:
+        return offset + _pointer_offset(kind, inner)
+    return offset + (_PTR_OFFSET if kind == "Tensor16" else 0)
+
+
+# The packed-batch arrays a varlen call passes by pointer (sequence.cuh), in NextFeatures.
+VARLEN_ARRAYS = ("cu_seqlens_q", "cu_seqlens_k", "seqused_k")
+
+
+def _varlen(p: Problem, t: Mapping[str, Any], values: dict[str, Any]) -> list[tuple[str, str]]:
+    """For a packed batch: NextFeatures' totals into values, and the pointer fields of the
+    offset arrays in t (seqused_k only when given; null means "up to the next sequence")."""
+    if not p.varlen:
+        return []
+    features = dict(_FIELD_ZEROS["NextFeatures"])
+    features.update(total_q=p.total_q, total_k=p.total_k)
+    values["next"] = tuple(features.values())
+    return [(f"next.{name}", name) for name in VARLEN_ARRAYS if t.get(name) is not None]
+
+
 def _sizes(p: Problem) -> dict[str, Any]:
     return {"batch": p.batch, "seqlen_q": p.seqlen_q, "seqlen_k": p.seqlen_k, "heads_q": p.heads_q,
             "group_size": p.group_size, "head_dim": p.stored_head_dim, "window_left": p.window[0],
             "window_right": p.window[1], "scale_log2": np.float32(p.softmax_scale * LOG2_E)}
 
 
-def _tensors(t: Mapping[str, Any], names: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    return {name: (0, *_element_strides(t[name])) for name in names}
+def _tensors(p: Problem, t: Mapping[str, Any], names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """(0, batch, row, head strides) per tensor; a packed batch's batch stride is 0: its
+    sequence b starts at row cu_seqlens[b] of the one packed array instead (sequence.cuh)."""
+    tensors = {name: (0, *_element_strides(t[name])) for name in names}
+    return {name: (0, 0, *s[2:]) for name, s in tensors.items()} if p.varlen else tensors
 
 
 FORWARD_TENSORS = ("q", "k", "v", "out")
@@ -178,22 +205,25 @@ BACKWARD_TENSORS = ("q", "k", "v", "out", "dout", "dq", "dk", "dv")
 def forward_params(p: Problem, t: Mapping[str, Any]) -> ParamBlock:
     """The FwdParams of a forward call on the arrays in t (q, k, v, out, lse)."""
     arrays = [(name, name) for name in (*FORWARD_TENSORS, "lse")]
-    return ParamBlock("FwdParams", {**_tensors(t, FORWARD_TENSORS), **_sizes(p)}, arrays)
+    values = {**_tensors(p, t, FORWARD_TENSORS), **_sizes(p)}
+    arrays += _varlen(p, t, values)
+    return ParamBlock("FwdParams", values, arrays)
 
 
 def backward_params(p: Problem, t: Mapping[str, Any]) -> ParamBlock:
     """The BwdParams of a backward call on the arrays in t. dq_accum is optional (null without
     atomic dQ); shaped like q it is the mma.sync layout and its strides are filled, otherwise
     it is the Hopper kernel's DqUnits layout, which has none."""
-    values = {**_tensors(t, BACKWARD_TENSORS), **_sizes(p), "dq_accum_head_dim": p.kernel_head_dim,
+    values = {**_tensors(p, t, BACKWARD_TENSORS), **_sizes(p), "dq_accum_head_dim": p.kernel_head_dim,
               "softmax_scale": np.float32(p.softmax_scale)}
     arrays = [(name, name) for name in (*BACKWARD_TENSORS, "lse", "delta")]
+    arrays += _varlen(p, t, values)
     accum = t.get("dq_accum")
     if accum is not None:
         arrays.append(("dq_accum", "dq_accum"))
         if accum.ndim == 4:
             strides = _element_strides(accum)
-            values.update(dq_accum_batch_stride=strides[0], dq_accum_row_stride=strides[1],
+            values.update(dq_accum_batch_stride=0 if p.varlen else strides[0], dq_accum_row_stride=strides[1],
                           dq_accum_head_stride=strides[2])
     return ParamBlock("BwdParams", values, arrays)
 

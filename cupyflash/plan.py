@@ -168,7 +168,7 @@ class KernelCall(NamedTuple):
 def forward_kernels(problem: Problem, config: FwdConfig) -> list[KernelCall]:
     """The forward pass: one kernel, of the config's family."""
     family, dim = family_of(config), problem.kernel_head_dim
-    return [KernelCall(family.spec(problem.dtype, dim, config, window_sides=problem.window_sides),
+    return [KernelCall(family.spec(problem.dtype, dim, config, variant=problem.variant),
                        family.grid(problem, config), config.threads, config.smem_bytes(dim))]
 
 
@@ -181,18 +181,18 @@ def backward_kernels(problem: Problem, config: BwdConfig, deterministic: bool) -
     """The backward pass: delta; dK/dV; then the dQ conversion of the dK/dV kernel's accumulator
     (atomic dQ) or the dQ kernel (its own pass)."""
     dtype, dim, accum = problem.dtype, problem.kernel_head_dim, atomic_dq(config, deterministic)
-    dkdv_family, sides = family_of(config.dkdv), problem.window_sides
+    dkdv_family, variant = family_of(config.dkdv), problem.variant
 
     def prep(entry: str) -> KernelCall:
-        return KernelCall(flash_bwd_prep.spec(dtype, entry), flash_bwd_prep.grid(problem, entry),
+        return KernelCall(flash_bwd_prep.spec(dtype, entry, variant=variant), flash_bwd_prep.grid(problem, entry),
                           flash_bwd_prep.threads(entry), 0)
 
     calls = [prep(flash_bwd_prep.DELTA),
-             KernelCall(dkdv_family.spec(dtype, dim, config.dkdv, accum, window_sides=sides),
+             KernelCall(dkdv_family.spec(dtype, dim, config.dkdv, accum, variant=variant),
                         dkdv_family.grid(problem, config.dkdv), config.dkdv.threads, config.dkdv.smem_bytes(dim))]
     if accum:
         return calls + [prep(dkdv_family.CONVERT_ENTRY)]
-    return calls + [KernelCall(flash_bwd_dq.spec(dtype, dim, config.dq, window_sides=sides),
+    return calls + [KernelCall(flash_bwd_dq.spec(dtype, dim, config.dq, variant=variant),
                                flash_bwd_dq.grid(problem, config.dq), config.dq.threads, config.dq.smem_bytes(dim))]
 
 
@@ -268,7 +268,7 @@ def build_forward(problem: Problem, t: dict[str, Any], device_id: int) -> Plan:
     limits = device_limits(device_id)
     generation = tuning.generation()  # read before the lookup: a change during it makes the plan stale
     buffers = (Buffer("out", cupy.empty, q.shape, q.dtype),
-               Buffer("lse", cupy.empty, (problem.batch, problem.heads_q, problem.seqlen_q), np.float32))
+               Buffer("lse", cupy.empty, problem.stats_shape, np.float32))
     _allocate(buffers, t)
     if problem.is_empty:
         return Plan(buffers, None, (), FORWARD_RESULTS, limits, generation)
@@ -291,7 +291,7 @@ def build_backward(problem: Problem, t: dict[str, Any], deterministic: bool, dev
     config = choose("bwd", problem, limits)
     buffers = [Buffer("dq", cupy.empty, q.shape, q.dtype), Buffer("dk", cupy.empty, k.shape, k.dtype),
                Buffer("dv", cupy.empty, k.shape, k.dtype),
-               Buffer("delta", cupy.empty, (problem.batch, problem.heads_q, problem.seqlen_q), np.float32)]
+               Buffer("delta", cupy.empty, problem.stats_shape, np.float32)]
     if atomic_dq(config, deterministic):  # zeroed: the kernel adds into it
         buffers.append(Buffer("dq_accum", cupy.zeros, config.dkdv.dq_accum_shape(problem), np.float32))
     _allocate(buffers, t)
@@ -339,12 +339,13 @@ def find(kind: str, arrays: Sequence[Any], options: tuple, unsupported: tuple) -
 def keep(plan: Plan, problem: Problem, kind: str, inputs: Sequence[Any], options: tuple, ready: Sequence[Any],
          device_id: int) -> None:
     """Cache plan for repeat calls, if it can serve them unchanged: every input was a CuPy array
-    that reached the kernels as it was (ready[i] is inputs[i]: not copied, padded or moved), no
-    config was forced, and no dimension is zero (such calls are cheap and their own special case)."""
+    that reached the kernels as it was (ready[i] is inputs[i], or for a packed batch's q, k, v the
+    4-D view inputs[i][None]: not copied, padded or moved), no config was forced, and no
+    dimension is zero (such calls are cheap and their own special case)."""
     ndarray = require_cupy().ndarray
     if is_forced() or 0 in (problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads_q):
         return
-    if not all(type(x) is ndarray and r is x for x, r in zip(inputs, ready, strict=True)):
+    if not all(type(x) is ndarray and _reached_as_is(x, r) for x, r in zip(inputs, ready, strict=True)):
         return
     plans = getattr(_local, "plans", None)
     if plans is None:
@@ -355,6 +356,14 @@ def keep(plan: Plan, problem: Problem, kind: str, inputs: Sequence[Any], options
         plans[key(kind, inputs, options, device_id)] = plan
     except TypeError:  # unhashable options (a list as window_size): served by the full path each time
         pass
+
+
+def _reached_as_is(given: Any, ready: Any) -> bool:
+    """ready is given, or given[None] (the same memory, shape and strides behind a batch of 1)."""
+    if ready is given:
+        return True
+    return (ready.ndim == given.ndim + 1 and ready.shape == (1, *given.shape) and ready.strides[1:] == given.strides
+            and ready.data.ptr == given.data.ptr)
 
 
 def clear() -> None:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .kernels.common import MAX_HEAD_DIM, kernel_head_dim
+from .kernels.common import MAX_HEAD_DIM, Variant, kernel_head_dim
 
 SUPPORTED_DTYPES = ("float16", "bfloat16")
 MAX_GRID_YZ = 65535  # CUDA grid limit: heads and batch are grid dimensions y and z
@@ -209,6 +209,11 @@ class Problem:
     softcap: float = 0.0
     has_alibi: bool = False
     dropout_p: float = 0.0
+    # Packed variable-length batches (varlen.py): batch sequences in total_q query rows and
+    # total_k key rows; seqlen_q and seqlen_k are then the longest sequence's (they size grids).
+    varlen: bool = False
+    total_q: int = 0
+    total_k: int = 0
 
     @property
     def stored_head_dim(self) -> int:
@@ -219,10 +224,20 @@ class Problem:
         return kernel_head_dim(self.head_dim)
 
     @property
-    def window_sides(self) -> tuple[bool, bool]:
-        """Whether each side of `window` bounds the keys (left, right): the kernels are compiled
-        per pair (CF_WINDOW_LEFT, CF_WINDOW_RIGHT, mask.cuh), so a side that is unbounded costs nothing."""
-        return self.window[0] >= 0, self.window[1] >= 0
+    def variant(self) -> Variant:
+        """What the kernels are compiled for besides dtype, head dim and tiles: the window sides
+        that bound keys (an unbounded side then costs nothing) and packed variable lengths."""
+        return Variant(self.window[0] >= 0, self.window[1] >= 0, self.varlen)
+
+    @property
+    def query_rows(self) -> int:
+        """Rows of q (and out, dout, dq): batch * seqlen_q, or total_q when packed."""
+        return self.total_q if self.varlen else self.batch * self.seqlen_q
+
+    @property
+    def stats_shape(self) -> tuple[int, ...]:
+        """lse and delta: (batch, heads_q, seqlen_q), or (heads_q, total_q) when packed."""
+        return (self.heads_q, self.total_q) if self.varlen else (self.batch, self.heads_q, self.seqlen_q)
 
     @property
     def group_size(self) -> int:

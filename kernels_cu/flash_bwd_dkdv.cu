@@ -12,6 +12,7 @@
 // CF_WARPS_D, CF_ACCUM_DQ (0 | 1).
 #include "gemm.cuh"
 #include "mask.cuh"
+#include "sequence.cuh"
 #include "params.cuh"
 #include "tile_io.cuh"
 #include "traits.cuh"
@@ -56,8 +57,9 @@ extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
   using namespace cf;
   // The fields the body reads, as values: a lambda capturing p by reference would read them
   // through p's address (ld.param [reg]) in every iteration instead of once.
-  const int seqlen_q = p.seqlen_q;
-  const int seqlen_k = p.seqlen_k;
+  const Sequence seq = sequence_of(p, blockIdx.z);  // this batch entry's lengths (CF_VARLEN: its own)
+  const int seqlen_q = seq.seqlen_q;
+  const int seqlen_k = seq.seqlen_k;
   const int window_left = p.window_left;
   const int window_right = p.window_right;
   const i64 dk_batch_stride = p.dk.batch_stride;
@@ -86,15 +88,15 @@ extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
   const i64 dqa_head_stride = p.dq_accum_head_stride;
   const i64 dqa_row_stride = p.dq_accum_row_stride;
   const float softmax_scale = p.softmax_scale;
-  const u16* __restrict__ q = p.q.ptr;
-  const u16* __restrict__ k = p.k.ptr;
-  const u16* __restrict__ v = p.v.ptr;
-  const u16* __restrict__ dout = p.dout.ptr;
+  const u16* __restrict__ q = p.q.ptr + seq.q_row0 * p.q.row_stride;
+  const u16* __restrict__ k = p.k.ptr + seq.k_row0 * p.k.row_stride;
+  const u16* __restrict__ v = p.v.ptr + seq.k_row0 * p.v.row_stride;
+  const u16* __restrict__ dout = p.dout.ptr + seq.q_row0 * p.dout.row_stride;
   const float* __restrict__ lse = p.lse;
   float* __restrict__ delta = p.delta;
-  float* __restrict__ dq_accum = p.dq_accum;
-  u16* __restrict__ dk = p.dk.ptr;
-  u16* __restrict__ dv = p.dv.ptr;
+  float* __restrict__ dq_accum = p.dq_accum + seq.q_row0 * p.dq_accum_row_stride;  // like q
+  u16* __restrict__ dk = p.dk.ptr + seq.k_row0 * p.dk.row_stride;
+  u16* __restrict__ dv = p.dv.ptr + seq.k_row0 * p.dv.row_stride;
   using T = DkdvKernel;
   extern __shared__ Vec16 smem_raw[];
   DkdvSmem<T>& sm = *reinterpret_cast<DkdvSmem<T>*>(smem_raw);
@@ -105,6 +107,8 @@ extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
   const int t = lane & 3;
   const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
   const int key_begin = n_block * T::kBlockN;
+  if constexpr (kVarlen)
+    if (key_begin >= seqlen_k) return;  // past this sequence's last key
   const int keys = min(T::kBlockN, seqlen_k - key_begin);
 
   u16* dk_tile = dk + batch * dk_batch_stride + kv_head * dk_head_stride + key_begin * dk_row_stride;
@@ -135,7 +139,7 @@ extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
     load_tile_async<T::kBlockM, T::kHeadDim, T::kStride, T::kThreads>(
         sm.dout[slot], dout + batch * do_batch_stride + head * do_head_stride + row0 * do_row_stride, do_row_stride,
         rows, head_dim, tid);
-    const i64 stats = (static_cast<i64>(batch) * heads_q + head) * seqlen_q + row0;
+    const i64 stats = seq.stats(head, row0);
     load_rows_async<T::kBlockM, T::kThreads>(sm.lse[slot], lse + stats, rows, tid);
     load_rows_async<T::kBlockM, T::kThreads>(sm.delta[slot], delta + stats, rows, tid);
   };

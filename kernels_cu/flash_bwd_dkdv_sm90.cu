@@ -20,6 +20,7 @@
 #include "gemm.cuh"
 #include "mask.cuh"
 #include "params.cuh"
+#include "sequence.cuh"
 #include "tile_io.cuh"
 #include "traits.cuh"
 #include "wgmma_gemm.cuh"
@@ -142,8 +143,9 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
   using namespace cf;
   // The fields the body reads, as values: a lambda capturing p by reference would read them
   // through p's address (ld.param [reg]) in every iteration instead of once.
-  const int seqlen_q = p.seqlen_q;
-  const int seqlen_k = p.seqlen_k;
+  const Sequence seq = sequence_of(p, blockIdx.z);  // this batch entry's lengths (CF_VARLEN: its own)
+  const int seqlen_q = seq.seqlen_q;
+  const int seqlen_k = seq.seqlen_k;
   const int window_left = p.window_left;
   const int window_right = p.window_right;
   const i64 dk_batch_stride = p.dk.batch_stride;
@@ -169,15 +171,15 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
   const int heads_q = p.heads_q;
   const float scale_log2 = p.scale_log2;
   const float softmax_scale = p.softmax_scale;
-  const u16* __restrict__ q = p.q.ptr;
-  const u16* __restrict__ k = p.k.ptr;
-  const u16* __restrict__ v = p.v.ptr;
-  const u16* __restrict__ dout = p.dout.ptr;
+  const u16* __restrict__ q = p.q.ptr + seq.q_row0 * p.q.row_stride;
+  const u16* __restrict__ k = p.k.ptr + seq.k_row0 * p.k.row_stride;
+  const u16* __restrict__ v = p.v.ptr + seq.k_row0 * p.v.row_stride;
+  const u16* __restrict__ dout = p.dout.ptr + seq.q_row0 * p.dout.row_stride;
   const float* __restrict__ lse = p.lse;
   float* __restrict__ delta = p.delta;
   float* __restrict__ dq_accum = p.dq_accum;
-  u16* __restrict__ dk = p.dk.ptr;
-  u16* __restrict__ dv = p.dv.ptr;
+  u16* __restrict__ dk = p.dk.ptr + seq.k_row0 * p.dk.row_stride;
+  u16* __restrict__ dv = p.dv.ptr + seq.k_row0 * p.dv.row_stride;
   using T = Sm90Dkdv;
   extern __shared__ Vec16 smem_raw[];
   const u32 raw_address = smem_addr(smem_raw);
@@ -189,8 +191,13 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
   const int kv_head = blockIdx.y, batch = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int warpgroup = warp / 4, t = lane & 3;
+  // CF_VARLEN's dQ accumulator layout (DqUnits::packed_unit); unused with fixed lengths.
+  const int dq_unit_rows = DqUnits::packed_unit_rows(seq.total_q, p.batch);
+  const int first_dq_unit = DqUnits::first_packed_unit(seq.q_row0, batch);
   const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
   const int key_begin = n_block * T::kBlockN;
+  if constexpr (kVarlen)
+    if (key_begin >= seqlen_k) return;  // past this sequence's last key
   const int keys = min(T::kBlockN, seqlen_k - key_begin);
 
   u16* dk_tile = dk + batch * dk_batch_stride + kv_head * dk_head_stride + key_begin * dk_row_stride;
@@ -225,7 +232,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
         do_smem + slot * kQTileBytes,
         dout + batch * do_batch_stride + head * do_head_stride + row0 * do_row_stride, do_row_stride, rows,
         head_dim, tid);
-    const i64 stats = (static_cast<i64>(batch) * heads_q + head) * seqlen_q + row0;
+    const i64 stats = seq.stats(head, row0);
     load_rows_async<T::kBlockM, T::kThreads>(sm.lse[slot], lse + stats, rows, tid);
     load_rows_async<T::kBlockM, T::kThreads>(sm.delta[slot], delta + stats, rows, tid);
   };
@@ -368,8 +375,14 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
         // barrier of the piece (skipping the whole piece made racecheck report a hazard on the
         // dK staging at the end of the kernel, 2026-12-02).
         const bool inside = row0 + 64 * mq < seqlen_q;
-        add_dq_piece<T>(DqUnits::unit(dq_accum, batch, head, heads_q, seqlen_q, T::kHeadDim, row0 + 64 * mq, 64 * slab),
-                        smem_addr(sm.dq_stage[warpgroup]), acc_dq, warp, lane, inside);
+        float* unit;
+        if constexpr (kVarlen) {
+          unit = DqUnits::packed_unit(dq_accum, head, dq_unit_rows, first_dq_unit, T::kHeadDim, row0 + 64 * mq,
+                                      64 * slab);
+        } else {
+          unit = DqUnits::unit(dq_accum, batch, head, heads_q, seqlen_q, T::kHeadDim, row0 + 64 * mq, 64 * slab);
+        }
+        add_dq_piece<T>(unit, smem_addr(sm.dq_stage[warpgroup]), acc_dq, warp, lane, inside);
       }
     }
     wgmma_wait<0>();

@@ -8,6 +8,7 @@
 // Compile-time macros: CF_ELEMENT, CF_HEAD_DIM, CF_BLOCK_M, CF_BLOCK_N, CF_NUM_WARPS, CF_STAGES.
 #include "gemm.cuh"
 #include "mask.cuh"
+#include "sequence.cuh"
 #include "params.cuh"
 #include "tile_io.cuh"
 #include "traits.cuh"
@@ -37,8 +38,9 @@ extern "C" __global__ void __launch_bounds__(cf::DqKernel::kThreads, 1)
   using namespace cf;
   // The fields the body reads, as values: a lambda capturing p by reference would read them
   // through p's address (ld.param [reg]) in every iteration instead of once.
-  const int seqlen_q = p.seqlen_q;
-  const int seqlen_k = p.seqlen_k;
+  const Sequence seq = sequence_of(p, blockIdx.z);  // this batch entry's lengths (CF_VARLEN: its own)
+  const int seqlen_q = seq.seqlen_q;
+  const int seqlen_k = seq.seqlen_k;
   const int window_left = p.window_left;
   const int window_right = p.window_right;
   const int group_size = p.group_size;
@@ -61,13 +63,13 @@ extern "C" __global__ void __launch_bounds__(cf::DqKernel::kThreads, 1)
   const int heads_q = p.heads_q;
   const float scale_log2 = p.scale_log2;
   const float softmax_scale = p.softmax_scale;
-  const u16* __restrict__ q = p.q.ptr;
-  const u16* __restrict__ k = p.k.ptr;
-  const u16* __restrict__ v = p.v.ptr;
-  const u16* __restrict__ dout = p.dout.ptr;
+  const u16* __restrict__ q = p.q.ptr + seq.q_row0 * p.q.row_stride;
+  const u16* __restrict__ k = p.k.ptr + seq.k_row0 * p.k.row_stride;
+  const u16* __restrict__ v = p.v.ptr + seq.k_row0 * p.v.row_stride;
+  const u16* __restrict__ dout = p.dout.ptr + seq.q_row0 * p.dout.row_stride;
   const float* __restrict__ lse = p.lse;
   float* __restrict__ delta = p.delta;
-  u16* __restrict__ dq = p.dq.ptr;
+  u16* __restrict__ dq = p.dq.ptr + seq.q_row0 * p.dq.row_stride;
   using T = DqKernel;
   extern __shared__ Vec16 smem_raw[];
   DqSmem<T>& sm = *reinterpret_cast<DqSmem<T>*>(smem_raw);
@@ -79,6 +81,8 @@ extern "C" __global__ void __launch_bounds__(cf::DqKernel::kThreads, 1)
   const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
   const int row_begin = m_block * T::kBlockM;
   const int rows = min(T::kBlockM, seqlen_q - row_begin);
+  if constexpr (kVarlen)
+    if (rows <= 0) return;  // past this sequence's last query
   const int kv_head = head / group_size;
 
   u16* dq_tile = dq + batch * dq_batch_stride + head * dq_head_stride + row_begin * dq_row_stride;
@@ -111,7 +115,7 @@ extern "C" __global__ void __launch_bounds__(cf::DqKernel::kThreads, 1)
   // lse = +inf, so their P (and dS) is 0.
   const int warp_row0 = warp * T::kWarpRows;
   float lse_log2[T::kMTiles][2], row_delta[T::kMTiles][2];
-  const i64 stats = (static_cast<i64>(batch) * heads_q + head) * seqlen_q + row_begin;
+  const i64 stats = seq.stats(head, row_begin);
 #pragma unroll
   for (int mt = 0; mt < T::kMTiles; ++mt)
 #pragma unroll

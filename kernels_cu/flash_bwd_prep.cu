@@ -4,10 +4,11 @@
 //                               after the dK/dV kernel has accumulated dQ with atomics.
 //   flash_bwd_convert_dq_tiled: the same from the Hopper dK/dV kernel's unit layout of dq_accum.
 //
-// Compile-time macro: CF_ELEMENT (Half | BFloat16).
+// Compile-time macros: CF_ELEMENT (Half | BFloat16), CF_VARLEN (sequence.cuh).
 // Every kernel takes the pass's BwdParams (params.cuh); the block sizes the host launches them
 // with (kDeltaThreads, kDeltaRows, kConvertThreads, kConvertChunk) are defined there too.
 #include "params.cuh"
+#include "sequence.cuh"
 #include "traits.cuh"
 
 namespace cf {
@@ -21,7 +22,8 @@ extern "C" __global__ void __launch_bounds__(cf::kDeltaThreads)
   using namespace cf;
   // The fields the body reads, as values: a lambda capturing p by reference would read them
   // through p's address (ld.param [reg]) in every iteration instead of once.
-  const int seqlen_q = p.seqlen_q;
+  const Sequence seq = sequence_of(p, blockIdx.z);  // this batch entry's lengths (CF_VARLEN: its own)
+  const int seqlen_q = seq.seqlen_q;
   const i64 o_batch_stride = p.out.batch_stride;
   const i64 o_row_stride = p.out.row_stride;
   const i64 o_head_stride = p.out.head_stride;
@@ -30,8 +32,8 @@ extern "C" __global__ void __launch_bounds__(cf::kDeltaThreads)
   const i64 do_head_stride = p.dout.head_stride;
   const int head_dim = p.head_dim;
   const int heads_q = p.heads_q;
-  const u16* __restrict__ out = p.out.ptr;
-  const u16* __restrict__ dout = p.dout.ptr;
+  const u16* __restrict__ out = p.out.ptr + seq.q_row0 * p.out.row_stride;
+  const u16* __restrict__ dout = p.dout.ptr + seq.q_row0 * p.dout.row_stride;
   float* __restrict__ delta = p.delta;
   const int head = blockIdx.y, batch = blockIdx.z;
   const int row = blockIdx.x * kDeltaRows + threadIdx.x / kDeltaLanesPerRow;
@@ -56,7 +58,7 @@ extern "C" __global__ void __launch_bounds__(cf::kDeltaThreads)
   // The kDeltaLanesPerRow lanes of a row are adjacent within one warp.
 #pragma unroll
   for (int mask = 1; mask < kDeltaLanesPerRow; mask <<= 1) sum += shfl_xor(sum, mask);
-  if (row < seqlen_q && sub == 0) delta[(static_cast<i64>(batch) * heads_q + head) * seqlen_q + row] = sum;
+  if (row < seqlen_q && sub == 0) delta[seq.stats(head, row)] = sum;
 }
 
 // dq_accum: float32 like q, dq: 16-bit like q, both contiguous (the plan allocates them so):
@@ -74,7 +76,8 @@ extern "C" __global__ void __launch_bounds__(cf::kConvertThreads)
   const float softmax_scale = p.softmax_scale;
   const float* __restrict__ dq_accum = p.dq_accum;
   u16* __restrict__ dq = p.dq.ptr;
-  const i64 n_elements = static_cast<i64>(batch) * seqlen_q * heads_q * head_dim;
+  // Packed variable lengths: all total_q rows (rows of no sequence hold zeros, and stay so).
+  const i64 n_elements = static_cast<i64>(kVarlen ? p.next.total_q : batch * seqlen_q) * heads_q * head_dim;
   const i64 chunk = static_cast<i64>(blockIdx.x) * kConvertThreads + threadIdx.x;
   if (chunk * kConvertChunk >= n_elements) return;
   const Vec16* src = reinterpret_cast<const Vec16*>(dq_accum + chunk * kConvertChunk);
@@ -98,24 +101,32 @@ extern "C" __global__ void __launch_bounds__(cf::kConvertThreads)
   using namespace cf;
   // The fields the body reads, as values: a lambda capturing p by reference would read them
   // through p's address (ld.param [reg]) in every iteration instead of once.
+  const Sequence seq = sequence_of(p, blockIdx.z);  // this batch entry's lengths (CF_VARLEN: its own)
   const int head_dim = p.head_dim;
   const int heads_q = p.heads_q;
-  const int seqlen_q = p.seqlen_q;
+  const int seqlen_q = seq.seqlen_q;
   const int dq_accum_head_dim = p.dq_accum_head_dim;
   const float softmax_scale = p.softmax_scale;
   const i64 dq_batch_stride = p.dq.batch_stride;
   const i64 dq_row_stride = p.dq.row_stride;
   const i64 dq_head_stride = p.dq.head_stride;
   const float* __restrict__ dq_accum = p.dq_accum;
-  u16* __restrict__ dq = p.dq.ptr;
+  u16* __restrict__ dq = p.dq.ptr + seq.q_row0 * p.dq.row_stride;
   constexpr int kChunksPerUnitRow = DqUnits::kCols / 4;
   const int chunks = head_dim / 4;  // of 4 columns, per (row, head)
   const int row = blockIdx.x, batch = blockIdx.z;
   const int index = blockIdx.y * kConvertThreads + threadIdx.x;  // within the row: (head, chunk)
   if (index >= heads_q * chunks) return;
+  if constexpr (kVarlen)
+    if (row >= seqlen_q) return;  // past this sequence's last query
   const int head = index / chunks, chunk = index % chunks;
-  const float* unit =
-      DqUnits::unit(dq_accum, batch, head, heads_q, seqlen_q, dq_accum_head_dim, row, 4 * chunk);
+  const float* unit;
+  if constexpr (kVarlen) {
+    unit = DqUnits::packed_unit(dq_accum, head, DqUnits::packed_unit_rows(seq.total_q, p.batch),
+                                DqUnits::first_packed_unit(seq.q_row0, batch), dq_accum_head_dim, row, 4 * chunk);
+  } else {
+    unit = DqUnits::unit(dq_accum, batch, head, heads_q, seqlen_q, dq_accum_head_dim, row, 4 * chunk);
+  }
   const Vec16 v =
       *reinterpret_cast<const Vec16*>(unit + DqUnits::chunk_offset(row % DqUnits::kRows, chunk % kChunksPerUnitRow));
   const u32 lo = Element::pack(__uint_as_float(v.x) * softmax_scale, __uint_as_float(v.y) * softmax_scale);

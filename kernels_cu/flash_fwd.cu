@@ -33,8 +33,9 @@ extern "C" __global__ void __launch_bounds__(cf::FwdKernel::kThreads, 1)
   using namespace cf;
   // The fields the body reads, as values: a lambda capturing p by reference would read them
   // through p's address (ld.param [reg]) in every iteration instead of once.
-  const int seqlen_q = p.seqlen_q;
-  const int seqlen_k = p.seqlen_k;
+  const Sequence seq = sequence_of(p, blockIdx.z);  // this batch entry's lengths (CF_VARLEN: its own)
+  const int seqlen_q = seq.seqlen_q;
+  const int seqlen_k = seq.seqlen_k;
   const int window_left = p.window_left;
   const int window_right = p.window_right;
   const i64 o_row_stride = p.out.row_stride;
@@ -49,7 +50,9 @@ extern "C" __global__ void __launch_bounds__(cf::FwdKernel::kThreads, 1)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const Mask mask{seqlen_q, seqlen_k, window_left, window_right};
-  const FwdBlock block = locate_fwd_block<T::kBlockM, T::kBlockN>(mask, p);
+  const FwdBlock block = locate_fwd_block<T::kBlockM, T::kBlockN>(mask, seq, p);
+  if constexpr (kVarlen)
+    if (block.rows <= 0) return;  // past this sequence's last query
   if (finish_empty_block<T::kBlockM, T::kHeadDim, T::kThreads>(block, o_row_stride, head_dim, tid)) return;
   const int row_begin = block.row_begin, rows = block.rows, n_end = block.n_end;
   const int n_tiles = n_end - block.n_begin;

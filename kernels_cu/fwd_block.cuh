@@ -4,6 +4,7 @@
 #pragma once
 #include "mask.cuh"
 #include "params.cuh"
+#include "sequence.cuh"
 #include "tile_io.cuh"
 
 namespace cf {
@@ -20,9 +21,10 @@ struct FwdBlock {
 };
 
 // Blocks run in reverse row order so that, under a causal mask, those with the most K tiles
-// start first. Grid: (ceil(seqlen_q / kBlockM), heads_q, batch).
+// start first. Grid: (ceil(seqlen_q / kBlockM), heads_q, batch). With CF_VARLEN, rows <= 0 for a
+// block past its sequence's end: the kernel returns before anything else.
 template <int kBlockM, int kBlockN>
-__device__ __forceinline__ FwdBlock locate_fwd_block(const Mask& mask, const FwdParams& p) {
+__device__ __forceinline__ FwdBlock locate_fwd_block(const Mask& mask, const Sequence& seq, const FwdParams& p) {
   FwdBlock b;
   const int m_block = gridDim.x - 1 - blockIdx.x;
   b.head = blockIdx.y;
@@ -30,11 +32,12 @@ __device__ __forceinline__ FwdBlock locate_fwd_block(const Mask& mask, const Fwd
   b.row_begin = m_block * kBlockM;
   b.rows = min(kBlockM, mask.seqlen_q - b.row_begin);
   const int kv_head = b.head / p.group_size;
-  b.q_tile = p.q.ptr + b.batch * p.q.batch_stride + b.head * p.q.head_stride + b.row_begin * p.q.row_stride;
-  b.k_head = p.k.ptr + b.batch * p.k.batch_stride + kv_head * p.k.head_stride;
-  b.v_head = p.v.ptr + b.batch * p.v.batch_stride + kv_head * p.v.head_stride;
-  b.o_tile = p.out.ptr + b.batch * p.out.batch_stride + b.head * p.out.head_stride + b.row_begin * p.out.row_stride;
-  b.lse_tile = p.lse + (static_cast<i64>(b.batch) * p.heads_q + b.head) * mask.seqlen_q + b.row_begin;
+  const i64 q_row = seq.q_row0 + b.row_begin;  // in the packed arrays (fixed lengths: q_row0 = 0)
+  b.q_tile = p.q.ptr + b.batch * p.q.batch_stride + b.head * p.q.head_stride + q_row * p.q.row_stride;
+  b.k_head = p.k.ptr + b.batch * p.k.batch_stride + kv_head * p.k.head_stride + seq.k_row0 * p.k.row_stride;
+  b.v_head = p.v.ptr + b.batch * p.v.batch_stride + kv_head * p.v.head_stride + seq.k_row0 * p.v.row_stride;
+  b.o_tile = p.out.ptr + b.batch * p.out.batch_stride + b.head * p.out.head_stride + q_row * p.out.row_stride;
+  b.lse_tile = p.lse + seq.stats(b.head, b.row_begin);
   mask.key_tiles<kBlockN>(b.row_begin, b.row_begin + b.rows, b.n_begin, b.n_end);
   return b;
 }

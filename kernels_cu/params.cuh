@@ -22,13 +22,15 @@ struct Tensor16 {
   i64 batch_stride, row_stride, head_stride;  // in elements
 };
 
-// Fields that later kernels will read (variable-length batches, paged KV caches, split-KV
-// partials, score modifiers, dropout). The host writes zeros (null pointers) today; no kernel
-// reads them yet, so a feature that needs one starts from a struct that already has it.
+// Fields of the features beyond fixed-length dense attention. The variable-length ones
+// (cu_seqlens_*, seqused_k, total_*) are read by the CF_VARLEN variants (sequence.cuh); the rest
+// (paged KV caches, split-KV partials, score modifiers, dropout) are written as zeros (null
+// pointers) and read by no kernel yet, so a feature that needs one starts from a struct that
+// already has it.
 struct NextFeatures {
-  const int* cu_seqlens_q;  // (batch + 1) int32 row offsets of packed sequences; null: fixed lengths
-  const int* cu_seqlens_k;
-  const int* seqused_k;     // (batch) int32 keys in use per sequence; null: all of seqlen_k
+  const int* cu_seqlens_q;  // (batch + 1) int32 first query row of each packed sequence, then total_q
+  const int* cu_seqlens_k;  // (batch + 1) int32 first key row of each packed sequence
+  const int* seqused_k;     // (batch) int32 keys in use per sequence; null: up to the next sequence
   const int* block_table;   // (batch, max_pages) int32 page indices of a paged KV cache; null: dense
   i64 block_table_batch_stride;
   int page_size;            // keys per page
@@ -39,6 +41,7 @@ struct NextFeatures {
   const float* alibi_slopes;  // (batch or 1, heads_q) float32; null: off
   u64 rng_seed, rng_offset;  // dropout's Philox stream
   float dropout_p;          // 0: off
+  int total_q, total_k;     // rows of the packed q and k (varlen): every offset is clamped into them
 };
 
 // What a forward kernel reads. Grid and block are the kernel's own (see its header comment).

@@ -168,6 +168,24 @@ struct DqUnits {
     return dq_accum + static_cast<i64>(index) * kFloats;
   }
 
+  // Packed variable-length batches (CF_VARLEN) instead: [heads_q][unit_rows][head_dim / 32][64
+  // rows][32 columns], sequence b's row r in unit row first_packed_unit(cu_seqlens_q[b], b) + r / 64.
+  // Every sequence starts a unit of its own; padding it to 64 rows costs at most 64 rows per
+  // sequence, which packed_unit_rows leaves room for (the host sizes the buffer with it).
+  template <class Float>
+  static __device__ __forceinline__ Float* packed_unit(Float* dq_accum, int head, int unit_rows, int first_unit,
+                                                       int head_dim, int row, int col) {
+    const i64 index = (static_cast<i64>(head) * unit_rows + first_unit + row / kRows) * (head_dim / kCols) +
+                      col / kCols;
+    return dq_accum + index * kFloats;
+  }
+  static __device__ __forceinline__ int first_packed_unit(int q_row0, int batch) {
+    return (q_row0 + kRows * batch) / kRows;
+  }
+  static __device__ __forceinline__ int packed_unit_rows(int total_q, int batches) {
+    return (total_q + kRows * batches + kRows - 1) / kRows;
+  }
+
   // The offset in floats, within its unit, of row r's 16-byte chunk c (columns 4c .. 4c + 3).
   static __device__ __forceinline__ int chunk_offset(int r, int c) { return r * kCols + (c ^ (r % 8)) * 4; }
 };

@@ -14,7 +14,7 @@ import pytest
 from cupyflash import build, gpu_classes, plan
 from cupyflash.device import DeviceLimits
 from cupyflash.kernels import flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_prep, flash_fwd, flash_fwd_sm90
-from cupyflash.kernels.common import KERNEL_HEAD_DIMS
+from cupyflash.kernels.common import KERNEL_HEAD_DIMS, Variant
 from cupyflash.plan import BwdConfig
 from cupyflash.problem import Problem
 
@@ -30,7 +30,8 @@ TINY = DeviceLimits("tiny", (8, 6), 8, 48 * 1024, 64 * 1024)
 # The kernel windows a call can have (Problem.window): none, causal, and both sides bounded (the
 # general variant, which holds the most in registers).
 WINDOWS = ((-1, -1), (-1, 0), (5, 5))
-GENERAL = (True, True)  # window_sides of the variant that tests both sides at run time
+GENERAL = Variant(True, True, False)  # tests both window sides at run time
+UNMASKED = Variant(False, False, False)
 
 
 def _problem(dtype: str, head_dim: int, window: tuple[int, int] = (-1, -1)) -> Problem:
@@ -50,7 +51,7 @@ def heuristic_specs() -> list[tuple[str, build.KernelSpec]]:
                     for deterministic in (False, True):
                         calls += plan.backward_kernels(problem, plan.default_bwd_config(dim, limits), deterministic)
                     specs += [(limits.arch, call.spec) for call in calls]
-            specs += [(limits.arch, flash_bwd_prep.spec(dtype, e)) for e in flash_bwd_prep.ENTRIES]
+            specs += [(limits.arch, flash_bwd_prep.spec(dtype, e, variant=UNMASKED)) for e in flash_bwd_prep.ENTRIES]
     unique = {(arch, spec) for arch, spec in specs}
     return sorted(unique, key=lambda item: (item[0], item[1].source, item[1].defines))
 
@@ -72,7 +73,7 @@ def test_no_d256_backward_below_99_kb() -> None:
 
 def test_smem_mismatch_is_caught_at_compile_time() -> None:
     config = flash_fwd.FwdConfig(128, 64, 8, 2)
-    spec = flash_fwd.spec("float16", 128, config, window_sides=GENERAL)
+    spec = flash_fwd.spec("float16", 128, config, variant=GENERAL)
     wrong = build.KernelSpec(spec.source, spec.entry, tuple(
         (name, str(int(value) + 16) if name == "CF_SMEM_BYTES" else value) for name, value in spec.defines))
     with pytest.raises(RuntimeError, match="smem_bytes"):
@@ -85,11 +86,11 @@ DkdvConfig = flash_bwd_dkdv.DkdvConfig
 @pytest.mark.parametrize("config,head_dim", [(DkdvConfig(64, 128, 8, 2, 1), 128), (DkdvConfig(32, 64, 8, 2, 2), 256),
                                              (DkdvConfig(64, 64, 4, 3, 1), 64)])
 def test_dkdv_smem_arithmetic_matches_the_kernel(config: DkdvConfig, head_dim: int) -> None:
-    build.compile_kernel(flash_bwd_dkdv.spec("bfloat16", head_dim, config, True, window_sides=GENERAL), "sm_80")
+    build.compile_kernel(flash_bwd_dkdv.spec("bfloat16", head_dim, config, True, variant=GENERAL), "sm_80")
 
 
 def test_dq_smem_arithmetic_matches_the_kernel() -> None:
-    build.compile_kernel(flash_bwd_dq.spec("float16", 96, flash_bwd_dq.DqConfig(64, 32, 4, 3), window_sides=GENERAL),
+    build.compile_kernel(flash_bwd_dq.spec("float16", 96, flash_bwd_dq.DqConfig(64, 32, 4, 3), variant=GENERAL),
                          "sm_80")
 
 
@@ -114,7 +115,8 @@ def test_disk_cache_second_process_skips_nvrtc(tmp_path) -> None:
         import sys
         from cupyflash import build
         from cupyflash.kernels import flash_fwd
-        spec = flash_fwd.spec("float16", 64, flash_fwd.FwdConfig(64, 64, 4, 2), window_sides=(False, False))
+        from cupyflash.kernels.common import Variant
+        spec = flash_fwd.spec("float16", 64, flash_fwd.FwdConfig(64, 64, 4, 2), variant=Variant(False, False, False))
         if sys.argv[1] == "second":
             def no_nvrtc(*args):
                 raise AssertionError("NVRTC called although the disk cache has the cubin")
@@ -136,7 +138,7 @@ def test_disk_cache_second_process_skips_nvrtc(tmp_path) -> None:
 
 def test_corrupt_cache_entry_is_recompiled(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CUPYFLASH_CACHE_DIR", str(tmp_path))
-    spec = flash_bwd_prep.spec("float16", "flash_bwd_delta")
+    spec = flash_bwd_prep.spec("float16", "flash_bwd_delta", variant=UNMASKED)
     good = build.cached_kernel(spec, "sm_80")
     meta = next((tmp_path / "kernels").glob("*.json"))
     meta.write_text("{ not json")
@@ -168,7 +170,7 @@ Sm90FwdConfig, Sm90DkdvConfig = flash_fwd_sm90.Sm90FwdConfig, flash_bwd_dkdv_sm9
 @pytest.mark.parametrize("config,head_dim", [(Sm90FwdConfig(192, 64, 2), 128), (Sm90FwdConfig(128, 64, 2), 192),
                                              (Sm90FwdConfig(64, 128, 3), 64)])
 def test_wgmma_smem_arithmetic_matches_the_kernel(config: Sm90FwdConfig, head_dim: int) -> None:
-    spec = flash_fwd_sm90.spec("bfloat16", head_dim, config, window_sides=GENERAL)
+    spec = flash_fwd_sm90.spec("bfloat16", head_dim, config, variant=GENERAL)
     kernel = build.compile_kernel(spec, "sm_90")
     assert kernel.spill_bytes == 0
     assert "-arch=sm_90a" in spec.options("sm_90")
@@ -178,10 +180,11 @@ def test_wgmma_smem_arithmetic_matches_the_kernel(config: Sm90FwdConfig, head_di
                                              for c in flash_bwd_dkdv_sm90.candidates(d, H100)],
                          ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_m}x{x.block_n}s{x.stages}")
 @pytest.mark.parametrize("accum_dq", [True, False])
-@pytest.mark.parametrize("window_sides", [(False, False), GENERAL], ids=("unmasked", "windowed"))
+@pytest.mark.parametrize("variant", [UNMASKED, GENERAL, Variant(True, True, True)], ids=("unmasked", "windowed",
+                                                                                       "windowed-varlen"))
 def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, config: Sm90DkdvConfig,
-                                                            accum_dq: bool, window_sides: tuple[bool, bool]) -> None:
-    spec = flash_bwd_dkdv_sm90.spec("float16", head_dim, config, accum_dq, window_sides=window_sides)
+                                                            accum_dq: bool, variant: Variant) -> None:
+    spec = flash_bwd_dkdv_sm90.spec("float16", head_dim, config, accum_dq, variant=variant)
     kernel = build.compile_kernel(spec, "sm_90")  # static_asserts the family's smem arithmetic
     assert kernel.spill_bytes == 0, f"{spec} spills {kernel.spill_bytes} bytes:\n{kernel.log}"
     assert "-arch=sm_90a" in spec.options("sm_90")
@@ -228,7 +231,7 @@ def test_a_layout_that_differs_from_params_cuh_does_not_compile(monkeypatch: pyt
 
     _layout_with(monkeypatch, struct, change(launch.STRUCTS[struct]))
     with pytest.raises(RuntimeError, match=message):
-        build.compile_kernel(flash_bwd_prep.spec("float16", "flash_bwd_delta"), "sm_80")
+        build.compile_kernel(flash_bwd_prep.spec("float16", "flash_bwd_delta", variant=UNMASKED), "sm_80")
 
 
 def test_a_constant_that_differs_from_params_cuh_does_not_compile(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,4 +239,4 @@ def test_a_constant_that_differs_from_params_cuh_does_not_compile(monkeypatch: p
 
     _layout_with(monkeypatch, "Tensor16", launch.STRUCTS["Tensor16"], {**launch.CONSTANTS, "kDeltaRows": 32})
     with pytest.raises(RuntimeError, match="kDeltaRows differs"):
-        build.compile_kernel(flash_bwd_prep.spec("float16", "flash_bwd_delta"), "sm_80")
+        build.compile_kernel(flash_bwd_prep.spec("float16", "flash_bwd_delta", variant=UNMASKED), "sm_80")

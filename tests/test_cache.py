@@ -20,11 +20,14 @@ import pytest
 
 from cupyflash import build
 from cupyflash.kernels import flash_bwd_prep
+from cupyflash.kernels.common import Variant
+
+UNMASKED = Variant(False, False, False)
 
 pytest.importorskip("cupy", reason="the cache tests need CuPy's NVRTC bindings")
 
-SPEC = flash_bwd_prep.spec("float16", "flash_bwd_delta")  # the cheapest kernel to compile
-OTHER_SPEC = flash_bwd_prep.spec("float16", "flash_bwd_convert_dq")
+SPEC = flash_bwd_prep.spec("float16", "flash_bwd_delta", variant=UNMASKED)  # the cheapest kernel to compile
+OTHER_SPEC = flash_bwd_prep.spec("float16", "flash_bwd_convert_dq", variant=UNMASKED)
 ARCH = "sm_80"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -190,9 +193,11 @@ CONCURRENT_SCRIPT = textwrap.dedent("""
     import hashlib, os, sys, time
     from cupyflash import build
     from cupyflash.kernels import flash_bwd_prep
+    from cupyflash.kernels.common import Variant
+    UNMASKED = Variant(False, False, False)
     while not os.path.exists(sys.argv[1]):  # start together: every process finds the cache empty
         time.sleep(0.005)
-    kernel = build.cached_kernel(flash_bwd_prep.spec("float16", "flash_bwd_delta"), "sm_80")
+    kernel = build.cached_kernel(flash_bwd_prep.spec("float16", "flash_bwd_delta", variant=UNMASKED), "sm_80")
     print(hashlib.sha256(kernel.cubin).hexdigest())
 """)
 

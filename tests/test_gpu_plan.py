@@ -12,6 +12,7 @@ import pytest
 
 from cupyflash import api, build, launch, plan, tuning, validation
 from cupyflash.kernels import flash_fwd
+from cupyflash.kernels.common import Variant
 from cupyflash.device import device_limits, gpu_count
 from cupyflash.problem import Problem
 
@@ -137,7 +138,7 @@ def test_a_tuning_change_reaches_the_next_call(monkeypatch: pytest.MonkeyPatch, 
     bucket = tuning.bucket_key("fwd", Problem.from_arrays(q, k, v, causal=True), 64)
     tuning.store(limits, bucket, tuned, {})
     got = api.attention(q, k, v, causal=True)
-    assert loaded[-1] == flash_fwd.spec("float16", 64, tuned, window_sides=(False, True)) != default_spec
+    assert loaded[-1] == flash_fwd.spec("float16", 64, tuned, variant=Variant(False, True, False)) != default_spec
     assert float(np.abs(host32(got) - host32(expected)).max()) < 1e-2
     tuning.clear(limits)
     api.attention(q, k, v, causal=True)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import cupyflash as cf
-from cupyflash import build, launch, plan, tuning
+from cupyflash import build, launch, plan, tuning, varlen
 from cupyflash.kernels.common import kernel_head_dim
 from cupyflash.kernels.flash_fwd import FwdConfig
 from cupyflash.device import DeviceLimits
@@ -438,3 +438,51 @@ def test_a_new_tuning_folder_changes_the_generation(fake_cupy: FakeCupy, monkeyp
     monkeypatch.setenv("CUPYFLASH_TUNING_DIR", str(tmp_path / "elsewhere"))
     tuning.load_entries(H100)
     assert tuning.generation() != before
+
+
+# --- packed variable-length batches ---
+
+@pytest.mark.parametrize("limits,deterministic", [(H100, False), (A100, False), (A100, True)],
+                         ids=["h100-atomic", "a100-atomic", "a100-deterministic"])
+def test_a_packed_batch_reaches_every_kernel_as_offsets(fake_cupy: FakeCupy, monkeypatch: pytest.MonkeyPatch,
+                                                        limits: DeviceLimits, deterministic: bool) -> None:
+    """Batch strides 0, the offsets' pointers and the totals in NextFeatures, every kernel
+    compiled with CF_VARLEN, grids sized by max_seqlen, lse/delta (heads_q, total_q)."""
+    use_device(monkeypatch, limits)
+    total_q, total_k, batch, max_q, max_k = 40, 33, 3, 20, 17
+    host = {"q": np.empty((total_q, HQ, 64), np.float16), "k": np.empty((total_k, HKV, 64), np.float16)}
+    host["v"] = host["k"].copy()
+    offsets = {"cu_seqlens_q": np.array([0, 20, 20, 40], np.int32), "cu_seqlens_k": np.array([0, 17, 30, 33], np.int32),
+               "seqused_k": np.array([17, 13, 1], np.int32)}
+    p = varlen.problem_of(host["q"], host["k"], host["v"], offsets, max_q, max_k, causal=True, softmax_scale=None,
+                          window_size=(-1, -1))
+    assert (p.batch, p.seqlen_q, p.seqlen_k, p.total_q, p.total_k, p.varlen) == (batch, max_q, max_k, 40, 33, True)
+    t = {name: fake_cupy.array(array[None]) for name, array in host.items()}
+    t.update({name: fake_cupy.array(array) for name, array in offsets.items()})
+    fwd = plan.build_forward(p, t, 0)
+    fwd.launch(t)
+    assert t["lse"].shape == (HQ, total_q)
+    t.update(dout=fake_cupy.array(host["q"][None]), out=t["out"])
+    bwd = plan.build_backward(p, t, deterministic, 0)
+    bwd.launch(t)
+    assert t["delta"].shape == (HQ, total_q)
+    for kernel in (*fwd.launches, *bwd.launches):
+        assert dict(kernel.function.spec.defines)["CF_VARLEN"] == "1", kernel.function.spec
+        assert kernel.grid[2] in (1, batch), kernel.grid  # only the flat dQ conversion has one z
+    for record, kernel in zip(fake_cupy.launched, (*fwd.launches, *bwd.launches), strict=True):
+        block = header_structs()[kernel.params.struct].from_address(ctypes.c_uint64.from_address(record[9]).value)
+        features = block.next
+        assert (features.total_q, features.total_k) == (total_q, total_k)
+        assert [features.cu_seqlens_q, features.cu_seqlens_k, features.seqused_k] == [
+            t[name].data.ptr for name in ("cu_seqlens_q", "cu_seqlens_k", "seqused_k")]
+        assert (block.batch, block.seqlen_q, block.seqlen_k) == (batch, max_q, max_k)
+        tensors = ("q", "k", "v", "out") if kernel.params.struct == "FwdParams" else (
+            "q", "k", "v", "out", "dout", "dq", "dk", "dv")
+        for name in tensors:
+            view = getattr(block, name)
+            assert (view.ptr, view.batch_stride) == (t[name].data.ptr, 0), name
+            assert (view.row_stride, view.head_stride) == tuple(s // 2 for s in t[name].strides[1:3]), name
+    if "dq_accum" in t and limits is H100:  # DqUnits of a packed batch: room for a unit start per sequence
+        assert t["dq_accum"].shape == (HQ, -(-(total_q + 64 * batch) // 64), 2, 64, 32)
+    elif "dq_accum" in t:
+        assert t["dq_accum"].shape == (1, total_q, HQ, 64)

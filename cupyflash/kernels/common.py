@@ -3,7 +3,7 @@ rule, the -D macros of a variant and the first-fitting walk over a heuristic tab
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, NamedTuple, Sequence, TypeVar
 
 from ..device import DeviceLimits
 
@@ -42,12 +42,24 @@ def defines(dtype: str, **values: int) -> tuple[tuple[str, str], ...]:
     return (("CF_ELEMENT", ELEMENT[dtype]),) + tuple((f"CF_{k.upper()}", str(int(v))) for k, v in values.items())
 
 
-def window_defines(window_sides: tuple[bool, bool]) -> dict[str, bool]:
-    """CF_WINDOW_LEFT and CF_WINDOW_RIGHT of a masked kernel (mask.cuh): which sides of the call's
-    window bound the keys (Problem.window_sides). A variant compiled without a side ignores that
-    side of the parameter block, so the two must come from the same Problem (plan.py builds both)."""
-    left, right = window_sides
-    return {"window_left": bool(left), "window_right": bool(right)}
+class Variant(NamedTuple):
+    """What a call fixes at compile time besides dtype, head dim and tile config (Problem.variant):
+    which sides of its window bound the keys (CF_WINDOW_LEFT / CF_WINDOW_RIGHT, mask.cuh) and
+    whether its batch is packed with variable lengths (CF_VARLEN, sequence.cuh). A kernel compiled
+    without a window side ignores that side of the parameter block, so both must come from the
+    same Problem (plan.py builds both)."""
+
+    window_left: bool
+    window_right: bool
+    varlen: bool
+
+    def mask_defines(self) -> dict[str, bool]:
+        """The macros of a kernel that masks scores (all but the small backward ones)."""
+        return {"window_left": self.window_left, "window_right": self.window_right, "varlen": self.varlen}
+
+    def sequence_defines(self) -> dict[str, bool]:
+        """The macros of a kernel that only needs to know where its sequence is."""
+        return {"varlen": self.varlen}
 
 
 def first_fitting(table: Sequence[tuple[int, Config, str]], head_dim: int,

@@ -18,7 +18,7 @@ from .. import build
 from ..device import DeviceLimits
 from ..problem import Problem
 from .common import (ELEMENT_BYTES, SMEM_PAD, defines, first_fitting, padded_row_bytes, pipeline_and_dim_problems,
-                     window_defines)
+                     Variant)
 
 SOURCE, ENTRY = "flash_bwd_dkdv.cu", "flash_bwd_dkdv"
 CONVERT_ENTRY = "flash_bwd_convert_dq"  # reads this kernel's dQ accumulator (flash_bwd_prep.py)
@@ -84,7 +84,10 @@ class DkdvConfig:
         return head_dim <= MAX_ATOMIC_DQ_HEAD_DIM
 
     def dq_accum_shape(self, p: Problem) -> tuple[int, ...]:
-        """The float32 dQ accumulator: like q (batch, seqlen_q, heads_q, stored head dim)."""
+        """The float32 dQ accumulator: like q (batch, seqlen_q, heads_q, stored head dim), or
+        (1, total_q, heads_q, stored head dim) for a packed batch (the kernels' view of q then)."""
+        if p.varlen:
+            return (1, p.total_q, p.heads_q, p.stored_head_dim)
         return (p.batch, p.seqlen_q, p.heads_q, p.stored_head_dim)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,11 +99,11 @@ CONFIG = DkdvConfig  # the config class of this family (plan.config_from_dict)
 
 @functools.lru_cache(maxsize=None)
 def spec(dtype: str, head_dim: int, cfg: DkdvConfig, accum_dq: bool, *,
-         window_sides: tuple[bool, bool]) -> build.KernelSpec:
+         variant: Variant) -> build.KernelSpec:
     return build.KernelSpec(SOURCE, ENTRY, defines(
         dtype, head_dim=head_dim, block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
         stages=cfg.stages, warps_d=cfg.warps_d, accum_dq=accum_dq, smem_bytes=cfg.smem_bytes(head_dim),
-        **window_defines(window_sides)))
+        **variant.mask_defines()))
 
 
 def grid(p: Problem, cfg: DkdvConfig) -> tuple[int, int, int]:

@@ -18,7 +18,7 @@ from .. import build
 from ..device import DeviceLimits
 from ..launch import DQ_UNIT_COLS, DQ_UNIT_ROWS, SMEM_ALIGN_SLACK
 from ..problem import Problem
-from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems, window_defines
+from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems, Variant
 from .flash_bwd_dkdv import MAX_ACC_FLOATS
 
 SOURCE, ENTRY = "flash_bwd_dkdv_sm90.cu", "flash_bwd_dkdv_sm90"
@@ -82,7 +82,12 @@ class Sm90DkdvConfig:
         return True
 
     def dq_accum_shape(self, p: Problem) -> tuple[int, ...]:
-        """DqUnits: [batch][heads_q][ceil(seqlen_q / 64)][kernel head dim / 32][64][32] float32."""
+        """DqUnits (traits.cuh) float32: [batch][heads_q][ceil(seqlen_q / 64)][kernel head dim / 32]
+        [64][32]; a packed batch has [heads_q][unit rows][...], each sequence starting a unit of
+        its own: ceil((total_q + 64 batch) / 64) unit rows hold them all (DqUnits::packed_unit_rows)."""
+        if p.varlen:
+            unit_rows = -(-(p.total_q + DQ_UNIT_ROWS * p.batch) // DQ_UNIT_ROWS)
+            return (p.heads_q, unit_rows, p.kernel_head_dim // DQ_UNIT_COLS, DQ_UNIT_ROWS, DQ_UNIT_COLS)
         return (p.batch, p.heads_q, -(-p.seqlen_q // DQ_UNIT_ROWS), p.kernel_head_dim // DQ_UNIT_COLS,
                 DQ_UNIT_ROWS, DQ_UNIT_COLS)
 
@@ -95,10 +100,10 @@ CONFIG = Sm90DkdvConfig  # the config class of this family (plan.config_from_dic
 
 @functools.lru_cache(maxsize=None)
 def spec(dtype: str, head_dim: int, cfg: Sm90DkdvConfig, accum_dq: bool, *,
-         window_sides: tuple[bool, bool]) -> build.KernelSpec:
+         variant: Variant) -> build.KernelSpec:
     return build.KernelSpec(SOURCE, ENTRY, defines(
         dtype, head_dim=head_dim, block_m=cfg.block_m, num_warps=NUM_WARPS, stages=cfg.stages, accum_dq=accum_dq,
-        smem_bytes=cfg.smem_bytes(head_dim), **window_defines(window_sides)), arch_suffix="a")
+        smem_bytes=cfg.smem_bytes(head_dim), **variant.mask_defines()), arch_suffix="a")
 
 
 def grid(p: Problem, cfg: Sm90DkdvConfig) -> tuple[int, int, int]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .. import build
 from ..device import DeviceLimits
 from ..problem import Problem
-from .common import defines, first_fitting, padded_row_bytes, window_defines
+from .common import defines, first_fitting, padded_row_bytes, Variant
 from .flash_fwd import RowTileConfig
 
 SOURCE, ENTRY = "flash_bwd_dq.cu", "flash_bwd_dq"
@@ -34,10 +34,10 @@ CONFIG = DqConfig  # the config class of this family (plan.config_from_dict)
 
 
 @functools.lru_cache(maxsize=None)
-def spec(dtype: str, head_dim: int, cfg: DqConfig, *, window_sides: tuple[bool, bool]) -> build.KernelSpec:
+def spec(dtype: str, head_dim: int, cfg: DqConfig, *, variant: Variant) -> build.KernelSpec:
     return build.KernelSpec(SOURCE, ENTRY, defines(
         dtype, head_dim=head_dim, block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
-        stages=cfg.stages, smem_bytes=cfg.smem_bytes(head_dim), **window_defines(window_sides)))
+        stages=cfg.stages, smem_bytes=cfg.smem_bytes(head_dim), **variant.mask_defines()))
 
 
 def grid(p: Problem, cfg: DqConfig) -> tuple[int, int, int]:

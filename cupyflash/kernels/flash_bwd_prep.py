@@ -9,7 +9,7 @@ import functools
 from .. import build
 from ..launch import CONVERT_CHUNK, CONVERT_THREADS, DELTA_ROWS, DELTA_THREADS
 from ..problem import Problem
-from .common import defines
+from .common import Variant, defines
 
 SOURCE = "flash_bwd_prep.cu"
 DELTA, CONVERT_DQ, CONVERT_DQ_TILED = "flash_bwd_delta", "flash_bwd_convert_dq", "flash_bwd_convert_dq_tiled"
@@ -17,10 +17,10 @@ ENTRIES = (DELTA, CONVERT_DQ, CONVERT_DQ_TILED)
 
 
 @functools.lru_cache(maxsize=None)
-def spec(dtype: str, entry: str) -> build.KernelSpec:
+def spec(dtype: str, entry: str, *, variant: Variant) -> build.KernelSpec:
     if entry not in ENTRIES:
         raise ValueError(f"entry {entry!r} is not a kernel of {SOURCE}; its kernels are {ENTRIES}")
-    return build.KernelSpec(SOURCE, entry, defines(dtype))
+    return build.KernelSpec(SOURCE, entry, defines(dtype, **variant.sequence_defines()))
 
 
 def threads(entry: str) -> int:
@@ -34,6 +34,6 @@ def grid(p: Problem, entry: str) -> tuple[int, int, int]:
     if entry == DELTA:
         return (-(-p.seqlen_q // DELTA_ROWS), p.heads_q, p.batch)
     if entry == CONVERT_DQ:
-        n_elements = p.batch * p.seqlen_q * p.heads_q * p.stored_head_dim
+        n_elements = p.query_rows * p.heads_q * p.stored_head_dim
         return (-(-n_elements // (CONVERT_CHUNK * CONVERT_THREADS)), 1, 1)
     return (p.seqlen_q, -(-(p.heads_q * p.stored_head_dim // 4) // CONVERT_THREADS), p.batch)

@@ -16,7 +16,7 @@ from typing import Any
 from .. import build
 from ..device import DeviceLimits
 from ..problem import Problem
-from .common import defines, first_fitting, padded_row_bytes, pipeline_and_dim_problems, window_defines
+from .common import defines, first_fitting, padded_row_bytes, pipeline_and_dim_problems, Variant
 
 SOURCE, ENTRY = "flash_fwd.cu", "flash_fwd"
 # Accumulator floats per thread above which a tile is not worth compiling: ptxas spills the
@@ -82,10 +82,10 @@ CONFIG = FwdConfig  # the config class of this family (plan.config_from_dict)
 
 
 @functools.lru_cache(maxsize=None)  # one spec per variant, built once
-def spec(dtype: str, head_dim: int, cfg: FwdConfig, *, window_sides: tuple[bool, bool]) -> build.KernelSpec:
+def spec(dtype: str, head_dim: int, cfg: FwdConfig, *, variant: Variant) -> build.KernelSpec:
     return build.KernelSpec(SOURCE, ENTRY, defines(
         dtype, head_dim=head_dim, block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
-        stages=cfg.stages, smem_bytes=cfg.smem_bytes(head_dim), **window_defines(window_sides)))
+        stages=cfg.stages, smem_bytes=cfg.smem_bytes(head_dim), **variant.mask_defines()))
 
 
 def grid(p: Problem, cfg: FwdConfig) -> tuple[int, int, int]:

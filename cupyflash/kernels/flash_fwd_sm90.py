@@ -17,7 +17,7 @@ from .. import build
 from ..device import DeviceLimits
 from ..launch import SMEM_ALIGN_SLACK
 from ..problem import Problem
-from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems, window_defines
+from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems, Variant
 from .flash_fwd import MAX_ACC_FLOATS
 
 SOURCE, ENTRY = "flash_fwd_sm90.cu", "flash_fwd_sm90"
@@ -71,10 +71,10 @@ CONFIG = Sm90FwdConfig  # the config class of this family (plan.config_from_dict
 
 
 @functools.lru_cache(maxsize=None)
-def spec(dtype: str, head_dim: int, cfg: Sm90FwdConfig, *, window_sides: tuple[bool, bool]) -> build.KernelSpec:
+def spec(dtype: str, head_dim: int, cfg: Sm90FwdConfig, *, variant: Variant) -> build.KernelSpec:
     return build.KernelSpec(SOURCE, ENTRY, defines(
         dtype, head_dim=head_dim, block_n=cfg.block_n, num_warps=cfg.num_warps, stages=cfg.stages,
-        smem_bytes=cfg.smem_bytes(head_dim), **window_defines(window_sides)), arch_suffix="a")
+        smem_bytes=cfg.smem_bytes(head_dim), **variant.mask_defines()), arch_suffix="a")
 
 
 def grid(p: Problem, cfg: Sm90FwdConfig) -> tuple[int, int, int]:
