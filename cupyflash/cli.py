@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from . import __version__, environment, settings, tuning, validate_report
 from .device import DeviceLimits, current_device_id, device_limits, gpu_count
 
 PAPER_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+VARLEN_HEAD_DIMS = (128,)  # bench --varlen's head dims unless --head-dim is given
 
 
 class _LibraryError(click.ClickException):
@@ -179,11 +181,40 @@ def _bench_shapes(bench: Any, dtypes: tuple[str, ...], head_dims: tuple[int, ...
     return [bench.BenchShape(dtype, head_dim, seqlen, causal, batch, heads) for dtype in dtypes for causal in causals]
 
 
+def _given(name: str) -> bool:
+    """Whether the current command's option `name` was set on the command line (not left to its default)."""
+    return click.get_current_context().get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+
+def _varlen_conflicts(shape: tuple[int, ...] | None, plot: Path | None) -> None:
+    """--varlen times its own batches: the grid's --seqlen, --shape and --plot do not apply."""
+    given = [flag for flag, used in (("--seqlen", _given("seqlens")), ("--shape", shape is not None),
+                                     ("--plot", plot is not None)) if used]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} cannot be combined with --varlen, which times its own batches "
+                               "(equal and mixed lengths)")
+
+
+def _save(bench_lib: Any, report: dict[str, Any], out: Path | None) -> None:
+    if out is not None:
+        saved = bench_lib.save(report, out, bench_lib.default_stem(report))
+        click.echo("saved " + ", ".join(str(path) for path in saved), err=True)
+
+
+def _bench_varlen(bench_lib: Any, dtypes: tuple[str, ...], head_dims: tuple[int, ...], causals: tuple[bool, ...],
+                  passes: tuple[str, ...], runs: int, as_json: bool, out: Path | None) -> None:
+    """bench --varlen: the variable-length batches, timed beside the dense call and the torch peer."""
+    batches = bench_lib.varlen_batches(dtypes, head_dims if _given("head_dims") else VARLEN_HEAD_DIMS, causals)
+    report = bench_lib.run_varlen(batches, passes=passes, runs=runs, progress=_progress)
+    click.echo(json.dumps(report, indent=1, default=str) if as_json else bench_lib.format_varlen_table(report))
+    _save(bench_lib, report, out)
+
+
 @cli.command()
 @click.option("--dtype", "dtypes", multiple=True, default=("float16", "bfloat16"), show_default=True,
               type=click.Choice(["float16", "bfloat16"]), help="Repeat for several.")
 @click.option("--head-dim", "head_dims", multiple=True, default=(64, 128, 256), show_default=True,
-              type=click.IntRange(1, 256), help="Repeat for several.")
+              type=click.IntRange(1, 256), help="Repeat for several (--varlen: 128 unless given).")
 @click.option("--seqlen", "seqlens", multiple=True, default=PAPER_SEQLENS, show_default=True,
               type=click.IntRange(min=1), help="Repeat for several; batch = 16384 tokens / seqlen.")
 @click.option("--causal", "mask", flag_value="causal", help="Causal only.")
@@ -196,9 +227,18 @@ def _bench_shapes(bench: Any, dtypes: tuple[str, ...], head_dims: tuple[int, ...
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Save the report in this folder.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Draw a TFLOP/s plot to this PNG.")
+@click.option("--varlen", is_flag=True,
+              help="Time attention_varlen instead of the grid: equal lengths (16x1024, 4x4096, 2x8192; masks as "
+                   "--causal/--no-causal/--both) beside the dense call on the same tokens (bar 0.97x), and 64 "
+                   "mixed lengths in 128..8192 (causal) beside the dense call at their mean length (bar 0.9x), "
+                   "with torch's varlen attention (or SDPA flash per sequence) as the peer.")
 def bench(dtypes: tuple[str, ...], head_dims: tuple[int, ...], seqlens: tuple[int, ...], mask: str, which: str,
-          shape: tuple[int, ...] | None, runs: int, as_json: bool, out: Path | None, plot: Path | None) -> None:
-    """Time forward and backward (TFLOP/s) against the peers on the FlashAttention papers' grid."""
+          shape: tuple[int, ...] | None, runs: int, as_json: bool, out: Path | None, plot: Path | None,
+          varlen: bool) -> None:
+    """Time forward and backward (TFLOP/s) against the peers on the FlashAttention papers' grid
+    (or, with --varlen, variable-length batches against the dense call)."""
+    if varlen:
+        _varlen_conflicts(shape, plot)
     if gpu_count() == 0:
         raise click.ClickException("No CUDA GPU found: cupyflash bench times the GPU kernels and needs one "
                                    "(`cupyflash validate` checks the algorithm on the CPU)")
@@ -208,13 +248,14 @@ def bench(dtypes: tuple[str, ...], head_dims: tuple[int, ...], seqlens: tuple[in
 
     causals = {"causal": (True,), "full": (False,), "both": (False, True)}[mask]
     passes = ("fwd", "bwd") if which == "both" else (which,)
+    if varlen:
+        _bench_varlen(bench_lib, dtypes, head_dims, causals, passes, runs, as_json, out)
+        return
     shapes = _bench_shapes(bench_lib, dtypes, head_dims, seqlens, causals, shape)
     report = bench_lib.run(shapes, passes=passes, runs=runs, progress=_progress)
     tables = "\n\n".join(bench_lib.format_table(report, p) for p in passes)
     click.echo(json.dumps(report, indent=1, default=str) if as_json else tables)
-    if out is not None:
-        saved = bench_lib.save(report, out, bench_lib.default_stem(report))
-        click.echo("saved " + ", ".join(str(path) for path in saved), err=True)
+    _save(bench_lib, report, out)
     if plot is not None:
         click.echo(f"plot {bench_lib.plot(report, plot)}", err=True)
 

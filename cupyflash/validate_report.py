@@ -2,6 +2,11 @@
 
 On a GPU: one row per (case, tensor), the kernels against the float64 reference with the
 tolerance rule. Without one: one row per case, the tiled NumPy algorithm against the naive one.
+Variable-length cases (ids "varlen-...") follow the dense ones in the same table: on a GPU
+(validation.varlen_matrix) one row per (case, sequence, tensor), the tensor named
+"<name>@s<sequence>"; without one (validation.cpu_varlen_matrix), the tiled algorithm and the
+reference run per sequence against naive attention over the packed tokens with a
+block-diagonal mask.
 Each table is streamed line by line while the cases run (a full matrix takes minutes) and
 collected as rows for the JSON summary; cli.py only decides where the lines go and prints.
 
@@ -20,7 +25,7 @@ from .device import current_device_id
 
 NO_GPU_VALIDATE = ("No CUDA GPU found: GPU kernels were NOT validated "
                    "(only the NumPy tiled algorithm was checked)")
-CASE_WIDTH = 48  # widest gpu_matrix id ("bfloat16-d128-causal-500x300-g1-b2-w32_-1") plus room
+CASE_WIDTH = 52  # widest id (the varlen window case, "varlen-float16-d64-full-q0,1,203-k0,1,203-g1-w16_4") plus room
 CPU_TENSORS = ("out", "lse", "dq", "dk", "dv")
 
 
@@ -38,10 +43,12 @@ def json_number(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-def _case_rows(case: validation.Case, deterministic: bool, out: Output, rows: list[dict[str, Any]]) -> int:
+def _case_rows(case: validation.Case | validation.VarlenCase, deterministic: bool, out: Output,
+               rows: list[dict[str, Any]]) -> int:
     """Runs one GPU case, appends a row per tensor; returns its number of failed tensors."""
+    run = validation.run_varlen_gpu_case if isinstance(case, validation.VarlenCase) else validation.run_gpu_case
     try:
-        results = validation.run_gpu_case(case, deterministic=deterministic)
+        results = run(case, deterministic=deterministic)
     except Exception as error:  # a crash or a compile error fails this case; the rest still run
         message = f"{type(error).__name__}: {environment.reason(error)}"
         rows.append({"case": case.id, "tensor": None, "ok": False, "exception": message})
@@ -65,38 +72,45 @@ def gpu_report(quick: bool, deterministic: bool, out: Output) -> dict[str, Any]:
     kernel_source_hash, deterministic, ignored_options, cases, failures (failed tensors and
     cases that raised), rows.
     """
-    cases, rows = validation.gpu_matrix(quick), []
+    varlen = validation.varlen_matrix(quick)
+    cases, rows = [*validation.gpu_matrix(quick), *varlen], []
     device_id = current_device_id()
     gpu = environment.probe(lambda: environment.gpu(device_id))
     cupy, source = environment.versions()["cupy"], environment.probe(build.source_hash)
     out.line(f"GPU {device_id}: {environment.gpu_line(gpu)}; CuPy {cupy}; kernel source hash {source}; "
-             f"{len(cases)} cases; deterministic={deterministic}")
-    out.line("pass: error <= 2 x baseline error + floor (error = max|ours - float64 reference|)")
+             f"{len(cases)} cases ({len(varlen)} varlen); deterministic={deterministic}")
+    out.line("pass: error <= 2 x baseline error + floor (error = max|ours - float64 reference|); "
+             "varlen cases per sequence (tensor@s<b>), against that sequence alone")
     out.line(f"{'case':<{CASE_WIDTH}} {'tensor':<6} {'error':>10} {'baseline':>10} {'ratio':>7}  result")
     failures = sum(_case_rows(case, deterministic, out, rows) for case in cases)
     out.line(f"{len(cases)} cases, {len(rows)} rows: " + (f"{failures} FAILED" if failures else "all passed")
              + "; GPU kernels validated: yes")
     return {"gpu": True, "gpu_kernels_validated": True, "device": gpu, "cupy": cupy, "kernel_source_hash": source,
-            "deterministic": deterministic, "ignored_options": [], "cases": len(cases), "failures": failures,
-            "rows": rows}
+            "deterministic": deterministic, "ignored_options": [], "cases": len(cases), "varlen_cases": len(varlen),
+            "failures": failures, "rows": rows}
 
 
 def cpu_report(quick: bool, ignored: list[str], out: Output) -> dict[str, Any]:
-    """Without a GPU: the tiled NumPy algorithm against the naive one, in float64.
+    """Without a GPU: the tiled NumPy algorithm against the naive one, in float64; the varlen
+    cases per sequence against a block-diagonal masked attention (validation.run_cpu_varlen_case).
 
     ignored: the options given that apply only to the GPU kernels (each gets a note). Returns
     the JSON summary: gpu, gpu_kernels_validated (False), note, ignored_options, tolerance,
-    cases, failures, rows.
+    cases, varlen_cases, failures, rows.
     """
-    cases, rows = validation.cpu_matrix(quick), []
+    varlen = validation.cpu_varlen_matrix(quick)
+    cases, rows = [*validation.cpu_matrix(quick), *varlen], []
     for option in ignored:
         out.note(f"{option} ignored: it applies to the GPU kernels, and without a GPU none are validated")
     out.line("No CUDA GPU: checking the NumPy tiled algorithm (reference_tiled) against naive attention "
-             f"in float64; pass: every max |tiled - naive| <= {validation.CPU_TOLERANCE:g}")
+             f"in float64; pass: every max |tiled - naive| <= {validation.CPU_TOLERANCE:g}"
+             + ("; varlen cases: tiled and reference.py per sequence against naive attention over the packed "
+                "tokens with a block-diagonal mask" if varlen else ""))
     out.line(f"{'case':<{CASE_WIDTH}} " + " ".join(f"{t:>8}" for t in CPU_TENSORS) + "  result")
     failures = 0
     for case in cases:
-        errors = validation.run_cpu_case(case)
+        run = validation.run_cpu_varlen_case if isinstance(case, validation.VarlenCpuCase) else validation.run_cpu_case
+        errors = run(case)
         ok = all(errors[t] <= validation.CPU_TOLERANCE for t in CPU_TENSORS)  # False for nan too
         failures += not ok
         rows.append({"case": case.id, **{t: json_number(errors[t]) for t in CPU_TENSORS}, "ok": ok})
@@ -106,4 +120,5 @@ def cpu_report(quick: bool, ignored: list[str], out: Output) -> dict[str, Any]:
              + "; GPU kernels validated: no")
     out.note(NO_GPU_VALIDATE)
     return {"gpu": False, "gpu_kernels_validated": False, "note": NO_GPU_VALIDATE, "ignored_options": ignored,
-            "tolerance": validation.CPU_TOLERANCE, "cases": len(cases), "failures": failures, "rows": rows}
+            "tolerance": validation.CPU_TOLERANCE, "cases": len(cases), "varlen_cases": len(varlen),
+            "failures": failures, "rows": rows}

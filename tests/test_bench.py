@@ -570,6 +570,363 @@ def test_measure_compile_times_without_gpu() -> None:
     assert convert["memoized"] is True  # one program with flash_bwd_delta, compiled just before
 
 
+# --------------------------------------------------------------------------- variable-length batches
+
+
+def test_cu_seqlens() -> None:
+    cu = bench.cu_seqlens((0, 1, 203, 5))
+    assert cu.dtype == np.int32 and cu.tolist() == [0, 0, 1, 204, 209]
+    assert bench.cu_seqlens([]).tolist() == [0]
+    assert bench.cu_seqlens(np.array([3, 4], dtype=np.int64)).tolist() == [0, 3, 7]
+    with pytest.raises(ValueError, match="non-negative integer"):
+        bench.cu_seqlens((3, -1))
+    with pytest.raises(ValueError, match="non-negative integer"):
+        bench.cu_seqlens((1.5,))
+    with pytest.raises(ValueError, match="2\\^31 - 1"):
+        bench.cu_seqlens((2**30, 2**30))
+
+
+def test_varlen_flops_count_each_sequence() -> None:
+    lengths = (1, 2, 300)
+    forward = 4.0 * (1 + 4 + 90000) * 128 * 16
+    assert bench.varlen_flops(lengths, 16, 128, False, "fwd") == forward
+    assert bench.varlen_flops(lengths, 16, 128, False, "bwd") == 2.5 * forward
+    assert bench.varlen_flops(lengths, 16, 128, True, "fwd") == forward / 2
+    assert bench.varlen_flops(lengths, 16, 128, True, "bwd") == 2.5 * forward / 2
+    assert bench.varlen_flops((2, 3), 1, 1, False, "fwd", lengths_k=(5, 7)) == 4.0 * (2 * 5 + 3 * 7)
+    assert bench.varlen_flops((), 16, 128, False, "fwd") == 0
+    with pytest.raises(ValueError, match="pass_"):
+        bench.varlen_flops(lengths, 16, 128, False, "both")
+    with pytest.raises(ValueError, match="one of each per sequence"):
+        bench.varlen_flops((1, 2), 1, 1, False, "fwd", lengths_k=(1,))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_equal_batches_count_what_the_dense_call_counts(causal: bool) -> None:
+    for sequences, length in bench.EQUAL_BATCHES:
+        batch = bench.equal_batch("float16", 128, sequences, length, causal)
+        assert batch.tokens == 16384 and batch.heads == 16
+        assert batch.dense_shape == BenchShape("float16", 128, length, causal, sequences, 16)
+        for pass_ in ("fwd", "bwd"):
+            assert bench.batch_flops(batch, pass_) == bench.flops(batch.dense_shape, pass_)
+
+
+def test_mixed_lengths_are_deterministic_and_sum_right() -> None:
+    lengths = bench.mixed_lengths()
+    assert lengths == bench.mixed_lengths(64, 128, 8192, 0)  # the defaults
+    assert lengths == bench.mixed_lengths()  # same seed, same lengths
+    assert len(lengths) == 64 and all(128 <= n <= 8192 for n in lengths)
+    assert sum(lengths) % 64 == 0 and len(set(lengths)) > 32
+    raw = np.random.default_rng(0).integers(128, 8192, endpoint=True, size=64)
+    assert np.abs(np.array(lengths) - raw).max() <= 1 and np.abs(np.array(lengths) - raw).sum() == sum(raw) % 64
+    assert bench.mixed_lengths(seed=1) != lengths
+    assert 3000 < sum(lengths) / 64 < 5300  # uniform in 128..8192: mean about 4160
+
+
+def test_mixed_lengths_nudges_within_the_bounds() -> None:
+    for seed in range(50):  # narrow ranges hit both branches: the longest lose one, or the shortest gain one
+        for count, low, high in ((4, 1, 2), (5, 3, 4), (7, 1, 3), (3, 10, 10)):
+            lengths = bench.mixed_lengths(count, low, high, seed)
+            assert len(lengths) == count and sum(lengths) % count == 0, (seed, count, lengths)
+            assert all(low <= n <= high for n in lengths), (seed, count, lengths)
+    with pytest.raises(ValueError, match="1 <= low <= high"):
+        bench.mixed_lengths(4, 10, 5)
+    with pytest.raises(ValueError, match="count >= 1"):
+        bench.mixed_lengths(0)
+
+
+def test_varlen_batches() -> None:
+    batches = bench.varlen_batches()
+    assert len(batches) == 2 * (2 * 3 + 1) and len({b.id for b in batches}) == len(batches)
+    assert batches[0] == bench.equal_batch("float16", 128, 16, 1024, False)
+    assert [(b.kind, b.spec, b.causal) for b in batches[:7]] == [
+        ("equal", "16x1024", False), ("equal", "4x4096", False), ("equal", "2x8192", False),
+        ("equal", "16x1024", True), ("equal", "4x4096", True), ("equal", "2x8192", True),
+        ("mixed", "64x[128,8192]s0", True)]
+    mixed = batches[6]
+    assert mixed.lengths == bench.mixed_lengths() and mixed.bar == bench.MIXED_BAR == 0.9
+    assert mixed.dense_shape == BenchShape("float16", 128, mixed.tokens // 64, True, 64, 16)
+    assert mixed.dense_shape.batch * mixed.dense_shape.seqlen == mixed.tokens  # the same total tokens
+    assert batches[0].bar == bench.EQUAL_BAR == 0.97
+    assert mixed.max_seqlen == max(mixed.lengths) and mixed.cu_seqlens[-1] == mixed.tokens
+    assert mixed.id == "mixed-float16-d128-causal-64x[128,8192]s0-h16"
+    only = bench.varlen_batches(("bfloat16",), (64,), (True,))
+    assert [(b.dtype, b.head_dim, b.heads, b.causal, b.kind) for b in only] == [
+        ("bfloat16", 64, 32, True, "equal")] * 3 + [("bfloat16", 64, 32, True, "mixed")]
+    with pytest.raises(ValueError, match="float32"):
+        bench.varlen_batches(("float32",))
+    with pytest.raises(ValueError, match="hidden"):
+        bench.varlen_batches(head_dims=(4096,))
+
+
+def test_varlen_batch_rules() -> None:
+    with pytest.raises(ValueError, match="whole mean length"):
+        bench.VarlenBatch("mixed", "float16", 64, 2, True, (3, 4), "x")
+    with pytest.raises(ValueError, match="one length"):
+        bench.VarlenBatch("equal", "float16", 64, 2, True, (3, 5), "x")
+    with pytest.raises(ValueError, match="at least one sequence"):
+        bench.VarlenBatch("mixed", "float16", 64, 2, True, (0, 4), "x")
+    with pytest.raises(ValueError, match="kind"):
+        bench.VarlenBatch("ragged", "float16", 64, 2, True, (4, 4), "x")
+
+
+def test_segments() -> None:
+    assert bench.segments((1024,) * 16) == [(0, 16384, 16, 1024)]
+    assert bench.segments((5, 5, 9, 5)) == [(0, 10, 2, 5), (10, 19, 1, 9), (19, 24, 1, 5)]
+    assert bench.segments(()) == []
+    runs = bench.segments(bench.mixed_lengths())
+    assert sum(r[2] for r in runs) == 64 and runs[-1][1] == sum(bench.mixed_lengths())
+    assert all(stop - start == count * length for start, stop, count, length in runs)
+
+
+# ---------------------------------------------------- varlen: the check, per run of equal lengths
+
+
+def _varlen_check(monkeypatch: pytest.MonkeyPatch, batch: bench.VarlenBatch, dtype: str = "float16") -> tuple:
+    """Packed inputs, references (NumPy, on the host) and outputs that pass: the float64
+    reference of each sequence alone, rounded to the dtype."""
+    from cupyflash.bench import varlen_run
+
+    monkeypatch.setattr(varlen_run, "require_cupy", lambda: np)
+    monkeypatch.setattr(varlen_run, "free_device_bytes", lambda: 10**9)
+    dims = (1, batch.tokens, batch.heads, batch.head_dim)
+    data = {n: a[0] for n, a in validation.random_inputs(dims, dims, dtype, seed=3).items()}
+    refs = varlen_run.packed_references(batch, data, ("fwd", "bwd"))
+    as64 = {n: bench.to_float32(a).astype(np.float64) for n, a in data.items()}
+    exact = validation.stitched_reference(as64, batch.lengths, batch.lengths, causal=batch.causal)
+    outputs = {n: exact[n].astype(numpy_dtype(dtype)) for n in ("out", "dq", "dk", "dv")}
+    return varlen_run, refs, outputs
+
+
+def test_judge_packed_per_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = bench.VarlenBatch("mixed", "float16", 16, 2, True, (5, 5, 9, 5), "t")
+    varlen_run, refs, outputs = _varlen_check(monkeypatch, batch)
+    assert [run for run, _ in refs] == bench.segments(batch.lengths) and all(r.kind == "full" for _, r in refs)
+    grads = (outputs["dq"], outputs["dk"], outputs["dv"])
+    row = varlen_run.judge_packed(refs, "bwd", grads, "float16")
+    assert row["valid"] is True and row["check"] == "full" and 0 <= row["error"] <= 1
+    assert set(row["errors"]) == {"dq", "dk", "dv"} and "mismatches" not in row
+    assert varlen_run.judge_packed(refs, "fwd", (outputs["out"],), "float16")["valid"] is True
+    broken = outputs["dk"].copy()
+    broken[12, 1, 3] += 1.0  # packed row 12: sequence 2 (rows 10..18), the run of one 9-long sequence
+    row = varlen_run.judge_packed(refs, "bwd", (outputs["dq"], broken, outputs["dv"]), "float16")
+    assert row["valid"] is False and row["worst_sequences"] == [2, 2] and row["failing_runs"] == 1
+    assert row["mismatches"][0].startswith("sequence 2: dk: ") and "at (0, 2, 1, 3)" in row["mismatches"][0]
+
+
+def test_judge_packed_of_an_equal_batch_is_the_dense_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run: the reference is the dense call's own, so varlen and dense are judged alike."""
+    batch = bench.equal_batch("bfloat16", 16, 3, 8, False, hidden=32)
+    varlen_run, refs, outputs = _varlen_check(monkeypatch, batch, "bfloat16")
+    assert len(refs) == 1 and refs[0][1].ref64["out"].shape == batch.dense_shape.dims
+    out = outputs["out"].copy()
+    out[-1, 0, 0] = np.nan  # the last sequence's last row
+    row = varlen_run.judge_packed(refs, "fwd", (out,), "bfloat16")
+    assert row["valid"] is False and math.isnan(row["error"]) and row["worst_sequences"] == [0, 2]
+    assert row["mismatches"][0].startswith("sequences 0..2 (the coordinate's first index counts from sequence 0): ")
+    assert "at (2, 7, 0, 0)" in row["mismatches"][0]
+
+
+def test_merge_verdicts() -> None:
+    from cupyflash.bench.varlen_run import MAX_MISMATCHES, merge_verdicts
+
+    ok = {"valid": True, "error": 0.5, "errors": {"out": 1e-3}, "allowed": {"out": 2e-3}, "check": "full"}
+    worse = {**ok, "error": 0.75, "errors": {"out": 1.5e-3}}
+    assert merge_verdicts([ok, worse, ok], [(0, 4), (4, 5), (9, 1)]) == {**worse, "worst_sequences": [4, 8]}
+    bad = {**ok, "valid": False, "error": 3.0, "mismatches": ["out: max|ours - ref64| = ..."]}
+    merged = merge_verdicts([ok, bad] * 4, [(n, 1) for n in range(8)])
+    assert merged["valid"] is False and merged["error"] == 3.0 and merged["worst_sequences"] == [1, 1]
+    assert merged["failing_runs"] == 4 and merged["mismatches"][0] == "sequence 1: out: max|ours - ref64| = ..."
+    assert len(merge_verdicts([bad] * 9, [(n, 1) for n in range(9)])["mismatches"]) == MAX_MISMATCHES
+    sliced = {**ok, "check": "slice", "note": "checked out of the last 64 query rows of batch 0 only (...)"}
+    merged = merge_verdicts([ok, sliced, {**sliced, "note": "other"}], [(0, 1), (1, 1), (2, 1)])
+    assert merged["check"] == "slice" and merged["note"].endswith("(and 1 other notes)")
+    unchecked = {"valid": None, "note": "not validated: no memory"}
+    assert merge_verdicts([ok, unchecked], [(0, 1), (1, 1)])["valid"] is None
+    assert merge_verdicts([unchecked], [(0, 3)]) == {"valid": None, "note": "not validated: no memory"}
+    nan = {**ok, "valid": False, "error": float("nan")}
+    assert math.isnan(merge_verdicts([worse, nan], [(0, 1), (1, 1)])["error"])
+
+
+def test_torch_peer_choice() -> None:
+    from types import SimpleNamespace
+
+    from cupyflash.bench.varlen_run import choose_peer, varlen_mask_options
+
+    assert choose_peer(None) == "torch-flash-seq"
+    assert choose_peer(SimpleNamespace()) == "torch-flash-seq"
+    assert choose_peer(SimpleNamespace(varlen_attn=lambda *a, **k: None)) == "torch-varlen"
+
+    def torch_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):  # noqa
+        return None
+
+    def torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,  # noqa
+                   window_size=(-1, -1)):
+        return None
+
+    assert varlen_mask_options(torch_2_9, True) == {"is_causal": True}
+    assert varlen_mask_options(torch_2_9, False) == {"is_causal": False}
+    assert varlen_mask_options(torch_2_10, True) == {"window_size": (-1, 0)}
+    assert varlen_mask_options(torch_2_10, False) == {"window_size": (-1, -1)}
+
+
+def test_torch_peer_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cupyflash.bench import varlen_run
+
+    monkeypatch.setattr(varlen_run.importlib.util, "find_spec", lambda name: None)
+    assert varlen_run.torch_peer() == (None, "PyTorch not installed: no peer")
+
+
+# ---------------------------------------------------- varlen: summary, tables, files
+
+
+def _varlen_row(impl: str, pass_: str, batch: bench.VarlenBatch, tflops: float | None, valid: bool | None = True,
+                **extra: object) -> dict:
+    from cupyflash.bench import varlen_run
+
+    row = {**varlen_run._row(impl, pass_, batch), "tflops": tflops, "valid": valid}
+    row["ms"] = None if tflops is None else row["flops"] / (tflops * 1e12) * 1e3
+    row.update(extra)
+    return row
+
+
+def _varlen_report() -> dict:
+    equal = bench.equal_batch("float16", 128, 16, 1024, True)
+    mixed = bench.mixed_batch("float16", 128)
+    rows = [_varlen_row("cupyflash-varlen", "fwd", equal, 297.0, first_call_ms=900.0, new_cubins=2,
+                        peak_extra_mb=64.0, output_mb=64.0),
+            _varlen_row("torch-varlen", "fwd", equal, 250.0),
+            _varlen_row("cupyflash-dense", "fwd", equal, 300.0),
+            _varlen_row("cupyflash-varlen", "bwd", equal, 200.0, valid=False, error=float("nan"),
+                        mismatches=["sequence 3: dq: max|ours - ref64| = nan at (0, 1, 2, 3)"]),
+            _varlen_row("torch-varlen", "bwd", equal, None, valid=None, failure="RuntimeError: no kernel"),
+            _varlen_row("cupyflash-dense", "bwd", equal, 210.0),
+            _varlen_row("cupyflash-varlen", "fwd", mixed, 350.0),
+            _varlen_row("torch-varlen", "fwd", mixed, 300.0),
+            _varlen_row("cupyflash-dense", "fwd", mixed, 400.0)]
+    return {"kind": "varlen", "environment": ENV, "settings": {"runs": 20, "peer_note": "torch 2.11.0: varlen_attn"},
+            "rows": rows, "summary": bench.summarize(rows)}
+
+
+def test_varlen_summary() -> None:
+    report = _varlen_report()
+    fwd, bwd, mixed = report["summary"]
+    assert (fwd["id"], fwd["pass"], fwd["dense"], fwd["bar"]) == (report["rows"][0]["id"], "fwd", "16x1024", 0.97)
+    assert math.isclose(fwd["ratio"], 0.99) and fwd["meets"] is True
+    assert fwd["peer"] == "torch-varlen" and math.isclose(fwd["peer_ratio"], 297 / 250)
+    assert fwd["tflops"] == {"cupyflash-varlen": 297.0, "torch-varlen": 250.0, "cupyflash-dense": 300.0}
+    assert math.isclose(bwd["ratio"], 200 / 210) and bwd["meets"] is False  # fails validation: never meets
+    assert bwd["peer_ratio"] is None
+    dense_tokens = mixed["dense"].split("x")
+    assert int(dense_tokens[0]) * int(dense_tokens[1]) == mixed["tokens"]
+    assert math.isclose(mixed["ratio"], 350 / 400) and mixed["meets"] is False and mixed["bar"] == 0.9
+    lonely = bench.summarize([_varlen_row("cupyflash-varlen", "fwd", bench.mixed_batch("float16", 64), 1.0)])
+    assert lonely[0]["ratio"] is None and lonely[0]["meets"] is None and "peer" not in lonely[0]
+
+
+def test_format_varlen_table() -> None:
+    text = bench.format_varlen_table(_varlen_report())
+    lines = text.splitlines()
+    assert lines[0].startswith("**Variable-length TFLOP/s** (median of 20 runs; FLOPs of the real tokens only) — ")
+    assert "Test GPU 80GB" in lines[0] and "commit aaaaaaaaaaaa" in lines[0]
+    header, *rows = _table_rows(text)
+    assert header == ["batch", "dtype", "D", "H", "causal", "pass", "dense BxS", "cupyflash-varlen",
+                      "cupyflash-dense", "torch-varlen", "varlen / dense", "bar", "met", "varlen / torch-varlen"]
+    assert rows[0] == ["equal 16x1024", "float16", "128", "16", "1", "fwd", "16x1024", "297", "300", "250", "0.99",
+                       "0.97", "yes", "1.19"]
+    assert rows[1][7:] == ["200 ✗", "210", "-", "✗", "0.97", "NO", "-"]
+    assert rows[2][0] == "mixed 64x[128,8192]s0" and rows[2][10:13] == ["0.88", "0.90", "NO"]
+    assert "peer: torch 2.11.0: varlen_attn" in text and "mixed lengths >= 0.90 x" in text
+
+
+def test_varlen_report_files(tmp_path: Path) -> None:
+    report = _varlen_report()
+    assert bench.default_stem(report) == "bench-varlen-test-gpu-80gb-2026-11-24"
+    assert bench.default_stem({**report, "kind": None}).startswith("bench-test-gpu")
+    paths = bench.save(report, tmp_path, bench.default_stem(report))
+    markdown = paths[1].read_text()
+    assert markdown == bench.format_report(report) == bench.format_varlen_report(report)
+    assert markdown.startswith(bench.format_varlen_table(report))
+    assert "9 results: 1 failed validation, 1 raised; bar missed by 2 of 3" in markdown
+    assert "torch-varlen bwd raised: RuntimeError: no kernel" in markdown
+    assert "sequence 3: dq: max|ours - ref64| = nan" in markdown and "first call 900 ms, 2 new cubins" in markdown
+    loaded = bench.load(paths[0])
+    assert loaded["kind"] == "varlen" and loaded["environment"] == ENV and loaded["rows"][3]["error"] == "nan"
+    assert bench.format_varlen_table(loaded) == bench.format_varlen_table(report)
+
+
+# --------------------------------------------------------------------------- varlen validation cases
+
+
+def test_varlen_validation_cases() -> None:
+    for quick in (False, True):
+        cases = validation.varlen_matrix(quick)
+        assert len({c.id for c in cases}) == len(cases)
+        assert {c.dtype for c in cases} == {"float16", "bfloat16"} and {c.causal for c in cases} == {False, True}
+        assert {c.group for c in cases} == {1, 4} and any(c.head_dim % 2 for c in cases)  # GQA, an odd head dim
+        for case in cases:
+            assert len(case.lengths_q) == len(case.lengths_k) == 3
+            lengths = case.lengths_q + case.lengths_k
+            assert 0 in lengths and 1 in lengths and max(case.lengths_q) > 128
+    assert len(validation.varlen_matrix(quick=True)) < len(validation.varlen_matrix())
+    assert validation.VarlenCase("float16", 37, True, (0, 1, 203), (0, 1, 203), 4).id == \
+        "varlen-float16-d37-causal-q0,1,203-k0,1,203-g4"
+    assert max(len(c.id) for c in validation.varlen_matrix()) <= validate_report_width()
+    cpu = validation.cpu_varlen_matrix(quick=True)
+    assert {c.causal for c in cpu} == {False, True} and {(c.lengths_q, c.lengths_k) for c in cpu} == set(
+        validation.VARLEN_LENGTHS)
+
+
+def validate_report_width() -> int:
+    from cupyflash import validate_report
+
+    return validate_report.CASE_WIDTH
+
+
+def test_block_diagonal_mask_is_bottom_right_per_sequence() -> None:
+    mask = validation.block_diagonal_mask((2, 0, 3), (4, 2, 1), causal=True)
+    expected = np.zeros((5, 7), dtype=bool)
+    expected[0, 0:3] = True  # sequence 0: query 0 of 2 sits at key 2 of 4
+    expected[1, 0:4] = True
+    expected[4, 6] = True  # sequence 2: 3 queries, 1 key: only the last query sees it
+    assert np.array_equal(mask, expected)
+
+
+def test_masked_attention_of_one_sequence_is_the_reference() -> None:
+    data = {n: a[0].astype(np.float64) for n, a in _host_inputs(1, 9, 13, 4, 8, heads_kv=2).items()}
+    mask = validation.block_diagonal_mask((9,), (13,), causal=True)
+    ours = validation.masked_attention(data["q"], data["k"], data["v"], data["dout"], mask)
+    batched = {n: a[None] for n, a in data.items()}
+    out, lse = reference.attention_forward(batched["q"], batched["k"], batched["v"], causal=True)
+    grads = reference.attention_backward(batched["dout"], batched["q"], batched["k"], batched["v"], causal=True)
+    for name, ref in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
+        np.testing.assert_allclose(ours[name], ref[0], rtol=0, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("case", validation.cpu_varlen_matrix(quick=True), ids=lambda c: c.id)
+def test_cpu_varlen_cases_pass(case: validation.VarlenCpuCase) -> None:
+    errors = validation.run_cpu_varlen_case(case)
+    assert set(errors) == {"out", "lse", "dq", "dk", "dv"}
+    assert all(error <= validation.CPU_TOLERANCE for error in errors.values()), errors
+
+
+def test_cpu_varlen_check_catches_a_wrong_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A per-sequence reference aligned top-left instead of bottom-right fails the check."""
+    real = validation.sequence_reference
+
+    def top_left(packed: dict, rows: slice, keys: slice, **options: object) -> dict:
+        q_len, k_len = rows.stop - rows.start, keys.stop - keys.start
+        shift = min(q_len, k_len)  # top-left causal = bottom-right causal of the first min(Sq, Sk) keys
+        result = real(packed, rows, slice(keys.start, keys.start + shift), **options)
+        for name in ("dk", "dv"):
+            result[name] = np.concatenate([result[name], np.zeros((k_len - shift, *result[name].shape[1:]))])
+        return result
+
+    monkeypatch.setattr(validation, "sequence_reference", top_left)
+    errors = validation.run_cpu_varlen_case(validation.VarlenCpuCase((150, 0, 1), (333, 5, 64), 16, 32, True))
+    assert errors["out"] > 1e-3
+
+
 # --------------------------------------------------------------------------- on a GPU
 
 
@@ -609,3 +966,30 @@ def test_reference_falls_back_to_the_slice(monkeypatch: pytest.MonkeyPatch) -> N
     assert rows[("naive-cupy", "fwd")]["note"].startswith("skipped")
     assert rows[("cupyflash", "fwd")]["check"] == "slice" and rows[("cupyflash", "fwd")]["valid"] is True
     assert rows[("cupyflash", "bwd")]["check"] == "slice" and set(rows[("cupyflash", "bwd")]["errors"]) == {"dq"}
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_run_varlen_tiny_batches() -> None:
+    """run_varlen end to end on two small batches: every row checked, the ratios summarized."""
+    batches = [bench.equal_batch("float16", 64, 2, 256, True, hidden=256),
+               bench.mixed_batch("bfloat16", 64, count=4, low=17, high=300, hidden=256)]
+    messages: list[str] = []
+    report = bench.run_varlen(batches, runs=2, warmup=1, progress=messages.append)
+    assert report["kind"] == "varlen" and len(messages) == len(report["rows"])
+    rows = {(r["id"], r["impl"], r["pass"]): r for r in report["rows"]}
+    for batch in batches:
+        for impl in ("cupyflash-varlen", "cupyflash-dense"):
+            for pass_ in ("fwd", "bwd"):
+                row = rows[(batch.id, impl, pass_)]
+                assert row.get("failure") is None, row
+                assert row["valid"] is True and row["check"] == "full" and row["error"] <= 1, row
+                assert row["ms"] > 0 and row["tflops"] > 0
+    peer = report["settings"]["peer"]
+    if peer is not None:
+        for batch in batches:
+            row = rows[(batch.id, peer, "fwd")]
+            assert row.get("failure") is not None or row["valid"] is True, row
+    assert [(s["id"], s["pass"]) for s in report["summary"]] == [(b.id, p) for b in batches for p in ("fwd", "bwd")]
+    assert all(isinstance(s["ratio"], float) for s in report["summary"])
+    assert "Variable-length TFLOP/s" in bench.format_varlen_table(report)

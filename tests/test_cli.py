@@ -207,8 +207,11 @@ def test_validate_quick_without_gpu() -> None:
     lines = result.stdout.splitlines()
     assert lines[1].split()[:6] == ["case", "out", "lse", "dq", "dk", "dv"]
     rows = [line for line in lines if line.endswith("  pass")]
-    assert len(rows) == len(validation.cpu_matrix(quick=True))
+    varlen = validation.cpu_varlen_matrix(quick=True)
+    assert varlen and len(rows) == len(validation.cpu_matrix(quick=True)) + len(varlen)
+    assert [row.split()[0] for row in rows[-len(varlen):]] == [case.id for case in varlen]
     assert f"{len(rows)} cases: all passed" in result.stdout
+    assert "varlen cases: tiled and reference.py per sequence" in lines[0]
 
 
 def test_validate_json_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,7 +220,8 @@ def test_validate_json_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.exit_code == 0, everything(result)
     report = json.loads(result.stdout)
     assert report["gpu"] is False and report["failures"] == 0 and report["note"] == validate_report.NO_GPU_VALIDATE
-    assert len(report["rows"]) == report["cases"] == len(validation.cpu_matrix(quick=True))
+    assert len(report["rows"]) == report["cases"] == len(validation.cpu_matrix(quick=True)) + report["varlen_cases"]
+    assert report["varlen_cases"] == len(validation.cpu_varlen_matrix(quick=True)) > 0
     assert all(row["ok"] and row["out"] <= validation.CPU_TOLERANCE for row in report["rows"])
     assert validate_report.NO_GPU_VALIDATE in result.stderr
 
@@ -225,6 +229,7 @@ def test_validate_json_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_validate_cpu_failure_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "gpu_count", lambda: 0)
     monkeypatch.setattr(validation, "cpu_matrix", lambda quick: [validation.CpuCase(3, 5, 2, 2, True)])
+    monkeypatch.setattr(validation, "cpu_varlen_matrix", lambda quick: [])
     monkeypatch.setattr(validation, "run_cpu_case", lambda case: {"out": 1e-3, "lse": 0.0, "dq": float("nan"),
                                                                   "dk": 0.0, "dv": 0.0})
     result = invoke("validate", "--quick")
@@ -235,6 +240,7 @@ def test_validate_cpu_failure_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_validate_text_without_gpu_says_no_gpu_kernels_were_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "gpu_count", lambda: 0)
     monkeypatch.setattr(validation, "cpu_matrix", lambda quick: [validation.CpuCase(3, 5, 2, 2, True)])
+    monkeypatch.setattr(validation, "cpu_varlen_matrix", lambda quick: [])
     result = invoke("validate")
     assert result.exit_code == 0, everything(result)
     assert "1 cases: all passed; GPU kernels validated: no" in result.stdout
@@ -252,6 +258,7 @@ def test_validate_without_gpu_names_the_ignored_gpu_options(monkeypatch: pytest.
                                                             ignored: list[str]) -> None:
     monkeypatch.setattr(cli, "gpu_count", lambda: 0)
     monkeypatch.setattr(validation, "cpu_matrix", lambda quick: [validation.CpuCase(3, 5, 2, 2, True)])
+    monkeypatch.setattr(validation, "cpu_varlen_matrix", lambda quick: [])
     text, as_json = invoke("validate", *options), invoke("validate", "--json", *options)
     assert text.exit_code == as_json.exit_code == 0, everything(text) + everything(as_json)
     notes = [IGNORED_NOTE.format(option) for option in ignored]
@@ -294,7 +301,12 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         calls["quick"] = quick
         return CASES
 
+    def varlen_matrix(quick: bool) -> list[validation.VarlenCase]:
+        calls["varlen_quick"] = quick
+        return []  # tests of varlen cases put some in
+
     monkeypatch.setattr(validation, "gpu_matrix", gpu_matrix)
+    monkeypatch.setattr(validation, "varlen_matrix", varlen_matrix)
     return calls
 
 
@@ -357,6 +369,48 @@ def test_validate_gpu_json_has_no_infinities(fake_gpu: dict[str, Any], monkeypat
     assert report["rows"][0]["error"] == "inf" and report["rows"][0]["ok"] is False
 
 
+VARLEN_CASES = [validation.VarlenCase("float16", 128, True, (0, 1, 203), (0, 1, 203), group=4)]
+
+
+def _fake_varlen_run(calls: dict[str, Any], errors: dict[str, float]) -> Any:
+    def run_varlen_gpu_case(case: validation.VarlenCase, *, deterministic: bool = False) -> list[Comparison]:
+        calls["run"].append((case.id, deterministic))
+        return [_comparison(f"{name}@s{b}", errors.get(f"{name}@s{b}", 1e-3))
+                for b in (1, 2) for name in ("out", "lse", "dq", "dk", "dv")]
+    return run_varlen_gpu_case
+
+
+def test_validate_gpu_runs_the_varlen_cases(fake_gpu: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(validation, "varlen_matrix", lambda quick: fake_gpu.update(varlen_quick=quick) or VARLEN_CASES)
+    monkeypatch.setattr(validation, "run_gpu_case", _fake_run(fake_gpu, {}))
+    monkeypatch.setattr(validation, "run_varlen_gpu_case", _fake_varlen_run(fake_gpu, {"dk@s2": 0.5}))
+    result = invoke("validate", "--quick", "--deterministic")
+    assert result.exit_code == 1
+    assert fake_gpu["varlen_quick"] is True
+    assert fake_gpu["run"] == [(case.id, True) for case in CASES + VARLEN_CASES]
+    assert "3 cases (1 varlen); deterministic=True" in result.stdout
+    assert "3 cases, 20 rows: 1 FAILED" in result.stdout
+    width = validate_report.CASE_WIDTH
+    assert f"{VARLEN_CASES[0].id:<{width}} out@s1  1.000e-03  1.000e-03    1.00  pass" in result.stdout
+    assert f"{VARLEN_CASES[0].id:<{width}} dk@s2   5.000e-01  1.000e-03  500.00  FAIL" in result.stdout
+    assert "dk@s2: max|ours - ref64| = 5.000e-01" in result.stdout
+    report = json.loads(invoke("validate", "--json").stdout)
+    assert report["cases"] == 3 and report["varlen_cases"] == 1
+    assert [r["tensor"] for r in report["rows"] if r["case"] == VARLEN_CASES[0].id][:2] == ["out@s1", "lse@s1"]
+
+
+def test_validate_cpu_varlen_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "gpu_count", lambda: 0)
+    monkeypatch.setattr(validation, "cpu_matrix", lambda quick: [])
+    case = validation.VarlenCpuCase((0, 1, 5), (0, 1, 5), 2, 2, True)
+    monkeypatch.setattr(validation, "cpu_varlen_matrix", lambda quick: [case])
+    monkeypatch.setattr(validation, "run_cpu_varlen_case", lambda c: {"out": 0.0, "lse": float("nan"), "dq": 0.0,
+                                                                      "dk": 0.0, "dv": 0.0})
+    result = invoke("validate")
+    assert result.exit_code == 1
+    assert f"{case.id:<{validate_report.CASE_WIDTH}}" in result.stdout and "1 cases: 1 FAILED" in result.stdout
+
+
 # --------------------------------------------------------------------------- library errors
 
 
@@ -415,10 +469,22 @@ def fake_bench(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
         calls["plot"] = Path(path)
         return Path(path)
 
+    def varlen_batches(dtypes: Any, head_dims: Any, causal: Any) -> list[Any]:
+        calls["varlen_batches"] = (tuple(dtypes), tuple(head_dims), tuple(causal))
+        return ["varlen-batch"]
+
+    def run_varlen(batches: list[Any], passes: Any = ("fwd", "bwd"), runs: int = 20, warmup: int = 3,
+                   progress: Any = None) -> dict[str, Any]:
+        calls["run_varlen"] = (batches, tuple(passes), runs)
+        progress("timing", "batch 1/1")
+        return {"kind": "varlen", "rows": [{"tflops": 321.0}]}
+
     module = SimpleNamespace(paper_grid=paper_grid, run=run, save=save, plot=plot, calls=calls,
                              default_stem=lambda report: "bench-gpu-2026-11-23",
                              BenchShape=lambda *args: ("shape",) + args,
-                             format_table=lambda report, which: f"table {which}")
+                             format_table=lambda report, which: f"table {which}",
+                             varlen_batches=varlen_batches, run_varlen=run_varlen,
+                             format_varlen_table=lambda report: "varlen table")
     monkeypatch.setattr(cli, "gpu_count", lambda: 1)
     monkeypatch.setitem(sys.modules, "cupyflash.bench", module)
     monkeypatch.setattr(cupyflash, "bench", module, raising=False)
@@ -495,6 +561,82 @@ def test_bench_drives_the_real_bench_module(monkeypatch: pytest.MonkeyPatch) -> 
     assert seen["shapes"] == [bench.BenchShape("float16", 64, 1024, False, batch=2, heads=16)]
     too_long = invoke("bench", "--seqlen", "20000")
     assert too_long.exit_code == 2 and everything(too_long).startswith("Error: seqlen 20000 must be in")
+
+
+def test_bench_help_lists_varlen() -> None:
+    result = invoke("bench", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    assert "--varlen" in text and "16x1024, 4x4096, 2x8192" in text and "bar 0.97x" in text and "bar 0.9x" in text
+    assert "(--varlen: 128 unless given)" in text
+
+
+def test_bench_varlen_defaults(fake_bench: SimpleNamespace) -> None:
+    result = invoke("bench", "--varlen")
+    assert result.exit_code == 0, everything(result)
+    assert fake_bench.calls["varlen_batches"] == (("float16", "bfloat16"), (128,), (False, True))
+    assert fake_bench.calls["run_varlen"] == (["varlen-batch"], ("fwd", "bwd"), 20)
+    assert "run" not in fake_bench.calls and "grid" not in fake_bench.calls  # the dense grid is not timed
+    assert result.stdout == "varlen table\n"
+    assert "timing batch 1/1" in result.stderr
+
+
+def test_bench_varlen_options(fake_bench: SimpleNamespace) -> None:
+    result = invoke("bench", "--varlen", "--dtype", "bfloat16", "--head-dim", "64", "--head-dim", "256", "--causal",
+                    "--pass", "bwd", "--runs", "7")
+    assert result.exit_code == 0, everything(result)
+    assert fake_bench.calls["varlen_batches"] == (("bfloat16",), (64, 256), (True,))
+    assert fake_bench.calls["run_varlen"] == (["varlen-batch"], ("bwd",), 7)
+    assert invoke("bench", "--varlen", "--head-dim", "128", "--no-causal").exit_code == 0
+    assert fake_bench.calls["varlen_batches"] == (("float16", "bfloat16"), (128,), (False,))
+
+
+def test_bench_varlen_json_and_out(fake_bench: SimpleNamespace, tmp_path: Path) -> None:
+    result = invoke("bench", "--varlen", "--json", "--out", str(tmp_path / "results"))
+    assert result.exit_code == 0, everything(result)
+    assert json.loads(result.stdout) == {"kind": "varlen", "rows": [{"tflops": 321.0}]}
+    report, directory, stem = fake_bench.calls["save"]
+    assert report["kind"] == "varlen" and directory == tmp_path / "results" and stem == "bench-gpu-2026-11-23"
+    assert "saved " in result.stderr
+
+
+@pytest.mark.parametrize("options, named", [(["--seqlen", "1024"], "--seqlen"),
+                                            (["--shape", "2,1024,16,64"], "--shape"),
+                                            (["--plot", "speed.png"], "--plot"),
+                                            (["--seqlen", "512", "--plot", "x.png"], "--seqlen, --plot")],
+                         ids=["seqlen", "shape", "plot", "seqlen-and-plot"])
+def test_bench_varlen_rejects_grid_options(monkeypatch: pytest.MonkeyPatch, options: list[str], named: str) -> None:
+    """A usage error (exit 2) before anything else, GPU or not."""
+    monkeypatch.setattr(cli, "gpu_count", lambda: pytest.fail("asked for the GPU before the usage check"))
+    result = invoke("bench", "--varlen", *options)
+    assert result.exit_code == 2, everything(result)
+    assert f"Error: {named} cannot be combined with --varlen" in everything(result)
+
+
+def test_bench_varlen_drives_the_real_bench_module(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--varlen against cupyflash.bench itself, only the timing replaced: the batches it builds,
+    the table it prints, the files it saves."""
+    from cupyflash import bench
+
+    seen: dict[str, Any] = {}
+
+    def run_varlen(batches: list[Any], **options: Any) -> dict[str, Any]:
+        seen.update(batches=batches, **options)
+        return {"kind": "varlen", "environment": {"gpu": "NVIDIA H200", "date": "2026-12-03T10:00:00+00:00"},
+                "settings": {"runs": options["runs"]}, "rows": [], "summary": []}
+
+    monkeypatch.setattr(cli, "gpu_count", lambda: 1)
+    monkeypatch.setattr(bench, "run_varlen", run_varlen)
+    result = invoke("bench", "--varlen", "--dtype", "float16", "--causal", "--runs", "5", "--out", str(tmp_path))
+    assert result.exit_code == 0, everything(result)
+    batches = seen["batches"]
+    assert [(b.kind, b.spec, b.causal, b.head_dim, b.heads) for b in batches] == [
+        ("equal", "16x1024", True, 128, 16), ("equal", "4x4096", True, 128, 16), ("equal", "2x8192", True, 128, 16),
+        ("mixed", "64x[128,8192]s0", True, 128, 16)]
+    assert seen["passes"] == ("fwd", "bwd") and seen["runs"] == 5
+    assert "Variable-length TFLOP/s" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-varlen-nvidia-h200-2026-12-03.json",
+                                                          "bench-varlen-nvidia-h200-2026-12-03.md"]
 
 
 # --------------------------------------------------------------------------- autotune

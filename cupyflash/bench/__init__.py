@@ -16,6 +16,12 @@ One module per stage:
     report         markdown tables, JSON + markdown files
     plots          TFLOP/s plots (matplotlib, imported only when drawing)
     compile_times  NVRTC seconds, registers and spills of every default kernel
+    varlen         variable-length (cu_seqlens) batches, their FLOPs and the bars against dense
+    varlen_run     run_varlen(): varlen beside the dense call and a torch peer, checked per sequence
+    varlen_report  the varlen report's summary (varlen / dense ratios) and tables
+
+    report = bench.run_varlen(bench.varlen_batches(("bfloat16",)), progress=print)
+    print(bench.format_varlen_table(report))
 
 All implementations are fed the same random signed-normal q, k, v, dout of shape (batch,
 seqlen, heads, head_dim), drawn by cupyflash.validation.random_inputs. A result that fails the
@@ -36,9 +42,15 @@ from .peers import NAIVE_MAX_RUNS, NAIVE_MEMORY_FRACTION, TORCH_BACKENDS, availa
 from .plots import plot, plot_series, save_plots
 from .report import default_stem, first_calls, format_compile_table, format_memory_table, format_report, \
     format_table, load, save
+from .varlen import EQUAL_BAR, EQUAL_BATCHES, MIXED_BAR, VarlenBatch, batch_flops, cu_seqlens, equal_batch, \
+    mixed_batch, mixed_lengths, segments, varlen_batches, varlen_flops
+from .varlen_report import format_varlen_report, format_varlen_table, summarize
+from .varlen_run import run_varlen
 
 __all__ = ["BenchShape", "paper_grid", "quick_grid", "flops", "tflops", "run", "environment",
            "describe_environment", "default_stem", "measure_compile_times", "format_table",
            "format_memory_table", "format_compile_table", "format_report", "first_calls", "save", "load",
            "plot", "plot_series", "save_plots", "naive_forward", "naive_backward", "slice_reference",
-           "reference_for", "judge", "naive_skip_reason", "naive_score_bytes", "available_impls", "inputs"]
+           "reference_for", "judge", "naive_skip_reason", "naive_score_bytes", "available_impls", "inputs",
+           "VarlenBatch", "varlen_batches", "equal_batch", "mixed_batch", "mixed_lengths", "cu_seqlens", "segments",
+           "varlen_flops", "batch_flops", "run_varlen", "summarize", "format_varlen_table", "format_varlen_report"]

@@ -1,6 +1,7 @@
 """A report's text and files: markdown tables (TFLOP/s per implementation with the cupyflash /
 peer ratios, device memory, first calls and NVRTC times) and the JSON + markdown pair that
-benchmarks/results/ keeps.
+benchmarks/results/ keeps. A report of kind "varlen" (varlen_run.run_varlen) is written with
+varlen_report's text instead.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import numpy as np
 from .. import build
 from ..environment import describe as describe_environment
 from .grid import IMPLS, PASSES, RATIO_PEERS
+from .varlen_report import format_varlen_report
 
 
 def default_stem(report: dict[str, Any]) -> str:
-    """File stem for a report: the GPU's name and the date, e.g. "bench-nvidia-h100-80gb-hbm3-2026-11-24"."""
+    """File stem for a report: the GPU's name and the date, e.g. "bench-nvidia-h100-80gb-hbm3-2026-11-24"
+    ("bench-varlen-..." for a varlen report)."""
     env = report.get("environment", {})
     gpu = re.sub(r"[^a-z0-9]+", "-", str(env.get("gpu") or "cpu").lower()).strip("-")
-    return f"bench-{gpu}-{str(env.get('date') or 'undated')[:10]}"
+    prefix = "bench-varlen" if report.get("kind") == "varlen" else "bench"
+    return f"{prefix}-{gpu}-{str(env.get('date') or 'undated')[:10]}"
 
 
 # --------------------------------------------------------------------------- tables
@@ -132,6 +136,8 @@ def format_compile_table(report: dict[str, Any]) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     """Every table of a report, as one markdown document."""
+    if report.get("kind") == "varlen":
+        return format_varlen_report(report)
     passes = [p for p in PASSES if any(r["pass"] == p for r in report["rows"])]
     parts = [format_table(report, p) for p in passes]
     invalid = [r for r in report["rows"] if r.get("valid") is False]
