@@ -10,6 +10,7 @@
 #   validate cupyflash validate --quick                       -> $OUT/validate.log
 #   bench    cupyflash bench: the paper grid against naive CuPy and PyTorch, one dtype per step
 #            (bench-fp16 / bench-bf16; BENCH_RUNS timed runs, default 10) -> $OUT/bench-*.log, .png, bench-*/*.json/.md
+#   bench-varlen  cupyflash bench --varlen (VARLEN_DTYPE, default bfloat16) -> $OUT/bench-varlen.log, bench-varlen/
 #   overhead scripts/host_overhead.py: host time per call against PyTorch -> $OUT/overhead.log
 #   tune     cupyflash autotune on the default buckets        -> $OUT/tune.log
 # Usage: scripts/gpu_check.sh [STEP ...]   (default: info tests sanitize validate bench-fp16 bench-bf16 overhead)
@@ -71,6 +72,10 @@ for step in "${steps[@]}"; do
       run_step "$step" "$OUT/$step.log" $PY -m cupyflash bench --dtype "$dtype" --runs "${BENCH_RUNS:-10}" \
         --out "$OUT/$step" --plot "$OUT/$step.png"
       tail -n 100 "$OUT/$step.log" ;;
+    bench-varlen)  # attention_varlen against the dense call and the peer (VARLEN_DTYPE, default bfloat16)
+      run_step bench-varlen "$OUT/bench-varlen.log" $PY -m cupyflash bench --varlen --dtype "${VARLEN_DTYPE:-bfloat16}" \
+        --runs "${BENCH_RUNS:-10}" --out "$OUT/bench-varlen"
+      tail -n 40 "$OUT/bench-varlen.log" ;;
     overhead) run_step overhead "$OUT/overhead.log" $PY scripts/host_overhead.py; cat "$OUT/overhead.log" ;;
     bench-quick) run_step bench-quick "$OUT/bench.log" $PY scripts/bench.py --quick --out "$OUT"
                  tail -n 60 "$OUT/bench.log" ;;
