@@ -289,8 +289,11 @@ def build_backward(problem: Problem, t: dict[str, Any], deterministic: bool, dev
         _allocate(buffers, t)
         return Plan(buffers, None, (), BACKWARD_RESULTS, limits, generation)
     config = choose("bwd", problem, limits)
-    buffers = [Buffer("dq", cupy.empty, q.shape, q.dtype), Buffer("dk", cupy.empty, k.shape, k.dtype),
-               Buffer("dv", cupy.empty, k.shape, k.dtype),
+    # A packed batch may hold keys no sequence uses (past seqused_k, or past cu_seqlens_k[-1]): no
+    # kernel writes their dK, dV rows, which must read 0.
+    kv_grads = cupy.zeros if problem.varlen else cupy.empty
+    buffers = [Buffer("dq", cupy.empty, q.shape, q.dtype), Buffer("dk", kv_grads, k.shape, k.dtype),
+               Buffer("dv", kv_grads, k.shape, k.dtype),
                Buffer("delta", cupy.empty, problem.stats_shape, np.float32)]
     if atomic_dq(config, deterministic):  # zeroed: the kernel adds into it
         buffers.append(Buffer("dq_accum", cupy.zeros, config.dkdv.dq_accum_shape(problem), np.float32))
