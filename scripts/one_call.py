@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Run one attention call (forward, or forward then backward) a few times on random inputs: a
 target for profilers (ncu, nsys, compute-sanitizer) that want the kernels of one shape and
-nothing else. Works on any checkout (it uses only attention and attention_backward).
+nothing else. Works on any checkout (without --varlen it uses only attention and attention_backward).
 
     python scripts/one_call.py --pass bwd --shape 2,8192,16,128 --dtype bfloat16 [--causal] [--deterministic] [--repeat 3]
+        [--varlen]   (the same tokens as B packed sequences: attention_varlen)
 """
 import argparse
 
@@ -22,6 +23,8 @@ def main() -> None:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--varlen", action="store_true",
+                        help="the same tokens as a packed batch of B sequences of S (attention_varlen)")
     args = parser.parse_args()
     batch, seqlen, heads, head_dim = (int(x) for x in args.shape.split(","))
     dtype = numpy_dtype(args.dtype)
@@ -34,7 +37,17 @@ def main() -> None:
         return (x.view(cupy.uint32) >> 16).astype(cupy.uint16).view(dtype)
 
     q, k, v, dout = draw(), draw(), draw(), draw()
+    if args.varlen:
+        q, k, v, dout = (x.reshape(batch * seqlen, heads, head_dim) for x in (q, k, v, dout))
+        cu = cupy.arange(0, batch * seqlen + 1, seqlen, dtype=cupy.int32)
+        lengths = (cu, cu, seqlen, seqlen)
     for _ in range(args.repeat):
+        if args.varlen:
+            out, lse = cf.attention_varlen(q, k, v, *lengths, causal=args.causal, return_lse=True)
+            if args.which == "bwd":
+                cf.attention_varlen_backward(dout, q, k, v, out, lse, *lengths, causal=args.causal,
+                                             deterministic=args.deterministic)
+            continue
         out, lse = cf.attention(q, k, v, causal=args.causal, return_lse=True)
         if args.which == "bwd":
             cf.attention_backward(dout, q, k, v, out, lse, causal=args.causal, deterministic=args.deterministic)
