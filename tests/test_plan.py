@@ -463,8 +463,12 @@ def test_a_packed_batch_reaches_every_kernel_as_offsets(fake_cupy: FakeCupy, mon
     fwd.launch(t)
     assert t["lse"].shape == (HQ, total_q)
     t.update(dout=fake_cupy.array(host["q"][None]), out=t["out"])
+    zeroed = []
+    fake_cupy.zeros = lambda shape, dtype: (zeroed.append(shape), fake_cupy.empty(shape, dtype))[1]
     bwd = plan.build_backward(p, t, deterministic, 0)
     bwd.launch(t)
+    # keys past seqused_k or past cu_seqlens_k[-1] are written by no kernel: dk, dv must start at 0
+    assert [b.name for b in bwd.buffers if b.allocate is fake_cupy.zeros][:2] == ["dk", "dv"]
     assert t["delta"].shape == (HQ, total_q)
     for kernel in (*fwd.launches, *bwd.launches):
         assert dict(kernel.function.spec.defines)["CF_VARLEN"] == "1", kernel.function.spec
