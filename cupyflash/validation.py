@@ -264,6 +264,13 @@ class VarlenCase:
             parts.append(f"w{self.window[0]}_{self.window[1]}")
         return "-".join(parts)
 
+    def packed(self) -> Any:
+        """This batch as a packed_cases.PackedCase, which every packed check runs through."""
+        from .packed_cases import PackedCase  # (packed_cases builds on this module)
+
+        return PackedCase(self.dtype, self.head_dim, self.causal, self.lengths_q, self.lengths_k, group=self.group,
+                          heads_kv=self.heads_kv, window=self.window)
+
 
 def varlen_matrix(quick: bool = False) -> list[VarlenCase]:
     """dtypes x causal x VARLEN_LENGTHS x (head dims x GQA: a few pairs when quick), plus a window."""
@@ -274,15 +281,6 @@ def varlen_matrix(quick: bool = False) -> list[VarlenCase]:
     if not quick:
         cases.append(VarlenCase("float16", 64, False, *VARLEN_LENGTHS[0], window=(16, 4)))
     return cases
-
-
-def make_varlen_inputs(case: VarlenCase, seed: int = 0) -> dict[str, np.ndarray]:
-    """Packed signed normal q, dout (total_q, Hq, D) and k, v (total_k, Hkv, D) on the host, in
-    the case's dtype: random_inputs' draw for one (1, total, H, D) problem, batch axis dropped."""
-    heads_q = case.heads_kv * case.group
-    drawn = random_inputs((1, sum(case.lengths_q), heads_q, case.head_dim),
-                          (1, sum(case.lengths_k), case.heads_kv, case.head_dim), case.dtype, seed=seed)
-    return {name: array[0] for name, array in drawn.items()}
 
 
 def sequence_bounds(lengths_q: Any, lengths_k: Any) -> list[tuple[slice, slice]]:
@@ -308,47 +306,21 @@ def sequence_reference(packed: dict[str, Any], rows: slice, keys: slice, *, back
     return result
 
 
-def _sequence_results(ours: dict[str, Any], rows: slice, keys: slice) -> dict[str, Any]:
-    """One sequence's part of the packed results: lse is (Hq, total_q), the rest (total, H, D)."""
-    parts = {"out": ours["out"][rows], "lse": ours["lse"][:, rows]}
-    parts.update((name, ours[name][rows if name == "dq" else keys]) for name in ("dq", "dk", "dv") if name in ours)
-    return parts
-
-
 def run_varlen_gpu_case(case: VarlenCase, *, backward: bool = True, deterministic: bool = False,
                         seed: int = 0) -> list[Comparison]:
     """Runs attention_varlen (and attention_varlen_backward) on one case; returns one
     comparison per sequence and non-empty tensor, named "<tensor>@s<sequence>" (out, lse, dq,
     dk, dv), each against the float64 reference of that sequence alone. Outputs land in
     NaN-poisoned pool blocks, so rows the kernels leave unwritten fail."""
-    import cupy
+    from . import packed_cases
 
-    from . import api
-
-    host = make_varlen_inputs(case, seed)
-    dev = {name: cupy.asarray(array) for name, array in host.items()}
-    dev64 = {name: cupy.asarray(array.astype(np.float64)) for name, array in host.items()}
-    cu_q, cu_k = cupy.asarray(cu_seqlens(case.lengths_q)), cupy.asarray(cu_seqlens(case.lengths_k))
-    lengths = (cu_q, cu_k, max(case.lengths_q), max(case.lengths_k))
-    options = dict(causal=case.causal, window_size=case.window)
-    q, k = dev["q"], dev["k"]
-    poison_pool((q.shape, q.dtype), ((q.shape[1], q.shape[0]), np.float32))
-    out, lse = api.attention_varlen(dev["q"], dev["k"], dev["v"], *lengths, return_lse=True, **options)
-    ours = {"out": out, "lse": lse}
-    if backward:
-        poison_pool((q.shape, q.dtype), (k.shape, k.dtype), (k.shape, k.dtype))
-        grads = api.attention_varlen_backward(dev["dout"], dev["q"], dev["k"], dev["v"], out, lse, *lengths,
-                                              deterministic=deterministic, **options)
-        ours.update(zip(("dq", "dk", "dv"), grads))
-    results = []
-    for b, (rows, keys) in enumerate(sequence_bounds(case.lengths_q, case.lengths_k)):
-        ref = sequence_reference(dev64, rows, keys, backward=backward, xp=cupy, **options)
-        base = sequence_reference(dev64, rows, keys, backward=backward, xp=cupy, compute_dtype=case.dtype, **options)
-        for name, mine in _sequence_results(ours, rows, keys).items():
-            if mine.size:  # an empty sequence has nothing to compare in this tensor
-                kind = "lse" if name == "lse" else case.dtype
-                results.append(compare(f"{name}@s{b}", mine, ref[name], base[name], kind))
-    return results
+    packed = case.packed()
+    host = packed_cases.varlen_inputs(packed, seed)
+    ours = packed_cases.varlen_calls(packed, packed_cases.varlen_to_device(packed, host), backward=backward,
+                                     deterministic=deterministic, poison=True)
+    references = packed_cases.varlen_references(packed, host, backward)
+    return packed_cases.compare_varlen(packed, {name: array.get() for name, array in ours.items()}, references,
+                                       name_of=lambda name, b: f"{name}@s{b}")
 
 
 # --- without a GPU: the tiled algorithm per sequence against a block-diagonal masked attention ---

@@ -13,8 +13,8 @@ differing), causal and not, sliding windows, GQA 1 and 4, fp16 and bf16, head di
 - The deterministic backward is bitwise repeatable; a forward and a backward captured in a CUDA
   graph replay to what a fresh call gives, after the inputs (and the sequence lengths) change in place.
 
-The cases and the per-sequence references are cupyflash.memory_sweep's PackedCase helpers, which
-the memory-safety sweep (test_gpu_guard.py, scripts/sanitize.py) runs too.
+The cases and the per-sequence references are cupyflash.packed_cases' PackedCase helpers, which
+the memory-safety sweep (test_gpu_guard.py, scripts/sanitize.py) and `cupyflash validate` run too.
 Skipped without a GPU (conftest.py).
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from cupyflash import plan
-from cupyflash.memory_sweep import (GRADIENTS, PackedCase, compare_varlen, varlen_arguments, varlen_calls,
+from cupyflash.packed_cases import (GRADIENTS, PackedCase, compare_varlen, varlen_arguments, varlen_calls,
                                     varlen_inputs, varlen_references, varlen_to_device)
 from cupyflash.tolerance import FLOOR_EPS
 
