@@ -138,16 +138,10 @@ def attention_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: An
         out, lse = plan.run({"q": q[None], "k": k[None], "v": v[None], **offsets})
         return (out[0], lse) if return_lse else out[0]
     given = {"q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
-    check_given("attention_varlen", **given)
-    arrays, placement = wrap_all(**given, seqused_k=seqused_k, alibi_slopes=alibi_slopes)
-    problem = varlen.problem_of(arrays["q"], arrays["k"], arrays["v"], arrays, max_seqlen_q, max_seqlen_k,
-                                causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-                                softcap=softcap, alibi_slopes=arrays.get("alibi_slopes"), dropout_p=dropout_p,
-                                sources=given)
-    check_seed(seed)
-    _require_kernel_features(problem)
-    if check:
-        varlen.check_values(problem, arrays, max_seqlen_q, max_seqlen_k)
+    arrays, placement, problem = _packed_problem(
+        "attention_varlen", given, seqused_k, alibi_slopes, max_seqlen_q, max_seqlen_k, causal=causal,
+        softmax_scale=softmax_scale, window_size=window_size, softcap=softcap, dropout_p=dropout_p)
+    _packed_last_checks(problem, arrays, seed, check, max_seqlen_q, max_seqlen_k)
     with _device_of(placement) as device_id:
         t = {name: kernel_ready(arrays[name][None]) for name in ("q", "k", "v")}
         t.update(_device_offsets(arrays))
@@ -180,17 +174,11 @@ def attention_varlen_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: 
         views = {name: x[None] for name, x in zip(("dout", "q", "k", "v", "out"), inputs)}
         return tuple(g[0] for g in plan.run({**views, "lse": lse, **offsets}))
     given = {**dict(zip(BACKWARD_INPUTS, inputs)), "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
-    check_given("attention_varlen_backward", **given)
-    arrays, placement = wrap_all(**given, seqused_k=seqused_k, alibi_slopes=alibi_slopes)
-    problem = varlen.problem_of(arrays["q"], arrays["k"], arrays["v"], arrays, max_seqlen_q, max_seqlen_k,
-                                causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-                                softcap=softcap, alibi_slopes=arrays.get("alibi_slopes"), dropout_p=dropout_p,
-                                sources=given)
+    arrays, placement, problem = _packed_problem(
+        "attention_varlen_backward", given, seqused_k, alibi_slopes, max_seqlen_q, max_seqlen_k, causal=causal,
+        softmax_scale=softmax_scale, window_size=window_size, softcap=softcap, dropout_p=dropout_p)
     varlen.check_backward(problem, arrays["dout"], arrays["out"], arrays["lse"], sources=given)
-    check_seed(seed)
-    _require_kernel_features(problem)
-    if check:
-        varlen.check_values(problem, arrays, max_seqlen_q, max_seqlen_k)
+    _packed_last_checks(problem, arrays, seed, check, max_seqlen_q, max_seqlen_k)
     with _device_of(placement) as device_id:
         t = {name: kernel_ready(arrays[name][None]) for name in ("dout", "q", "k", "v", "out")}
         t["lse"] = require_cupy().ascontiguousarray(to_gpu(arrays["lse"]))
@@ -200,6 +188,26 @@ def attention_varlen_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: 
         ready = (*(t[name] for name in BACKWARD_INPUTS), t["cu_seqlens_q"], t["cu_seqlens_k"], t.get("seqused_k"))
         plans.keep(plan, problem, "bwd", _given(inputs), options, _given(ready), device_id)
     return tuple(to_caller(unpadded(g, problem.head_dim)[0], placement) for g in grads)
+
+
+def _packed_problem(function: str, given: dict[str, Any], seqused_k: Any, alibi_slopes: Any, max_seqlen_q: Any,
+                    max_seqlen_k: Any, **options: Any) -> tuple[dict[str, Any], Placement, Problem]:
+    """The full path's first checks of a packed call: the required arrays given, all in one
+    place, and the Problem (varlen.problem_of: shapes, dtypes, offsets' form, options)."""
+    check_given(function, **given)
+    arrays, placement = wrap_all(**given, seqused_k=seqused_k, alibi_slopes=alibi_slopes)
+    problem = varlen.problem_of(arrays["q"], arrays["k"], arrays["v"], arrays, max_seqlen_q, max_seqlen_k,
+                                alibi_slopes=arrays.get("alibi_slopes"), sources=given, **options)
+    return arrays, placement, problem
+
+
+def _packed_last_checks(problem: Problem, arrays: dict[str, Any], seed: Any, check: bool, max_seqlen_q: int,
+                        max_seqlen_k: int) -> None:
+    """The seed, the features the kernels lack, and with check=True the offsets' values (a sync)."""
+    check_seed(seed)
+    _require_kernel_features(problem)
+    if check:
+        varlen.check_values(problem, arrays, max_seqlen_q, max_seqlen_k)
 
 
 def _given(arrays: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -6,7 +6,7 @@
 // Causal is right = 0 (the host folds it in). -1 means unbounded.
 //
 // Compile-time macros: CF_WINDOW_LEFT, CF_WINDOW_RIGHT (0 | 1), whether the call's window bounds
-// that side (Problem.window_sides). A variant compiled without a side holds it at -1 whatever the
+// that side (Problem.variant). A variant compiled without a side holds it at -1 whatever the
 // parameter block says, so every test of that side folds away: the causal and unmasked calls,
 // nearly all of them, carry no window arithmetic and no predicates for it through their loops.
 // (Tested at run time, the sides cost the Hopper dK/dV kernel 6-11% at head_dim 128 once they

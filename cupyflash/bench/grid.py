@@ -40,6 +40,16 @@ class BenchShape:
         return self.batch, self.seqlen, self.heads, self.head_dim
 
 
+def check_dtypes_and_head_dims(dtypes: Sequence[str], head_dims: Sequence[int], hidden: int) -> None:
+    """Benchmarked dtypes, and head dims that leave at least one head: heads = hidden // head_dim."""
+    for dtype in dtypes:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not benchmarked; choose from {DTYPES}")
+    for head_dim in head_dims:
+        if not 0 < head_dim <= hidden:
+            raise ValueError(f"head_dim {head_dim} must be in [1, hidden = {hidden}]: heads = hidden // head_dim")
+
+
 def paper_grid(dtypes: Sequence[str] = DTYPES, head_dims: Sequence[int] = (64, 128, 256),
                seqlens: Sequence[int] = (512, 1024, 2048, 4096, 8192, 16384),
                causal: Sequence[bool] = (False, True), tokens: int = 16384, hidden: int = 2048) -> list[BenchShape]:
@@ -47,15 +57,10 @@ def paper_grid(dtypes: Sequence[str] = DTYPES, head_dims: Sequence[int] = (64, 1
 
     Ordered dtype, head_dim, seqlen, causal (the order of PEERS.md's table).
     """
-    for dtype in dtypes:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not benchmarked; choose from {DTYPES}")
+    check_dtypes_and_head_dims(dtypes, head_dims, hidden)
     for seqlen in seqlens:
         if not 0 < seqlen <= tokens:
             raise ValueError(f"seqlen {seqlen} must be in [1, tokens = {tokens}]: batch = tokens // seqlen")
-    for head_dim in head_dims:
-        if not 0 < head_dim <= hidden:
-            raise ValueError(f"head_dim {head_dim} must be in [1, hidden = {hidden}]: heads = hidden // head_dim")
     return [BenchShape(dtype, d, s, bool(c), tokens // s, hidden // d)
             for dtype, d, s, c in itertools.product(dtypes, head_dims, seqlens, causal)]
 

@@ -54,20 +54,33 @@ def measure(impl: str, pass_: str, shape: BenchShape, data: dict[str, Array], re
     if impl == "naive-cupy" and naive_skip:
         row["note"] = naive_skip
         return row
+    if impl == "naive-cupy":
+        runs, warmup = min(runs, peers.NAIVE_MAX_RUNS), min(warmup, peers.NAIVE_MAX_WARMUP)
+
+    def prepare() -> Callable[[], Any]:
+        setup = peers.setup(impl, pass_, shape, data)
+        _add(row, setup.extra)
+        _add(row, check.judge(ref, pass_, setup.outputs, shape.dtype, require_cupy()))
+        return setup.fn
+
+    return timed(row, impl, prepare, runs, warmup, lambda ms: tflops(shape, pass_, ms))
+
+
+def timed(row: dict[str, Any], context: str, prepare: Callable[[], Callable[[], Any]], runs: int, warmup: int,
+          rate: Callable[[float], float]) -> dict[str, Any]:
+    """Fills row in: prepare() (inside peers.impl_context(context)) sets the call up, adds its
+    facts and verdict to row and returns the call, which is then timed; rate(median ms) is its
+    TFLOP/s. Any exception becomes row["failure"], with the first warnings caught."""
     caught: list = []
     try:
-        with peers.impl_context(impl) as caught:
-            setup = peers.setup(impl, pass_, shape, data)
-            _add(row, setup.extra)
-            _add(row, check.judge(ref, pass_, setup.outputs, shape.dtype, require_cupy()))
-            if impl == "naive-cupy":
-                runs, warmup = min(runs, peers.NAIVE_MAX_RUNS), min(warmup, peers.NAIVE_MAX_WARMUP)
-            timing = do_bench(setup.fn, warmup=warmup, runs=runs)
+        with peers.impl_context(context) as caught:
+            fn = prepare()
+            timing = do_bench(fn, warmup=warmup, runs=runs)
     except Exception as exc:
         row["failure"] = short(exc) + "".join(f" | warning: {t}" for t in _warning_texts(caught)[:3])
         return row
     row.update(ms=timing.median_ms, ms_min=timing.min_ms, ms_max=timing.max_ms, runs=timing.runs,
-               tflops=tflops(shape, pass_, timing.median_ms))
+               tflops=rate(timing.median_ms))
     if caught:
         row["warnings"] = _warning_texts(caught)
     return row
@@ -76,7 +89,11 @@ def measure(impl: str, pass_: str, shape: BenchShape, data: dict[str, Array], re
 def describe(row: dict[str, Any]) -> str:
     """One progress line for a finished row."""
     shape = BenchShape(row["dtype"], row["head_dim"], row["seqlen"], row["causal"], row["batch"], row["heads"])
-    head = f"{shape.id} {row['impl']} {row['pass']}: "
+    return describe_outcome(f"{shape.id} {row['impl']} {row['pass']}: ", row)
+
+
+def describe_outcome(head: str, row: dict[str, Any]) -> str:
+    """head, then what became of the row: its failure, its note, or its time, rate and verdict."""
     if row.get("failure"):
         return head + "failed: " + row["failure"]
     if row["ms"] is None:

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from ..validation import cu_seqlens
-from .grid import DTYPES, PASSES, BenchShape
+from .grid import DTYPES, PASSES, BenchShape, check_dtypes_and_head_dims
 
 EQUAL_BATCHES = ((16, 1024), (4, 4096), (2, 8192))  # (sequences, length)
 MIXED_SEQUENCES, MIXED_LENGTHS, MIXED_SEED = 64, (128, 8192), 0
@@ -124,12 +124,7 @@ def varlen_batches(dtypes: Sequence[str] = DTYPES, head_dims: Sequence[int] = (1
                    causal: Sequence[bool] = (False, True), hidden: int = HIDDEN) -> list[VarlenBatch]:
     """Per dtype and head dim: the EQUAL_BATCHES for each mask in `causal`, then the mixed batch
     (always causal, as the issue defines it)."""
-    for dtype in dtypes:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not benchmarked; choose from {DTYPES}")
-    for head_dim in head_dims:
-        if not 0 < head_dim <= hidden:
-            raise ValueError(f"head_dim {head_dim} must be in [1, hidden = {hidden}]: heads = hidden // head_dim")
+    check_dtypes_and_head_dims(dtypes, head_dims, hidden)
     batches = []
     for dtype in dtypes:
         for head_dim in head_dims:

@@ -27,7 +27,6 @@ import numpy as np
 from .. import environment, tolerance, validation
 from ..device import require_cupy
 from ..problem import numpy_dtype
-from ..timing import do_bench
 from . import check, measure, peers
 from .gpu import MIB, first_call, free_device_bytes, free_memory, nbytes, peak_extra_bytes, short
 from .grid import PASSES
@@ -267,21 +266,15 @@ def measure_packed(impl: str, pass_: str, batch: VarlenBatch, data: dict[str, Ar
                    refs: Sequence[Segment], runs: int, warmup: int) -> dict[str, Any]:
     """One row of a packed-batch impl: set up, judge one call's outputs per run, time."""
     row = _row(impl, pass_, batch)
-    caught: list = []
-    try:
-        with peers.impl_context("torch-flash" if impl in TORCH_PEERS else impl) as caught:
-            ready = setup(impl, pass_, batch, data, cu)
-            measure._add(row, ready.extra)
-            measure._add(row, judge_packed(refs, pass_, ready.outputs, batch.dtype))
-            timing = do_bench(ready.fn, warmup=warmup, runs=runs)
-    except Exception as exc:
-        row["failure"] = short(exc) + "".join(f" | warning: {t}" for t in measure._warning_texts(caught)[:3])
-        return row
-    row.update(ms=timing.median_ms, ms_min=timing.min_ms, ms_max=timing.max_ms, runs=timing.runs,
-               tflops=row["flops"] / (timing.median_ms * 1e-3) / 1e12)
-    if caught:
-        row["warnings"] = measure._warning_texts(caught)
-    return row
+
+    def prepare() -> Callable[[], Any]:
+        ready = setup(impl, pass_, batch, data, cu)
+        measure._add(row, ready.extra)
+        measure._add(row, judge_packed(refs, pass_, ready.outputs, batch.dtype))
+        return ready.fn
+
+    context = "torch-flash" if impl in TORCH_PEERS else impl
+    return measure.timed(row, context, prepare, runs, warmup, lambda ms: row["flops"] / (ms * 1e-3) / 1e12)
 
 
 def dense_row(batch: VarlenBatch, measured: dict[str, Any], pass_: str) -> dict[str, Any]:
@@ -295,14 +288,7 @@ def dense_row(batch: VarlenBatch, measured: dict[str, Any], pass_: str) -> dict[
 
 def describe(row: dict[str, Any]) -> str:
     """One progress line for a finished row."""
-    head = f"{row['id']} {row['impl']} {row['pass']}: "
-    if row.get("failure"):
-        return head + "failed: " + row["failure"]
-    if row["ms"] is None:
-        return head + str(row.get("note"))
-    verdict = {True: "valid", False: "INVALID", None: "not validated"}[row["valid"]]
-    error = f" (error {row['error']:.2f} of allowed)" if isinstance(row.get("error"), float) else ""
-    return head + f"{row['ms']:.3f} ms, {row['tflops']:.1f} TFLOP/s, {verdict}{error}"
+    return measure.describe_outcome(f"{row['id']} {row['impl']} {row['pass']}: ", row)
 
 
 def _batch_rows(batch: VarlenBatch, passes: Sequence[str], peer: str | None, runs: int, warmup: int):
