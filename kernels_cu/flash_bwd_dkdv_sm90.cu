@@ -269,9 +269,12 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
     cp_async_wait<T::kStages - 2>();
     fence_proxy_async();  // this thread's copies (and last tile's dS^T stores) to the async proxy
     __syncthreads();      // tile `it` landed everywhere; the slot refilled below and dS^T are free
+    // The next tile's copies are issued once this tile's first GEMMs are (see issue_next_copies).
     const int next = it + T::kStages - 1;
-    if (next < iters) load_q_tile(next % T::kStages, next);
-    cp_async_commit();
+    auto issue_next_copies = [&] {
+      if (next < iters) load_q_tile(next % T::kStages, next);
+      cp_async_commit();
+    };
 
     const int slot = it % T::kStages;
     const u64 slot_offset = static_cast<u64>(slot * kQTileBytes) >> 4;
@@ -289,6 +292,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
       wgmma_k_major<Element, T::kBlockM, T::kBlockN, T::kHeadDim>(st, warpgroup == 0 ? k_desc : v_desc,
                                               (warpgroup == 0 ? q_desc0 : do_desc0) + slot_offset);
       wgmma_commit();
+      issue_next_copies();
       wgmma_wait<0>();
       wgmma_fence_operands(st);
       if (warpgroup == 0) {
@@ -316,6 +320,9 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
       wgmma_k_major<Element, T::kBlockM, T::kBlockN, T::kHeadDim>(st, k_desc, q_desc0 + slot_offset);
       wgmma_k_major<Element, T::kBlockM, T::kBlockN, T::kHeadDim>(dpt, v_desc, do_desc0 + slot_offset);
       wgmma_commit();
+      // Issued under S^T and dP^T: the tensor cores start first. (Before them, the GEMMs of the
+      // varlen causal build waited on the copies' address registers; ncu, 2026-12-02.)
+      issue_next_copies();
       wgmma_wait<0>();
       wgmma_fence_operands(st);
       wgmma_fence_operands(dpt);
