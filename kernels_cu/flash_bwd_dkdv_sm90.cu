@@ -210,6 +210,11 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
     return;
   }
   const int m_tiles = m_end - m_begin;
+  // Issue the next tile's copies under this tile's S^T and dP^T GEMMs rather than before them: the
+  // tensor cores start first. Before them, the GEMMs of some builds waited on the copies' address
+  // registers (ncu, H200, 2026-12-02: d128 dK/dV 6693 -> 5771 us, causal varlen 3626 -> 3059).
+  // Not in the deterministic varlen build, where the later copies make ptxas spill (24 B at d128).
+  constexpr bool kCopiesUnderGemms = T::kAccumDq || !kVarlen;
   const int iters = group_size * m_tiles;  // (q head of the group, Q tile) pairs
 
   constexpr int kQTileBytes = T::kBlockM * T::kHeadDim * 2;
@@ -269,12 +274,13 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
     cp_async_wait<T::kStages - 2>();
     fence_proxy_async();  // this thread's copies (and last tile's dS^T stores) to the async proxy
     __syncthreads();      // tile `it` landed everywhere; the slot refilled below and dS^T are free
-    // The next tile's copies are issued once this tile's first GEMMs are (see issue_next_copies).
+    // The next tile's copies go out once this tile's first GEMMs are issued (kCopiesUnderGemms).
     const int next = it + T::kStages - 1;
     auto issue_next_copies = [&] {
       if (next < iters) load_q_tile(next % T::kStages, next);
       cp_async_commit();
     };
+    if constexpr (!kCopiesUnderGemms) issue_next_copies();
 
     const int slot = it % T::kStages;
     const u64 slot_offset = static_cast<u64>(slot * kQTileBytes) >> 4;
@@ -292,7 +298,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
       wgmma_k_major<Element, T::kBlockM, T::kBlockN, T::kHeadDim>(st, warpgroup == 0 ? k_desc : v_desc,
                                               (warpgroup == 0 ? q_desc0 : do_desc0) + slot_offset);
       wgmma_commit();
-      issue_next_copies();
+      if constexpr (kCopiesUnderGemms) issue_next_copies();
       wgmma_wait<0>();
       wgmma_fence_operands(st);
       if (warpgroup == 0) {
@@ -320,9 +326,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
       wgmma_k_major<Element, T::kBlockM, T::kBlockN, T::kHeadDim>(st, k_desc, q_desc0 + slot_offset);
       wgmma_k_major<Element, T::kBlockM, T::kBlockN, T::kHeadDim>(dpt, v_desc, do_desc0 + slot_offset);
       wgmma_commit();
-      // Issued under S^T and dP^T: the tensor cores start first. (Before them, the GEMMs of the
-      // varlen causal build waited on the copies' address registers; ncu, 2026-12-02.)
-      issue_next_copies();
+      if constexpr (kCopiesUnderGemms) issue_next_copies();
       wgmma_wait<0>();
       wgmma_fence_operands(st);
       wgmma_fence_operands(dpt);
