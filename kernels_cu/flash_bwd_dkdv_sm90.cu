@@ -210,11 +210,6 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
     return;
   }
   const int m_tiles = m_end - m_begin;
-  // Issue the next tile's copies under this tile's S^T and dP^T GEMMs rather than before them: the
-  // tensor cores start first. Before them, the GEMMs of some builds waited on the copies' address
-  // registers (ncu, H200, 2026-12-02: d128 dK/dV 6693 -> 5771 us, causal varlen 3626 -> 3059).
-  // Not in the deterministic varlen build, where the later copies make ptxas spill (24 B at d128).
-  constexpr bool kCopiesUnderGemms = T::kAccumDq || !kVarlen;
   const int iters = group_size * m_tiles;  // (q head of the group, Q tile) pairs
 
   constexpr int kQTileBytes = T::kBlockM * T::kHeadDim * 2;
@@ -270,11 +265,15 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
   zero(dpt);
   u32 p_frag[T::kBlockM / 16][4], ds_frag[T::kBlockM / 16][4];  // (not with kSplitD)
 
+  // Issue the next tile's copies under this tile's S^T and dP^T GEMMs rather than before them: the
+  // tensor cores start first. Before them, the GEMMs of some builds waited on the copies' address
+  // registers (ncu, H200, 2026-12-02: d128 dK/dV 6693 -> 5771 us, causal varlen 3626 -> 3059).
+  // Not in the deterministic varlen build, where the later copies make ptxas spill (24 B at d128).
+  constexpr bool kCopiesUnderGemms = T::kAccumDq || !kVarlen;
   for (int it = 0; it < iters; ++it) {
     cp_async_wait<T::kStages - 2>();
     fence_proxy_async();  // this thread's copies (and last tile's dS^T stores) to the async proxy
     __syncthreads();      // tile `it` landed everywhere; the slot refilled below and dS^T are free
-    // The next tile's copies go out once this tile's first GEMMs are issued (kCopiesUnderGemms).
     const int next = it + T::kStages - 1;
     auto issue_next_copies = [&] {
       if (next < iters) load_q_tile(next % T::kStages, next);
