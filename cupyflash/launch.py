@@ -58,10 +58,12 @@ DTYPES = {name: _dtype(name) for name in STRUCTS}
 
 # Numbers the host sizes grids and buffers with; params.cuh defines them for the kernels.
 SMEM_ALIGN_SLACK = 1024  # kSmemAlignSlack: the Hopper kernels align their shared struct to 1024 bytes
+ZERO_THREADS, ZERO_BLOCKS_PER_GAP = 256, 16  # kZeroThreads, kZeroBlocksPerGap: flash_bwd_zero_unused_keys
 DELTA_THREADS, DELTA_ROWS = 128, 16  # kDeltaThreads, kDeltaRows: flash_bwd_delta's block and rows
 CONVERT_THREADS, CONVERT_CHUNK = 256, 8  # kConvertThreads, kConvertChunk: the dQ conversions
 DQ_UNIT_ROWS, DQ_UNIT_COLS = 64, 32  # kDqUnitRows, kDqUnitCols: the Hopper dQ accumulator's units
-CONSTANTS = {"kSmemAlignSlack": SMEM_ALIGN_SLACK, "kDeltaThreads": DELTA_THREADS, "kDeltaRows": DELTA_ROWS,
+CONSTANTS = {"kSmemAlignSlack": SMEM_ALIGN_SLACK, "kZeroThreads": ZERO_THREADS,
+             "kZeroBlocksPerGap": ZERO_BLOCKS_PER_GAP, "kDeltaThreads": DELTA_THREADS, "kDeltaRows": DELTA_ROWS,
              "kConvertThreads": CONVERT_THREADS, "kConvertChunk": CONVERT_CHUNK, "kDqUnitRows": DQ_UNIT_ROWS,
              "kDqUnitCols": DQ_UNIT_COLS}
 

@@ -178,8 +178,8 @@ def atomic_dq(config: BwdConfig, deterministic: bool) -> bool:
 
 
 def backward_kernels(problem: Problem, config: BwdConfig, deterministic: bool) -> list[KernelCall]:
-    """The backward pass: delta; dK/dV; then the dQ conversion of the dK/dV kernel's accumulator
-    (atomic dQ) or the dQ kernel (its own pass)."""
+    """The backward pass: (packed batches) zero the dK, dV rows of unused keys; delta; dK/dV; then
+    the dQ conversion of the dK/dV kernel's accumulator (atomic dQ) or the dQ kernel (its own pass)."""
     dtype, dim, accum = problem.dtype, problem.kernel_head_dim, atomic_dq(config, deterministic)
     dkdv_family, variant = family_of(config.dkdv), problem.variant
 
@@ -187,9 +187,10 @@ def backward_kernels(problem: Problem, config: BwdConfig, deterministic: bool) -
         return KernelCall(flash_bwd_prep.spec(dtype, entry, variant=variant), flash_bwd_prep.grid(problem, entry),
                           flash_bwd_prep.threads(entry), 0)
 
-    calls = [prep(flash_bwd_prep.DELTA),
-             KernelCall(dkdv_family.spec(dtype, dim, config.dkdv, accum, variant=variant),
-                        dkdv_family.grid(problem, config.dkdv), config.dkdv.threads, config.dkdv.smem_bytes(dim))]
+    calls = [prep(flash_bwd_prep.ZERO_UNUSED_KEYS)] if problem.varlen else []
+    calls += [prep(flash_bwd_prep.DELTA),
+              KernelCall(dkdv_family.spec(dtype, dim, config.dkdv, accum, variant=variant),
+                         dkdv_family.grid(problem, config.dkdv), config.dkdv.threads, config.dkdv.smem_bytes(dim))]
     if accum:
         return calls + [prep(dkdv_family.CONVERT_ENTRY)]
     return calls + [KernelCall(flash_bwd_dq.spec(dtype, dim, config.dq, variant=variant),
@@ -289,11 +290,10 @@ def build_backward(problem: Problem, t: dict[str, Any], deterministic: bool, dev
         _allocate(buffers, t)
         return Plan(buffers, None, (), BACKWARD_RESULTS, limits, generation)
     config = choose("bwd", problem, limits)
-    # A packed batch may hold keys no sequence uses (past seqused_k, or past cu_seqlens_k[-1]): no
-    # kernel writes their dK, dV rows, which must read 0.
-    kv_grads = cupy.zeros if problem.varlen else cupy.empty
-    buffers = [Buffer("dq", cupy.empty, q.shape, q.dtype), Buffer("dk", kv_grads, k.shape, k.dtype),
-               Buffer("dv", kv_grads, k.shape, k.dtype),
+    # Every dK, dV row is written: by the dK/dV kernel, or (keys no packed sequence uses) by
+    # flash_bwd_zero_unused_keys before it.
+    buffers = [Buffer("dq", cupy.empty, q.shape, q.dtype), Buffer("dk", cupy.empty, k.shape, k.dtype),
+               Buffer("dv", cupy.empty, k.shape, k.dtype),
                Buffer("delta", cupy.empty, problem.stats_shape, np.float32)]
     if atomic_dq(config, deterministic):  # zeroed: the kernel adds into it
         buffers.append(Buffer("dq_accum", cupy.zeros, config.dkdv.dq_accum_shape(problem), np.float32))

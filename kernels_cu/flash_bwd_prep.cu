@@ -1,4 +1,6 @@
 // The small kernels around the backward pass:
+//   flash_bwd_zero_unused_keys: (packed variable lengths only) zeroes the dK, dV rows of keys no
+//                               sequence uses, before dK/dV writes every row a sequence does use.
 //   flash_bwd_delta:            delta = rowsum(dO * O) per query row, before dK/dV.
 //   flash_bwd_convert_dq:       dq = softmax_scale * dq_accum (float32) rounded to the 16-bit type,
 //                               after the dK/dV kernel has accumulated dQ with atomics.
@@ -6,7 +8,8 @@
 //
 // Compile-time macros: CF_ELEMENT (Half | BFloat16), CF_VARLEN (sequence.cuh).
 // Every kernel takes the pass's BwdParams (params.cuh); the block sizes the host launches them
-// with (kDeltaThreads, kDeltaRows, kConvertThreads, kConvertChunk) are defined there too.
+// with (kZeroThreads, kZeroBlocksPerGap, kDeltaThreads, kDeltaRows, kConvertThreads,
+// kConvertChunk) are defined there too.
 #include "params.cuh"
 #include "sequence.cuh"
 #include "traits.cuh"
@@ -14,6 +17,45 @@
 namespace cf {
 using Element = CF_ELEMENT;
 }  // namespace cf
+
+// Packed keys no sequence uses: those past seqused_k[b] (or past max_seqlen_k) in sequence b's
+// slot, and those past cu_seqlens_k[batch]. The dK/dV kernel writes no row of theirs, and they
+// must read 0; zeroing only these, instead of allocating dk and dv zeroed, saves two full
+// memsets (6% of a causal backward over sequences of 1024).
+// Gap g < batch is the tail of sequence g's slot; gap batch is the tail after the last slot.
+// Grid: (kZeroBlocksPerGap, batch + 1); block: kZeroThreads. Each thread writes 16-byte chunks.
+extern "C" __global__ void __launch_bounds__(cf::kZeroThreads)
+    flash_bwd_zero_unused_keys(const __grid_constant__ cf::BwdParams p) {
+  using namespace cf;
+  if constexpr (kVarlen) {
+    const int gap = blockIdx.y, total_k = p.next.total_k;
+    int lo, hi;  // key rows [lo, hi) to zero, clamped into [0, total_k] like sequence_of's
+    if (gap < p.batch) {
+      const Sequence seq = sequence_of(p, gap);
+      lo = seq.k_row0 + min(seq.seqlen_k, p.seqlen_k);
+      hi = min(max(p.next.cu_seqlens_k[gap + 1], lo), total_k);
+    } else {
+      lo = min(max(p.next.cu_seqlens_k[p.batch], 0), total_k);
+      hi = total_k;
+    }
+    if (lo >= hi) return;
+    const int heads_kv = p.heads_q / p.group_size;
+    const int chunks = p.head_dim / kChunk;  // stored head dims are multiples of kChunk
+    const i64 per_row = static_cast<i64>(heads_kv) * chunks;
+    const i64 n = (hi - lo) * per_row;
+    const i64 dk_row_stride = p.dk.row_stride, dk_head_stride = p.dk.head_stride;
+    const i64 dv_row_stride = p.dv.row_stride, dv_head_stride = p.dv.head_stride;
+    u16* __restrict__ dk = p.dk.ptr;
+    u16* __restrict__ dv = p.dv.ptr;
+    for (i64 i = static_cast<i64>(blockIdx.x) * kZeroThreads + threadIdx.x; i < n;
+         i += static_cast<i64>(kZeroBlocksPerGap) * kZeroThreads) {
+      const i64 row = lo + i / per_row;
+      const int head = static_cast<int>((i % per_row) / chunks), col = static_cast<int>(i % chunks) * kChunk;
+      *reinterpret_cast<Vec16*>(dk + row * dk_row_stride + head * dk_head_stride + col) = Vec16{0, 0, 0, 0};
+      *reinterpret_cast<Vec16*>(dv + row * dv_row_stride + head * dv_head_stride + col) = Vec16{0, 0, 0, 0};
+    }
+  }
+}
 
 // Reads out, dout; writes delta.
 // Grid: (ceil(seqlen_q / kDeltaRows), heads_q, batch); block: kDeltaThreads.

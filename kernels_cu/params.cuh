@@ -79,6 +79,8 @@ struct BwdParams {
 
 // Numbers the host computes grids and buffer shapes from.
 constexpr int kSmemAlignSlack = 1024;  // Hopper kernels lay their shared struct on a 1024-byte boundary
+constexpr int kZeroThreads = 256;      // flash_bwd_zero_unused_keys' block
+constexpr int kZeroBlocksPerGap = 16;  // its blocks per run of unused keys
 constexpr int kDeltaThreads = 128;     // flash_bwd_delta's block
 constexpr int kDeltaLanesPerRow = 8;   // lanes that share one row, 16 bytes each per step
 constexpr int kDeltaRows = kDeltaThreads / kDeltaLanesPerRow;  // rows per flash_bwd_delta block

@@ -463,12 +463,15 @@ def test_a_packed_batch_reaches_every_kernel_as_offsets(fake_cupy: FakeCupy, mon
     fwd.launch(t)
     assert t["lse"].shape == (HQ, total_q)
     t.update(dout=fake_cupy.array(host["q"][None]), out=t["out"])
-    zeroed = []
-    fake_cupy.zeros = lambda shape, dtype: (zeroed.append(shape), fake_cupy.empty(shape, dtype))[1]
+    zeros = fake_cupy.zeros = lambda shape, dtype: fake_cupy.empty(shape, dtype)  # told apart from empty
     bwd = plan.build_backward(p, t, deterministic, 0)
     bwd.launch(t)
-    # keys past seqused_k or past cu_seqlens_k[-1] are written by no kernel: dk, dv must start at 0
-    assert [b.name for b in bwd.buffers if b.allocate is fake_cupy.zeros][:2] == ["dk", "dv"]
+    # keys past seqused_k or past cu_seqlens_k[-1] are zeroed by their own kernel first, one block
+    # row per run of them (after each sequence, after the last); dk, dv are not allocated zeroed
+    assert [b.name for b in bwd.buffers if b.allocate is zeros] == (["dq_accum"] if "dq_accum" in t else [])
+    zero = bwd.launches[0]
+    assert (zero.function.spec.entry, zero.grid, zero.block) == (
+        "flash_bwd_zero_unused_keys", (launch.ZERO_BLOCKS_PER_GAP, batch + 1, 1), (launch.ZERO_THREADS, 1, 1))
     assert t["delta"].shape == (HQ, total_q)
     for kernel in (*fwd.launches, *bwd.launches):
         assert dict(kernel.function.spec.defines)["CF_VARLEN"] == "1", kernel.function.spec
