@@ -6,6 +6,8 @@
     dq, dk, dv = cf.attention_backward(dout, q, k, v, out, lse)
     # packed sequences of different lengths (README: "Variable-length batches")
     out = cf.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True)
+    # results over disjoint key sets (split-KV, cascades) combined exactly by their lse
+    out, lse = cf.merge_attention([out_a, out_b], [lse_a, lse_b])
     # flash_attn 2's signatures, for code written for it (README: "Migrating from flash_attn")
     from cupyflash import flash_attn_func, flash_attn_varlen_func
 
@@ -16,8 +18,9 @@ cached on disk.
 __version__ = "0.1.0"
 
 # After __version__: build.py reads it.
-from .api import attention, attention_backward, attention_varlen, attention_varlen_backward  # noqa: E402
+from .api import (attention, attention_backward, attention_varlen, attention_varlen_backward,  # noqa: E402
+                  merge_attention)
 from .flash_attn_compat import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 
-__all__ = ["attention", "attention_backward", "attention_varlen", "attention_varlen_backward",
+__all__ = ["attention", "attention_backward", "attention_varlen", "attention_varlen_backward", "merge_attention",
            "flash_attn_func", "flash_attn_varlen_func", "__version__"]

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from . import plan as plans
-from . import varlen
+from . import merge, varlen
 from .arrays import Placement, check_given, kernel_ready, to_caller, to_gpu, unpadded, wrap_all
 from .device import INSTALL_HINT, cupy_module, current_device_id, gpu_count, require_cupy, require_supported_gpu
 from .problem import Problem, check_flag, check_seed
@@ -39,7 +39,8 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False, softmax_scale: fl
 
     Returns out (batch, seqlen_q, heads_q, head_dim) in the input dtype, and with return_lse
     also lse (batch, heads_q, seqlen_q) float32, the natural log of each row's softmax
-    denominator. A row that sees no key (seqlen_k = 0 included) gets out = 0 and lse = +inf.
+    denominator. A row that sees no key (seqlen_k = 0 included) gets out = 0 and lse = -inf, the
+    log of an empty sum (so results over disjoint keys merge by lse without NaN).
 
     Every argument is checked before a GPU is looked for: a bad one raises TypeError or
     ValueError naming it, on any machine.
@@ -79,7 +80,8 @@ def attention_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *,
     """Gradients (dq, dk, dv) of ``attention`` given dout = dLoss/dout, out and lse from the
     forward call with the same options. Shapes and dtypes as q, k, v; with GQA, dk and dv are
     summed over the q heads that share each kv head. deterministic=True gives bitwise-repeatable
-    results (dQ in its own pass instead of float32 atomics, about 1.4x the matrix work).
+    results (dQ in its own pass instead of float32 atomics, about 1.4x the matrix work). A row
+    whose lse is -inf (or +inf, the convention before 2026-12) sees no key: no gradient flows from it.
     """
     if causal.__class__ is not bool or deterministic.__class__ is not bool:  # as in attention()
         causal, deterministic = check_flag("causal", causal), check_flag("deterministic", deterministic)
@@ -188,6 +190,27 @@ def attention_varlen_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: 
         ready = (*(t[name] for name in BACKWARD_INPUTS), t["cu_seqlens_q"], t["cu_seqlens_k"], t.get("seqused_k"))
         plans.keep(plan, problem, "bwd", _given(inputs), options, _given(ready), device_id)
     return tuple(to_caller(unpadded(g, problem.head_dim)[0], placement) for g in grads)
+
+
+def merge_attention(outs: Any, lses: Any) -> tuple[Any, Any]:
+    """Attention results for the same queries over disjoint sets of keys, merged into the result
+    over their union: exact (float32 on the GPU), any number of parts, in one kernel.
+
+    outs: a list or tuple of (batch, seqlen_q, heads_q, head_dim) arrays of one shape and dtype
+    (float16 or bfloat16, head_dim contiguous); lses: the matching float32 (batch, heads_q,
+    seqlen_q), as attention(..., return_lse=True) returns them. Returns (out, lse) in the same
+    layouts: out in the parts' dtype, lse float32. A part whose lse is -inf for a row saw no key
+    there and weighs 0 (+inf, flash_attn 2's mark, counts as -inf too); a row no part saw gets
+    out = 0 and lse = -inf; a NaN lse makes its row NaN. Uses: split-KV decoding, a shared prompt
+    prefix attended once (cascade), chunked prefill, ring attention.
+    """
+    names, outs, lses = merge.checked_parts(outs, lses)
+    sources = dict(zip(names, (*outs, *lses)))
+    outs, lses, placement = merge.wrap_parts(names, outs, lses)
+    merge.check_shapes(outs, lses, sources)
+    with _device_of(placement) as device_id:
+        out, lse = merge.launch_merge(outs, lses, device_id)
+    return to_caller(out, placement), to_caller(lse, placement)
 
 
 def _packed_problem(function: str, given: dict[str, Any], seqused_k: Any, alibi_slopes: Any, max_seqlen_q: Any,

@@ -25,6 +25,7 @@ from .problem import LOG2_E, Problem  # softmax_scale * LOG2_E is checked there 
 
 # The C++ types of params.cuh's fields, with the NumPy type of their bytes (pointers are addresses).
 SCALARS = {"cf::u16*": np.uint64, "float*": np.uint64, "const float*": np.uint64, "const int*": np.uint64,
+           "const cf::u64*": np.uint64,
            "cf::i64": np.int64, "cf::u64": np.uint64, "int": np.int32, "float": np.float32}
 
 # The structs of params.cuh, field by field, in declaration order: (name, C++ type or struct name).
@@ -44,9 +45,13 @@ STRUCTS["FwdParams"] = (
     ("next", "NextFeatures"))
 STRUCTS["BwdParams"] = (
     *((name, "Tensor16") for name in ("q", "k", "v", "out", "dout", "dq", "dk", "dv")), ("lse", "const float*"),
-    ("delta", "float*"), ("dq_accum", "float*"), ("dq_accum_batch_stride", "cf::i64"),
+    ("delta", "float*"), ("lse_log2", "float*"), ("dq_accum", "float*"), ("dq_accum_batch_stride", "cf::i64"),
     ("dq_accum_row_stride", "cf::i64"), ("dq_accum_head_stride", "cf::i64"), ("dq_accum_head_dim", "int"), *_SIZES,
     ("scale_log2", "float"), ("softmax_scale", "float"), ("next", "NextFeatures"))
+STRUCTS["MergeParams"] = (
+    ("part_table", "const cf::u64*"), ("in_batch_stride", "cf::i64"), ("in_row_stride", "cf::i64"),
+    ("in_head_stride", "cf::i64"), ("out", "Tensor16"), ("lse", "float*"),
+    *((name, "int") for name in ("num_parts", "batch", "seqlen_q", "heads_q", "head_dim")))
 
 
 def _dtype(struct: str) -> np.dtype:
@@ -62,10 +67,12 @@ ZERO_THREADS, ZERO_BLOCKS_PER_GAP = 256, 16  # kZeroThreads, kZeroBlocksPerGap: 
 DELTA_THREADS, DELTA_ROWS = 128, 16  # kDeltaThreads, kDeltaRows: flash_bwd_delta's block and rows
 CONVERT_THREADS, CONVERT_CHUNK = 256, 8  # kConvertThreads, kConvertChunk: the dQ conversions
 DQ_UNIT_ROWS, DQ_UNIT_COLS = 64, 32  # kDqUnitRows, kDqUnitCols: the Hopper dQ accumulator's units
+MERGE_THREADS = 256  # kMergeThreads: flash_merge's block, one warp per query row
+MERGE_ROWS_PER_BLOCK = MERGE_THREADS // 32  # kMergeRowsPerBlock
 CONSTANTS = {"kSmemAlignSlack": SMEM_ALIGN_SLACK, "kZeroThreads": ZERO_THREADS,
              "kZeroBlocksPerGap": ZERO_BLOCKS_PER_GAP, "kDeltaThreads": DELTA_THREADS, "kDeltaRows": DELTA_ROWS,
              "kConvertThreads": CONVERT_THREADS, "kConvertChunk": CONVERT_CHUNK, "kDqUnitRows": DQ_UNIT_ROWS,
-             "kDqUnitCols": DQ_UNIT_COLS}
+             "kDqUnitCols": DQ_UNIT_COLS, "kMergeThreads": MERGE_THREADS, "kMergeRowsPerBlock": MERGE_ROWS_PER_BLOCK}
 
 
 @functools.lru_cache(maxsize=None)  # part of every compile and cache key
@@ -87,7 +94,7 @@ def host_layout() -> str:
 
 
 _PROBE_TARGETS = {"cf::u16*": "cf::probe_u16", "float*": "cf::probe_f32", "const float*": "cf::probe_f32",
-                  "const int*": "cf::probe_i32"}
+                  "const int*": "cf::probe_i32", "const cf::u64*": "cf::probe_u64"}
 
 
 PROBE_POINTERS = 32  # kProbePointers: pointer fields per struct, nested ones included
@@ -218,7 +225,7 @@ def backward_params(p: Problem, t: Mapping[str, Any]) -> ParamBlock:
     it is the Hopper kernel's DqUnits layout, which has none."""
     values = {**_tensors(p, t, BACKWARD_TENSORS), **_sizes(p), "dq_accum_head_dim": p.kernel_head_dim,
               "softmax_scale": np.float32(p.softmax_scale)}
-    arrays = [(name, name) for name in (*BACKWARD_TENSORS, "lse", "delta")]
+    arrays = [(name, name) for name in (*BACKWARD_TENSORS, "lse", "delta", "lse_log2")]
     arrays += _varlen(p, t, values)
     accum = t.get("dq_accum")
     if accum is not None:

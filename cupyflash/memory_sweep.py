@@ -8,7 +8,7 @@ smaller list). A case names a path (the kernels the GPU picks by default, or the
 or an RTX 4090 would pick, forced through plan.forced), a validation.Case (head dim, lengths,
 GQA, causal or window) or a PackedCase (a packed batch for attention_varlen: lengths per
 sequence, empty ones included, seqused_k, keys no sequence owns) and whether the backward is
-the deterministic one.
+the deterministic one; or a MergeCase (merge_cases.py: merge_attention over key slices).
 
     from cupyflash import memory_sweep
     for case in memory_sweep.cases():
@@ -27,6 +27,7 @@ from typing import Iterator
 
 from . import gpu_classes, plan, validation
 from .kernels.common import kernel_head_dim
+from .merge_cases import MergeCase, compare_merge, run_merge
 from .packed_cases import PackedCase, compare_varlen, varlen_calls, varlen_inputs, varlen_references, varlen_to_device
 from .tolerance import Comparison
 
@@ -50,12 +51,16 @@ VARLEN_SHAPES = (((33, 0, 130, 1), (130, 17, 1, 0), None, 0, 2, True, (-1, -1)),
                  ((203, 64, 1), (113, 130, 1), None, 3, 1, False, (-1, -1)))
 # What racecheck and synccheck run of them: the Hopper default and an A100's mma.sync kernels.
 VARLEN_SMALL = (("default", 128, 0), ("a100", 72, 1))
+# merge_attention (one kernel for every GPU, so the default path only): parts that saw no key,
+# one part, many parts, head dims past one 256-column pass of a warp and below one of 32, GQA.
+MERGE_CASES = (MergeCase("bfloat16", 128, 33, (50, 0, 77, 1), group=4), MergeCase("float16", 40, 1, (17,)),
+               MergeCase("bfloat16", 256, 130, (0, 0)), MergeCase("float16", 72, 203, (1, 2, 3, 4, 5, 6, 7, 300)))
 
 
 @dataclass(frozen=True)
 class SweepCase:
     path: str  # "default" or a key of gpu_classes.SMALLER_THAN_HOPPER
-    case: validation.Case | PackedCase
+    case: validation.Case | PackedCase | MergeCase
     deterministic: bool = False
 
     @property
@@ -76,7 +81,8 @@ def cases(small: bool = False) -> list[SweepCase]:
         if group > 1 and not small:
             found.append(SweepCase(path, case, deterministic=True))
     found.append(SweepCase("default", validation.Case("float16", 40, False, 33, 33, batch=1)))  # the first report
-    return found + varlen_cases(small)
+    merges = [SweepCase("default", c) for c in (MERGE_CASES[:1] if small else MERGE_CASES)]
+    return found + varlen_cases(small) + merges
 
 
 def _varlen_sweep_case(dim: int, shape: int) -> PackedCase:
@@ -119,6 +125,10 @@ def run(sweep_case: SweepCase, check: bool = True) -> list[Comparison]:
     with configs_of(sweep_case.path, case.head_dim):
         if isinstance(case, PackedCase):
             return run_varlen(case, deterministic=sweep_case.deterministic, check=check)
+        if isinstance(case, MergeCase):
+            host = case.inputs()
+            results = run_merge(case, host, poison=check)
+            return compare_merge(case, host, results) if check else []
         if check:
             return validation.run_gpu_case(case, deterministic=sweep_case.deterministic)
         from . import api

@@ -168,7 +168,7 @@ def varlen_references(case: PackedCase, host: dict[str, np.ndarray],
     that sequence alone (reference.py, on the current GPU), shaped as its part of the packed
     results: out and dq (len_q, heads_q, head_dim), lse (heads_q, len_q), dk and dv (len_k, heads_kv,
     head_dim). A sequence without queries or keys gets what the reference gives it, written
-    out: out, dq, dk, dv 0 and lse +inf."""
+    out: out, dq, dk, dv 0 and lse -inf."""
     import cupy
 
     dev64 = {name: cupy.asarray(array.astype(np.float64)) for name, array in host.items()}
@@ -181,7 +181,7 @@ def _sequence_reference(case: PackedCase, dev64: dict[str, Any], b: int, backwar
     rows, keys = case.query_rows(b), case.key_rows(b)
     q, dout, k, v = dev64["q"][rows], dev64["dout"][rows], dev64["k"][keys], dev64["v"][keys]
     if q.shape[0] == 0 or k.shape[0] == 0:
-        values = {"out": cupy.zeros(q.shape), "lse": cupy.full((q.shape[1], q.shape[0]), cupy.inf),
+        values = {"out": cupy.zeros(q.shape), "lse": cupy.full((q.shape[1], q.shape[0]), -cupy.inf),
                   "dq": cupy.zeros(q.shape), "dk": cupy.zeros(k.shape), "dv": cupy.zeros(k.shape)}
         return {name: (value, value) for name, value in values.items() if backward or name in ("out", "lse")}
     options = dict(causal=case.causal, window_size=case.window, xp=cupy)

@@ -294,7 +294,8 @@ def build_backward(problem: Problem, t: dict[str, Any], deterministic: bool, dev
     # flash_bwd_zero_unused_keys before it.
     buffers = [Buffer("dq", cupy.empty, q.shape, q.dtype), Buffer("dk", cupy.empty, k.shape, k.dtype),
                Buffer("dv", cupy.empty, k.shape, k.dtype),
-               Buffer("delta", cupy.empty, problem.stats_shape, np.float32)]
+               Buffer("delta", cupy.empty, problem.stats_shape, np.float32),
+               Buffer("lse_log2", cupy.empty, problem.stats_shape, np.float32)]
     if atomic_dq(config, deterministic):  # zeroed: the kernel adds into it
         buffers.append(Buffer("dq_accum", cupy.zeros, config.dkdv.dq_accum_shape(problem), np.float32))
     _allocate(buffers, t)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -124,18 +124,18 @@ def softcap_grad(s: Array, softcap: float, xp: ModuleType = np) -> Array | float
 def softmax_rows(x: Array, xp: ModuleType = np) -> tuple[Array, Array]:
     """Row softmax over the last axis of logits x (..., N) with -inf for masked entries.
 
-    Returns P (..., N) and lse (...).  A row with no visible key gets P = 0 and lse = +inf,
+    Returns P (..., N) and lse (...).  A row with no visible key gets P = 0 and lse = -inf,
     without producing NaN or a floating point warning; so does every row when N = 0.
     """
     if x.shape[-1] == 0:  # no key at all (seqlen_k = 0): max has no identity, every row is empty
-        return xp.zeros_like(x), xp.full(x.shape[:-1], xp.inf, dtype=x.dtype)
+        return xp.zeros_like(x), xp.full(x.shape[:-1], -xp.inf, dtype=x.dtype)
     m = xp.max(x, axis=-1, keepdims=True)
     m = xp.where(m == -xp.inf, 0.0, m)  # avoids (-inf) - (-inf); exp(-inf - 0) is just 0
     e = xp.exp(x - m)
     l = xp.sum(e, axis=-1, keepdims=True)
     empty = l == 0
     l_safe = xp.where(empty, 1.0, l)
-    lse = xp.where(empty, xp.inf, m + xp.log(l_safe))
+    lse = xp.where(empty, -xp.inf, m + xp.log(l_safe))
     return e / l_safe, lse[..., 0]
 
 
@@ -374,9 +374,9 @@ def attention_forward(q: Array, k: Array, v: Array, *, causal: bool = False,
     q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D), any float dtype (incl. ml_dtypes bfloat16).
     alibi_slopes: (Hq,) or (B, Hq).  dropout_mask: boolean keep mask (B, Hq, Sq, Sk),
     required when dropout_p > 0.  xp: array module (NumPy by default).
-    Returns out (B, Sq, Hq, D) and lse (B, Hq, Sq) (natural log; +inf for rows that see
+    Returns out (B, Sq, Hq, D) and lse (B, Hq, Sq) (natural log; -inf for rows that see
     no key, whose out row is 0): float64, or float32 in the float16/bfloat16 baseline.
-    Any size may be 0 except Hkv (and D in practice): seqlen_k = 0 gives out 0 and lse +inf.
+    Any size may be 0 except Hkv (and D in practice): seqlen_k = 0 gives out 0 and lse -inf.
     rows: ``(start, stop)`` computes only query rows start <= i < stop of this problem (masks
     and alignment those of the full seqlen_q): out (B, stop - start, Hq, D), lse
     (B, Hq, stop - start), in (B, Hq, stop - start, Sk) of memory instead of (B, Hq, Sq, Sk).
@@ -415,3 +415,21 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, *, causal: boo
     kv_heads = k.shape[2]
     grads = (xp.swapaxes(dQ, 1, 2), _sum_groups(dK, kv_heads), _sum_groups(dV, kv_heads))
     return tuple(xp.ascontiguousarray(prec.operand(g, xp)) for g in grads)
+
+
+def merge_attention(outs: Sequence[Array], lses: Sequence[Array], xp: ModuleType | None = None) -> tuple[Array, Array]:
+    """Results for the same queries over disjoint key sets, merged into the result over their
+    union, in float64. outs: (B, Sq, Hq, D) each; lses: (B, Hq, Sq) each, -inf where a part saw
+    no key (+inf is read as -inf too, flash_attn 2's mark). Returns out (B, Sq, Hq, D) and lse
+    (B, Hq, Sq); a row no part saw gets 0 and -inf."""
+    xp = np if xp is None else xp
+    lse = xp.stack([xp.asarray(x, dtype=xp.float64) for x in lses])  # (P, B, Hq, Sq)
+    lse = xp.where(lse == xp.inf, -xp.inf, lse)
+    m = lse.max(axis=0)
+    m_safe = xp.where(m == -xp.inf, 0.0, m)  # exp(-inf - 0) = 0 where no part saw a key
+    w = xp.exp(lse - m_safe)
+    total = w.sum(axis=0)
+    empty = total == 0
+    weights = xp.where(empty, 0.0, w / xp.where(empty, 1.0, total))  # (P, B, Hq, Sq)
+    out = sum(xp.swapaxes(wi, 1, 2)[..., None] * xp.asarray(o, dtype=xp.float64) for wi, o in zip(weights, outs))
+    return out, xp.where(empty, -xp.inf, m_safe + xp.log(xp.where(empty, 1.0, total)))

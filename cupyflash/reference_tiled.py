@@ -170,7 +170,7 @@ def flash_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_m: int, 
                   alibi_slopes, dropout_p, dropout_mask)
     batch, seqlen_q, heads, _ = pb.q.shape
     out = np.zeros_like(pb.q)
-    lse = np.full((batch, heads, seqlen_q), np.inf)
+    lse = np.full((batch, heads, seqlen_q), -np.inf)
     # Each (b, h, m_block) is one thread block of the kernel's grid.
     for b in range(batch):
         for h in range(heads):
@@ -210,10 +210,10 @@ def _forward_q_tile(pb: _Problem, b: int, h: int, m_block: int
 
 def _finalize(acc_o: np.ndarray, m_i: np.ndarray, l_i: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
-    """O_i = acc_o / l_i and lse_i = m_i + log(l_i); rows that saw no key get 0 and +inf."""
+    """O_i = acc_o / l_i and lse_i = m_i + log(l_i); rows that saw no key get 0 and -inf."""
     empty = l_i == 0
     l_safe = np.where(empty, 1.0, l_i)
-    lse_i = np.where(empty, np.inf, m_i + np.log(l_safe))
+    lse_i = np.where(empty, -np.inf, m_i + np.log(l_safe))
     return acc_o / l_safe[:, None], lse_i
 
 
@@ -291,7 +291,7 @@ def _backward_tile_pair(pb: _Problem, g: _Grads, b: int, h: int, rows: slice, co
     K_j, V_j = pb.k[b, cols, h // pb.group], pb.v[b, cols, h // pb.group]
     S_ij, s_ij = _tile_logits(pb, b, h, rows, cols)
     lse_i = g.lse[b, h, rows]
-    dead = lse_i == np.inf  # rows that see no key at all: nothing flows back from them
+    dead = lse_i == -np.inf  # rows that see no key at all: nothing flows back from them
     P_ij = np.exp(S_ij - np.where(dead, 0.0, lse_i)[:, None])  # exactly the forward's P
     P_ij = np.where(dead[:, None], 0.0, P_ij)
     drop = _dropout_scale(pb, b, h, rows, cols)

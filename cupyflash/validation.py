@@ -209,7 +209,7 @@ def run_cpu_case(case: CpuCase, seed: int = 0) -> dict[str, float]:
     grads = reference.attention_backward(dout, q, k, v, **opts)
     tiled_grads = reference_tiled.flash_backward(dout, q, k, v, tiled_out, tiled_lse, block_m=case.block_m,
                                                  block_n=case.block_n, **opts)
-    with np.errstate(invalid="ignore"):  # inf - inf where both lse are +inf (rows that see nothing)
+    with np.errstate(invalid="ignore"):  # inf - inf where both lse are -inf (rows that see nothing)
         lse_error = np.where(lse == tiled_lse, 0.0, lse - tiled_lse)
     errors = {"out": out - tiled_out, "lse": lse_error}
     errors.update({name: ours - ref for name, ours, ref in zip(("dq", "dk", "dv"), tiled_grads, grads)})
@@ -364,7 +364,7 @@ def masked_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarr
     """Naive attention over the whole packed token axis with a boolean (total_q, total_k)
     visibility mask, float64, forward and analytic backward: varlen written without cutting
     the batch into sequences. q, dout (total_q, Hq, D), k, v (total_k, Hkv, D) -> out, dq
-    (total_q, Hq, D), lse (Hq, total_q) (+inf where a row sees nothing), dk, dv (total_k, Hkv, D)."""
+    (total_q, Hq, D), lse (Hq, total_q) (-inf where a row sees nothing), dk, dv (total_k, Hkv, D)."""
     heads_kv, group = k.shape[1], q.shape[1] // k.shape[1]
     scale = reference.default_softmax_scale(q.shape[2])
     kh, vh = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
@@ -381,15 +381,15 @@ def masked_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarr
         return g.reshape(g.shape[0], heads_kv, group, g.shape[2]).sum(axis=2)
 
     with np.errstate(divide="ignore"):
-        lse = np.where(total > 0, m_safe + np.log(total), np.inf)
+        lse = np.where(total > 0, m_safe + np.log(total), -np.inf)
     return {"out": out, "lse": lse, "dq": np.einsum("hqk,khd->qhd", ds, kh) * scale,
             "dk": per_kv_head(np.einsum("hqk,qhd->khd", ds, q) * scale),
             "dv": per_kv_head(np.einsum("hqk,qhd->khd", p, dout))}
 
 
 def _empty_results(q: np.ndarray, k: np.ndarray) -> dict[str, np.ndarray]:
-    """Packed float64 results to fill: zeros, and lse +inf (what a row that sees nothing gets)."""
-    return {"out": np.zeros(q.shape), "lse": np.full((q.shape[1], q.shape[0]), np.inf), "dq": np.zeros(q.shape),
+    """Packed float64 results to fill: zeros, and lse -inf (what a row that sees nothing gets)."""
+    return {"out": np.zeros(q.shape), "lse": np.full((q.shape[1], q.shape[0]), -np.inf), "dq": np.zeros(q.shape),
             "dk": np.zeros(k.shape), "dv": np.zeros(k.shape)}
 
 

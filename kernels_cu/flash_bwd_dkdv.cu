@@ -4,7 +4,7 @@
 // The block loads its K and V tiles once and streams the Q / dO tiles of every query row that
 // can see them, for every q head of its GQA group (so dK and dV are summed over the group here,
 // never materialised per q head). Per Q tile, with P recomputed from lse (no O(N^2) storage):
-//     S^T = K Q^T,  P^T = exp2(S^T * scale_log2 - lse * log2 e),  dV += P^T dO,
+//     S^T = K Q^T,  P^T = exp2(S^T * scale_log2 - lse_log2),  dV += P^T dO,
 //     dP^T = V dO^T,  dS^T = P^T (dP^T - delta),  dK += dS^T Q,  dQ += dS K (atomics).
 // dK is scaled by softmax_scale at the end; dQ by the convert kernel (flash_bwd_prep.cu).
 //
@@ -47,7 +47,7 @@ __device__ __forceinline__ void add_dq_frags(float* dq_accum, i64 row_stride, co
 // cupyflash/kernels/flash_bwd_dkdv.py computes the same size for the launch; the build passes it here.
 static_assert(sizeof(cf::DkdvSmem<cf::DkdvKernel>) == CF_SMEM_BYTES, "cupyflash/kernels/flash_bwd_dkdv.py smem_bytes() disagrees with the kernel's layout");
 
-// Reads BwdParams (params.cuh): q, k, v, dout, lse, delta; writes dk, dv and, with CF_ACCUM_DQ,
+// Reads BwdParams (params.cuh): q, k, v, dout, lse_log2, delta; writes dk, dv and, with CF_ACCUM_DQ,
 // adds dQ / softmax_scale into dq_accum (float32 like q, zeroed by the caller, its own strides).
 // Grid: (ceil(seqlen_k / kBlockN), heads_kv, batch); block: kThreads; dynamic smem: DkdvSmem.
 // minBlocksPerSM = 1: without it ptxas sometimes caps registers at 128 to fit two blocks
@@ -92,7 +92,7 @@ extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
   const u16* __restrict__ k = p.k.ptr + seq.k_row0 * p.k.row_stride;
   const u16* __restrict__ v = p.v.ptr + seq.k_row0 * p.v.row_stride;
   const u16* __restrict__ dout = p.dout.ptr + seq.q_row0 * p.dout.row_stride;
-  const float* __restrict__ lse = p.lse;
+  const float* __restrict__ lse_log2 = p.lse_log2;
   float* __restrict__ delta = p.delta;
   float* __restrict__ dq_accum = p.dq_accum + seq.q_row0 * p.dq_accum_row_stride;  // like q
   u16* __restrict__ dk = p.dk.ptr + seq.k_row0 * p.dk.row_stride;
@@ -140,7 +140,7 @@ extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
         sm.dout[slot], dout + batch * do_batch_stride + head * do_head_stride + row0 * do_row_stride, do_row_stride,
         rows, head_dim, tid);
     const i64 stats = seq.stats(head, row0);
-    load_rows_async<T::kBlockM, T::kThreads>(sm.lse[slot], lse + stats, rows, tid);
+    load_rows_async<T::kBlockM, T::kThreads>(sm.lse_log2[slot], lse_log2 + stats, rows, tid);
     load_rows_async<T::kBlockM, T::kThreads>(sm.delta[slot], delta + stats, rows, tid);
   };
 #pragma unroll
@@ -184,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(cf::DkdvKernel::kThreads, 1)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int i = q_col0 + 8 * nt + 2 * t + (c & 1);
-          const float prob = exp2_approx(fmaf(st[mt][nt][c], scale_log2, -sm.lse[slot][i] * kLog2e));
+          const float prob = exp2_approx(fmaf(st[mt][nt][c], scale_log2, -sm.lse_log2[slot][i]));
           st[mt][nt][c] = prob;
           dpt[mt][nt][c] = prob * (dpt[mt][nt][c] - sm.delta[slot][i]);
         }

@@ -5,7 +5,7 @@
 // (benchmarks/results/h100-2026-11-23-wgmma); wgmma reads its shared operands directly and runs
 // at the tensor cores' Hopper rate. Per Q / dO tile, for the warpgroup's 64 keys:
 //     S^T = K Q^T and dP^T = V dO^T     wgmma, both operands shared and K-major
-//     P^T = exp2(S^T scale_log2 - lse log2 e),  dS^T = P^T (dP^T - delta)   in registers
+//     P^T = exp2(S^T scale_log2 - lse_log2),  dS^T = P^T (dP^T - delta)   in registers
 //     dV += P^T dO and dK += dS^T Q      wgmma, A from registers, B shared and MN-major
 //     dQ += dS K (CF_ACCUM_DQ)           dS^T goes through shared memory (every warpgroup's keys
 //                                        are needed), then wgmma with both operands MN-major; the
@@ -45,16 +45,16 @@ __device__ __forceinline__ void wgmma_ss_over_q(float (&acc)[T::kDTiles][4], u64
     }
 }
 
-// S^T -> P^T = exp2(S^T scale_log2 - lse log2 e), in place (lse of the tile's query columns).
+// S^T -> P^T = exp2(S^T scale_log2 - lse_log2), in place (lse_log2 of the tile's query columns).
 template <class T>
-__device__ __forceinline__ void to_probabilities(float (&st)[T::kQTiles][4], const float* lse, float scale_log2,
+__device__ __forceinline__ void to_probabilities(float (&st)[T::kQTiles][4], const float* lse_log2, float scale_log2,
                                                  int lane) {
   const int t = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < T::kQTiles; ++nt)
 #pragma unroll
     for (int c = 0; c < 4; ++c)
-      st[nt][c] = exp2_approx(fmaf(st[nt][c], scale_log2, -lse[8 * nt + 2 * t + (c & 1)] * kLog2e));
+      st[nt][c] = exp2_approx(fmaf(st[nt][c], scale_log2, -lse_log2[8 * nt + 2 * t + (c & 1)]));
 }
 
 // dP^T -> dS^T = P^T (dP^T - delta), in place.
@@ -175,7 +175,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
   const u16* __restrict__ k = p.k.ptr + seq.k_row0 * p.k.row_stride;
   const u16* __restrict__ v = p.v.ptr + seq.k_row0 * p.v.row_stride;
   const u16* __restrict__ dout = p.dout.ptr + seq.q_row0 * p.dout.row_stride;
-  const float* __restrict__ lse = p.lse;
+  const float* __restrict__ lse_log2 = p.lse_log2;
   float* __restrict__ delta = p.delta;
   float* __restrict__ dq_accum = p.dq_accum;
   u16* __restrict__ dk = p.dk.ptr + seq.k_row0 * p.dk.row_stride;
@@ -233,7 +233,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
         dout + batch * do_batch_stride + head * do_head_stride + row0 * do_row_stride, do_row_stride, rows,
         head_dim, tid);
     const i64 stats = seq.stats(head, row0);
-    load_rows_async<T::kBlockM, T::kThreads>(sm.lse[slot], lse + stats, rows, tid);
+    load_rows_async<T::kBlockM, T::kThreads>(sm.lse_log2[slot], lse_log2 + stats, rows, tid);
     load_rows_async<T::kBlockM, T::kThreads>(sm.delta[slot], delta + stats, rows, tid);
   };
 #pragma unroll
@@ -304,7 +304,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
         if (!mask.tile_is_full(row0, row0 + rows, key_begin, key_begin + T::kBlockN))
           mask_scores_transposed(*reinterpret_cast<float(*)[1][T::kQTiles][4]>(&st), mask, key_begin + key_row0,
                                  row0, lane);
-        to_probabilities<T>(st, sm.lse[slot], scale_log2, lane);
+        to_probabilities<T>(st, sm.lse_log2[slot], scale_log2, lane);
         store_frags_swizzled<Element, T::kBlockN, T::kQTiles>(pt_tile, st, key_row0, lane);
       }
       __syncthreads();
@@ -335,14 +335,14 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
                                lane);
       // to_probabilities + to_score_gradients in one pass: two passes compile to different
       // code (same registers, no spills), not yet measured on a GPU.
-      const float* lse_row = sm.lse[slot];
+      const float* lse_row = sm.lse_log2[slot];
       const float* delta_row = sm.delta[slot];
 #pragma unroll
       for (int nt = 0; nt < T::kQTiles; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int i = 8 * nt + 2 * t + (c & 1);
-          const float prob = exp2_approx(fmaf(st[nt][c], scale_log2, -lse_row[i] * kLog2e));
+          const float prob = exp2_approx(fmaf(st[nt][c], scale_log2, -lse_row[i]));
           st[nt][c] = prob;
           dpt[nt][c] = prob * (dpt[nt][c] - delta_row[i]);
         }

@@ -2,7 +2,7 @@
 // in a fixed order and keeps dQ in registers, so no atomics and bitwise-repeatable results.
 // It recomputes S and dP, which the dK/dV kernel also computes: 7 matrix products in all
 // instead of 5, the documented cost of deterministic=True.
-//     S = Q K^T,  P = exp2(S * scale_log2 - lse * log2 e),  dP = dO V^T,
+//     S = Q K^T,  P = exp2(S * scale_log2 - lse_log2),  dP = dO V^T,
 //     dS = P (dP - delta),  dQ += dS K;  finally dQ *= softmax_scale.
 //
 // Compile-time macros: CF_ELEMENT, CF_HEAD_DIM, CF_BLOCK_M, CF_BLOCK_N, CF_NUM_WARPS, CF_STAGES.
@@ -29,7 +29,7 @@ struct DqSmem {
 // cupyflash/kernels/flash_bwd_dq.py computes the same size for the launch; the build passes it here.
 static_assert(sizeof(cf::DqSmem<cf::DqKernel>) == CF_SMEM_BYTES, "cupyflash/kernels/flash_bwd_dq.py smem_bytes() disagrees with the kernel's layout");
 
-// Reads BwdParams (params.cuh): q, k, v, dout, lse, delta; writes dq.
+// Reads BwdParams (params.cuh): q, k, v, dout, lse_log2, delta; writes dq.
 // Grid: (ceil(seqlen_q / kBlockM), heads_q, batch); block: kThreads; dynamic smem: DqSmem.
 // minBlocksPerSM = 1: without it ptxas sometimes caps registers at 128 to fit two blocks
 // per SM and spills (seen on the head_dim 32 dK/dV kernel); one block per SM is the design.
@@ -67,7 +67,7 @@ extern "C" __global__ void __launch_bounds__(cf::DqKernel::kThreads, 1)
   const u16* __restrict__ k = p.k.ptr + seq.k_row0 * p.k.row_stride;
   const u16* __restrict__ v = p.v.ptr + seq.k_row0 * p.v.row_stride;
   const u16* __restrict__ dout = p.dout.ptr + seq.q_row0 * p.dout.row_stride;
-  const float* __restrict__ lse = p.lse;
+  const float* __restrict__ lse_log2 = p.lse_log2;
   float* __restrict__ delta = p.delta;
   u16* __restrict__ dq = p.dq.ptr + seq.q_row0 * p.dq.row_stride;
   using T = DqKernel;
@@ -112,16 +112,16 @@ extern "C" __global__ void __launch_bounds__(cf::DqKernel::kThreads, 1)
   }
 
   // Row statistics of the two rows per m16 tile this thread owns; rows past seqlen_q get
-  // lse = +inf, so their P (and dS) is 0.
+  // lse_log2 = +inf, so their P (and dS) is 0.
   const int warp_row0 = warp * T::kWarpRows;
-  float lse_log2[T::kMTiles][2], row_delta[T::kMTiles][2];
+  float row_lse_log2[T::kMTiles][2], row_delta[T::kMTiles][2];
   const i64 stats = seq.stats(head, row_begin);
 #pragma unroll
   for (int mt = 0; mt < T::kMTiles; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = warp_row0 + 16 * mt + g + 8 * h;
-      lse_log2[mt][h] = row < rows ? lse[stats + row] * kLog2e : infinity();
+      row_lse_log2[mt][h] = row < rows ? lse_log2[stats + row] : infinity();
       row_delta[mt][h] = row < rows ? delta[stats + row] : 0.f;
     }
 
@@ -150,7 +150,7 @@ extern "C" __global__ void __launch_bounds__(cf::DqKernel::kThreads, 1)
       for (int nt = 0; nt < T::kNTiles; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const float prob = exp2_approx(fmaf(s[mt][nt][c], scale_log2, -lse_log2[mt][c / 2]));
+          const float prob = exp2_approx(fmaf(s[mt][nt][c], scale_log2, -row_lse_log2[mt][c / 2]));
           dp[mt][nt][c] = prob * (dp[mt][nt][c] - row_delta[mt][c / 2]);
         }
     gemm_rn<Element, T::kMTiles, T::kDTiles, T::kNTiles>(acc_dq, dp, sm.k[slot], 0, lane);

@@ -1,7 +1,8 @@
 // The small kernels around the backward pass:
 //   flash_bwd_zero_unused_keys: (packed variable lengths only) zeroes the dK, dV rows of keys no
 //                               sequence uses, before dK/dV writes every row a sequence does use.
-//   flash_bwd_delta:            delta = rowsum(dO * O) per query row, before dK/dV.
+//   flash_bwd_delta:            delta = rowsum(dO * O) and lse_log2 (params.cuh) per query
+//                               row, before dK/dV.
 //   flash_bwd_convert_dq:       dq = softmax_scale * dq_accum (float32) rounded to the 16-bit type,
 //                               after the dK/dV kernel has accumulated dQ with atomics.
 //   flash_bwd_convert_dq_tiled: the same from the Hopper dK/dV kernel's unit layout of dq_accum.
@@ -57,7 +58,7 @@ extern "C" __global__ void __launch_bounds__(cf::kZeroThreads)
   }
 }
 
-// Reads out, dout; writes delta.
+// Reads out, dout, lse; writes delta, lse_log2.
 // Grid: (ceil(seqlen_q / kDeltaRows), heads_q, batch); block: kDeltaThreads.
 extern "C" __global__ void __launch_bounds__(cf::kDeltaThreads)
     flash_bwd_delta(const __grid_constant__ cf::BwdParams p) {
@@ -77,6 +78,8 @@ extern "C" __global__ void __launch_bounds__(cf::kDeltaThreads)
   const u16* __restrict__ out = p.out.ptr + seq.q_row0 * p.out.row_stride;
   const u16* __restrict__ dout = p.dout.ptr + seq.q_row0 * p.dout.row_stride;
   float* __restrict__ delta = p.delta;
+  const float* __restrict__ lse = p.lse;
+  float* __restrict__ lse_log2 = p.lse_log2;
   const int head = blockIdx.y, batch = blockIdx.z;
   const int row = blockIdx.x * kDeltaRows + threadIdx.x / kDeltaLanesPerRow;
   const int sub = threadIdx.x % kDeltaLanesPerRow;
@@ -100,7 +103,14 @@ extern "C" __global__ void __launch_bounds__(cf::kDeltaThreads)
   // The kDeltaLanesPerRow lanes of a row are adjacent within one warp.
 #pragma unroll
   for (int mask = 1; mask < kDeltaLanesPerRow; mask <<= 1) sum += shfl_xor(sum, mask);
-  if (row < seqlen_q && sub == 0) delta[seq.stats(head, row)] = sum;
+  if (row < seqlen_q && sub == 0) {
+    const i64 at = seq.stats(head, row);
+    delta[at] = sum;
+    // The forward's -inf for a row that sees no key becomes +inf here: every score of the row is
+    // then weighed exp2(s * scale_log2 - inf) = 0, masked (-inf) or not, and never NaN.
+    const float row_lse = lse[at];
+    lse_log2[at] = row_lse == -infinity() ? infinity() : row_lse * kLog2e;
+  }
 }
 
 // dq_accum: float32 like q, dq: 16-bit like q, both contiguous (the plan allocates them so):

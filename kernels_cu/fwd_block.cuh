@@ -42,12 +42,12 @@ __device__ __forceinline__ FwdBlock locate_fwd_block(const Mask& mask, const Seq
   return b;
 }
 
-// A block whose rows see no key writes out = 0 and lse = +inf and is done: returns true then.
+// A block whose rows see no key writes out = 0 and lse = -inf and is done: returns true then.
 template <int kBlockM, int kHeadDim, int kThreads>
 __device__ __forceinline__ bool finish_empty_block(const FwdBlock& b, i64 o_row_stride, int head_dim, int tid) {
   if (b.n_end > b.n_begin) return false;
   store_zero_tile<kBlockM, kHeadDim, kThreads>(b.o_tile, o_row_stride, b.rows, head_dim, tid);
-  for (int row = tid; row < b.rows; row += kThreads) b.lse_tile[row] = infinity();
+  for (int row = tid; row < b.rows; row += kThreads) b.lse_tile[row] = -infinity();
   return true;
 }
 

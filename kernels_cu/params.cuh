@@ -50,7 +50,7 @@ struct FwdParams {
   Tensor16 k, v;    // (batch, seqlen_k, heads_q / group_size, head_dim): q head h reads kv head h / group_size
   Tensor16 out;     // like q
   float* lse;       // (batch, heads_q, seqlen_q) float32 contiguous: natural log of each row's softmax
-                    // denominator, +inf for a row that sees no key
+                    // denominator, -inf for a row that sees no key
   int batch, seqlen_q, seqlen_k, heads_q, group_size;
   int head_dim;     // the stored head dim (the caller's, rounded up to 8), <= the compiled kHeadDim:
                     // columns past it are zero-filled on load and not stored
@@ -66,6 +66,9 @@ struct BwdParams {
   Tensor16 dq, dk, dv;          // like q, k, v
   const float* lse;             // (batch, heads_q, seqlen_q) float32 from the forward
   float* delta;                 // (batch, heads_q, seqlen_q) float32: rowsum(dout * out)
+  float* lse_log2;              // like delta: lse * log2(e), the exponent offset dK/dV and dQ read;
+                                // +inf where lse is -inf (a row that sees no key), so that the
+                                // row's P = exp2(s * scale_log2 - lse_log2) is 0 for every s
   float* dq_accum;              // float32 dQ / softmax_scale the dK/dV kernel adds into; null
                                 // without atomic dQ. mma.sync kernel: like q, with the strides
                                 // below; Hopper kernel: DqUnits (traits.cuh), no strides
@@ -75,6 +78,16 @@ struct BwdParams {
   float scale_log2;             // as in FwdParams
   float softmax_scale;
   NextFeatures next;
+};
+
+// What flash_merge reads: num_parts results for the same query rows, each an out like q (16-bit,
+// the same strides for every part) and a float32 lse (batch, heads_q, seqlen_q) contiguous.
+struct MergeParams {
+  const u64* part_table;  // (num_parts, 2) on the device: each part's out and lse address
+  i64 in_batch_stride, in_row_stride, in_head_stride;  // of every part's out, in elements
+  Tensor16 out;           // (batch, seqlen_q, heads_q, head_dim): the merged out
+  float* lse;             // (batch, heads_q, seqlen_q) float32 contiguous: the merged lse
+  int num_parts, batch, seqlen_q, heads_q, head_dim;
 };
 
 // Numbers the host computes grids and buffer shapes from.
@@ -87,6 +100,8 @@ constexpr int kDeltaRows = kDeltaThreads / kDeltaLanesPerRow;  // rows per flash
 constexpr int kConvertThreads = 256;   // the dQ conversions' block
 constexpr int kConvertChunk = 8;       // elements per thread of flash_bwd_convert_dq
 constexpr int kDqUnitRows = 64, kDqUnitCols = 32;  // DqUnits (traits.cuh)
+constexpr int kMergeThreads = 256;     // flash_merge's block: one warp per query row
+constexpr int kMergeRowsPerBlock = kMergeThreads / 32;
 
 }  // namespace cf
 
@@ -105,12 +120,13 @@ template <class A>
 struct SameType<A, A> {
   static constexpr bool value = true;
 };
-// Distinct addresses for the pointer fields of the probes (never read or written; 320 bytes of
+// Distinct addresses for the pointer fields of the probes (never read or written; 576 bytes of
 // each module's global memory, the price of a layout check without offsetof).
 constexpr int kProbePointers = 32;
 static __device__ u16 probe_u16[kProbePointers];
 static __device__ float probe_f32[kProbePointers];
 static __device__ int probe_i32[kProbePointers];
+static __device__ u64 probe_u64[kProbePointers];
 }  // namespace cf
 
 #define CF_FIELD(type, field, cpp_type)                                             \

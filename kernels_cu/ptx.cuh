@@ -11,7 +11,7 @@ using u32 = unsigned int;
 using u64 = unsigned long long;
 using i64 = long long;
 
-// +infinity: the mask value (negated) and the lse of a row that sees nothing. NVRTC without
+// +infinity: negated, the mask value and the lse of a row that sees nothing. NVRTC without
 // headers has no constexpr infinity, so it is built from its bit pattern.
 __device__ __forceinline__ float infinity() { return __int_as_float(0x7f800000); }
 

@@ -6,7 +6,8 @@
 //
 // Rules for rows that see nothing (masked with -infinity, never a finite sentinel): a row max of
 // -inf is replaced by 0 in the exponent, so exp2(-inf - 0) = 0 and no NaN appears; a zero row
-// sum gives out = 0 and lse = +inf.
+// sum gives out = 0 and lse = -inf (the log of an empty sum, so merging partial results by
+// their lse weighs such a row 0 instead of making NaN).
 #pragma once
 #include "traits.cuh"
 
@@ -95,7 +96,7 @@ struct OnlineSoftmax {
           acc_o[mt][dt][2 * h] *= inv_l;
           acc_o[mt][dt][2 * h + 1] *= inv_l;
         }
-        lse[mt][h] = empty ? infinity() : (m_i[mt][h] * scale_log2 + log2_approx(l)) * kLn2;
+        lse[mt][h] = empty ? -infinity() : (m_i[mt][h] * scale_log2 + log2_approx(l)) * kLn2;
       }
   }
 };

@@ -109,7 +109,7 @@ struct DkdvSmem {
   u16 v[T::kBlockN][T::kStride];  // reused to stage dV
   u16 q[T::kStages][T::kBlockM][T::kStride];
   u16 dout[T::kStages][T::kBlockM][T::kStride];
-  float lse[T::kStages][T::kBlockM];    // 0 for rows past seqlen_q (their Q and dO rows are 0 too)
+  float lse_log2[T::kStages][T::kBlockM];  // 0 for rows past seqlen_q (their Q and dO rows are 0 too)
   float delta[T::kStages][T::kBlockM];
   u16 pt[T::kBlockN][T::kPStride];   // P^T, for dV = P^T dO
   u16 dst[T::kBlockN][T::kPStride];  // dS^T, for dK = dS^T Q and dQ = dS K
@@ -237,7 +237,7 @@ struct Sm90DkdvSmem {
   u16 q[T::kStages][T::kBlockM * T::kHeadDim];
   u16 dout[T::kStages][T::kBlockM * T::kHeadDim];
   u16 dst[T::kBlockN * T::kBlockM];  // dS^T (keys x queries), the A operand of dQ = dS K
-  float lse[T::kStages][T::kBlockM];  // 0 for rows past seqlen_q (their Q and dO rows are 0 too)
+  float lse_log2[T::kStages][T::kBlockM];  // 0 for rows past seqlen_q (their Q and dO rows are 0 too)
   float delta[T::kStages][T::kBlockM];
   float dq_stage[T::kWarpgroups][T::kDqStageFloats];  // each warpgroup's dQ on its way out (DqUnits)
 };

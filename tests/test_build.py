@@ -13,7 +13,8 @@ import pytest
 
 from cupyflash import build, gpu_classes, plan
 from cupyflash.device import DeviceLimits
-from cupyflash.kernels import flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_prep, flash_fwd, flash_fwd_sm90
+from cupyflash.kernels import (flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_prep, flash_fwd,
+                               flash_fwd_sm90, flash_merge)
 from cupyflash.kernels.common import KERNEL_HEAD_DIMS, Variant
 from cupyflash.plan import BwdConfig
 from cupyflash.problem import Problem
@@ -52,6 +53,7 @@ def heuristic_specs() -> list[tuple[str, build.KernelSpec]]:
                         calls += plan.backward_kernels(problem, plan.default_bwd_config(dim, limits), deterministic)
                     specs += [(limits.arch, call.spec) for call in calls]
             specs += [(limits.arch, flash_bwd_prep.spec(dtype, e, variant=UNMASKED)) for e in flash_bwd_prep.ENTRIES]
+            specs.append((limits.arch, flash_merge.spec(dtype)))
     unique = {(arch, spec) for arch, spec in specs}
     return sorted(unique, key=lambda item: (item[0], item[1].source, item[1].defines))
 

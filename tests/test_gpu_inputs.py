@@ -2,8 +2,8 @@
 row) see no key, and the messages for arrays a GPU run cannot take as they are (torch CPU
 tensors, arrays on two GPUs). Skipped without a GPU (conftest.py).
 
-Rows that see nothing are compared exactly: out 0, lse equal to the reference's (+inf today,
-the log of an empty sum), gradients 0, never NaN. The rest of each result meets the tolerance
+Rows that see nothing are compared exactly: out 0, lse equal to the reference's (-inf, the
+log of an empty sum), gradients 0, never NaN. The rest of each result meets the tolerance
 rule. Outputs come from a NaN-poisoned memory pool, so an element the kernels skip fails.
 """
 
@@ -95,13 +95,31 @@ def test_fully_masked_rows_match_reference(case: validation.Case, deterministic:
     assert_matches(case, run_kernels(case, deterministic))
 
 
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+def test_backward_takes_the_old_plus_inf_lse(deterministic: bool) -> None:
+    """lse was +inf for rows that see nothing before 2026-12: a caller's stored lse of that
+    convention still gives the same gradients, bitwise, as the forward's -inf."""
+    import cupy
+
+    case = validation.Case("bfloat16", 128, True, 300, 50, group=2)  # causal, Sq > Sk: whole Q tiles see nothing
+    dev = {name: cupy.asarray(array) for name, array in validation.make_inputs(case).items()}
+    out, lse = cf.attention(dev["q"], dev["k"], dev["v"], causal=True, return_lse=True)
+    assert int((lse == -cupy.inf).sum()) == lse.shape[0] * lse.shape[1] * 250  # rows 0..249 see no key
+    old = cupy.where(lse == -cupy.inf, cupy.float32(cupy.inf), lse)
+    ours, before = (cf.attention_backward(dev["dout"], dev["q"], dev["k"], dev["v"], out, stats, causal=True,
+                                          deterministic=deterministic) for stats in (lse, old))
+    for name, new, was in zip(("dq", "dk", "dv"), ours, before):
+        assert not bool(cupy.isnan(new).any()), f"{name} has NaN"
+        assert cupy.array_equal(new, was), f"{name} differs between lse -inf and +inf for rows that see nothing"
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
 @pytest.mark.parametrize("case", [c for _, c in EMPTY], ids=[i for i, _ in EMPTY])
 def test_empty_sizes_match_reference(case: validation.Case, deterministic: bool) -> None:
     ours = run_kernels(case, deterministic)
     assert_matches(case, ours)
     if case.seqlen_k == 0 and case.seqlen_q > 0 and case.batch > 0:
-        assert np.all(ours["out"] == 0) and np.all(ours["lse"] == np.inf) and np.all(ours["dq"] == 0)
+        assert np.all(ours["out"] == 0) and np.all(ours["lse"] == -np.inf) and np.all(ours["dq"] == 0)
 
 
 def test_no_keys_numpy_in_numpy_out() -> None:

@@ -190,7 +190,7 @@ def test_varlen_deterministic_backward_is_right_and_bitwise_repeatable(case: Pac
 
 def _unwritten(case: PackedCase, results: dict[str, np.ndarray]) -> list[str]:
     """Rows of a sequence left NaN (unwritten, in memory filled with NaN), rows that see no key
-    (lse +inf) whose out or dq is not exactly 0, and dk, dv not exactly 0 at keys no sequence uses."""
+    (lse -inf) whose out or dq is not exactly 0, and dk, dv not exactly 0 at keys no sequence uses."""
     found = []
     as64 = {name: np.asarray(array, np.float64) for name, array in results.items()}
     for b in range(case.batch):
@@ -202,10 +202,10 @@ def _unwritten(case: PackedCase, results: dict[str, np.ndarray]) -> list[str]:
             if nan_rows.size:
                 found.append(f"{name}[seq {b}]: rows {nan_rows[:8].tolist()} ({nan_rows.size} of "
                              f"{part.shape[rows_axis]}) hold NaN: left unwritten")
-        sees_nothing = np.isinf(as64["lse"][index["lse"]]).T  # (len_q, heads_q): rows that see no key
+        sees_nothing = (as64["lse"][index["lse"]] == -np.inf).T  # (len_q, heads_q): rows that see no key
         for name in ("out", "dq"):
             if name in as64 and np.any(as64[name][index[name]][sees_nothing] != 0):
-                found.append(f"{name}[seq {b}]: a row that sees no key (lse infinite) is not 0")
+                found.append(f"{name}[seq {b}]: a row that sees no key (lse -inf) is not 0")
     unused = case.unused_keys()
     for name in ("dk", "dv"):
         if name in as64 and np.any(as64[name][unused] != 0):

@@ -126,8 +126,8 @@ def header_structs() -> dict[str, type]:
     """The structs of kernels_cu/params.cuh as ctypes Structures, parsed from the header itself
     (not from launch.py): ctypes lays them out by the platform's C rules, as nvcc does."""
     text = (build.kernel_dir() / "params.cuh").read_text()
-    scalars = {"u16*": ctypes.c_uint64, "float*": ctypes.c_uint64, "int*": ctypes.c_uint64, "i64": ctypes.c_int64,
-               "u64": ctypes.c_uint64, "int": ctypes.c_int32, "float": ctypes.c_float}
+    scalars = {"u16*": ctypes.c_uint64, "float*": ctypes.c_uint64, "int*": ctypes.c_uint64, "u64*": ctypes.c_uint64,
+               "i64": ctypes.c_int64, "u64": ctypes.c_uint64, "int": ctypes.c_int32, "float": ctypes.c_float}
     structs: dict[str, type] = {}
     for name, body in re.findall(r"^struct (\w+) \{\n(.*?)^\};", text, re.S | re.M):
         if "static constexpr" in body:  # a type trait of the layout checks, not a parameter struct
@@ -170,7 +170,7 @@ def expected_fields(t: dict[str, FakeArray], p: Problem, struct: str) -> dict[st
         want[name] = (array.data.ptr, *(stride // array.itemsize for stride in array.strides[:3]))
     if struct == "BwdParams":
         accum = t.get("dq_accum")
-        want.update(delta=t["delta"].data.ptr, dq_accum=0 if accum is None else accum.data.ptr,
+        want.update(delta=t["delta"].data.ptr, lse_log2=t["lse_log2"].data.ptr, dq_accum=0 if accum is None else accum.data.ptr,
                     softmax_scale=np.float32(scale), dq_accum_head_dim=kernel_head_dim(p.head_dim))
         strides = (0, 0, 0) if accum is None or accum.ndim != 4 else (s // 4 for s in accum.strides[:3])
         for kind, value in zip(("batch", "row", "head"), strides):

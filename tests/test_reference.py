@@ -59,7 +59,7 @@ CASES = {
     "dropout": Case(batch=2, dropout_p=0.3),
     "everything": Case(batch=2, seqlen_q=5, seqlen_k=3, heads_q=4, heads_kv=2, causal=True,
                        window_size=(1, -1), softcap=2.0, alibi="per_batch", dropout_p=0.25),
-    # Empty sizes, which the API accepts: out 0 and lse +inf for every row when there is no key.
+    # Empty sizes, which the API accepts: out 0 and lse -inf for every row when there is no key.
     "no_keys": Case(batch=2, seqlen_k=0),
     "no_keys_everything": Case(batch=2, seqlen_q=4, seqlen_k=0, heads_q=4, heads_kv=2, causal=True,
                                window_size=(1, 0), softcap=2.0, alibi="per_batch", dropout_p=0.25),
@@ -138,7 +138,7 @@ def loop_row(q, k, v, dout, b, h, g, i, scale, slope, causal, window, softcap, p
             x = softcap * math.tanh(s / softcap) if softcap else s
             xs[j], ss[j] = x - slope * abs(i + sk - sq - j), s
     if not xs:
-        return dict(out=np.zeros(d), lse=math.inf, dq=np.zeros(d), dkv={})
+        return dict(out=np.zeros(d), lse=-math.inf, dq=np.zeros(d), dkv={})
     top = max(xs.values())
     lse = top + math.log(sum(math.exp(x - top) for x in xs.values()))
     prob = {j: math.exp(x - lse) for j, x in xs.items()}
@@ -240,7 +240,7 @@ def test_window_masks(window, causal, expected) -> None:
 
 @pytest.mark.parametrize("name", ["causal_sq>sk", "window_right_only", "everything"])
 def test_fully_masked_rows(name: str) -> None:
-    """Rows without a visible key: out 0, lse +inf, no gradient, no NaN, no warning."""
+    """Rows without a visible key: out 0, lse -inf, no gradient, no NaN, no warning."""
     case = CASES[name]
     arrays, opts = make_inputs(case)
     q, k, v, dout = arrays["q"], arrays["k"], arrays["v"], arrays["dout"]
@@ -253,7 +253,7 @@ def test_fully_masked_rows(name: str) -> None:
         out, lse = ref.attention_forward(q, k, v, **opts)
         grads_all = ref.attention_backward(dout, q, k, v, **opts)
         grads_dead = ref.attention_backward(dout_dead, q, k, v, **opts)
-    assert np.all(out[:, dead] == 0) and np.all(lse[:, :, dead] == np.inf)
+    assert np.all(out[:, dead] == 0) and np.all(lse[:, :, dead] == -np.inf)
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(lse[:, :, ~dead]))
     assert np.all(grads_all[0][:, dead] == 0)
     for g in grads_all:
@@ -266,7 +266,7 @@ def test_fully_masked_rows(name: str) -> None:
 @pytest.mark.parametrize("name", EMPTY)
 def test_empty_sizes(name: str, compute_dtype: str | None) -> None:
     """seqlen_k = 0 (every row sees nothing), seqlen_q = 0, batch = 0: shapes as always, out 0,
-    lse +inf, gradients 0, in float64 and in the baselines, with no NaN and no warning."""
+    lse -inf, gradients 0, in float64 and in the baselines, with no NaN and no warning."""
     case = CASES[name]
     arrays, opts = make_inputs(case)
     q, k, v, dout = arrays["q"], arrays["k"], arrays["v"], arrays["dout"]
@@ -279,7 +279,7 @@ def test_empty_sizes(name: str, compute_dtype: str | None) -> None:
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
     for array in (out, lse, dq, dk, dv):
         assert array.dtype == expected_dtype
-    assert np.all(out == 0) and np.all(lse == np.inf)
+    assert np.all(out == 0) and np.all(lse == -np.inf)
     assert all(np.all(g == 0) for g in (dq, dk, dv))
 
 
@@ -290,7 +290,7 @@ def test_no_visible_key_at_all() -> None:
         warnings.simplefilter("error")
         out, lse = ref.attention_forward(q, k, v, causal=True, window_size=(0, 0))
         grads = ref.attention_backward(q, q, k, v, causal=True, window_size=(0, 0))
-    assert np.all(out[:, :3] == 0) and np.all(lse[:, :, :3] == np.inf)
+    assert np.all(out[:, :3] == 0) and np.all(lse[:, :, :3] == -np.inf)
     assert np.all(np.isfinite(lse[:, :, 3])) and all(np.all(np.isfinite(g)) for g in grads)
 
 

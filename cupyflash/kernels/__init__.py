@@ -12,4 +12,5 @@ families a call runs, and in what order, is plan.py's.
     flash_bwd_dkdv_sm90.py  wgmma dK/dV, adding dQ by bulk reductions (sm_90)
     flash_bwd_dq.py         mma.sync dQ in its own pass (deterministic)
     flash_bwd_prep.py       delta before dK/dV, and the dQ conversions after it
+    flash_merge.py          results over disjoint key sets merged by their lse (merge_attention)
 """

@@ -69,7 +69,7 @@ class DkdvConfig:
         return self.m_tiles * (head_dim + self.block_m) // self.warps_d
 
     def smem_bytes(self, head_dim: int) -> int:
-        """DkdvSmem: K, V + stages x (Q, dO, lse, delta) + P^T and dS^T, padded rows."""
+        """DkdvSmem: K, V + stages x (Q, dO, lse_log2, delta) + P^T and dS^T, padded rows."""
         kv = 2 * self.block_n * padded_row_bytes(head_dim)
         q_do = 2 * self.stages * self.block_m * padded_row_bytes(head_dim)
         stats = 2 * self.stages * self.block_m * 4

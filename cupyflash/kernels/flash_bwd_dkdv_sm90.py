@@ -60,7 +60,7 @@ class Sm90DkdvConfig:
         return (head_dim if head_dim <= 128 else head_dim // 2) + self.block_m
 
     def smem_bytes(self, head_dim: int) -> int:
-        """Sm90DkdvSmem: K, V + stages x (Q, dO, lse, delta) + dS^T, unpadded, and each
+        """Sm90DkdvSmem: K, V + stages x (Q, dO, lse_log2, delta) + dS^T, unpadded, and each
         warpgroup's dQ staging buffer; head_dim 256 adds P^T on the next 1024-byte boundary
         (Sm90DkdvSplitSmem). Plus the alignment slack."""
         tiles = (2 * self.block_n + 2 * self.stages * self.block_m) * head_dim * ELEMENT_BYTES

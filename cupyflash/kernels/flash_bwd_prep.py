@@ -1,7 +1,8 @@
 """The small backward kernels (kernels_cu/flash_bwd_prep.cu), which have no tile config:
 flash_bwd_zero_unused_keys (packed batches: dK, dV of keys no sequence uses are 0), flash_bwd_delta
-(delta = rowsum(dout * out), before dK/dV) and the two dQ conversions after it (dq = softmax_scale
-* dq_accum in the 16-bit type), one per dK/dV kernel's accumulator layout."""
+(delta = rowsum(dout * out) and lse_log2 = lse * log2(e), before dK/dV) and the two dQ conversions
+after it (dq = softmax_scale * dq_accum in the 16-bit type), one per dK/dV kernel's accumulator
+layout."""
 
 from __future__ import annotations
 
