@@ -47,7 +47,9 @@ def check_shapes(outs: Sequence[Any], lses: Sequence[Any], sources: dict[str, An
         if tuple(out.shape) != tuple(first.shape):
             raise ValueError(f"{name} has shape {tuple(out.shape)} but outs[0] has {tuple(first.shape)}; "
                              "every part must be a result for the same queries")
-        _check_dtype(name, out, None if i == 0 else dtype, sources.get(name))
+        if i and dtype_name(out) != dtype:
+            raise TypeError(f"{name}.dtype is {dtype_name(out)} but outs[0].dtype is {dtype}; the parts must share a dtype")
+        _check_dtype(name, out, None, sources.get(name))
         _check_last_dim_contiguous(name, out)
     want = (batch, heads_q, seqlen_q)
     for i, lse in enumerate(lses):
