@@ -204,10 +204,7 @@ def merge_attention(outs: Any, lses: Any) -> tuple[Any, Any]:
     out = 0 and lse = -inf; a NaN lse makes its row NaN. Uses: split-KV decoding, a shared prompt
     prefix attended once (cascade), chunked prefill, ring attention.
     """
-    names, outs, lses = merge.checked_parts(outs, lses)
-    sources = dict(zip(names, (*outs, *lses)))
-    outs, lses, placement = merge.wrap_parts(names, outs, lses)
-    merge.check_shapes(outs, lses, sources)
+    outs, lses, placement = merge.checked_inputs(outs, lses)
     with _device_of(placement) as device_id:
         out, lse = merge.launch_merge(outs, lses, device_id)
     return to_caller(out, placement), to_caller(lse, placement)

@@ -25,8 +25,7 @@ from .problem import LOG2_E, Problem  # softmax_scale * LOG2_E is checked there 
 
 # The C++ types of params.cuh's fields, with the NumPy type of their bytes (pointers are addresses).
 SCALARS = {"cf::u16*": np.uint64, "float*": np.uint64, "const float*": np.uint64, "const int*": np.uint64,
-           "const cf::u64*": np.uint64,
-           "cf::i64": np.int64, "cf::u64": np.uint64, "int": np.int32, "float": np.float32}
+           "const cf::u64*": np.uint64, "cf::i64": np.int64, "cf::u64": np.uint64, "int": np.int32, "float": np.float32}
 
 # The structs of params.cuh, field by field, in declaration order: (name, C++ type or struct name).
 STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {}

@@ -52,7 +52,7 @@ VARLEN_SHAPES = (((33, 0, 130, 1), (130, 17, 1, 0), None, 0, 2, True, (-1, -1)),
 # What racecheck and synccheck run of them: the Hopper default and an A100's mma.sync kernels.
 VARLEN_SMALL = (("default", 128, 0), ("a100", 72, 1))
 # merge_attention (one kernel for every GPU, so the default path only): parts that saw no key,
-# one part, many parts, head dims past one 256-column pass of a warp and below one of 32, GQA.
+# one part, many parts, head dims 40 to 256 (40 and 72: columns not a multiple of a warp), GQA.
 MERGE_CASES = (MergeCase("bfloat16", 128, 33, (50, 0, 77, 1), group=4), MergeCase("float16", 40, 1, (17,)),
                MergeCase("bfloat16", 256, 130, (0, 0)), MergeCase("float16", 72, 203, (1, 2, 3, 4, 5, 6, 7, 300)))
 

@@ -13,15 +13,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import launch
-from .arrays import check_given, to_gpu, wrap_all
+from .arrays import Placement, check_given, to_gpu, wrap_all
 from .build import load_function
 from .device import device_limits, require_cupy
 from .kernels import flash_merge
 from .problem import _check_dtype, _check_last_dim_contiguous, dtype_name
 
 
-def checked_parts(outs: Any, lses: Any) -> tuple[list[str], list[Any], list[Any]]:
-    """The parts' names ("outs[i]", "lses[i]") and arrays, checked on the host before any GPU work."""
+def checked_inputs(outs: Any, lses: Any) -> tuple[list[Any], list[Any], Placement]:
+    """The parts as NumPy or CuPy arrays, all in one place (host, or one GPU), and that place;
+    every check is made here, on the host, before any GPU work."""
     for name, parts in (("outs", outs), ("lses", lses)):
         if not isinstance(parts, (list, tuple)):
             raise TypeError(f"{name} must be a list or tuple of arrays, one per part; got {type(parts).__name__}")
@@ -30,13 +31,18 @@ def checked_parts(outs: Any, lses: Any) -> tuple[list[str], list[Any], list[Any]
     if not outs:
         raise ValueError("outs and lses are empty; merge_attention needs at least one part")
     names = [f"outs[{i}]" for i in range(len(outs))] + [f"lses[{i}]" for i in range(len(lses))]
-    check_given("merge_attention", **dict(zip(names, (*outs, *lses))))
-    return names, list(outs), list(lses)
+    given = dict(zip(names, (*outs, *lses)))
+    check_given("merge_attention", **given)
+    arrays, placement = wrap_all(**given)
+    outs, lses = [arrays[n] for n in names[:len(outs)]], [arrays[n] for n in names[len(outs):]]
+    _check_shapes(outs, lses, given["outs[0]"])
+    return outs, lses, placement
 
 
-def check_shapes(outs: Sequence[Any], lses: Sequence[Any], sources: dict[str, Any]) -> None:
+def _check_shapes(outs: Sequence[Any], lses: Sequence[Any], source: Any) -> None:
     """Every out (batch, seqlen_q, heads_q, head_dim) of one shape and one 16-bit dtype, head_dim
-    contiguous; every lse float32 (batch, heads_q, seqlen_q)."""
+    contiguous; every lse float32 (batch, heads_q, seqlen_q). source: the caller's outs[0], for
+    the cast hint."""
     first = outs[0]
     if first.ndim != 4:
         raise ValueError(f"outs[0] must be 4-D (batch, seqlen_q, heads_q, head_dim); got shape {tuple(first.shape)}")
@@ -47,9 +53,11 @@ def check_shapes(outs: Sequence[Any], lses: Sequence[Any], sources: dict[str, An
         if tuple(out.shape) != tuple(first.shape):
             raise ValueError(f"{name} has shape {tuple(out.shape)} but outs[0] has {tuple(first.shape)}; "
                              "every part must be a result for the same queries")
-        if i and dtype_name(out) != dtype:
-            raise TypeError(f"{name}.dtype is {dtype_name(out)} but outs[0].dtype is {dtype}; the parts must share a dtype")
-        _check_dtype(name, out, None, sources.get(name))
+        if i == 0:
+            _check_dtype(name, out, None, source)
+        elif dtype_name(out) != dtype:
+            raise TypeError(f"{name}.dtype is {dtype_name(out)} but outs[0].dtype is {dtype}; "
+                            "the parts must share a dtype")
         _check_last_dim_contiguous(name, out)
     want = (batch, heads_q, seqlen_q)
     for i, lse in enumerate(lses):
@@ -90,10 +98,3 @@ def launch_merge(outs: Sequence[Any], lses: Sequence[Any], device_id: int) -> tu
     params.write_pointers({"table": table, "out": out, "lse": lse})
     kernel.run(cupy.cuda.get_current_stream().ptr)
     return out, lse
-
-
-def wrap_parts(names: list[str], outs: list[Any], lses: list[Any]) -> tuple[list[Any], list[Any], Any]:
-    """The parts as NumPy or CuPy arrays, all in one place (host, or one GPU)."""
-    arrays, placement = wrap_all(**dict(zip(names, (*outs, *lses))))
-    return [arrays[n] for n in names[:len(outs)]], [arrays[n] for n in names[len(outs):]], placement
-

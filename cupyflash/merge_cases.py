@@ -9,6 +9,7 @@ with float64 attention over all the keys (the whole path), both by the tolerance
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +44,9 @@ class MergeCase:
                                         seed=seed)
 
     def bounds(self) -> list[tuple[int, int]]:
-        edges = np.concatenate([[0], np.cumsum(self.splits)]).astype(int)
-        return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+        """[start, stop) of each part's keys."""
+        edges = [0, *itertools.accumulate(self.splits)]
+        return list(zip(edges[:-1], edges[1:]))
 
 
 def run_merge(case: MergeCase, host: dict[str, np.ndarray], *, poison: bool = True) -> dict[str, Any]:

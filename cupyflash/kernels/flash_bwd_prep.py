@@ -33,9 +33,9 @@ def threads(entry: str) -> int:
 def grid(p: Problem, entry: str) -> tuple[int, int, int]:
     """zero_unused_keys: ZERO_BLOCKS_PER_GAP blocks per run of unused keys, one after each packed
     sequence's slot and one after the last. delta: DELTA_ROWS query rows per block of each
-    (head, batch). convert_dq: one thread per
-    CONVERT_CHUNK elements of the contiguous dq. convert_dq_tiled: one block row per query row,
-    blocks across (heads_q, head_dim / 4), one z per batch."""
+    (head, batch). convert_dq: one thread per CONVERT_CHUNK elements of the contiguous dq.
+    convert_dq_tiled: one block row per query row, blocks across (heads_q, head_dim / 4), one z
+    per batch."""
     if entry == ZERO_UNUSED_KEYS:
         return (ZERO_BLOCKS_PER_GAP, p.batch + 1, 1)
     if entry == DELTA:
