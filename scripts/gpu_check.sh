@@ -33,6 +33,11 @@ GPU_TESTS=(tests/test_gpu_*.py)
 # PYTEST_JOBS=N spreads the GPU tests over N processes on the one GPU (pytest-xdist, when installed).
 JOBS=()
 [[ -n ${PYTEST_JOBS:-} ]] && $PY -c "import xdist" 2>/dev/null && JOBS=(-n "$PYTEST_JOBS")
+# TEST_SHARDS=N (default 6) runs the GPU suite as N pytest processes at once, each one contiguous
+# slice (--test-shard, tests/conftest.py), sharing one fresh cache folder: the suite's time is
+# mostly NVRTC on a cold cache, which one process does one kernel at a time.
+SHARDS=${TEST_SHARDS:-6}
+[[ ${#JOBS[@]} -gt 0 ]] && SHARDS=1
 status=0
 
 run_step() {  # name, log file, command...: runs, logs, records a failure without stopping
@@ -48,14 +53,33 @@ run_step() {  # name, log file, command...: runs, logs, records a failure withou
   return 0
 }
 
+run_suite() {  # order: the GPU suite in $SHARDS processes; every shard's log, one after another
+  local cache rc=0 i
+  cache=$(mktemp -d "${TMPDIR:-/tmp}/cupyflash-tests.XXXXXX")
+  local pids=()
+  for ((i = 1; i <= SHARDS; i++)); do
+    CUPYFLASH_TEST_CACHE_DIR=$cache $PY -m pytest -q -rfE --tb=short -p no:cacheprovider --test-order "$1" \
+      --test-shard "$i/$SHARDS" "${JOBS[@]}" "${GPU_TESTS[@]}" >"$cache.shard$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for ((i = 1; i <= SHARDS; i++)); do
+    wait "${pids[i - 1]}" || rc=1
+    echo "---- shard $i/$SHARDS"
+    cat "$cache.shard$i.log"
+    rm -f "$cache.shard$i.log"
+  done
+  rm -rf "$cache"
+  return $rc
+}
+
 for step in "${steps[@]}"; do
   case $step in
     info) run_step info "$OUT/info.txt" $PY -m cupyflash info; cat "$OUT/info.txt" ;;
     tests|tests-shuffled)
       order=collected log=$OUT/gpu_tests.log
       [[ $step == tests-shuffled ]] && order=random:${TEST_SEED:-2026} log=$OUT/gpu_tests_shuffled.log
-      run_step "$step" "$log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider --test-order "$order" "${JOBS[@]}" "${GPU_TESTS[@]}"
-      grep -E "passed|failed|error" "$log" | tail -n 3
+      run_step "$step" "$log" run_suite "$order"
+      grep -E "passed|failed|error" "$log" | tail -n $((SHARDS + 2))
       grep -E "^FAILED|^ERROR" "$log" | head -n 40 ;;
     tests-quick)
       run_step tests-quick "$OUT/gpu_tests.log" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider \
