@@ -3,13 +3,17 @@
 Warm-up runs first (module load and compilation stay out of the numbers), then each timed run
 is bracketed by CUDA events on the current stream, with the L2 cache flushed before it so
 repeated runs over one buffer do not measure the cache; the median is reported.
+
+do_bench_interleaved times several calls whose ratio matters (the varlen call against the dense
+call on the same tokens) in alternation, so that the GPU's clock and temperature, which drift
+over seconds, fall on each of them alike instead of on whichever ran later.
 """
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .device import require_cupy
 
@@ -37,19 +41,29 @@ def _flush_l2(cupy: Any) -> None:
 
 def do_bench(fn: Callable[[], Any], *, warmup: int = 3, runs: int = 20, flush_l2: bool = True) -> Timing:
     """Median time of fn() in milliseconds, measured with CUDA events on the current stream."""
+    return do_bench_interleaved([fn], warmup=warmup, runs=runs, flush_l2=flush_l2)[0]
+
+
+def do_bench_interleaved(fns: Sequence[Callable[[], Any]], *, warmup: int = 3, runs: int = 20,
+                         flush_l2: bool = True) -> list[Timing]:
+    """One Timing per fn, in order. Round r runs every fn once, starting with fn r % len(fns),
+    each timed on its own (L2 flushed before it): no fn always follows the same one."""
     cupy = require_cupy()
     stream = cupy.cuda.get_current_stream()
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     stream.synchronize()
-    times = []
-    for _ in range(runs):
-        if flush_l2:
-            _flush_l2(cupy)
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(stream)
-        fn()
-        end.record(stream)
-        end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end))
-    return Timing(statistics.median(times), min(times), max(times), runs)
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(runs):
+        for j in range(len(fns)):
+            i = (r + j) % len(fns)
+            if flush_l2:
+                _flush_l2(cupy)
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            fns[i]()
+            end.record(stream)
+            end.synchronize()
+            times[i].append(cupy.cuda.get_elapsed_time(start, end))
+    return [Timing(statistics.median(t), min(t), max(t), runs) for t in times]

@@ -827,7 +827,7 @@ def test_varlen_summary() -> None:
 def test_format_varlen_table() -> None:
     text = bench.format_varlen_table(_varlen_report())
     lines = text.splitlines()
-    assert lines[0].startswith("**Variable-length TFLOP/s** (median of 20 runs; FLOPs of the real tokens only) — ")
+    assert lines[0].startswith("**Variable-length TFLOP/s** (median of 20 runs, varlen and dense in alternation; FLOPs of the real tokens only) — ")
     assert "Test GPU 80GB" in lines[0] and "commit aaaaaaaaaaaa" in lines[0]
     header, *rows = _table_rows(text)
     assert header == ["batch", "dtype", "D", "H", "causal", "pass", "dense BxS", "cupyflash-varlen",

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from .. import environment, tolerance, validation
 from ..device import gpu_count, require_cupy
-from ..timing import do_bench
+from ..timing import do_bench, do_bench_interleaved
 from . import check, peers
 from .compile_times import measure_compile_times
 from .gpu import MAX_MESSAGE, free_device_bytes, free_memory, short
@@ -84,6 +84,29 @@ def timed(row: dict[str, Any], context: str, prepare: Callable[[], Callable[[], 
     if caught:
         row["warnings"] = _warning_texts(caught)
     return row
+
+
+def timed_together(rows: Sequence[dict[str, Any]], prepares: Sequence[Callable[[], Callable[[], Any]]], runs: int,
+                   warmup: int, rates: Sequence[Callable[[float], float]]) -> list[dict[str, Any]]:
+    """timed() for calls of cupyflash only (no torch context), timed in alternation
+    (do_bench_interleaved) so that their ratio does not depend on which ran later. A prepare
+    that raises fails its own row; the others are still timed together."""
+    ready: list[tuple[dict[str, Any], Callable[[], Any], Callable[[float], float]]] = []
+    for row, prepare, rate in zip(rows, prepares, rates, strict=True):
+        try:
+            ready.append((row, prepare(), rate))
+        except Exception as exc:
+            row["failure"] = short(exc)
+    try:
+        timings = do_bench_interleaved([fn for _, fn, _ in ready], warmup=warmup, runs=runs) if ready else []
+    except Exception as exc:
+        for row, _, _ in ready:
+            row["failure"] = short(exc)
+        return list(rows)
+    for (row, _, rate), timing in zip(ready, timings):
+        row.update(ms=timing.median_ms, ms_min=timing.min_ms, ms_max=timing.max_ms, runs=timing.runs,
+                   tflops=rate(timing.median_ms), timed="interleaved")
+    return list(rows)
 
 
 def describe(row: dict[str, Any]) -> str:

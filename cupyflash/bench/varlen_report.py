@@ -87,7 +87,8 @@ def format_varlen_table(report: dict[str, Any]) -> str:
     runs = report.get("settings", {}).get("runs")
     header = ["batch", "dtype", "D", "H", "causal", "pass", "dense BxS", *impls, "varlen / dense", "bar", "met",
               *(f"varlen / {p}" for p in peers)]
-    lines = [f"**Variable-length TFLOP/s** (median of {runs} runs; FLOPs of the real tokens only) — "
+    lines = [f"**Variable-length TFLOP/s** (median of {runs} runs, varlen and dense in alternation; "
+             "FLOPs of the real tokens only) — "
              f"{describe_environment(report.get('environment', {}))}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summary:

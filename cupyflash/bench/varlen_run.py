@@ -4,7 +4,8 @@ peer, in one process, each result checked before it is timed (as measure.run doe
     cupyflash-varlen  attention_varlen() / attention_varlen_backward() on the packed batch
     cupyflash-dense   attention() / attention_backward() on batch.dense_shape: the same tokens
                       for an equal batch (the very same arrays, reshaped), the mean length for
-                      a mixed one (inputs of its own); measured by measure.measure
+                      a mixed one (inputs of its own); timed in alternation with
+                      cupyflash-varlen (measure.timed_together), so their ratio sees one clock
     torch-varlen      torch.nn.attention.varlen.varlen_attn (FlashAttention-2's varlen kernels),
                       when the installed PyTorch has it (2.9 on); else
     torch-flash-seq   torch SDPA's flash backend called once per sequence (FA2 per sequence)
@@ -40,7 +41,6 @@ Segment = tuple[tuple[int, int, int, int], check.Reference]
 OURS = ("cupyflash-varlen", "cupyflash-dense")
 TORCH_PEERS = ("torch-varlen", "torch-flash-seq")
 MAX_MISMATCHES = 5  # failing sequences whose messages a row keeps
-DENSE_KEYS = ("impl", "pass", "dtype", "head_dim", "seqlen", "causal", "batch", "heads")  # measure's shape fields
 
 
 # --------------------------------------------------------------------------- the torch peer
@@ -262,28 +262,50 @@ def _row(impl: str, pass_: str, batch: VarlenBatch) -> dict[str, Any]:
             "flops": batch_flops(batch, pass_), "ms": None, "tflops": None, "valid": None, "error": None}
 
 
-def measure_packed(impl: str, pass_: str, batch: VarlenBatch, data: dict[str, Array], cu: Array,
-                   refs: Sequence[Segment], runs: int, warmup: int) -> dict[str, Any]:
-    """One row of a packed-batch impl: set up, judge one call's outputs per run, time."""
-    row = _row(impl, pass_, batch)
-
+def _prepare_packed(impl: str, pass_: str, batch: VarlenBatch, data: dict[str, Array], cu: Array,
+                    refs: Sequence[Segment], row: dict[str, Any]) -> Callable[[], Callable[[], Any]]:
+    """The prepare() of measure.timed for a packed-batch impl: set up, judge one call's outputs per run."""
     def prepare() -> Callable[[], Any]:
         ready = setup(impl, pass_, batch, data, cu)
         measure._add(row, ready.extra)
         measure._add(row, judge_packed(refs, pass_, ready.outputs, batch.dtype))
         return ready.fn
 
+    return prepare
+
+
+def _rate(row: dict[str, Any]) -> Callable[[float], float]:
+    return lambda ms: row["flops"] / (ms * 1e-3) / 1e12
+
+
+def measure_packed(impl: str, pass_: str, batch: VarlenBatch, data: dict[str, Array], cu: Array,
+                   refs: Sequence[Segment], runs: int, warmup: int) -> dict[str, Any]:
+    """One row of a packed-batch impl, timed on its own (the torch peer)."""
+    row = _row(impl, pass_, batch)
     context = "torch-flash" if impl in TORCH_PEERS else impl
-    return measure.timed(row, context, prepare, runs, warmup, lambda ms: row["flops"] / (ms * 1e-3) / 1e12)
+    return measure.timed(row, context, _prepare_packed(impl, pass_, batch, data, cu, refs, row), runs, warmup,
+                         _rate(row))
 
 
-def dense_row(batch: VarlenBatch, measured: dict[str, Any], pass_: str) -> dict[str, Any]:
-    """measure.measure's row of the dense call as a row of this batch (impl cupyflash-dense),
-    its FLOPs those of batch.dense_shape."""
-    row = _row("cupyflash-dense", pass_, batch)
-    row.update((key, value) for key, value in measured.items() if key not in DENSE_KEYS)
-    row["flops"] = dense_flops(batch.dense_shape, pass_)
-    return row
+def measure_ours(pass_: str, batch: VarlenBatch, data: dict[str, Array], cu: Array, refs: Sequence[Segment],
+                 dense_data: dict[str, Array], dense_ref: check.Reference, runs: int,
+                 warmup: int) -> list[dict[str, Any]]:
+    """The cupyflash-varlen and cupyflash-dense rows of one pass, each checked, then timed in
+    alternation (measure.timed_together): their ratio is the bar, and timed minutes apart it
+    moved by up to 7% with the GPU's clock (benchmarks/results/h200-2026-12-03-sharded-suite).
+    The dense row's FLOPs are those of batch.dense_shape."""
+    shape = batch.dense_shape
+    varlen, dense = _row("cupyflash-varlen", pass_, batch), _row("cupyflash-dense", pass_, batch)
+    dense["flops"] = dense_flops(shape, pass_)
+
+    def prepare_dense() -> Callable[[], Any]:
+        ready = peers.setup("cupyflash", pass_, shape, dense_data)
+        measure._add(dense, ready.extra)
+        measure._add(dense, check.judge(dense_ref, pass_, ready.outputs, shape.dtype, require_cupy()))
+        return ready.fn
+
+    prepares = [_prepare_packed("cupyflash-varlen", pass_, batch, data, cu, refs, varlen), prepare_dense]
+    return measure.timed_together([varlen, dense], prepares, runs, warmup, [_rate(varlen), _rate(dense)])
 
 
 def describe(row: dict[str, Any]) -> str:
@@ -292,27 +314,23 @@ def describe(row: dict[str, Any]) -> str:
 
 
 def _batch_rows(batch: VarlenBatch, passes: Sequence[str], peer: str | None, runs: int, warmup: int):
-    """Every row of one batch, as they finish: the packed impls, then the dense call."""
+    """Every row of one batch, as they finish: per pass ours (varlen and dense, together), then the peer."""
     data = packed_inputs(batch)
     refs = packed_references(batch, data, passes)
     cu = require_cupy().asarray(batch.cu_seqlens)
-    for pass_ in passes:
-        for impl in ("cupyflash-varlen", *([peer] if peer else [])):
-            yield measure_packed(impl, pass_, batch, data, cu, refs, runs, warmup)
-            free_memory()
     shape = batch.dense_shape
     if batch.kind == "equal":  # the same arrays and the same reference: one run, the dense shape
         dense_data, dense_ref = {n: a.reshape(shape.dims) for n, a in data.items()}, refs[0][1]
-    else:
-        del data, refs
-        free_memory()
+    else:  # the mean length: inputs and a reference of its own
         dense_data = measure.inputs(shape)
         dense_ref = check.reference_for(dense_data, shape.causal, shape.dtype, passes, free_device_bytes(),
                                         require_cupy())
     for pass_ in passes:
-        yield dense_row(batch, measure.measure("cupyflash", pass_, shape, dense_data, dense_ref, None, runs, warmup),
-                        pass_)
+        yield from measure_ours(pass_, batch, data, cu, refs, dense_data, dense_ref, runs, warmup)
         free_memory()
+        if peer:
+            yield measure_packed(peer, pass_, batch, data, cu, refs, runs, warmup)
+            free_memory()
 
 
 def _settings(passes: Sequence[str], runs: int, warmup: int, peer: str | None, peer_note: str) -> dict[str, Any]:
