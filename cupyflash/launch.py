@@ -52,6 +52,15 @@ STRUCTS["MergeParams"] = (
     ("in_head_stride", "cf::i64"), ("out", "Tensor16"), ("lse", "float*"),
     *((name, "int") for name in ("num_parts", "batch", "seqlen_q", "heads_q", "head_dim")))
 
+STRUCTS["DecodeParams"] = (
+    *((name, "Tensor16") for name in ("q", "k_cache", "v_cache", "k_new", "v_new", "out")), ("lse", "float*"),
+    ("out_partial", "float*"), ("lse_partial", "float*"), ("cache_seqlens", "const int*"),
+    ("cache_batch_idx", "const int*"), ("block_table", "const int*"), ("block_table_batch_stride", "cf::i64"),
+    *((name, "int") for name in ("batch", "seqlen_q", "heads_q", "group_size", "head_dim", "seqlen_new",
+                                 "cache_seqlen", "capacity", "page_size", "num_pages", "batch_cache", "num_splits",
+                                 "split_tiles", "window_left", "window_right")),
+    ("scale_log2", "float"))
+
 
 def _dtype(struct: str) -> np.dtype:
     fields = [(name, _dtype(kind) if kind in STRUCTS else SCALARS[kind]) for name, kind in STRUCTS[struct]]
@@ -68,10 +77,16 @@ CONVERT_THREADS, CONVERT_CHUNK = 256, 8  # kConvertThreads, kConvertChunk: the d
 DQ_UNIT_ROWS, DQ_UNIT_COLS = 64, 32  # kDqUnitRows, kDqUnitCols: the Hopper dQ accumulator's units
 MERGE_THREADS = 256  # kMergeThreads: flash_merge's block, one warp per query row
 MERGE_ROWS_PER_BLOCK = MERGE_THREADS // 32  # kMergeRowsPerBlock
+DECODE_WARPS, DECODE_BLOCK_N = 4, 64  # kDecodeWarps, kDecodeBlockN: flash_decode's block and key tile
+APPEND_THREADS = 256  # kAppendThreads: flash_decode_append's block
+COMBINE_THREADS = 256  # kCombineThreads: flash_decode_combine's block, one warp per query row
+COMBINE_ROWS_PER_BLOCK = COMBINE_THREADS // 32  # kCombineRowsPerBlock
 CONSTANTS = {"kSmemAlignSlack": SMEM_ALIGN_SLACK, "kZeroThreads": ZERO_THREADS,
              "kZeroBlocksPerGap": ZERO_BLOCKS_PER_GAP, "kDeltaThreads": DELTA_THREADS, "kDeltaRows": DELTA_ROWS,
              "kConvertThreads": CONVERT_THREADS, "kConvertChunk": CONVERT_CHUNK, "kDqUnitRows": DQ_UNIT_ROWS,
-             "kDqUnitCols": DQ_UNIT_COLS, "kMergeThreads": MERGE_THREADS, "kMergeRowsPerBlock": MERGE_ROWS_PER_BLOCK}
+             "kDqUnitCols": DQ_UNIT_COLS, "kMergeThreads": MERGE_THREADS, "kMergeRowsPerBlock": MERGE_ROWS_PER_BLOCK,
+             "kDecodeWarps": DECODE_WARPS, "kDecodeBlockN": DECODE_BLOCK_N, "kAppendThreads": APPEND_THREADS,
+             "kCombineThreads": COMBINE_THREADS, "kCombineRowsPerBlock": COMBINE_ROWS_PER_BLOCK}
 
 
 @functools.lru_cache(maxsize=None)  # part of every compile and cache key

@@ -90,6 +90,33 @@ struct MergeParams {
   int num_parts, batch, seqlen_q, heads_q, head_dim;
 };
 
+// What the decoding kernels read (flash_decode.cu: flash_decode_append, flash_decode,
+// flash_decode_combine): new query tokens against a KV cache, contiguous or paged.
+struct DecodeParams {
+  Tensor16 q;                 // (batch, seqlen_q, heads_q, head_dim)
+  Tensor16 k_cache, v_cache;  // contiguous: (batch_cache, seqlen_cache, heads_kv, head_dim); paged:
+                              // (num_pages, page_size, heads_kv, head_dim), batch_stride = page stride.
+                              // Both have the same strides (the host checks)
+  Tensor16 k_new, v_new;      // (batch, seqlen_new, heads_kv, head_dim): written into the cache first
+  Tensor16 out;               // like q
+  float* lse;                 // (batch, heads_q, seqlen_q) float32 contiguous
+  float* out_partial;         // (num_splits, batch, heads_q, seqlen_q, head_dim) float32; num_splits > 1
+  float* lse_partial;         // (num_splits, batch, heads_q, seqlen_q) float32; num_splits > 1
+  const int* cache_seqlens;   // (batch) keys in the cache before the new ones; null: cache_seqlen for all
+  const int* cache_batch_idx;  // (batch) contiguous cache slot of each sequence; null: slot b
+  const int* block_table;     // (batch, >= capacity / page_size) page of each logical page; null: contiguous
+  i64 block_table_batch_stride;  // in ints
+  int batch, seqlen_q, heads_q, group_size, head_dim;  // head_dim: stored, a multiple of 8
+  int seqlen_new;             // new keys per sequence (0: no appends)
+  int cache_seqlen;           // every sequence's cached keys when cache_seqlens is null
+  int capacity;               // keys one sequence's cache holds: seqlen_cache, or max_pages * page_size
+  int page_size, num_pages, batch_cache;  // bounds the device indices are clamped into
+  int num_splits;             // key ranges per (batch, kv head); 1: out and lse written directly
+  int split_tiles;            // > 0: key tiles per split (split_size / kDecodeBlockN); 0: even shares
+  int window_left, window_right;  // as in FwdParams (causal: right = 0)
+  float scale_log2;
+};
+
 // Numbers the host computes grids and buffer shapes from.
 constexpr int kSmemAlignSlack = 1024;  // Hopper kernels lay their shared struct on a 1024-byte boundary
 constexpr int kZeroThreads = 256;      // flash_bwd_zero_unused_keys' block
@@ -102,6 +129,11 @@ constexpr int kConvertChunk = 8;       // elements per thread of flash_bwd_conve
 constexpr int kDqUnitRows = 64, kDqUnitCols = 32;  // DqUnits (traits.cuh)
 constexpr int kMergeThreads = 256;     // flash_merge's block: one warp per query row
 constexpr int kMergeRowsPerBlock = kMergeThreads / 32;
+constexpr int kDecodeWarps = 4;        // flash_decode's block: 4 warps
+constexpr int kDecodeBlockN = 64;      // its keys per tile, and the unit of split_size
+constexpr int kAppendThreads = 256;    // flash_decode_append's block
+constexpr int kCombineThreads = 256;   // flash_decode_combine's block: one warp per query row
+constexpr int kCombineRowsPerBlock = kCombineThreads / 32;
 
 }  // namespace cf
 

@@ -13,8 +13,8 @@ import pytest
 
 from cupyflash import build, gpu_classes, plan
 from cupyflash.device import DeviceLimits
-from cupyflash.kernels import (flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_prep, flash_fwd,
-                               flash_fwd_sm90, flash_merge)
+from cupyflash.kernels import (flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_prep, flash_decode,
+                               flash_fwd, flash_fwd_sm90, flash_merge)
 from cupyflash.kernels.common import KERNEL_HEAD_DIMS, Variant
 from cupyflash.plan import BwdConfig
 from cupyflash.problem import Problem
@@ -54,8 +54,25 @@ def heuristic_specs() -> list[tuple[str, build.KernelSpec]]:
                     specs += [(limits.arch, call.spec) for call in calls]
             specs += [(limits.arch, flash_bwd_prep.spec(dtype, e, variant=UNMASKED)) for e in flash_bwd_prep.ENTRIES]
             specs.append((limits.arch, flash_merge.spec(dtype)))
+            specs += decode_specs(limits, dtype)
     unique = {(arch, spec) for arch, spec in specs}
     return sorted(unique, key=lambda item: (item[0], item[1].source, item[1].defines))
+
+
+def decode_specs(limits: DeviceLimits, dtype: str) -> list[tuple[str, build.KernelSpec]]:
+    """attention_with_kvcache's kernels: each compiled head dim and block (1, 2, 4 row warps) as
+    decoding runs them (causal), the other mask variants at head_dim 128, append and combine."""
+    causal, arch = Variant(False, True, False), limits.arch
+    specs = []
+    for dim in flash_decode.KERNEL_HEAD_DIMS:
+        for rows in (16, 32, 64):
+            cfg = flash_decode.config(rows, dim, limits)
+            if cfg is None:  # head_dim 256 on a 99 KB GPU: refused with a message (test_kvcache.py)
+                continue
+            variants = (causal, UNMASKED, GENERAL) if dim == 128 else (causal,)
+            specs += [(arch, flash_decode.spec(dtype, dim, cfg, variant)) for variant in variants]
+    specs += [(arch, flash_decode.helper_spec(dtype, e)) for e in (flash_decode.APPEND_ENTRY, flash_decode.COMBINE_ENTRY)]
+    return specs
 
 
 @pytest.mark.parametrize("arch,spec", heuristic_specs(),

@@ -1,0 +1,132 @@
+"""The decoding kernels (kernels_cu/flash_decode.cu): flash_decode_append writes new keys and
+values into the cache, flash_decode attends over it in num_splits key ranges, and
+flash_decode_combine merges the ranges' float32 partials.
+
+One config per call, chosen from the packed rows (seqlen_q * group_size: the query tokens times
+the q heads of one kv head): 4 warps as 1 x 4, 2 x 2 or 4 x 1 (row warps x key warps), so a
+block holds 16, 32 or 64 packed rows and the rest of its warps split each 64-key tile. Any
+sm_80 or newer GPU runs it (mma.sync): decoding is bound by reading the cache, not by the
+tensor cores.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from .. import build
+from ..device import DeviceLimits
+from ..launch import APPEND_THREADS, COMBINE_ROWS_PER_BLOCK, COMBINE_THREADS, DECODE_BLOCK_N, DECODE_WARPS
+from .common import ELEMENT_BYTES, SMEM_PAD, Variant, defines
+
+SOURCE = "flash_decode.cu"
+APPEND_ENTRY, ENTRY, COMBINE_ENTRY = "flash_decode_append", "flash_decode", "flash_decode_combine"
+THREADS = 32 * DECODE_WARPS
+BLOCK_N = DECODE_BLOCK_N  # keys per tile: split_size is a multiple of it
+KERNEL_HEAD_DIMS = (64, 96, 128, 192, 256)  # compiled head dims; a call runs the smallest that holds its own
+MAX_SPLITS = 128
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    row_warps: int  # 1, 2 or 4; the other 4 / row_warps warps split the keys of a tile
+    stages: int
+
+    @property
+    def block_m(self) -> int:
+        """Packed rows per block."""
+        return 16 * self.row_warps
+
+    @property
+    def key_warps(self) -> int:
+        return DECODE_WARPS // self.row_warps
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """DecodeSmem: Q, then the larger of the K/V pipeline and the merge scratch."""
+        stride = head_dim + SMEM_PAD
+        q = self.block_m * stride * ELEMENT_BYTES
+        tiles = 2 * self.stages * BLOCK_N * stride * ELEMENT_BYTES
+        merge = 4 * (3 * self.key_warps * self.block_m + self.block_m + self.key_warps * self.block_m * head_dim)
+        return q + max(tiles, merge)
+
+    def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
+        return self.smem_bytes(head_dim) <= limits.smem_per_block_optin
+
+
+def kernel_head_dim(head_dim: int) -> int:
+    """The compiled head dim that runs a stored head dim (a multiple of 8, at most 256)."""
+    return next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
+
+
+def config(packed_rows: int, head_dim: int, limits: DeviceLimits) -> DecodeConfig | None:
+    """The block for seqlen_q * group_size packed rows: as few row warps as hold them (up to 4),
+    so the rest split the keys; 3 stages where two blocks still fit an SM, else 2. Head dim 256
+    keeps one row warp (with 2 or 4, its 128 accumulator floats per thread spill on sm_80), and
+    more packed rows take more blocks. None when no block fits the device's shared memory."""
+    kernel_dim = kernel_head_dim(head_dim)
+    row_warps = 1 if packed_rows <= 16 or kernel_dim > 192 else 2 if packed_rows <= 32 else 4
+    for stages in ((3, 2) if kernel_dim <= 128 and row_warps < 4 else (2,)):
+        cfg = DecodeConfig(row_warps, stages)
+        if cfg.fits(kernel_dim, limits):
+            return cfg
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def spec(dtype: str, head_dim: int, cfg: DecodeConfig, variant: Variant) -> build.KernelSpec:
+    """flash_decode for a compiled head dim; variant gives the window sides (causal is right = 0)."""
+    return build.KernelSpec(SOURCE, ENTRY, defines(
+        dtype, head_dim=head_dim, row_warps=cfg.row_warps, stages=cfg.stages, smem_bytes=cfg.smem_bytes(head_dim),
+        window_left=variant.window_left, window_right=variant.window_right))
+
+
+@functools.lru_cache(maxsize=None)
+def helper_spec(dtype: str, entry: str) -> build.KernelSpec:
+    """flash_decode_append or flash_decode_combine: compiled with the smallest decode block (they
+    do not use it, but the file's layout check needs one)."""
+    cfg = DecodeConfig(1, 2)
+    return build.KernelSpec(SOURCE, entry, defines(
+        dtype, head_dim=64, row_warps=cfg.row_warps, stages=cfg.stages, smem_bytes=cfg.smem_bytes(64),
+        window_left=False, window_right=False))
+
+
+def m_tiles(packed_rows: int, cfg: DecodeConfig) -> int:
+    return -(-packed_rows // cfg.block_m)
+
+
+def grid(batch: int, heads_kv: int, packed_rows: int, num_splits: int, cfg: DecodeConfig) -> tuple[int, int, int]:
+    return (m_tiles(packed_rows, cfg) * num_splits, heads_kv, batch)
+
+
+def append_grid(batch: int, seqlen_new: int, heads_kv: int, head_dim: int) -> tuple[int, int, int]:
+    """One thread per 16-byte chunk of each new key (and its value)."""
+    return (-(-(seqlen_new * heads_kv * (head_dim // 8)) // APPEND_THREADS), batch, 1)
+
+
+def combine_grid(batch: int, seqlen_q: int, heads_q: int) -> tuple[int, int, int]:
+    return (-(-(batch * seqlen_q * heads_q) // COMBINE_ROWS_PER_BLOCK), 1, 1)
+
+
+
+def blocks_per_sm(cfg: DecodeConfig, head_dim: int, limits: DeviceLimits) -> int:
+    """Resident blocks per SM by shared memory (1 KB reserved per block), at most 8."""
+    return max(1, min(8, limits.smem_per_sm // (cfg.smem_bytes(head_dim) + 1024)))
+
+
+def choose_splits(blocks: int, key_tiles: int, slots: int, max_splits: int = MAX_SPLITS) -> int:
+    """num_splits by wave efficiency (the heuristic FlashAttention-2 and -3 share): with blocks
+    blocks before splitting and slots blocks resident at once, keep one split when the blocks
+    nearly fill the GPU; else, of the split counts that change the tiles per split, take the
+    smallest whose last wave is within 85% of the best one's fill."""
+    if blocks >= 0.8 * slots or key_tiles <= 1:
+        return 1
+    limit = min(max_splits, slots, key_tiles)
+    efficiency = {}
+    for splits in range(1, limit + 1):
+        if splits > 1 and math.ceil(key_tiles / splits) == math.ceil(key_tiles / (splits - 1)):
+            continue  # the same tiles per split as one fewer: no better
+        waves = blocks * splits / slots
+        efficiency[splits] = waves / math.ceil(waves)
+    best = max(efficiency.values())
+    return next(s for s, e in efficiency.items() if e >= 0.85 * best)

@@ -1,0 +1,376 @@
+// Decoding: a few new query tokens per sequence against a long KV cache (attention_with_kvcache).
+//
+// The work is bound by reading K and V once, so the kernel is laid out for bandwidth, not for
+// tensor-core throughput:
+// - Packed GQA: the query tokens and the query heads that share one kv head are the rows of one
+//   tile. Packed row r of kv head h_kv is token r / group_size of q head h_kv * group_size +
+//   r % group_size, so one token with 4-8 heads per kv head fills most of an m16 tile, and each
+//   K/V element is read by one block for all the heads that use it.
+// - Split-KV: the keys of one (batch, kv head) are cut into num_splits ranges of whole 64-key
+//   tiles, one block each, so a single long sequence still spreads over the whole GPU. With more
+//   than one split a block writes float32 partials (out and lse) that flash_decode_combine merges.
+// - Inside a block, 4 warps form a kRowWarps x kKeyWarps grid: warp (wm, wk) owns packed rows
+//   [16 wm, +16) and keys [kWarpKeys wk, +kWarpKeys) of every tile, each with its own online
+//   softmax. At the end the kKeyWarps results of a row are merged through shared memory by
+//   their row max and sum, the same rule flash_merge applies between splits.
+// - The cache is contiguous (slot cache_batch_idx[b], or b) or paged (block_table): each key row
+//   is found through its page. The page numbers of the next tile are read one tile ahead, so
+//   the table lookup never stalls the copy it addresses.
+//
+// flash_decode_append writes the new keys and values into the cache first (a launch of its own,
+// so the attention reads them like any cached key).
+//
+// Every index read from the device is clamped into its array: cache_seqlens into [0, capacity -
+// seqlen_new], cache_batch_idx into [0, batch_cache), pages into [0, num_pages). Values that break
+// the rules give wrong results, never an access outside the arrays (attention_with_kvcache's
+// check=True tests them on the host).
+//
+// Compile-time macros: CF_ELEMENT (Half | BFloat16), CF_HEAD_DIM (64, 96, 128, 192, 256),
+// CF_ROW_WARPS (1, 2, 4: kKeyWarps = 4 / CF_ROW_WARPS), CF_STAGES, CF_WINDOW_LEFT / CF_WINDOW_RIGHT
+// (mask.cuh), CF_SMEM_BYTES.
+#include "gemm.cuh"
+#include "mask.cuh"
+#include "params.cuh"
+#include "softmax.cuh"
+#include "traits.cuh"
+
+namespace cf {
+using Element = CF_ELEMENT;
+
+template <int HeadDim, int RowWarps, int Stages>
+struct DecodeTraits {
+  static constexpr int kHeadDim = HeadDim;
+  static constexpr int kRowWarps = RowWarps;
+  static constexpr int kKeyWarps = kDecodeWarps / RowWarps;
+  static constexpr int kStages = Stages;
+  static constexpr int kThreads = kDecodeWarps * 32;
+  static constexpr int kBlockM = 16 * RowWarps;          // packed rows per block
+  static constexpr int kBlockN = kDecodeBlockN;          // keys per tile
+  static constexpr int kWarpKeys = kBlockN / kKeyWarps;  // keys of a tile per warp
+  static constexpr int kNTiles = kWarpKeys / 8;
+  static constexpr int kDTiles = HeadDim / 8;
+  static constexpr int kStride = HeadDim + kSmemPad;
+  static constexpr int kChunksPerRow = HeadDim / kChunk;
+
+  static_assert(RowWarps == 1 || RowWarps == 2 || RowWarps == 4, "4 warps in a rows x keys grid");
+  static_assert(HeadDim % 32 == 0 && HeadDim <= 256, "head dims are multiples of 32 up to 256");
+  static_assert(kNTiles % 2 == 0, "each warp's keys are whole k16 steps");
+  static_assert(Stages >= 2, "K/V tiles are at least double-buffered");
+};
+using T = DecodeTraits<CF_HEAD_DIM, CF_ROW_WARPS, CF_STAGES>;
+
+// The pipeline's tiles, and after the last tile the same bytes for merging the warps' results.
+struct DecodeSmem {
+  u16 q[T::kBlockM][T::kStride];
+  union {
+    struct {
+      u16 k[T::kStages][T::kBlockN][T::kStride];
+      u16 v[T::kStages][T::kBlockN][T::kStride];
+    } tiles;
+    struct {
+      float max_log2[T::kKeyWarps][T::kBlockM];  // each warp's row max, exponent units; -inf: no key
+      float sum[T::kKeyWarps][T::kBlockM];       // each warp's row sum relative to it
+      float weight[T::kKeyWarps][T::kBlockM];    // exp2(max_w - max) / total sum
+      float lse[T::kBlockM];
+      float o[T::kKeyWarps][T::kBlockM][T::kHeadDim];  // each warp's unnormalised O
+    } merge;
+  };
+};
+
+// One sequence of the batch as the cache holds it.
+struct CacheSequence {
+  int cached;      // keys in the cache before this call's appends
+  int seqlen_k;    // keys attended: cached + seqlen_new
+  i64 slot;        // contiguous cache: element offset of this sequence's slot
+  const int* pages;  // paged cache: this sequence's block_table row; null: contiguous
+};
+
+__device__ __forceinline__ CacheSequence cache_sequence_of(const DecodeParams& p, int b) {
+  CacheSequence s;
+  const int cached = p.cache_seqlens != nullptr ? p.cache_seqlens[b] : p.cache_seqlen;
+  s.cached = min(max(cached, 0), p.capacity - p.seqlen_new);
+  s.seqlen_k = s.cached + p.seqlen_new;
+  const int slot = p.cache_batch_idx != nullptr ? min(max(p.cache_batch_idx[b], 0), p.batch_cache - 1) : b;
+  s.slot = static_cast<i64>(slot) * p.k_cache.batch_stride;
+  s.pages = p.block_table != nullptr ? p.block_table + b * p.block_table_batch_stride : nullptr;
+  return s;
+}
+
+// The page of key j (paged cache), clamped into the cache.
+__device__ __forceinline__ int page_of(const DecodeParams& p, const CacheSequence& s, int j) {
+  return min(max(s.pages[j / p.page_size], 0), p.num_pages - 1);
+}
+
+// Element offset of key j from the cache's first element, for a kv head's column 0 (K and V
+// share strides). page: page_of(j) for a paged cache, ignored otherwise.
+__device__ __forceinline__ i64 key_offset(const DecodeParams& p, const CacheSequence& s, int j, int page) {
+  if (s.pages != nullptr)
+    return static_cast<i64>(page) * p.k_cache.batch_stride + static_cast<i64>(j % p.page_size) * p.k_cache.row_stride;
+  return s.slot + static_cast<i64>(j) * p.k_cache.row_stride;
+}
+
+// Where packed row r (< seqlen_q * group_size) of kv head kv_head lives: its token and q head.
+struct PackedRow {
+  int token, head;
+};
+__device__ __forceinline__ PackedRow packed_row(int r, int kv_head, int group_size) {
+  return PackedRow{r / group_size, kv_head * group_size + r % group_size};
+}
+
+// Rows of the K/V tile a thread copies: kThreads threads over kBlockN rows of kChunksPerRow chunks.
+constexpr int kCopyChunks = T::kBlockN * T::kChunksPerRow;
+constexpr int kCopySteps = (kCopyChunks + T::kThreads - 1) / T::kThreads;
+}  // namespace cf
+
+static_assert(sizeof(cf::DecodeSmem) == CF_SMEM_BYTES,
+              "cupyflash/kernels/flash_decode.py smem_bytes() disagrees with the kernel's layout");
+
+// Reads DecodeParams (params.cuh). Grid: (m_tiles * num_splits, heads_kv, batch), m tile fastest;
+// block: 128 threads; dynamic smem: DecodeSmem. Writes out and lse (num_splits 1) or the split's
+// out_partial and lse_partial rows.
+extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const __grid_constant__ cf::DecodeParams p) {
+  using namespace cf;
+  extern __shared__ Vec16 smem_raw[];
+  DecodeSmem& sm = *reinterpret_cast<DecodeSmem*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wm = warp / T::kKeyWarps, wk = warp % T::kKeyWarps;
+  const int group_size = p.group_size, seqlen_q = p.seqlen_q, head_dim = p.head_dim;
+  const int m_tiles = (seqlen_q * group_size + T::kBlockM - 1) / T::kBlockM;
+  const int m_tile = blockIdx.x % m_tiles, split = blockIdx.x / m_tiles;
+  const int kv_head = blockIdx.y, b = blockIdx.z;
+  const int packed_rows = seqlen_q * group_size;
+  const int row_begin = m_tile * T::kBlockM;
+  const int rows = min(T::kBlockM, packed_rows - row_begin);
+  const CacheSequence seq = cache_sequence_of(p, b);
+
+  // The key tiles some row of this block sees, then this split's share of them.
+  const Mask mask{seqlen_q, seq.seqlen_k, p.window_left, p.window_right};
+  const int token_begin = row_begin / group_size, token_end = (row_begin + rows - 1) / group_size + 1;
+  int n_begin, n_end;
+  mask.key_tiles<T::kBlockN>(token_begin, token_end, n_begin, n_end);
+  const int tiles_per_split = p.split_tiles > 0 ? p.split_tiles : (n_end + p.num_splits - 1) / p.num_splits;
+  n_begin = max(n_begin, split * tiles_per_split);
+  n_end = min(n_end, (split + 1) * tiles_per_split);
+  const int n_tiles = max(n_end - n_begin, 0);
+
+  // Q: the block's packed rows, zero past the last one.
+  const u16* q_batch = p.q.ptr + b * p.q.batch_stride;
+  for (int idx = tid; idx < T::kBlockM * T::kChunksPerRow; idx += T::kThreads) {
+    const int row = idx / T::kChunksPerRow, col = (idx % T::kChunksPerRow) * kChunk;
+    const bool valid = row < rows && col < head_dim;
+    const PackedRow at = packed_row(row_begin + row, kv_head, group_size);
+    const u16* src = q_batch + at.token * p.q.row_stride + at.head * p.q.head_stride + col;
+    cp_async_16(smem_addr(&sm.q[row][col]), valid ? src : p.q.ptr, valid ? 16 : 0);
+  }
+
+  // K/V copies: each thread's chunks of a tile, and the pages of their rows read a tile ahead.
+  const u16* k_head = p.k_cache.ptr + kv_head * p.k_cache.head_stride;
+  const u16* v_head = p.v_cache.ptr + kv_head * p.v_cache.head_stride;
+  const int seqlen_k = seq.seqlen_k;
+  int pages[kCopySteps];
+  auto read_pages = [&](int n_block) {
+    if (seq.pages == nullptr) return;
+#pragma unroll
+    for (int step = 0; step < kCopySteps; ++step) {
+      const int j = n_block * T::kBlockN + (tid + step * T::kThreads) / T::kChunksPerRow;
+      pages[step] = j < seqlen_k ? page_of(p, seq, j) : 0;
+    }
+  };
+  auto load_kv = [&](int slot, int n_block) {
+#pragma unroll
+    for (int step = 0; step < kCopySteps; ++step) {
+      const int idx = tid + step * T::kThreads;
+      if (kCopyChunks % T::kThreads != 0 && idx >= kCopyChunks) break;
+      const int row = idx / T::kChunksPerRow, col = (idx % T::kChunksPerRow) * kChunk;
+      const int j = n_block * T::kBlockN + row;
+      const bool valid = j < seqlen_k && col < head_dim;
+      const i64 offset = valid ? key_offset(p, seq, j, pages[step]) + col : 0;
+      cp_async_16(smem_addr(&sm.tiles.k[slot][row][col]), k_head + offset, valid ? 16 : 0);
+      cp_async_16(smem_addr(&sm.tiles.v[slot][row][col]), v_head + offset, valid ? 16 : 0);
+    }
+  };
+
+  // Prologue: kStages - 1 tiles, one commit group each (Q joins the first); then the pages of
+  // the next tile to load.
+#pragma unroll
+  for (int s = 0; s < T::kStages - 1; ++s) {
+    if (s < n_tiles) {
+      read_pages(n_begin + s);
+      load_kv(s, n_begin + s);
+    }
+    cp_async_commit();
+  }
+  if (T::kStages - 1 < n_tiles) read_pages(n_begin + T::kStages - 1);
+
+  float acc_o[1][T::kDTiles][4];
+  zero(acc_o);
+  OnlineSoftmax<1> softmax;
+  softmax.init();
+  const float scale_log2 = p.scale_log2;
+  const int g = lane >> 2, t4 = lane & 3;
+
+  for (int it = 0; it < n_tiles; ++it) {
+    cp_async_wait<T::kStages - 2>();
+    __syncthreads();
+    const int next = it + T::kStages - 1;
+    if (next < n_tiles) {
+      load_kv(next % T::kStages, n_begin + next);
+      if (next + 1 < n_tiles) read_pages(n_begin + next + 1);
+    }
+    cp_async_commit();
+
+    const int slot = it % T::kStages;
+    const int key0 = (n_begin + it) * T::kBlockN + wk * T::kWarpKeys;
+    float s[1][T::kNTiles][4];
+    zero(s);
+    gemm_nt<Element, 1, T::kNTiles, T::kHeadDim>(s, sm.q, 16 * wm, sm.tiles.k[slot], wk * T::kWarpKeys, lane);
+    if (!mask.tile_is_full(token_begin, token_end, key0, key0 + T::kWarpKeys)) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int i = (row_begin + 16 * wm + g + 8 * h) / group_size;  // the row's token
+        const int begin = mask.key_begin(i), end = mask.key_end(i);
+#pragma unroll
+        for (int nt = 0; nt < T::kNTiles; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int j = key0 + 8 * nt + 2 * t4 + c;
+            if (j < begin || j >= end) s[0][nt][2 * h + c] = -infinity();
+          }
+      }
+    }
+    softmax.update(s, acc_o, scale_log2);
+    gemm_rn<Element, 1, T::kDTiles, T::kNTiles>(acc_o, s, sm.tiles.v[slot] + wk * T::kWarpKeys, 0, lane);
+  }
+
+  // Merge the kKeyWarps partial results of each row. The tiles' bytes are reused: wait for
+  // every copy and every warp's last reads first.
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float l = quad_sum(softmax.l_i[0][h]);
+    const int row = 16 * wm + g + 8 * h;
+    if (t4 == 0) {
+      sm.merge.max_log2[wk][row] = l > 0.f ? scaled_max(softmax.m_i[0][h], scale_log2) : -infinity();
+      sm.merge.sum[wk][row] = l;
+    }
+#pragma unroll
+    for (int dt = 0; dt < T::kDTiles; ++dt) {
+      sm.merge.o[wk][row][8 * dt + 2 * t4] = acc_o[0][dt][2 * h];
+      sm.merge.o[wk][row][8 * dt + 2 * t4 + 1] = acc_o[0][dt][2 * h + 1];
+    }
+  }
+  __syncthreads();
+  if (tid < T::kBlockM) {
+    float m = -infinity();
+#pragma unroll
+    for (int w = 0; w < T::kKeyWarps; ++w) m = fmaxf(m, sm.merge.max_log2[w][tid]);
+    float total = 0.f;
+    if (m != -infinity())
+#pragma unroll
+      for (int w = 0; w < T::kKeyWarps; ++w) total += sm.merge.sum[w][tid] * exp2f(sm.merge.max_log2[w][tid] - m);
+    const bool empty = !(total > 0.f);  // out = 0, lse = -inf: the row saw no key
+#pragma unroll
+    for (int w = 0; w < T::kKeyWarps; ++w)
+      sm.merge.weight[w][tid] = empty ? 0.f : exp2f(sm.merge.max_log2[w][tid] - m) / total;
+    sm.merge.lse[tid] = empty ? -infinity() : (m + log2f(total)) * kLn2;
+  }
+  __syncthreads();
+
+  // Store: rows [0, rows), columns [0, head_dim), two columns per thread per step.
+  const bool partial = p.num_splits > 1;
+  for (int idx = tid; idx < rows * (head_dim / 2); idx += T::kThreads) {
+    const int row = idx / (head_dim / 2), col = 2 * (idx % (head_dim / 2));
+    float o0 = 0.f, o1 = 0.f;
+#pragma unroll
+    for (int w = 0; w < T::kKeyWarps; ++w) {
+      const float weight = sm.merge.weight[w][row];
+      o0 = fmaf(weight, sm.merge.o[w][row][col], o0);
+      o1 = fmaf(weight, sm.merge.o[w][row][col + 1], o1);
+    }
+    const PackedRow at = packed_row(row_begin + row, kv_head, group_size);
+    if (partial) {
+      const i64 stat = ((static_cast<i64>(split) * p.batch + b) * p.heads_q + at.head) * seqlen_q + at.token;
+      *reinterpret_cast<float2*>(p.out_partial + stat * head_dim + col) = make_float2(o0, o1);
+    } else {
+      u16* out = p.out.ptr + b * p.out.batch_stride + at.token * p.out.row_stride + at.head * p.out.head_stride;
+      *reinterpret_cast<u32*>(out + col) = Element::pack(o0, o1);
+    }
+  }
+  for (int row = tid; row < rows; row += T::kThreads) {
+    const PackedRow at = packed_row(row_begin + row, kv_head, group_size);
+    const i64 stat = (static_cast<i64>(b) * p.heads_q + at.head) * seqlen_q + at.token;
+    if (partial)
+      p.lse_partial[static_cast<i64>(split) * p.batch * p.heads_q * seqlen_q + stat] = sm.merge.lse[row];
+    else
+      p.lse[stat] = sm.merge.lse[row];
+  }
+}
+
+// Writes k_new and v_new (batch, seqlen_new, heads_kv, head_dim) into the cache at keys
+// [cached, cached + seqlen_new) of each sequence, 16 bytes per thread. Grid: (ceil(seqlen_new *
+// heads_kv * head_dim / 8 / kAppendThreads), batch); block: kAppendThreads.
+extern "C" __global__ void __launch_bounds__(cf::kAppendThreads)
+    flash_decode_append(const __grid_constant__ cf::DecodeParams p) {
+  using namespace cf;
+  const int b = blockIdx.y;
+  const int chunks = p.head_dim / kChunk;
+  const int heads_kv = p.heads_q / p.group_size;
+  const i64 idx = static_cast<i64>(blockIdx.x) * kAppendThreads + threadIdx.x;
+  if (idx >= static_cast<i64>(p.seqlen_new) * heads_kv * chunks) return;
+  const int col = static_cast<int>(idx % chunks) * kChunk;
+  const int head = static_cast<int>(idx / chunks % heads_kv);
+  const int j_new = static_cast<int>(idx / chunks / heads_kv);
+  const CacheSequence seq = cache_sequence_of(p, b);
+  const int j = seq.cached + j_new;
+  const i64 at = key_offset(p, seq, j, seq.pages != nullptr ? page_of(p, seq, j) : 0) + col;
+  const i64 k_from = b * p.k_new.batch_stride + j_new * p.k_new.row_stride + head * p.k_new.head_stride + col;
+  const i64 v_from = b * p.v_new.batch_stride + j_new * p.v_new.row_stride + head * p.v_new.head_stride + col;
+  *reinterpret_cast<Vec16*>(p.k_cache.ptr + head * p.k_cache.head_stride + at) =
+      *reinterpret_cast<const Vec16*>(p.k_new.ptr + k_from);
+  *reinterpret_cast<Vec16*>(p.v_cache.ptr + head * p.v_cache.head_stride + at) =
+      *reinterpret_cast<const Vec16*>(p.v_new.ptr + v_from);
+}
+
+// Merges the num_splits float32 partials of every query row into out and lse, by the rule of
+// flash_merge.cu (in float32, accurate expf / logf; a split whose lse is -inf weighs 0 and its
+// out is not read). One warp per row (b, i, h), h fastest; each lane owns columns lane + 32 j.
+// Grid: ceil(batch * seqlen_q * heads_q / kCombineRowsPerBlock); block: kCombineThreads.
+extern "C" __global__ void __launch_bounds__(cf::kCombineThreads)
+    flash_decode_combine(const __grid_constant__ cf::DecodeParams p) {
+  using namespace cf;
+  const int lane = threadIdx.x % 32;
+  const i64 row = static_cast<i64>(blockIdx.x) * kCombineRowsPerBlock + threadIdx.x / 32;
+  const int heads_q = p.heads_q, seqlen_q = p.seqlen_q, splits = p.num_splits, head_dim = p.head_dim;
+  if (row >= static_cast<i64>(p.batch) * seqlen_q * heads_q) return;
+  const int head = static_cast<int>(row % heads_q);
+  const i64 batch_row = row / heads_q;
+  const int i = static_cast<int>(batch_row % seqlen_q);
+  const int b = static_cast<int>(batch_row / seqlen_q);
+  const i64 stat = (static_cast<i64>(b) * heads_q + head) * seqlen_q + i;
+  const i64 split_stride = static_cast<i64>(p.batch) * heads_q * seqlen_q;
+
+  float m = -infinity();
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, p.lse_partial[s * split_stride + stat]);
+  const bool empty = m == -infinity();
+  float sum = 0.f;
+  if (!empty)
+    for (int s = 0; s < splits; ++s) sum += expf(p.lse_partial[s * split_stride + stat] - m);
+  const float inv_sum = empty ? 0.f : 1.f / sum;
+  if (lane == 0) p.lse[stat] = empty ? -infinity() : m + logf(sum);
+
+  u16* out = p.out.ptr + b * p.out.batch_stride + i * p.out.row_stride + head * p.out.head_stride;
+  for (int col = 2 * lane; col < head_dim; col += 64) {
+    float o0 = 0.f, o1 = 0.f;
+    if (!empty)
+      for (int s = 0; s < splits; ++s) {
+        const float lse = p.lse_partial[s * split_stride + stat];
+        if (lse == -infinity()) continue;
+        const float w = expf(lse - m) * inv_sum;
+        const float2 part = *reinterpret_cast<const float2*>(p.out_partial + (s * split_stride + stat) * head_dim + col);
+        o0 = fmaf(w, part.x, o0);
+        o1 = fmaf(w, part.y, o1);
+      }
+    *reinterpret_cast<u32*>(out + col) = Element::pack(o0, o1);
+  }
+}
