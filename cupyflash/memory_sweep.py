@@ -8,7 +8,8 @@ smaller list). A case names a path (the kernels the GPU picks by default, or the
 or an RTX 4090 would pick, forced through plan.forced), a validation.Case (head dim, lengths,
 GQA, causal or window) or a PackedCase (a packed batch for attention_varlen: lengths per
 sequence, empty ones included, seqused_k, keys no sequence owns) and whether the backward is
-the deterministic one; or a MergeCase (merge_cases.py: merge_attention over key slices).
+the deterministic one; or a MergeCase (merge_cases.py: merge_attention over key slices); or a
+DecodeCase (kvcache_cases.py: attention_with_kvcache with appends into a contiguous or paged cache).
 
     from cupyflash import memory_sweep
     for case in memory_sweep.cases():
@@ -27,6 +28,7 @@ from typing import Iterator
 
 from . import gpu_classes, plan, validation
 from .kernels.common import kernel_head_dim
+from .kvcache_cases import DecodeCase, compare_case, run_case
 from .merge_cases import MergeCase, compare_merge, run_merge
 from .packed_cases import PackedCase, compare_varlen, varlen_calls, varlen_inputs, varlen_references, varlen_to_device
 from .tolerance import Comparison
@@ -56,11 +58,21 @@ VARLEN_SMALL = (("default", 128, 0), ("a100", 72, 1))
 MERGE_CASES = (MergeCase("bfloat16", 128, 33, (50, 0, 77, 1), group=4), MergeCase("float16", 40, 1, (17,)),
                MergeCase("bfloat16", 256, 130, (0, 0)), MergeCase("float16", 72, 203, (1, 2, 3, 4, 5, 6, 7, 300)))
 
+# attention_with_kvcache (its kernels run on every GPU alike: default path only): paged caches with
+# pages of 1, 3 and 16 keys and appends, contiguous and slotted ones; split counts from the
+# heuristic, forced ones and split_size; sequences of 0 and 1 keys; 17 query tokens and windows;
+# 16 to 128 packed rows; head dims 64, 72 (run on 96), 128, 192 and 256.
+DECODE_CASES = (DecodeCase("float16", 128, 1, (0, 1, 255), page_size=16, seqlen_new=1),
+                DecodeCase("bfloat16", 72, 17, (300, 65), group=2, seqlen_new=17, num_splits=3, window=(50, 0)),
+                DecodeCase("float16", 256, 3, (100, 1), slots=True, seqlen_new=2, num_splits=1),
+                DecodeCase("bfloat16", 64, 16, (130, 7), group=8, page_size=1, num_splits=5),
+                DecodeCase("bfloat16", 192, 2, (70,), group=16, heads_kv=1, split_size=64, page_size=3))
+
 
 @dataclass(frozen=True)
 class SweepCase:
     path: str  # "default" or a key of gpu_classes.SMALLER_THAN_HOPPER
-    case: validation.Case | PackedCase | MergeCase
+    case: validation.Case | PackedCase | MergeCase | DecodeCase
     deterministic: bool = False
 
     @property
@@ -82,7 +94,8 @@ def cases(small: bool = False) -> list[SweepCase]:
             found.append(SweepCase(path, case, deterministic=True))
     found.append(SweepCase("default", validation.Case("float16", 40, False, 33, 33, batch=1)))  # the first report
     merges = [SweepCase("default", c) for c in (MERGE_CASES[:1] if small else MERGE_CASES)]
-    return found + varlen_cases(small) + merges
+    decodes = [SweepCase("default", c) for c in (DECODE_CASES[:2] if small else DECODE_CASES)]
+    return found + varlen_cases(small) + merges + decodes
 
 
 def _varlen_sweep_case(dim: int, shape: int) -> PackedCase:
@@ -129,6 +142,10 @@ def run(sweep_case: SweepCase, check: bool = True) -> list[Comparison]:
             host = case.inputs()
             results = run_merge(case, host, poison=check)
             return compare_merge(case, host, results) if check else []
+        if isinstance(case, DecodeCase):
+            host = case.inputs()
+            results = run_case(case, host, poison=check)
+            return compare_case(case, host, results) if check else []
         if check:
             return validation.run_gpu_case(case, deterministic=sweep_case.deterministic)
         from . import api

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import build, environment, validation
+from . import build, environment, kvcache_cases, validation
 from .device import current_device_id
 
 NO_GPU_VALIDATE = ("No CUDA GPU found: GPU kernels were NOT validated "
@@ -43,10 +43,20 @@ def json_number(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-def _case_rows(case: validation.Case | validation.VarlenCase, deterministic: bool, out: Output,
-               rows: list[dict[str, Any]]) -> int:
+def _run_decode_case(case: kvcache_cases.DecodeCase, deterministic: bool) -> list[Any]:
+    """attention_with_kvcache against float64 per sequence, and the caches after the appends
+    (no backward, so `deterministic` changes nothing)."""
+    host = case.inputs()
+    return kvcache_cases.compare_case(case, host, kvcache_cases.run_case(case, host))
+
+
+def _case_rows(case: validation.Case | validation.VarlenCase | kvcache_cases.DecodeCase, deterministic: bool,
+               out: Output, rows: list[dict[str, Any]]) -> int:
     """Runs one GPU case, appends a row per tensor; returns its number of failed tensors."""
-    run = validation.run_varlen_gpu_case if isinstance(case, validation.VarlenCase) else validation.run_gpu_case
+    if isinstance(case, kvcache_cases.DecodeCase):
+        run = _run_decode_case
+    else:
+        run = validation.run_varlen_gpu_case if isinstance(case, validation.VarlenCase) else validation.run_gpu_case
     try:
         results = run(case, deterministic=deterministic)
     except Exception as error:  # a crash or a compile error fails this case; the rest still run
@@ -72,22 +82,23 @@ def gpu_report(quick: bool, deterministic: bool, out: Output) -> dict[str, Any]:
     kernel_source_hash, deterministic, ignored_options, cases, failures (failed tensors and
     cases that raised), rows.
     """
-    varlen = validation.varlen_matrix(quick)
-    cases, rows = [*validation.gpu_matrix(quick), *varlen], []
+    varlen, decode = validation.varlen_matrix(quick), kvcache_cases.decode_matrix(quick)
+    cases, rows = [*validation.gpu_matrix(quick), *varlen, *decode], []
     device_id = current_device_id()
     gpu = environment.probe(lambda: environment.gpu(device_id))
     cupy, source = environment.versions()["cupy"], environment.probe(build.source_hash)
     out.line(f"GPU {device_id}: {environment.gpu_line(gpu)}; CuPy {cupy}; kernel source hash {source}; "
-             f"{len(cases)} cases ({len(varlen)} varlen); deterministic={deterministic}")
+             f"{len(cases)} cases ({len(varlen)} varlen, {len(decode)} KV cache); deterministic={deterministic}")
     out.line("pass: error <= 2 x baseline error + floor (error = max|ours - float64 reference|); "
-             "varlen cases per sequence (tensor@s<b>), against that sequence alone")
+             "varlen cases per sequence (tensor@s<b>), against that sequence alone; KV-cache cases (kv-...) against "
+             "each sequence's keys, and kcache / vcache: elements the appends changed wrongly (0 allowed)")
     out.line(f"{'case':<{CASE_WIDTH}} {'tensor':<6} {'error':>10} {'baseline':>10} {'ratio':>7}  result")
     failures = sum(_case_rows(case, deterministic, out, rows) for case in cases)
     out.line(f"{len(cases)} cases, {len(rows)} rows: " + (f"{failures} FAILED" if failures else "all passed")
              + "; GPU kernels validated: yes")
     return {"gpu": True, "gpu_kernels_validated": True, "device": gpu, "cupy": cupy, "kernel_source_hash": source,
             "deterministic": deterministic, "ignored_options": [], "cases": len(cases), "varlen_cases": len(varlen),
-            "failures": failures, "rows": rows}
+            "decode_cases": len(decode), "failures": failures, "rows": rows}
 
 
 def cpu_report(quick: bool, ignored: list[str], out: Output) -> dict[str, Any]:

@@ -48,7 +48,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_decode_matches_the_reference(case: DecodeCase) -> None:
     host = case.inputs(seed=3)
-    failures = [c.message() for c in compare_case(case, host, run_case(case, host, seed=3)) if not c.ok]
+    failures = [f"{case.id} {c.message()}" for c in compare_case(case, host, run_case(case, host, seed=3)) if not c.ok]
     assert not failures, "\n".join(failures)
 
 
