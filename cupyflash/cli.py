@@ -22,6 +22,8 @@ from .device import DeviceLimits, current_device_id, device_limits, gpu_count
 
 PAPER_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 VARLEN_HEAD_DIMS = (128,)  # bench --varlen's head dims unless --head-dim is given
+DECODE_DTYPES, DECODE_HEAD_DIMS = ("bfloat16",), (128,)  # bench --decode's unless --dtype / --head-dim are given
+DECODE_PAGE_SIZES = (16, 256)  # bench --decode's paged layouts unless --paged is given
 
 
 class _LibraryError(click.ClickException):
@@ -195,9 +197,28 @@ def _varlen_conflicts(shape: tuple[int, ...] | None, plot: Path | None) -> None:
                                "(equal and mixed lengths)")
 
 
-def _save(bench_lib: Any, report: dict[str, Any], out: Path | None) -> None:
+def _decode_conflicts(shape: tuple[int, ...] | None, varlen: bool, mask: str, which: str) -> None:
+    """--decode times its own cells, forward and causal only: the other grids' options do not
+    apply, and --pass and the mask flags only where they ask for what it does."""
+    given = [flag for flag, used in (("--varlen", varlen), ("--seqlen", _given("seqlens")),
+                                     ("--shape", shape is not None), ("--pass", _given("which") and which != "fwd"),
+                                     ("--no-causal/--both", _given("mask") and mask != "causal")) if used]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} cannot be combined with --decode, which times its own cells "
+                               "(query tokens x batch x cache x heads; forward, causal)")
+
+
+def _decode_only(decode: bool) -> None:
+    """--quick and --paged shape the --decode grid and nothing else."""
+    given = [flag for flag, name in (("--quick", "quick"), ("--paged", "page_sizes")) if _given(name)]
+    if given and not decode:
+        raise click.UsageError(f"{', '.join(given)} shape the --decode grid: use with --decode")
+
+
+def _save(save: Any, stem: Any, report: dict[str, Any], out: Path | None) -> None:
+    """save(report, out, stem(report)) when --out is given, and the paths it wrote on stderr."""
     if out is not None:
-        saved = bench_lib.save(report, out, bench_lib.default_stem(report))
+        saved = save(report, out, stem(report))
         click.echo("saved " + ", ".join(str(path) for path in saved), err=True)
 
 
@@ -207,14 +228,27 @@ def _bench_varlen(bench_lib: Any, dtypes: tuple[str, ...], head_dims: tuple[int,
     batches = bench_lib.varlen_batches(dtypes, head_dims if _given("head_dims") else VARLEN_HEAD_DIMS, causals)
     report = bench_lib.run_varlen(batches, passes=passes, runs=runs, progress=_progress)
     click.echo(json.dumps(report, indent=1, default=str) if as_json else bench_lib.format_varlen_table(report))
-    _save(bench_lib, report, out)
+    _save(bench_lib.save, bench_lib.default_stem, report, out)
+
+
+def _bench_decode(bench_lib: Any, dtypes: tuple[str, ...], head_dims: tuple[int, ...], page_sizes: tuple[int, ...],
+                  quick: bool, runs: int, as_json: bool, out: Path | None, plot: Path | None) -> None:
+    """bench --decode: attention_with_kvcache on full caches, contiguous and paged, beside torch's SDPA."""
+    pages = tuple(p for p in page_sizes if p > 0) if _given("page_sizes") else DECODE_PAGE_SIZES
+    cells = bench_lib.decode_grid(dtypes if _given("dtypes") else DECODE_DTYPES,
+                                  head_dims if _given("head_dims") else DECODE_HEAD_DIMS, pages, quick=quick)
+    report = bench_lib.run_decode(cells, runs=runs, progress=_progress)
+    click.echo(json.dumps(report, indent=1, default=str) if as_json else bench_lib.format_decode_table(report))
+    _save(bench_lib.save_decode, bench_lib.decode_stem, report, out)
+    if plot is not None:
+        click.echo(f"plot {bench_lib.plot_decode(report, plot)}", err=True)
 
 
 @cli.command()
 @click.option("--dtype", "dtypes", multiple=True, default=("float16", "bfloat16"), show_default=True,
-              type=click.Choice(["float16", "bfloat16"]), help="Repeat for several.")
+              type=click.Choice(["float16", "bfloat16"]), help="Repeat for several (--decode: bfloat16 unless given).")
 @click.option("--head-dim", "head_dims", multiple=True, default=(64, 128, 256), show_default=True,
-              type=click.IntRange(1, 256), help="Repeat for several (--varlen: 128 unless given).")
+              type=click.IntRange(1, 256), help="Repeat for several (--varlen and --decode: 128 unless given).")
 @click.option("--seqlen", "seqlens", multiple=True, default=PAPER_SEQLENS, show_default=True,
               type=click.IntRange(min=1), help="Repeat for several; batch = 16384 tokens / seqlen.")
 @click.option("--causal", "mask", flag_value="causal", help="Causal only.")
@@ -226,17 +260,31 @@ def _bench_varlen(bench_lib: Any, dtypes: tuple[str, ...], head_dims: tuple[int,
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per shape.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Save the report in this folder.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Draw a TFLOP/s plot to this PNG.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Draw a TFLOP/s plot to this PNG (--decode: TB/s).")
 @click.option("--varlen", is_flag=True,
               help="Time attention_varlen instead of the grid: equal lengths (16x1024, 4x4096, 2x8192; masks as "
                    "--causal/--no-causal/--both) beside the dense call on the same tokens (bar 0.97x), and 64 "
                    "mixed lengths in 128..8192 (causal) beside the dense call at their mean length (bar 0.9x), "
                    "with torch's varlen attention (or SDPA flash per sequence) as the peer.")
+@click.option("--decode", is_flag=True,
+              help="Time attention_with_kvcache instead of the grid: 1, 2, 4, 8, 16 query tokens x batch 1, 16, 64 x "
+                   "a full cache of 4k, 32k, 128k x heads 32/8 and 8/1 (bfloat16, head_dim 128 unless --dtype / "
+                   "--head-dim are given), in TB/s beside the GPU's copy bandwidth, with torch's cuDNN and flash SDPA "
+                   "as peers; bars: 0.85x copy at one token, 1x cuDNN (2x at 8 and 16 tokens), paged 0.9x contiguous.")
+@click.option("--quick", is_flag=True, help="--decode: 1 and 8 query tokens, batch 1 and 64, cache 4k and 32k.")
+@click.option("--paged", "page_sizes", multiple=True, type=click.IntRange(min=0), metavar="PAGE_SIZE",
+              help="--decode: time paged caches of this page size too, on the 1- and 16-token cells (repeat for "
+                   "several; default 16 and 256; 0: none).")
 def bench(dtypes: tuple[str, ...], head_dims: tuple[int, ...], seqlens: tuple[int, ...], mask: str, which: str,
           shape: tuple[int, ...] | None, runs: int, as_json: bool, out: Path | None, plot: Path | None,
-          varlen: bool) -> None:
+          varlen: bool, decode: bool, quick: bool, page_sizes: tuple[int, ...]) -> None:
     """Time forward and backward (TFLOP/s) against the peers on the FlashAttention papers' grid
-    (or, with --varlen, variable-length batches against the dense call)."""
+    (or, with --varlen, variable-length batches against the dense call; with --decode, decoding
+    against a KV cache, in TB/s)."""
+    _decode_only(decode)
+    if decode:
+        _decode_conflicts(shape, varlen, mask, which)
     if varlen:
         _varlen_conflicts(shape, plot)
     if gpu_count() == 0:
@@ -248,6 +296,9 @@ def bench(dtypes: tuple[str, ...], head_dims: tuple[int, ...], seqlens: tuple[in
 
     causals = {"causal": (True,), "full": (False,), "both": (False, True)}[mask]
     passes = ("fwd", "bwd") if which == "both" else (which,)
+    if decode:
+        _bench_decode(bench_lib, dtypes, head_dims, page_sizes, quick, runs, as_json, out, plot)
+        return
     if varlen:
         _bench_varlen(bench_lib, dtypes, head_dims, causals, passes, runs, as_json, out)
         return
@@ -255,7 +306,7 @@ def bench(dtypes: tuple[str, ...], head_dims: tuple[int, ...], seqlens: tuple[in
     report = bench_lib.run(shapes, passes=passes, runs=runs, progress=_progress)
     tables = "\n\n".join(bench_lib.format_table(report, p) for p in passes)
     click.echo(json.dumps(report, indent=1, default=str) if as_json else tables)
-    _save(bench_lib, report, out)
+    _save(bench_lib.save, bench_lib.default_stem, report, out)
     if plot is not None:
         click.echo(f"plot {bench_lib.plot(report, plot)}", err=True)
 

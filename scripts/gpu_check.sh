@@ -11,6 +11,8 @@
 #   bench    cupyflash bench: the paper grid against naive CuPy and PyTorch, one dtype per step
 #            (bench-fp16 / bench-bf16; BENCH_RUNS timed runs, default 10) -> $OUT/bench-*.log, .png, bench-*/*.json/.md
 #   bench-varlen  cupyflash bench --varlen (VARLEN_DTYPE, default bfloat16) -> $OUT/bench-varlen.log, bench-varlen/
+#   bench-decode  cupyflash bench --decode: attention_with_kvcache in TB/s beside the copy bandwidth and torch
+#            (DECODE_QUICK=1 for --quick)                      -> $OUT/bench-decode.log, bench-decode/
 #   overhead scripts/host_overhead.py: host time per call against PyTorch -> $OUT/overhead.log
 #   tune     cupyflash autotune on the default buckets        -> $OUT/tune.log
 # Usage: scripts/gpu_check.sh [STEP ...]   (default: info tests sanitize validate bench-fp16 bench-bf16 overhead)
@@ -100,6 +102,10 @@ for step in "${steps[@]}"; do
       run_step bench-varlen "$OUT/bench-varlen.log" $PY -m cupyflash bench --varlen --dtype "${VARLEN_DTYPE:-bfloat16}" \
         --runs "${BENCH_RUNS:-10}" --out "$OUT/bench-varlen"
       tail -n 40 "$OUT/bench-varlen.log" ;;
+    bench-decode)  # attention_with_kvcache on full caches, contiguous and paged, against torch's cuDNN and flash SDPA
+      run_step bench-decode "$OUT/bench-decode.log" $PY -m cupyflash bench --decode ${DECODE_QUICK:+--quick} \
+        --runs "${BENCH_RUNS:-10}" --out "$OUT/bench-decode"
+      tail -n 120 "$OUT/bench-decode.log" ;;
     overhead) run_step overhead "$OUT/overhead.log" $PY scripts/host_overhead.py; cat "$OUT/overhead.log" ;;
     bench-quick) run_step bench-quick "$OUT/bench.log" $PY scripts/bench.py --quick --out "$OUT"
                  tail -n 60 "$OUT/bench.log" ;;

@@ -2,9 +2,11 @@
 
 Without a GPU: the grid, FLOP counts, the naive peer, the check (reference.py in pieces or in
 rows, judged by tolerance.py; run with NumPy), the shared input generator, the tables, JSON
-files, plot data and the environment record. With a GPU (marked `gpu`): one tiny shape through
-run(), every implementation that is installed. Neither PyTorch nor matplotlib is needed; the
-plot test runs only where matplotlib is.
+files, plot data and the environment record; the decode bench's grid, bytes, block tables,
+memory plan, reference and bars. With a GPU (marked `gpu`): one tiny shape through run(), every
+implementation that is installed; tiny batches through run_varlen() and tiny cells through
+run_decode(). Neither PyTorch nor matplotlib is needed; the plot tests run only where
+matplotlib is.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 
 from cupyflash import bench, build, reference, tolerance, validation
-from cupyflash.bench import BenchShape
+from cupyflash.bench import BenchShape, DecodeCell
 from cupyflash.device import DeviceLimits, gpu_count
 from cupyflash.problem import numpy_dtype
 
@@ -855,6 +857,401 @@ def test_varlen_report_files(tmp_path: Path) -> None:
     assert bench.format_varlen_table(loaded) == bench.format_varlen_table(report)
 
 
+# --------------------------------------------------------------------------- decode: grid, bytes, layouts
+
+
+def test_decode_grid_is_the_issue_grid() -> None:
+    cells = bench.decode_grid()
+    assert len(cells) == 5 * 3 * 3 * 2 == len({c.id for c in cells})
+    assert {c.seqlen_q for c in cells} == {1, 2, 4, 8, 16} and {c.batch for c in cells} == {1, 16, 64}
+    assert {c.cache for c in cells} == {4096, 32768, 131072}
+    assert {(c.heads_q, c.heads_kv) for c in cells} == {(32, 8), (8, 1)}
+    assert {(c.dtype, c.head_dim) for c in cells} == {("bfloat16", 128)}
+    paged = [c for c in cells if c.page_sizes]
+    assert len(paged) == 2 * 3 * 3 * 2 and {c.seqlen_q for c in paged} == {1, 16}
+    assert {c.page_sizes for c in paged} == {(16, 256)}
+    assert cells[0] == DecodeCell("bfloat16", 128, 32, 8, 1, 1, 4096, (16, 256))
+    assert cells[0].id == "bfloat16-d128-q1-b1-c4096-h32x8"
+
+
+def test_decode_grid_quick_and_options() -> None:
+    quick = bench.decode_grid(quick=True)
+    assert len(quick) == 16 and {c.seqlen_q for c in quick} == {1, 8} and {c.batch for c in quick} == {1, 64}
+    assert {c.cache for c in quick} == {4096, 32768} and {(c.heads_q, c.heads_kv) for c in quick} == set(
+        bench.decode.HEADS)
+    assert all(c.page_sizes == ((16, 256) if c.seqlen_q == 1 else ()) for c in quick)
+    assert any(c.has_copy_bar for c in quick) and any(c.cudnn_bar == 2.0 for c in quick)  # every bar is exercised
+    custom = bench.decode_grid(("float16",), (64,), (8,), query_tokens=(3,), batches=(2,), caches=(512,),
+                               heads=((4, 2),), paged_query_tokens=(3,))
+    assert custom == [DecodeCell("float16", 64, 4, 2, 3, 2, 512, (8,))]
+    assert not any(c.page_sizes for c in bench.decode_grid(page_sizes=()))
+    with pytest.raises(ValueError, match="page size 100 does not divide the cache length 4096"):
+        bench.decode_grid(page_sizes=(100,))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"heads_kv": 3}, "heads_kv must divide heads_q"),
+    ({"seqlen_q": 5000}, "seqlen_q <= cache"),
+    ({"page_sizes": (16, 48)}, "page size 48 does not divide"),
+    ({"dtype": "float32"}, "is not benchmarked"),
+    ({"batch": 0, "cache": 0}, "batch = 0, cache = 0: every size"),
+], ids=["heads", "seqlen", "page", "dtype", "sizes"])
+def test_decode_cell_rules(fields: dict, message: str) -> None:
+    base = dict(dtype="bfloat16", head_dim=128, heads_q=32, heads_kv=8, seqlen_q=1, batch=1, cache=4096)
+    with pytest.raises(ValueError, match=message):
+        DecodeCell(**{**base, **fields})
+
+
+@pytest.mark.parametrize("seqlen_q, cache", [(1, 1), (1, 4096), (3, 5), (16, 16), (16, 40)])
+def test_visible_pairs_count_the_reference_mask(seqlen_q: int, cache: int) -> None:
+    assert bench.visible_pairs(seqlen_q, cache) == int(reference.visible_mask(seqlen_q, cache, causal=True).sum())
+
+
+def test_decode_bytes_and_flops() -> None:
+    big = DecodeCell("bfloat16", 128, 32, 8, 1, 64, 131072)
+    assert big.kv_bytes == 64 * 131072 * 8 * 128 * 2 * 2 == 34_359_738_368 and big.tokens == 64 * 131072
+    assert bench.kv_bytes(2, 10, 3, 4, 2) == 960 and DecodeCell("float16", 4, 3, 3, 1, 2, 10).kv_bytes == 960
+    small = DecodeCell("float16", 8, 4, 2, 3, 2, 5)
+    assert small.flops == 4 * 8 * 4 * 2 * (3 + 4 + 5) and small.group == 2
+    assert bench.decode.tbps(2e9, 1.0) == 2.0
+    assert (small.cudnn_bar, DecodeCell("float16", 8, 4, 2, 8, 2, 8).cudnn_bar) == (1.0, 2.0)
+    assert DecodeCell("bfloat16", 128, 8, 1, 1, 64, 4096).has_copy_bar  # 64 x 4k = 256k tokens
+    assert not DecodeCell("bfloat16", 128, 8, 1, 1, 63, 4096).has_copy_bar
+    assert not DecodeCell("bfloat16", 128, 8, 1, 2, 64, 4096).has_copy_bar  # the bar is for one query token
+
+
+def test_impl_names() -> None:
+    from cupyflash.bench import decode
+
+    assert decode.paged_impl(16) == "cupyflash-paged16" and decode.page_size_of("cupyflash-paged256") == 256
+    assert decode.page_size_of("cupyflash") is None and decode.page_size_of("torch-cudnn") is None
+    cell = DecodeCell("bfloat16", 128, 8, 1, 1, 1, 4096, (16, 256))
+    assert decode.cell_impls(cell, ("torch-cudnn",)) == ["cupyflash", "cupyflash-paged16", "cupyflash-paged256",
+                                                        "torch-cudnn"]
+
+
+def test_block_table_is_a_shuffled_permutation() -> None:
+    table = bench.block_table(4, 8, seed=3)
+    assert table.dtype == np.int32 and table.shape == (4, 8)
+    assert sorted(table.ravel().tolist()) == list(range(32))
+    assert not np.array_equal(table.ravel(), np.arange(32))  # physical order differs from logical
+    assert np.array_equal(table, bench.block_table(4, 8, seed=3))
+    assert not np.array_equal(table, bench.block_table(4, 8, seed=4))
+    with pytest.raises(ValueError, match="at least one"):
+        bench.block_table(0, 8)
+
+
+def test_paged_cache_holds_the_same_keys() -> None:
+    from cupyflash.bench import decode_run
+
+    cache = validation.random_inputs((1, 1, 1, 4), (3, 32, 2, 4), "bfloat16")["k"]
+    table = bench.block_table(3, 4, seed=1)
+    pages = decode_run.paged_cache(cache, 8, table, np)
+    assert pages.shape == (12, 8, 2, 4) and pages.dtype == cache.dtype
+    bits, pages_bits = cache.view(np.int16), pages.view(np.int16)
+    assert np.array_equal(pages_bits[table[1, 2]], bits[1, 16:24])  # sequence 1's third page
+    assert np.array_equal(pages_bits[table.reshape(-1)].reshape(cache.shape), bits)
+    with pytest.raises(ValueError, match=r"must be \(batch, seqlen // page_size\)"):
+        decode_run.paged_cache(cache, 8, table[:, :3], np)
+
+
+def test_memory_plan() -> None:
+    cell = DecodeCell("bfloat16", 128, 32, 8, 1, 64, 131072, (16, 256))  # 34.4 GB per cache
+    assert bench.memory_plan(cell, 140e9) == (True, (16, 256), None)  # 3 caches in 80% of 140 GB
+    fits, pages, note = bench.memory_plan(cell, 100e9)  # 80 GB: the cache and one paged copy
+    assert fits and pages == (16,)
+    assert note == ("skipped: memory: a paged copy (page size 256) would make 3 caches of 34.4 GB (allowed: 80% of "
+                    "100.0 GB free)")
+    fits, pages, note = bench.memory_plan(cell, 40e9)
+    assert (fits, pages) == (False, ()) and note == (
+        "skipped: memory: the K and V cache needs 34.4 GB (allowed: 80% of 40.0 GB free)")
+    assert bench.memory_plan(DecodeCell("bfloat16", 128, 8, 1, 1, 1, 4096), 1e9) == (True, (), None)
+
+
+def test_reference_parts_count_the_cache_copies() -> None:
+    from cupyflash.bench import decode_run
+
+    cell = DecodeCell("bfloat16", 128, 32, 8, 1, 4, 131072)
+    per_head = decode_run.reference_head_bytes(cell)
+    assert per_head > 2 * 131072 * 128 * 8 * cell.group  # float64 copies of K and V for each query head
+    assert per_head > 10 * bench.check.head_bytes(1, 131072, cell.group)  # far more than the scores
+    for heads in (1, 3, 8, 20):
+        parts = decode_run.reference_parts(cell, heads * per_head)
+        covered = [(b, h) for batch, kv in parts for b in range(*batch.indices(4)) for h in range(*kv.indices(8))]
+        assert sorted(covered) == [(b, h) for b in range(4) for h in range(8)]  # each (sequence, kv head) once
+        assert max((p[0].stop - p[0].start) * (p[1].stop - p[1].start) for p in parts) <= heads
+    assert decode_run.reference_parts(cell, per_head / 2) == []
+
+
+def _decode_data(cell: DecodeCell) -> dict:
+    drawn = validation.random_inputs(cell.q_dims, cell.cache_dims, cell.dtype, seed=5)
+    return {n: drawn[n] for n in ("q", "k", "v")}
+
+
+def test_decode_reference_judges_out() -> None:
+    from cupyflash.bench import decode_run
+
+    cell = DecodeCell("bfloat16", 16, 4, 2, 3, 2, 40)
+    data = _decode_data(cell)
+    ref = decode_run.decode_reference(cell, data, 10**9, np)
+    assert ref.kind == "full" and set(ref.ref64) == {"out"}
+    wide = {n: bench.to_float32(a) for n, a in data.items()}
+    out64, _ = reference.attention_forward(wide["q"], wide["k"], wide["v"], causal=True)
+    np.testing.assert_allclose(ref.ref64["out"], out64, rtol=0, atol=1e-13)
+    baseline, _ = reference.attention_forward(wide["q"], wide["k"], wide["v"], causal=True, compute_dtype="bfloat16")
+    row = bench.judge(ref, "fwd", (baseline,), "bfloat16", np)
+    assert row["valid"] is True and row["check"] == "full"
+    # A top-left causal mask (query t sees keys <= t) is not decoding's: it must fail.
+    top_left, _ = reference.attention_forward(wide["q"], wide["k"][:, :3], wide["v"][:, :3], causal=True)
+    assert bench.judge(ref, "fwd", (top_left,), "bfloat16", np)["valid"] is False
+    tight = decode_run.decode_reference(cell, data, 1000, np)  # not one kv head fits: batch element 0
+    assert tight.kind == "slice" and tight.ref64["out"].shape == (1, 3, 4, 16)
+    assert tight.note.startswith("one kv head of the reference would need")
+    assert bench.judge(tight, "fwd", (baseline,), "bfloat16", np)["valid"] is True
+
+
+def test_torch_peer_modes() -> None:
+    from cupyflash.bench import decode_run
+
+    assert decode_run.mask_mode("torch-cudnn", 1) == decode_run.mask_mode("torch-flash", 1) == "none"
+    assert decode_run.mask_mode("torch-cudnn", 8) == "boolean" and decode_run.mask_mode("torch-flash", 2) == "flash-op"
+    assert decode_run.gqa_modes("boolean", 4) == decode_run.gqa_modes("none", 8) == ("enable_gqa", "repeat_interleave")
+    assert decode_run.gqa_modes("flash-op", 4) == ("native", "repeat_interleave")
+    assert decode_run.gqa_modes("flash-op", 1) == ("equal heads",)
+    assert set(decode_run.MASKS) == {"none", "boolean", "flash-op"}
+
+
+def test_torch_peers_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cupyflash.bench import decode_run
+
+    monkeypatch.setattr(decode_run.importlib.util, "find_spec", lambda name: None)
+    assert decode_run.torch_peers() == ((), "PyTorch not installed: no peers")
+
+
+def test_decode_bandwidth_and_progress_line() -> None:
+    from cupyflash.bench import decode_run
+
+    cell = DecodeCell("bfloat16", 128, 8, 1, 1, 16, 32768)
+    row = {**decode_run._row("cupyflash", cell), "ms": 0.25, "tflops": 1.0, "valid": True, "error": 0.5}
+    decode_run.add_bandwidth(row, 4.0)
+    assert math.isclose(row["tbps"], cell.kv_bytes / 0.25e-3 / 1e12)
+    assert math.isclose(row["copy_fraction"], row["tbps"] / 4.0)
+    assert decode_run.describe(row) == (f"{cell.id} cupyflash: 0.250 ms, 1.0 TFLOP/s, valid (error 0.50 of allowed), "
+                                        f"{row['tbps']:.2f} TB/s ({row['copy_fraction']:.0%} of copy)")
+    skipped = decode_run.add_bandwidth({**decode_run._row("torch-cudnn", cell), "note": "skipped: memory: x"}, 4.0)
+    assert skipped["tbps"] is None and decode_run.describe(skipped) == f"{cell.id} torch-cudnn: skipped: memory: x"
+    paged = decode_run._row("cupyflash-paged16", cell)
+    assert (paged["layout"], paged["page_size"]) == ("paged", 16) and row["layout"] == "contiguous"
+
+
+def _numpy_kvcache(ignore_table: bool = False):
+    """attention_with_kvcache in NumPy: reference.py's same-dtype baseline over the keys the
+    block table names (or, ignore_table, over the pages in their physical order: wrong)."""
+    def attention_with_kvcache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, *, cache_seqlens: np.ndarray,
+                               block_table: np.ndarray | None = None, causal: bool = True, num_splits: int = 1
+                               ) -> np.ndarray:
+        assert causal and num_splits == 0 and cache_seqlens.dtype == np.int32
+        if block_table is not None:
+            order = np.sort(block_table, axis=None) if ignore_table else block_table.reshape(-1)
+            k_cache, v_cache = (c.view(np.int16)[order].view(c.dtype).reshape(q.shape[0], -1, *c.shape[2:])
+                                for c in (k_cache, v_cache))
+        assert (cache_seqlens == k_cache.shape[1]).all()
+        wide = [bench.to_float32(a) for a in (q, k_cache, v_cache)]
+        dtype = q.dtype.name
+        return reference.attention_forward(*wide, causal=True, compute_dtype=dtype)[0].astype(numpy_dtype(dtype))
+
+    return attention_with_kvcache
+
+
+@pytest.mark.parametrize("ignore_table", [False, True], ids=["paged", "table-ignored"])
+def test_run_decode_on_stand_ins(monkeypatch: pytest.MonkeyPatch, ignore_table: bool) -> None:
+    """run_decode's whole path without a GPU: NumPy for CuPy, a NumPy attention_with_kvcache,
+    stand-in timings. Every row checked, paged rows judged against the contiguous keys (so a
+    call that ignores the block table fails), memory skips, bandwidth, summary, progress."""
+    import cupyflash
+    from cupyflash import timing
+    from cupyflash.bench import decode_run
+
+    monkeypatch.setattr(decode_run, "require_cupy", lambda: np)
+    monkeypatch.setattr(decode_run, "free_device_bytes", lambda: 10**8)
+    monkeypatch.setattr(decode_run, "free_memory", lambda: None)
+    monkeypatch.setattr(decode_run, "first_call", lambda fn: (fn(), 5.0, 0))
+    monkeypatch.setattr(decode_run, "peak_extra_bytes", lambda fn: (fn(), 0))
+    monkeypatch.setattr(decode_run, "torch_peers", lambda: ((), "PyTorch not installed: no peers"))
+    monkeypatch.setattr(decode_run, "copy_bandwidth", lambda runs, warmup: {"bytes": 2**30, "tbps": 4.0})
+    monkeypatch.setattr(bench.measure, "gpu_count", lambda: 1)
+    monkeypatch.setattr(bench.measure, "do_bench_interleaved", lambda fns, warmup, runs: [
+        timing.Timing(0.01 * (i + 1), 0.01, 0.1, runs) for i, _ in enumerate(fns)])
+    monkeypatch.setattr(cupyflash, "attention_with_kvcache", _numpy_kvcache(ignore_table), raising=False)
+    cells = [DecodeCell("bfloat16", 16, 4, 2, 3, 2, 64, (8, 16)),
+             DecodeCell("float16", 8, 2, 2, 1, 1, 2**22, (16,))]  # 2**22 keys: 67 MB of K and V, over 80 MB free
+    messages: list[str] = []
+    report = bench.run_decode(cells, runs=2, warmup=1, progress=messages.append)
+    rows = {(r["id"], r["impl"]): r for r in report["rows"]}
+    assert messages[0].startswith("copy bandwidth: 4.00 TB/s") and len(messages) == 1 + len(rows) == 6
+    assert rows[(cells[0].id, "cupyflash")]["valid"] is True and rows[(cells[0].id, "cupyflash")]["check"] == "full"
+    for impl in ("cupyflash-paged8", "cupyflash-paged16"):
+        row = rows[(cells[0].id, impl)]
+        assert row["valid"] is (not ignore_table) and row["timed"] == "interleaved" and row["page_size"] > 0, row
+    first = rows[(cells[0].id, "cupyflash")]
+    assert math.isclose(first["tbps"], cells[0].kv_bytes / 0.01e-3 / 1e12) and first["copy_fraction"] > 0
+    assert messages[1] == f"[1/5] {bench.decode_run.describe(first)}"
+    assert all(rows[(cells[1].id, i)]["note"].startswith("skipped: memory") for i in ("cupyflash", "cupyflash-paged16"))
+    paged = report["summary"][0]["paged_ratio"]
+    assert paged == {"8": pytest.approx(0.5), "16": pytest.approx(1 / 3)}  # stand-in times 0.01, 0.02, 0.03 ms
+    assert report["summary"][0]["meets"]["paged"] is False and report["kind"] == "decode"
+
+
+@pytest.mark.skipif(gpu_count() > 0, reason="checks the no-GPU error")
+def test_run_decode_needs_a_gpu() -> None:
+    with pytest.raises(RuntimeError, match="GPU"):
+        bench.run_decode([DecodeCell("bfloat16", 128, 8, 1, 1, 1, 4096)])
+
+
+# ---------------------------------------------------- decode: summary, tables, files
+
+
+def _decode_row(impl: str, cell: DecodeCell, tbps: float | None, valid: bool | None = True, **extra: object) -> dict:
+    """A row as run_decode makes it, timed so that it reads `tbps` TB/s, against a 4 TB/s copy."""
+    from cupyflash.bench import decode_run
+
+    row = {**decode_run._row(impl, cell), "valid": valid, "error": 0.5 if valid else None}
+    if tbps is not None:
+        row["ms"] = cell.kv_bytes / (tbps * 1e12) * 1e3
+    row.update(extra)
+    return decode_run.add_bandwidth(row, 4.0)
+
+
+DECODE_CELLS = (DecodeCell("bfloat16", 128, 32, 8, 1, 64, 4096, (16, 256)),  # 256k tokens: the copy bar applies
+                DecodeCell("bfloat16", 128, 8, 1, 8, 1, 4096),  # 8 query tokens: 2x cuDNN
+                DecodeCell("bfloat16", 128, 8, 1, 16, 64, 131072, (16,)),  # skipped for memory
+                DecodeCell("bfloat16", 128, 8, 1, 1, 1, 4096, (16,)))  # ours invalid
+
+
+def _decode_report() -> dict:
+    a, b, c, d = DECODE_CELLS
+    skipped = "skipped: memory: the K and V cache needs 4.3 GB (allowed: 80% of 2.0 GB free)"
+    rows = [_decode_row("cupyflash", a, 3.6, first_call_ms=700.0, new_cubins=2, peak_extra_mb=9.0, output_mb=1.0),
+            _decode_row("cupyflash-paged16", a, 3.3), _decode_row("cupyflash-paged256", a, 3.5),
+            _decode_row("torch-cudnn", a, 3.0, gqa="enable_gqa", mask=bench.decode_run.MASKS["none"]),
+            _decode_row("torch-flash", a, 2.0, gqa="repeat_interleave", mask=bench.decode_run.MASKS["none"]),
+            _decode_row("cupyflash", b, 1.0), _decode_row("torch-cudnn", b, 0.6, gqa="enable_gqa",
+                                                          mask=bench.decode_run.MASKS["boolean"]),
+            _decode_row("torch-flash", b, None, valid=None, failure="RuntimeError: torch-flash declined every way tried"),
+            *(_decode_row(impl, c, None, valid=None, note=skipped) for impl in ("cupyflash", "cupyflash-paged16",
+                                                                               "torch-cudnn")),
+            _decode_row("cupyflash", d, 2.0, valid=False, error=float("nan"),
+                        mismatches=["out: max|ours - ref64| = nan at (0, 0, 3, 7)"]),
+            _decode_row("cupyflash-paged16", d, 2.0), _decode_row("torch-cudnn", d, 1.0, gqa="enable_gqa",
+                                                                  mask=bench.decode_run.MASKS["none"])]
+    return {"kind": "decode", "environment": ENV, "copy": {"bytes": 2**31, "ms": 1.0, "tbps": 4.0},
+            "settings": {"runs": 10, "peer_note": "torch 2.11.0: SDPA's cuDNN and flash backends",
+                         "timing": "ours together; peers alone"},
+            "rows": rows, "summary": bench.summarize_decode(rows)}
+
+
+def test_decode_summary_and_bars() -> None:
+    a, b, c, d = _decode_report()["summary"]
+    assert a["id"] == DECODE_CELLS[0].id and math.isclose(a["copy_fraction"], 0.9)
+    assert math.isclose(a["cudnn_ratio"], 1.2) and math.isclose(a["flash_ratio"], 1.8) and a["cudnn_bar"] == 1.0
+    assert set(a["paged_ratio"]) == {"16", "256"} and math.isclose(a["paged_ratio"]["16"], 3.3 / 3.6)
+    assert a["meets"] == {"copy": True, "cudnn": True, "paged": True}
+    assert a["tbps"]["torch-cudnn"] == pytest.approx(3.0) and a["valid"]["cupyflash"] is True
+    assert math.isclose(b["cudnn_ratio"], 1 / 0.6) and b["cudnn_bar"] == 2.0 and b["flash_ratio"] is None
+    assert b["meets"] == {"copy": None, "cudnn": False, "paged": None}  # 4k tokens: no copy bar; 1.67 < 2
+    assert c["ms"] is None and c["meets"] == {"copy": None, "cudnn": None, "paged": None}
+    assert d["meets"] == {"copy": None, "cudnn": False, "paged": False}  # an invalid result meets no bar
+    assert bench.decode_report.bar_counts([a, b, c, d]) == {"copy": (0, 1), "cudnn": (2, 3), "paged": (1, 2)}
+
+
+@pytest.mark.parametrize("change, bar, expected", [
+    ({"cupyflash": 3.3}, "copy", False),  # 0.825 of the copy bandwidth
+    ({"torch-cudnn": 3.7}, "cudnn", False),
+    ({"cupyflash-paged256": 3.2}, "paged", False),  # 0.89 of contiguous
+    ({"cupyflash-paged16": None}, "paged", True),  # a paged layout without a number is not judged
+    ({"torch-cudnn": None}, "cudnn", None),
+], ids=["copy", "cudnn", "paged", "paged-missing", "cudnn-missing"])
+def test_decode_bars_can_fail(change: dict, bar: str, expected: bool | None) -> None:
+    cell = DECODE_CELLS[0]
+    rates = {"cupyflash": 3.6, "cupyflash-paged16": 3.3, "cupyflash-paged256": 3.5, "torch-cudnn": 3.0, **change}
+    rows = [_decode_row(impl, cell, rate) for impl, rate in rates.items()]
+    assert bench.summarize_decode(rows)[0]["meets"][bar] is expected
+
+
+def test_decode_bars_with_an_invalid_peer() -> None:
+    cell = DECODE_CELLS[0]
+    rows = [_decode_row("cupyflash", cell, 3.6), _decode_row("torch-cudnn", cell, 1.0, valid=False)]
+    entry = bench.summarize_decode(rows)[0]
+    assert entry["meets"]["cudnn"] is None and math.isclose(entry["cudnn_ratio"], 3.6)  # a wrong peer is no yardstick
+
+
+def test_format_decode_table() -> None:
+    text = bench.format_decode_table(_decode_report())
+    lines = text.splitlines()
+    assert lines[0].startswith("**Decode TB/s** (K and V bytes read once over the median of 10 runs; copy bandwidth "
+                               "4.00 TB/s, read + written) — ")
+    assert "Test GPU 80GB" in lines[0] and "commit aaaaaaaaaaaa" in lines[0]
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert header == ["dtype", "D", "Sq", "B", "cache", "Hq/Hkv", "cupyflash", "cupyflash-paged16",
+                      "cupyflash-paged256", "torch-cudnn", "torch-flash", "cupyflash µs", "of copy", "/ cuDNN", "needed",
+                      "paged / contiguous", "copy bar", "cuDNN bar", "paged bar"]
+    a, b, c, d = _table_rows(text)
+    assert a == ["bfloat16", "128", "1", "64", "4k", "32/8", "3.60", "3.30", "3.50", "3.00", "2.00", "298",
+                 "90%", "1.20", "1.0", "16: 0.92 · 256: 0.97", "yes", "yes", "yes"]
+    assert b[6:] == ["1.00", "-", "-", "0.60", "-", "2.1", "25%", "1.67",
+                     "2.0", "-", "-", "NO", "-"]
+    assert c[4] == "128k" and c[6:11] == ["-"] * 5 and c[-3:] == ["-", "-", "-"]
+    assert d[6:8] == ["2.00 ✗", "2.00"] and d[13] == "✗" and d[-3:] == ["-", "NO", "NO"]
+    assert "- torch-cudnn: enable_gqa; no mask: one query token sees every key (2 cells) | enable_gqa; boolean" in text
+    assert "bottom-right causal (SDPA's is_causal is top-left) (1 cell)" in text
+    assert "- torch-flash: repeat_interleave; no mask" in text and "peers: torch 2.11.0" in text
+    assert ">= 0.85 x the copy bandwidth" in text and ">= 2.0x at 8 and 16 query tokens" in text
+
+
+def test_decode_report_files(tmp_path: Path) -> None:
+    report = _decode_report()
+    assert bench.decode_stem(report) == "bench-decode-test-gpu-80gb-2026-11-24"
+    paths = bench.save_decode(report, tmp_path)
+    assert [p.name for p in paths] == ["bench-decode-test-gpu-80gb-2026-11-24.json",
+                                       "bench-decode-test-gpu-80gb-2026-11-24.md"]
+    markdown = paths[1].read_text()
+    assert markdown == bench.format_decode_report(report) and markdown.startswith(bench.format_decode_table(report))
+    assert ("14 results: 1 failed validation, 1 raised, 3 skipped for memory; bars missed: copy 0 of 1, cudnn 2 of 3, "
+            "paged 1 of 2.") in markdown
+    assert f"- {DECODE_CELLS[1].id} torch-flash raised: RuntimeError: torch-flash declined every way tried" in markdown
+    assert f"- {DECODE_CELLS[3].id} cupyflash: out: max|ours - ref64| = nan" in markdown
+    assert f"- {DECODE_CELLS[2].id} cupyflash: skipped: memory" in markdown
+    assert "first call 700 ms, 2 new cubins" in markdown
+    loaded = bench.load(paths[0])
+    assert loaded["kind"] == "decode" and loaded["rows"][11]["error"] == "nan" and loaded["copy"]["tbps"] == 4.0
+    assert bench.format_decode_table(loaded) == bench.format_decode_table(report)
+
+
+def test_plot_decode_series() -> None:
+    report = _decode_report()
+    series = bench.plot_decode_series(report)
+    a, b, _, _ = DECODE_CELLS
+    assert set(series) == {("32/8", 1), ("8/1", 8), ("8/1", 1)}
+    assert series[("32/8", 1)]["cupyflash"] == [(a.tokens, pytest.approx(3.6))]
+    assert "torch-flash" not in series[("8/1", 8)] and "cupyflash" not in series[("8/1", 1)]  # failed, invalid
+    assert bench.plot_decode_series(report, dtype="float16") == {}
+
+
+def test_plot_decode_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(RuntimeError, match="matplotlib"):
+        bench.plot_decode(_decode_report(), tmp_path / "x.png")
+
+
+def test_plot_decode_writes_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = bench.plot_decode(_decode_report(), tmp_path / "plots" / "decode.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="float16"):
+        bench.plot_decode(_decode_report(), tmp_path / "none.png", dtype="float16")
+
+
 # --------------------------------------------------------------------------- varlen validation cases
 
 
@@ -993,3 +1390,29 @@ def test_run_varlen_tiny_batches() -> None:
     assert [(s["id"], s["pass"]) for s in report["summary"]] == [(b.id, p) for b in batches for p in ("fwd", "bwd")]
     assert all(isinstance(s["ratio"], float) for s in report["summary"])
     assert "Variable-length TFLOP/s" in bench.format_varlen_table(report)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_run_decode_tiny_cells() -> None:
+    """run_decode end to end on two small cells: the copy bandwidth measured, every cupyflash
+    row (contiguous and paged) checked and timed, the peers valid or failed, the bars summarized."""
+    cells = [DecodeCell("bfloat16", 128, 8, 2, 1, 2, 1024, (16, 256)),
+             DecodeCell("float16", 128, 4, 1, 4, 3, 512, (16,))]
+    messages: list[str] = []
+    report = bench.run_decode(cells, runs=2, warmup=1, progress=messages.append)
+    assert report["kind"] == "decode" and report["copy"]["tbps"] > 0
+    assert len(messages) == len(report["rows"]) + 1  # the copy bandwidth's line first
+    rows = {(r["id"], r["impl"]): r for r in report["rows"]}
+    for cell in cells:
+        for impl in bench.decode.cell_impls(cell, ()):
+            row = rows[(cell.id, impl)]
+            assert row.get("failure") is None, row
+            assert row["valid"] is True and row["check"] == "full" and row["error"] <= 1, row
+            assert row["ms"] > 0 and row["tbps"] > 0 and row["copy_fraction"] > 0 and row["timed"] == "interleaved"
+        for impl in report["settings"]["peers"]:
+            row = rows[(cell.id, impl)]
+            assert row.get("failure") is not None or row["valid"] is True, row
+    assert [s["id"] for s in report["summary"]] == [c.id for c in cells]
+    assert [set(s["paged_ratio"]) for s in report["summary"]] == [{"16", "256"}, {"16"}]
+    assert "Decode TB/s" in bench.format_decode_table(report)

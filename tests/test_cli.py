@@ -479,12 +479,32 @@ def fake_bench(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
         progress("timing", "batch 1/1")
         return {"kind": "varlen", "rows": [{"tflops": 321.0}]}
 
+    def decode_grid(dtypes: Any, head_dims: Any, page_sizes: Any, quick: bool = False) -> list[Any]:
+        calls["decode_grid"] = (tuple(dtypes), tuple(head_dims), tuple(page_sizes), quick)
+        return ["decode-cell"]
+
+    def run_decode(cells: list[Any], runs: int = 20, warmup: int = 3, progress: Any = None) -> dict[str, Any]:
+        calls["run_decode"] = (cells, runs)
+        progress("timing", "cell 1/1")
+        return {"kind": "decode", "rows": [{"tbps": 4.5}]}
+
+    def save_decode(report: dict[str, Any], directory: Path, stem: str) -> list[Path]:
+        calls["save_decode"] = (report, Path(directory), stem)
+        return [Path(directory) / f"{stem}.json"]
+
+    def plot_decode(report: dict[str, Any], path: Path) -> Path:
+        calls["plot_decode"] = Path(path)
+        return Path(path)
+
     module = SimpleNamespace(paper_grid=paper_grid, run=run, save=save, plot=plot, calls=calls,
                              default_stem=lambda report: "bench-gpu-2026-11-23",
                              BenchShape=lambda *args: ("shape",) + args,
                              format_table=lambda report, which: f"table {which}",
                              varlen_batches=varlen_batches, run_varlen=run_varlen,
-                             format_varlen_table=lambda report: "varlen table")
+                             format_varlen_table=lambda report: "varlen table",
+                             decode_grid=decode_grid, run_decode=run_decode, save_decode=save_decode,
+                             plot_decode=plot_decode, decode_stem=lambda report: "bench-decode-gpu-2026-11-23",
+                             format_decode_table=lambda report: "decode table")
     monkeypatch.setattr(cli, "gpu_count", lambda: 1)
     monkeypatch.setitem(sys.modules, "cupyflash.bench", module)
     monkeypatch.setattr(cupyflash, "bench", module, raising=False)
@@ -568,7 +588,7 @@ def test_bench_help_lists_varlen() -> None:
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
     assert "--varlen" in text and "16x1024, 4x4096, 2x8192" in text and "bar 0.97x" in text and "bar 0.9x" in text
-    assert "(--varlen: 128 unless given)" in text
+    assert "(--varlen and --decode: 128 unless given)" in text
 
 
 def test_bench_varlen_defaults(fake_bench: SimpleNamespace) -> None:
@@ -741,3 +761,101 @@ def test_autotune_clear_with_a_gpu_removes_only_its_file(tuned_h100: Path) -> No
     assert again.stdout.strip() == f"no tuning file for {H100.name} (sm_90) in {tuned_h100.parent}: nothing removed"
     show = invoke("autotune", "--show")
     assert show.stdout.strip() == f"no tuned configs for {H100.name} (sm_90) in {tuned_h100.parent}"
+
+
+# --------------------------------------------------------------------------- bench --decode
+
+
+def test_bench_help_lists_decode() -> None:
+    result = invoke("bench", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    assert "--decode" in text and "1, 2, 4, 8, 16 query tokens" in text and "4k, 32k, 128k" in text
+    assert "0.85x copy" in text and "2x at 8 and 16 tokens" in text and "(--decode: bfloat16 unless given)" in text
+    assert "--quick" in text and "--paged PAGE_SIZE" in text and "default 16 and 256; 0: none" in text
+
+
+def test_bench_decode_defaults(fake_bench: SimpleNamespace) -> None:
+    result = invoke("bench", "--decode")
+    assert result.exit_code == 0, everything(result)
+    assert fake_bench.calls["decode_grid"] == (("bfloat16",), (128,), (16, 256), False)
+    assert fake_bench.calls["run_decode"] == (["decode-cell"], 20)
+    assert not {"run", "grid", "run_varlen", "save_decode", "plot_decode"} & set(fake_bench.calls)
+    assert result.stdout == "decode table\n"
+    assert "timing cell 1/1" in result.stderr
+
+
+def test_bench_decode_options(fake_bench: SimpleNamespace) -> None:
+    result = invoke("bench", "--decode", "--quick", "--dtype", "float16", "--head-dim", "64", "--paged", "32",
+                    "--paged", "64", "--runs", "3", "--causal", "--pass", "fwd")
+    assert result.exit_code == 0, everything(result)
+    assert fake_bench.calls["decode_grid"] == (("float16",), (64,), (32, 64), True)
+    assert fake_bench.calls["run_decode"] == (["decode-cell"], 3)
+    assert invoke("bench", "--decode", "--paged", "0").exit_code == 0
+    assert fake_bench.calls["decode_grid"] == (("bfloat16",), (128,), (), False)
+
+
+def test_bench_decode_json_out_and_plot(fake_bench: SimpleNamespace, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())  # matplotlib "installed"
+    result = invoke("bench", "--decode", "--json", "--out", str(tmp_path / "results"), "--plot",
+                    str(tmp_path / "decode.png"))
+    assert result.exit_code == 0, everything(result)
+    assert json.loads(result.stdout) == {"kind": "decode", "rows": [{"tbps": 4.5}]}
+    report, directory, stem = fake_bench.calls["save_decode"]
+    assert report["kind"] == "decode" and directory == tmp_path / "results" and stem == "bench-decode-gpu-2026-11-23"
+    assert fake_bench.calls["plot_decode"] == tmp_path / "decode.png" and "save" not in fake_bench.calls
+    assert "saved " in result.stderr and "plot " in result.stderr
+
+
+@pytest.mark.parametrize("options, named", [(["--varlen"], "--varlen"), (["--seqlen", "1024"], "--seqlen"),
+                                            (["--shape", "2,1024,16,64"], "--shape"), (["--pass", "bwd"], "--pass"),
+                                            (["--no-causal"], "--no-causal/--both"),
+                                            (["--both"], "--no-causal/--both"),
+                                            (["--pass", "both", "--seqlen", "512"], "--seqlen, --pass")],
+                         ids=["varlen", "seqlen", "shape", "pass", "no-causal", "both", "seqlen-and-pass"])
+def test_bench_decode_rejects_other_grids_options(monkeypatch: pytest.MonkeyPatch, options: list[str],
+                                                  named: str) -> None:
+    """A usage error (exit 2) before anything else, GPU or not."""
+    monkeypatch.setattr(cli, "gpu_count", lambda: pytest.fail("asked for the GPU before the usage check"))
+    result = invoke("bench", "--decode", *options)
+    assert result.exit_code == 2, everything(result)
+    assert f"Error: {named} cannot be combined with --decode" in everything(result)
+
+
+@pytest.mark.parametrize("options, named", [(["--quick"], "--quick"), (["--paged", "16"], "--paged"),
+                                            (["--varlen", "--quick", "--paged", "0"], "--quick, --paged")],
+                         ids=["quick", "paged", "both"])
+def test_bench_decode_options_need_decode(monkeypatch: pytest.MonkeyPatch, options: list[str], named: str) -> None:
+    monkeypatch.setattr(cli, "gpu_count", lambda: pytest.fail("asked for the GPU before the usage check"))
+    result = invoke("bench", *options)
+    assert result.exit_code == 2, everything(result)
+    assert f"Error: {named} shape the --decode grid: use with --decode" in everything(result)
+
+
+def test_bench_decode_drives_the_real_bench_module(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--decode against cupyflash.bench itself, only the timing replaced: the cells it builds,
+    the table it prints, the files it saves."""
+    from cupyflash import bench
+
+    seen: dict[str, Any] = {}
+
+    def run_decode(cells: list[Any], **options: Any) -> dict[str, Any]:
+        seen.update(cells=cells, **options)
+        return {"kind": "decode", "environment": {"gpu": "NVIDIA H200", "date": "2026-12-03T10:00:00+00:00"},
+                "copy": {"tbps": 4.1}, "settings": {"runs": options["runs"]}, "rows": [], "summary": []}
+
+    monkeypatch.setattr(cli, "gpu_count", lambda: 1)
+    monkeypatch.setattr(bench, "run_decode", run_decode)
+    result = invoke("bench", "--decode", "--runs", "5", "--out", str(tmp_path))
+    assert result.exit_code == 0, everything(result)
+    cells = seen["cells"]
+    assert len(cells) == 90 and cells == bench.decode_grid() and seen["runs"] == 5
+    assert {c.page_sizes for c in cells} == {(), (16, 256)}
+    assert "Decode TB/s" in result.stdout and "copy bandwidth 4.10 TB/s" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-decode-nvidia-h200-2026-12-03.json",
+                                                          "bench-decode-nvidia-h200-2026-12-03.md"]
+    assert invoke("bench", "--decode", "--quick", "--paged", "0").exit_code == 0
+    assert len(seen["cells"]) == 16 and not any(c.page_sizes for c in seen["cells"])
+    odd = invoke("bench", "--decode", "--paged", "100")
+    assert odd.exit_code == 2 and everything(odd).startswith("Error: page size 100 does not divide the cache length")
