@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import cupyflash
-from cupyflash import cli, environment, tuning, validate_report, validation
+from cupyflash import cli, environment, kvcache_cases, tuning, validate_report, validation
 from cupyflash.kernels.flash_fwd import FwdConfig
 from cupyflash.device import DeviceLimits, gpu_count
 from cupyflash.tolerance import Comparison
@@ -307,6 +307,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     monkeypatch.setattr(validation, "gpu_matrix", gpu_matrix)
     monkeypatch.setattr(validation, "varlen_matrix", varlen_matrix)
+    monkeypatch.setattr(kvcache_cases, "decode_matrix", lambda quick: [])  # tests of cache cases put some in
     return calls
 
 
@@ -388,7 +389,7 @@ def test_validate_gpu_runs_the_varlen_cases(fake_gpu: dict[str, Any], monkeypatc
     assert result.exit_code == 1
     assert fake_gpu["varlen_quick"] is True
     assert fake_gpu["run"] == [(case.id, True) for case in CASES + VARLEN_CASES]
-    assert "3 cases (1 varlen); deterministic=True" in result.stdout
+    assert "3 cases (1 varlen, 0 KV cache); deterministic=True" in result.stdout
     assert "3 cases, 20 rows: 1 FAILED" in result.stdout
     width = validate_report.CASE_WIDTH
     assert f"{VARLEN_CASES[0].id:<{width}} out@s1  1.000e-03  1.000e-03    1.00  pass" in result.stdout
@@ -397,6 +398,26 @@ def test_validate_gpu_runs_the_varlen_cases(fake_gpu: dict[str, Any], monkeypatc
     report = json.loads(invoke("validate", "--json").stdout)
     assert report["cases"] == 3 and report["varlen_cases"] == 1
     assert [r["tensor"] for r in report["rows"] if r["case"] == VARLEN_CASES[0].id][:2] == ["out@s1", "lse@s1"]
+
+
+def test_validate_gpu_runs_the_cache_cases(fake_gpu: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The KV-cache cases follow the others; a cache element written wrongly fails its row."""
+    case = kvcache_cases.DecodeCase("bfloat16", 128, 1, (0, 4097), page_size=16, seqlen_new=1)
+    monkeypatch.setattr(kvcache_cases, "decode_matrix", lambda quick: fake_gpu.update(decode_quick=quick) or [case])
+    monkeypatch.setattr(validation, "run_gpu_case", _fake_run(fake_gpu, {}))
+
+    def run_decode(c: kvcache_cases.DecodeCase, deterministic: bool) -> list[Comparison]:
+        fake_gpu["run"].append((c.id, deterministic))
+        return [_comparison("out", 1e-3), _comparison("lse", 1e-3),
+                Comparison("kcache", 0.0, 0.0, 0.0, (), 0.0, 0.0), Comparison("vcache", 3.0, 0.0, 0.0, (0, 5), 3.0, 0.0)]
+
+    monkeypatch.setattr(validate_report, "_run_decode_case", run_decode)
+    result = invoke("validate", "--quick")
+    assert result.exit_code == 1 and fake_gpu["decode_quick"] is True
+    assert fake_gpu["run"][-1] == (case.id, False)
+    assert "3 cases (0 varlen, 1 KV cache)" in result.stdout and "3 cases, 14 rows: 1 FAILED" in result.stdout
+    assert f"{case.id:<{validate_report.CASE_WIDTH}} vcache  3.000e+00  0.000e+00     inf  FAIL" in result.stdout
+    assert json.loads(invoke("validate", "--json").stdout)["decode_cases"] == 1
 
 
 def test_validate_cpu_varlen_failure(monkeypatch: pytest.MonkeyPatch) -> None:
