@@ -34,7 +34,7 @@ from .problem import (INT32_MAX, LOG2_E, MAX_GRID_YZ, _check_dtype, _check_last_
 MAX_HEAD_DIM = 256
 CACHE_ARRAYS = ("k_cache", "v_cache")
 INDEX_ARRAYS = ("cache_seqlens", "block_table", "cache_batch_idx")
-MAX_NUM_SPLITS = 256
+MAX_NUM_SPLITS = launch.DECODE_MAX_SPLITS  # flash_decode_combine merges at most this many
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,8 @@ def _int(name: str, value: Any, low: int, high: int, rule: str) -> int:
 
 def _address(array: Any) -> int:
     """The data pointer of a CuPy or NumPy array (the checks run on either, before any GPU work)."""
-    data = array.data
-    return data.ptr if hasattr(data, "ptr") else array.ctypes.data
+    # (a NumPy array's .data is a buffer, which NumPy cannot make for ml_dtypes' bfloat16)
+    return array.ctypes.data if isinstance(array, np.ndarray) else array.data.ptr
 
 
 def _check_index_array(name: str, array: Any, shape: tuple[int, ...], what: str) -> None:
@@ -161,6 +161,8 @@ def problem_of(arrays: Mapping[str, Any], cache_seqlens: Any, *, causal: bool, s
         num_pages, page_size = int(k_cache.shape[0]), int(k_cache.shape[1])
         if page_size == 0:
             raise ValueError("k_cache.shape[1] (page_size) is 0; pages hold at least one key")
+        if num_pages == 0 and batch > 0:
+            raise ValueError("k_cache has no pages (shape[0] is 0) but block_table points into it")
         capacity, batch_cache = int(block_table.shape[1]) * page_size, 0
     else:
         batch_cache, page_size, num_pages = int(k_cache.shape[0]), int(k_cache.shape[1]), 0
@@ -218,6 +220,11 @@ def problem_of(arrays: Mapping[str, Any], cache_seqlens: Any, *, causal: bool, s
         if num_splits:
             raise ValueError("num_splits and split_size both given; split_size fixes the keys per split, and so "
                              "the split count: leave num_splits at 0")
+        longest = capacity if not isinstance(cache_seqlens, (int, np.integer)) else cache_seqlens + seqlen_new
+        if -(-longest // split_size) > MAX_NUM_SPLITS:
+            smallest = -(-longest // MAX_NUM_SPLITS // flash_decode.BLOCK_N) * flash_decode.BLOCK_N
+            raise ValueError(f"split_size {split_size} cuts the {longest} keys a sequence may hold into more than "
+                             f"{MAX_NUM_SPLITS} splits; use split_size >= {smallest}")
     return DecodeProblem(batch, seqlen_q, heads_q, heads_kv, head_dim, dtype_name(q), seqlen_new, capacity, paged,
                          page_size, num_pages, batch_cache, cache_seqlen, scale, window, num_splits, split_size)
 
@@ -373,7 +380,8 @@ def attention_with_kvcache(q: Any, k_cache: Any, v_cache: Any, k: Any = None, v:
     """
     causal, return_lse, check = (check_flag(name, value) for name, value in
                                  (("causal", causal), ("return_lse", return_lse), ("check", check)))
-    host_length = cache_seqlens if isinstance(cache_seqlens, (int, np.integer)) else None
+    is_int = isinstance(cache_seqlens, (int, np.integer)) and not isinstance(cache_seqlens, (bool, np.bool_))
+    host_length = cache_seqlens if is_int else None
     device_seqlens = None if host_length is not None else cache_seqlens
     inputs = tuple(x for x in (q, k_cache, v_cache, k, v, device_seqlens, block_table, cache_batch_idx)
                    if x is not None)

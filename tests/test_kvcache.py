@@ -325,17 +325,14 @@ def test_misaligned_q_and_new_keys_are_accepted() -> None:
 # ---------------------------------------------------------------------------------------------
 # Valid NumPy inputs pass every check; only then does the call say it needs GPU arrays
 
-# kvcache._address reads a NumPy array's pointer through array.data, a buffer, which NumPy cannot
-# make for ml_dtypes' bfloat16: a bfloat16 NumPy cache ends in "ValueError: cannot include dtype
-# 'E' in a buffer" (array.ctypes.data works for every dtype).
-BF16_ADDRESS_BUG = pytest.mark.xfail(strict=True, raises=ValueError,
-                                     reason="kvcache._address: array.data of a bfloat16 NumPy array raises")
+# bfloat16 NumPy caches among them: their pointer is read through array.ctypes (array.data, a
+# buffer, cannot hold ml_dtypes' bfloat16; a bug until 2026-12-04).
 
 GOOD = [
     pytest.param({}, id="contiguous-int-length"),
-    pytest.param({"q": placed((B, SQ, HQ, D), BF16), **cache(dtype=BF16)}, id="bfloat16", marks=BF16_ADDRESS_BUG),
+    pytest.param({"q": placed((B, SQ, HQ, D), BF16), **cache(dtype=BF16)}, id="bfloat16"),
     pytest.param({"q": placed((B, SQ, HQ, D), BF16), **cache(dtype=BF16), **new_keys(dtype=BF16)},
-                 id="bfloat16-with-new-keys", marks=BF16_ADDRESS_BUG),
+                 id="bfloat16-with-new-keys"),
     pytest.param(with_head_dim(40), id="head-dim-40"),
     pytest.param(with_head_dim(8), id="head-dim-8"),
     pytest.param(with_head_dim(256), id="head-dim-256"),
@@ -371,27 +368,19 @@ def test_valid_numpy_inputs_pass_the_checks_then_need_the_gpu(change: dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Known bugs (the commit that added this file describes them): strict xfails, so each becomes a
-# failure, to be unmarked, once its bug is fixed.
+# Bugs the first version of this file found (fixed 2026-12-04): a bool cache_seqlens, a paged cache
+# of no pages (the kernels' page clamp would have reached -1), no blocks at all (seqlen_q = 0).
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="cache_seqlens=True: the host-int test of "
-                   "attention_with_kvcache counts bool as int, problem_of's does not, and it then reads "
-                   "arrays['cache_seqlens'], which was never wrapped")
 def test_a_bool_cache_seqlens_is_a_type_error() -> None:
     with raises(TypeError, "cache_seqlens"):
         call(cache_seqlens=True)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="a paged cache of 0 pages passes the host checks (the "
-                   "call gets as far as the GPU); the kernels clamp page numbers to num_pages - 1 = -1 and would "
-                   "read and write outside k_cache")
 def test_a_paged_cache_without_pages_is_refused() -> None:
     with pytest.raises(ValueError, match="k_cache"):
-        call(**paged(), **cache((0, 16, HKV, D)), **new_keys(1), cache_seqlens=3)
+        call(**{**paged(), **cache((0, 16, HKV, D))}, **new_keys(1), cache_seqlens=3)
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason="no blocks (seqlen_q = 0, which the host checks "
-                   "accept) gives waves = 0 and 0 / ceil(0)")
 def test_choose_splits_with_no_blocks_keeps_one_split() -> None:
     assert flash_decode.choose_splits(0, 10, 264) == 1
 
@@ -412,9 +401,10 @@ def test_one_key_tile_keeps_one_split() -> None:
 
 
 def test_a_single_long_sequence_takes_many_splits() -> None:
-    # 1 block, 264 slots, 512 key tiles: every count below the cap of 128 fills less of the one
-    # wave than 128 does, and 128 is the smallest within 85% of it.
-    assert flash_decode.choose_splits(1, 512, 264) == 128
+    # 1 block, 264 slots, 512 key tiles, the cap 256: 256 splits (2 tiles each) fill 97% of the one
+    # wave; of the counts that change the tiles per split, the next below is 171 (3 tiles, 65%),
+    # under 85% of it.
+    assert flash_decode.choose_splits(1, 512, 264) == 256
     # Capped at 32 the best is 32; 85% of it is 27.2, and 28 (19 tiles per split, as 27) is
     # skipped, so 29 (18 tiles per split) is taken.
     assert flash_decode.choose_splits(1, 512, 264, max_splits=32) == 29
@@ -633,7 +623,7 @@ def test_the_heuristic_splits_a_single_long_sequence(fake_h100: list[int]) -> No
     problem = decode_problem()
     cfg = flash_decode.config(problem.packed_rows, problem.head_dim, H100)
     assert cfg == DecodeConfig(1, 3)
-    assert kvcache.split_plan(problem, cfg, 3) == (128, 0)
+    assert kvcache.split_plan(problem, cfg, 3) == (256, 0)
     assert fake_h100 == [3]
 
 

@@ -6,7 +6,8 @@ One config per call, chosen from the packed rows (seqlen_q * group_size: the que
 the q heads of one kv head): 4 warps as 1 x 4, 2 x 2 or 4 x 1 (row warps x key warps), so a
 block holds 16, 32 or 64 packed rows and the rest of its warps split each 64-key tile. Any
 sm_80 or newer GPU runs it (mma.sync): decoding is bound by reading the cache, not by the
-tensor cores.
+tensor cores. GPUs with 99 KB of shared memory per block (RTX 3090/4090, A10, L4) run head dims
+up to 128; above that no block fits them yet, and the call says so.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 
 from .. import build
 from ..device import DeviceLimits
-from ..launch import APPEND_THREADS, COMBINE_ROWS_PER_BLOCK, COMBINE_THREADS, DECODE_BLOCK_N, DECODE_WARPS
+from ..launch import (APPEND_THREADS, COMBINE_ROWS_PER_BLOCK, COMBINE_THREADS, DECODE_BLOCK_N, DECODE_MAX_SPLITS,
+                      DECODE_WARPS)
 from .common import ELEMENT_BYTES, SMEM_PAD, Variant, defines
 
 SOURCE = "flash_decode.cu"
@@ -25,7 +27,7 @@ APPEND_ENTRY, ENTRY, COMBINE_ENTRY = "flash_decode_append", "flash_decode", "fla
 THREADS = 32 * DECODE_WARPS
 BLOCK_N = DECODE_BLOCK_N  # keys per tile: split_size is a multiple of it
 KERNEL_HEAD_DIMS = (64, 96, 128, 192, 256)  # compiled head dims; a call runs the smallest that holds its own
-MAX_SPLITS = 128
+MAX_SPLITS = DECODE_MAX_SPLITS  # the heuristic may go up to a full wave of one-kv-head blocks
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,8 @@ def kernel_head_dim(head_dim: int) -> int:
 
 def config(packed_rows: int, head_dim: int, limits: DeviceLimits) -> DecodeConfig | None:
     """The block for seqlen_q * group_size packed rows: as few row warps as hold them (up to 4),
-    so the rest split the keys; 3 stages where two blocks still fit an SM, else 2. Head dim 256
+    so the rest split the keys; 3 stages up to head dim 128 with fewer than 4 row warps where a
+    block of them fits (two per SM on an H100), else 2. Head dim 256
     keeps one row warp (with 2 or 4, its 128 accumulator floats per thread spill on sm_80), and
     more packed rows take more blocks. None when no block fits the device's shared memory."""
     kernel_dim = kernel_head_dim(head_dim)
@@ -119,7 +122,7 @@ def choose_splits(blocks: int, key_tiles: int, slots: int, max_splits: int = MAX
     blocks before splitting and slots blocks resident at once, keep one split when the blocks
     nearly fill the GPU; else, of the split counts that change the tiles per split, take the
     smallest whose last wave is within 85% of the best one's fill."""
-    if blocks >= 0.8 * slots or key_tiles <= 1:
+    if blocks == 0 or blocks >= 0.8 * slots or key_tiles <= 1:
         return 1
     limit = min(max_splits, slots, key_tiles)
     efficiency = {}
