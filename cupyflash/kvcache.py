@@ -328,8 +328,11 @@ def build_plan(problem: DecodeProblem, t: dict[str, Any], device_id: int) -> pla
         calls.append((flash_decode.helper_spec(dtype, flash_decode.APPEND_ENTRY),
                       flash_decode.append_grid(problem.batch, problem.seqlen_new, problem.heads_kv, problem.head_dim),
                       launch.APPEND_THREADS, 0))
-    calls.append((flash_decode.spec(dtype, kernel_dim, cfg, problem.variant),
-                  flash_decode.grid(problem.batch, problem.heads_kv, problem.packed_rows, num_splits, cfg),
+    grid = flash_decode.grid(problem.batch, problem.heads_kv, problem.packed_rows, num_splits, cfg)
+    if grid[0] > INT32_MAX:
+        raise ValueError(f"heads_kv x query tiles x splits is {grid[0]} blocks; a CUDA grid takes at most {INT32_MAX} "
+                         "(fewer query tokens per call, or fewer num_splits)")
+    calls.append((flash_decode.spec(dtype, kernel_dim, cfg, problem.variant), grid,
                   flash_decode.THREADS, cfg.smem_bytes(kernel_dim)))
     if num_splits > 1:
         calls.append((flash_decode.helper_spec(dtype, flash_decode.COMBINE_ENTRY),

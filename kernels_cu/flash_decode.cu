@@ -125,7 +125,8 @@ constexpr int kCopySteps = (kCopyChunks + T::kThreads - 1) / T::kThreads;
 static_assert(sizeof(cf::DecodeSmem) == CF_SMEM_BYTES,
               "cupyflash/kernels/flash_decode.py smem_bytes() disagrees with the kernel's layout");
 
-// Reads DecodeParams (params.cuh). Grid: (m_tiles * num_splits, heads_kv, batch), m tile fastest;
+// Reads DecodeParams (params.cuh). Grid: (heads_kv * m_tiles * num_splits, batch), kv head fastest
+// (blocks that run together read neighbouring 256-byte pieces of the same key rows), then m tile;
 // block: 128 threads; dynamic smem: DecodeSmem. Writes out and lse (num_splits 1) or the split's
 // out_partial and lse_partial rows.
 extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const __grid_constant__ cf::DecodeParams p) {
@@ -136,8 +137,9 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const
   const int wm = warp / T::kKeyWarps, wk = warp % T::kKeyWarps;
   const int group_size = p.group_size, seqlen_q = p.seqlen_q, head_dim = p.head_dim;
   const int m_tiles = (seqlen_q * group_size + T::kBlockM - 1) / T::kBlockM;
-  const int m_tile = blockIdx.x % m_tiles, split = blockIdx.x / m_tiles;
-  const int kv_head = blockIdx.y, b = blockIdx.z;
+  const int heads_kv = p.heads_q / group_size;
+  const int kv_head = blockIdx.x % heads_kv, m_tile = blockIdx.x / heads_kv % m_tiles;
+  const int split = blockIdx.x / heads_kv / m_tiles, b = blockIdx.y;
   const int packed_rows = seqlen_q * group_size;
   const int row_begin = m_tile * T::kBlockM;
   const int rows = min(T::kBlockM, packed_rows - row_begin);

@@ -99,7 +99,8 @@ def m_tiles(packed_rows: int, cfg: DecodeConfig) -> int:
 
 
 def grid(batch: int, heads_kv: int, packed_rows: int, num_splits: int, cfg: DecodeConfig) -> tuple[int, int, int]:
-    return (m_tiles(packed_rows, cfg) * num_splits, heads_kv, batch)
+    """(kv head fastest, then m tile, then split; batch): flash_decode.cu's block order."""
+    return (heads_kv * m_tiles(packed_rows, cfg) * num_splits, batch, 1)
 
 
 def append_grid(batch: int, seqlen_new: int, heads_kv: int, head_dim: int) -> tuple[int, int, int]:
