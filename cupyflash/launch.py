@@ -79,15 +79,14 @@ MERGE_THREADS = 256  # kMergeThreads: flash_merge's block, one warp per query ro
 MERGE_ROWS_PER_BLOCK = MERGE_THREADS // 32  # kMergeRowsPerBlock
 DECODE_WARPS, DECODE_BLOCK_N = 4, 64  # kDecodeWarps, kDecodeBlockN: flash_decode's block and key tile
 APPEND_THREADS = 256  # kAppendThreads: flash_decode_append's block
-COMBINE_THREADS = 256  # kCombineThreads: flash_decode_combine's block, one warp per query row
-COMBINE_ROWS_PER_BLOCK = COMBINE_THREADS // 32  # kCombineRowsPerBlock
+COMBINE_THREADS = 256  # kCombineThreads: flash_decode_combine's block, one per query row
 DECODE_MAX_SPLITS = 256  # kDecodeMaxSplits: the most key splits one decode call has
 CONSTANTS = {"kSmemAlignSlack": SMEM_ALIGN_SLACK, "kZeroThreads": ZERO_THREADS,
              "kZeroBlocksPerGap": ZERO_BLOCKS_PER_GAP, "kDeltaThreads": DELTA_THREADS, "kDeltaRows": DELTA_ROWS,
              "kConvertThreads": CONVERT_THREADS, "kConvertChunk": CONVERT_CHUNK, "kDqUnitRows": DQ_UNIT_ROWS,
              "kDqUnitCols": DQ_UNIT_COLS, "kMergeThreads": MERGE_THREADS, "kMergeRowsPerBlock": MERGE_ROWS_PER_BLOCK,
              "kDecodeWarps": DECODE_WARPS, "kDecodeBlockN": DECODE_BLOCK_N, "kAppendThreads": APPEND_THREADS,
-             "kCombineThreads": COMBINE_THREADS, "kCombineRowsPerBlock": COMBINE_ROWS_PER_BLOCK,
+             "kCombineThreads": COMBINE_THREADS,
              "kDecodeMaxSplits": DECODE_MAX_SPLITS}
 
 

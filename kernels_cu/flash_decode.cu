@@ -83,6 +83,7 @@ struct CacheSequence {
   int seqlen_k;    // keys attended: cached + seqlen_new
   i64 slot;        // contiguous cache: element offset of this sequence's slot
   const int* pages;  // paged cache: this sequence's block_table row; null: contiguous
+  int page_shift;    // log2(page_size) when it is a power of two, else -1 (then / and %, ~20x the work)
 };
 
 __device__ __forceinline__ CacheSequence cache_sequence_of(const DecodeParams& p, int b) {
@@ -93,19 +94,23 @@ __device__ __forceinline__ CacheSequence cache_sequence_of(const DecodeParams& p
   const int slot = p.cache_batch_idx != nullptr ? min(max(p.cache_batch_idx[b], 0), p.batch_cache - 1) : b;
   s.slot = static_cast<i64>(slot) * p.k_cache.batch_stride;
   s.pages = p.block_table != nullptr ? p.block_table + b * p.block_table_batch_stride : nullptr;
+  s.page_shift = (p.page_size & (p.page_size - 1)) == 0 ? __ffs(p.page_size) - 1 : -1;
   return s;
 }
 
 // The page of key j (paged cache), clamped into the cache.
 __device__ __forceinline__ int page_of(const DecodeParams& p, const CacheSequence& s, int j) {
-  return min(max(s.pages[j / p.page_size], 0), p.num_pages - 1);
+  const int logical = s.page_shift >= 0 ? j >> s.page_shift : j / p.page_size;
+  return min(max(s.pages[logical], 0), p.num_pages - 1);
 }
 
 // Element offset of key j from the cache's first element, for a kv head's column 0 (K and V
 // share strides). page: page_of(j) for a paged cache, ignored otherwise.
 __device__ __forceinline__ i64 key_offset(const DecodeParams& p, const CacheSequence& s, int j, int page) {
-  if (s.pages != nullptr)
-    return static_cast<i64>(page) * p.k_cache.batch_stride + static_cast<i64>(j % p.page_size) * p.k_cache.row_stride;
+  if (s.pages != nullptr) {
+    const int in_page = s.page_shift >= 0 ? j & (p.page_size - 1) : j % p.page_size;
+    return static_cast<i64>(page) * p.k_cache.batch_stride + static_cast<i64>(in_page) * p.k_cache.row_stride;
+  }
   return s.slot + static_cast<i64>(j) * p.k_cache.row_stride;
 }
 
@@ -336,56 +341,85 @@ extern "C" __global__ void __launch_bounds__(cf::kAppendThreads)
 
 // Merges the num_splits float32 partials of every query row into out and lse, by the rule of
 // flash_merge.cu (in float32, accurate expf / logf; a split whose lse is -inf weighs 0 and its
-// out is not read). One warp per row (b, i, h), h fastest. The lanes first share out the splits'
-// lse (a max and a sum across the warp) and leave each split's weight in shared memory; then each
-// lane owns two columns per 64 and adds the splits up, their loads independent of each other.
-// (Walking the splits one by one in every lane, the first version spent ~100 us on 128 splits.)
-// Grid: ceil(batch * seqlen_q * heads_q / kCombineRowsPerBlock); block: kCombineThreads.
+// out is not read). One block per row (b, i, h), h fastest. The threads first share out the
+// splits' lse (a block-wide max and sum) and leave each split's weight in shared memory; then
+// thread t owns the column pair t % 64 (and every 64th after it) over the splits s = t / 64 + 4 k,
+// eight loads in flight at a time, and the four sums of a column meet in shared memory.
+// (A warp walking all splits of a row spent ~100 us on one long sequence's 256 splits.)
+// Grid: batch * seqlen_q * heads_q; block: kCombineThreads.
 extern "C" __global__ void __launch_bounds__(cf::kCombineThreads)
     flash_decode_combine(const __grid_constant__ cf::DecodeParams p) {
   using namespace cf;
-  __shared__ float weights[kCombineRowsPerBlock][kDecodeMaxSplits];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const i64 row = static_cast<i64>(blockIdx.x) * kCombineRowsPerBlock + warp;
+  constexpr int kGroups = kCombineThreads / 64;
+  constexpr int kWarps = kCombineThreads / 32;
+  __shared__ float weights[kDecodeMaxSplits];
+  __shared__ float reduce[kWarps];
+  __shared__ float2 sums[kGroups][64];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int heads_q = p.heads_q, seqlen_q = p.seqlen_q, splits = min(p.num_splits, kDecodeMaxSplits);
   const int head_dim = p.head_dim;
-  if (row >= static_cast<i64>(p.batch) * seqlen_q * heads_q) return;  // whole warps: no block barrier below
+  const i64 row = blockIdx.x;
   const int head = static_cast<int>(row % heads_q);
   const i64 batch_row = row / heads_q;
   const int i = static_cast<int>(batch_row % seqlen_q);
   const int b = static_cast<int>(batch_row / seqlen_q);
   const i64 stat = (static_cast<i64>(b) * heads_q + head) * seqlen_q + i;
   const i64 split_stride = static_cast<i64>(p.batch) * heads_q * seqlen_q;
-  const float* lse_partial = p.lse_partial + stat;
 
+  // Block-wide max and sum of the splits' lse (one split per thread and pass).
   float m = -infinity();
-  for (int s = lane; s < splits; s += 32) m = fmaxf(m, lse_partial[s * split_stride]);
+  for (int s = tid; s < splits; s += kCombineThreads) m = fmaxf(m, p.lse_partial[s * split_stride + stat]);
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, shfl_xor(m, offset));
+  if (lane == 0) reduce[warp] = m;
+  __syncthreads();
+  m = reduce[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) m = fmaxf(m, reduce[w]);
   const bool empty = m == -infinity();  // no split saw a key: every weight 0
   float sum = 0.f;
-  if (!empty)
-    for (int s = lane; s < splits; s += 32) sum += expf(lse_partial[s * split_stride] - m);
+  for (int s = tid; s < splits; s += kCombineThreads) {
+    const float w = empty ? 0.f : expf(p.lse_partial[s * split_stride + stat] - m);  // -inf: 0
+    weights[s] = w;
+    sum += w;
+  }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) sum += shfl_xor(sum, offset);
+  __syncthreads();  // every warp has read reduce[] for the max
+  if (lane == 0) reduce[warp] = sum;
+  __syncthreads();
+  sum = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) sum += reduce[w];
   const float inv_sum = empty ? 0.f : 1.f / sum;
-  for (int s = lane; s < splits; s += 32)
-    weights[warp][s] = empty ? 0.f : expf(lse_partial[s * split_stride] - m) * inv_sum;  // -inf: 0
-  __syncwarp();
-  if (lane == 0) p.lse[stat] = empty ? -infinity() : m + logf(sum);
+  if (tid == 0) p.lse[stat] = empty ? -infinity() : m + logf(sum);
 
   u16* out = p.out.ptr + b * p.out.batch_stride + i * p.out.row_stride + head * p.out.head_stride;
   const float* part = p.out_partial + stat * head_dim;
-  for (int col = 2 * lane; col < head_dim; col += 64) {
+  const int pair = tid % 64, group = tid / 64;
+  for (int col0 = 0; col0 < head_dim; col0 += 128) {
+    const int col = col0 + 2 * pair;
     float o0 = 0.f, o1 = 0.f;
-#pragma unroll 4
-    for (int s = 0; s < splits; ++s) {
-      const float w = weights[warp][s];
-      if (w == 0.f) continue;  // the same for the whole warp
-      const float2 x = *reinterpret_cast<const float2*>(part + s * split_stride * head_dim + col);
-      o0 = fmaf(w, x.x, o0);
-      o1 = fmaf(w, x.y, o1);
+    if (col < head_dim) {
+#pragma unroll 8
+      for (int s = group; s < splits; s += kGroups) {
+        const float w = weights[s];
+        if (w == 0.f) continue;  // the same for every thread: a split that saw no key
+        const float2 x = *reinterpret_cast<const float2*>(part + s * split_stride * head_dim + col);
+        o0 = fmaf(w, x.x, o0);
+        o1 = fmaf(w, x.y, o1);
+      }
     }
-    *reinterpret_cast<u32*>(out + col) = Element::pack(o0, o1);
+    sums[group][pair] = make_float2(o0, o1);
+    __syncthreads();
+    if (group == 0 && col < head_dim) {
+#pragma unroll
+      for (int g = 1; g < kGroups; ++g) {
+        o0 += sums[g][pair].x;
+        o1 += sums[g][pair].y;
+      }
+      *reinterpret_cast<u32*>(out + col) = Element::pack(o0 * inv_sum, o1 * inv_sum);
+    }
+    __syncthreads();  // sums[] is written again by the next column block
   }
 }

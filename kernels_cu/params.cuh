@@ -132,8 +132,7 @@ constexpr int kMergeRowsPerBlock = kMergeThreads / 32;
 constexpr int kDecodeWarps = 4;        // flash_decode's block: 4 warps
 constexpr int kDecodeBlockN = 64;      // its keys per tile, and the unit of split_size
 constexpr int kAppendThreads = 256;    // flash_decode_append's block
-constexpr int kCombineThreads = 256;   // flash_decode_combine's block: one warp per query row
-constexpr int kCombineRowsPerBlock = kCombineThreads / 32;
+constexpr int kCombineThreads = 256;   // flash_decode_combine's block: one per query row
 constexpr int kDecodeMaxSplits = 256;  // num_splits at most (flash_decode_combine's weights)
 
 }  // namespace cf

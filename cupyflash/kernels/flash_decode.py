@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 from .. import build
 from ..device import DeviceLimits
-from ..launch import (APPEND_THREADS, COMBINE_ROWS_PER_BLOCK, COMBINE_THREADS, DECODE_BLOCK_N, DECODE_MAX_SPLITS,
-                      DECODE_WARPS)
+from ..launch import APPEND_THREADS, DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_WARPS
 from .common import ELEMENT_BYTES, SMEM_PAD, Variant, defines
 
 SOURCE = "flash_decode.cu"
@@ -109,7 +108,8 @@ def append_grid(batch: int, seqlen_new: int, heads_kv: int, head_dim: int) -> tu
 
 
 def combine_grid(batch: int, seqlen_q: int, heads_q: int) -> tuple[int, int, int]:
-    return (-(-(batch * seqlen_q * heads_q) // COMBINE_ROWS_PER_BLOCK), 1, 1)
+    """One block per query row."""
+    return (batch * seqlen_q * heads_q, 1, 1)
 
 
 
