@@ -14,7 +14,7 @@ from typing import Any
 
 from .decode import BANDWIDTH_BAR
 from .decode_report import impl_order
-from .plots import _legend
+from .plots import _legend, save_figure
 
 MARKERS = "os^vDPX*<>"
 Series = dict[tuple[str, int], dict[str, list[tuple[int, float]]]]
@@ -80,12 +80,4 @@ def plot_decode(report: dict[str, Any], path: str | Path, *, dtype: str | None =
         axes[i][j].set(title=f"heads {layout}, {seqlen_q} query tokens", xlabel="batch x cache tokens",
                        ylabel="TB/s")
     _legend(figure, axes)
-    env = report.get("environment", {})
-    figure.suptitle(f"{env.get('gpu')} · {dtype} · head_dim {head_dim} · "
-                    f"commit {str(env.get('git_commit'))[:12]} · kernels {env.get('source_hash')}", fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=120)
-    tmp.replace(path)
-    return path
+    return save_figure(figure, report, f"{dtype} · head_dim {head_dim}", path)

@@ -72,9 +72,15 @@ def plot(report: dict[str, Any], path: str | Path, *, dtype: str | None = None, 
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     _legend(figure, axes)
+    return save_figure(figure, report, f"{dtype} · {'causal' if causal else 'non-causal'}", path)
+
+
+def save_figure(figure: Any, report: dict[str, Any], what: str, path: Path) -> Path:
+    """Title the figure with the GPU, `what`, the commit and the kernel source hash, and write it
+    as a PNG atomically (a temporary file renamed into place)."""
     env = report.get("environment", {})
-    figure.suptitle(f"{env.get('gpu')} · {dtype} · {'causal' if causal else 'non-causal'} · "
-                    f"commit {str(env.get('git_commit'))[:12]} · kernels {env.get('source_hash')}", fontsize=9)
+    figure.suptitle(f"{env.get('gpu')} · {what} · commit {str(env.get('git_commit'))[:12]} · "
+                    f"kernels {env.get('source_hash')}", fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
