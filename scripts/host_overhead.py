@@ -6,6 +6,10 @@ This is the time Python spends before the kernels are queued. For short sequence
 in every timing that brackets one call with CUDA events (ours and the peers'), so it is part of
 the speed a user sees.
 
+The decode rows time attention_with_kvcache on a tiny cache (one token, 8 q heads over 1 kv
+head, 64 cached keys, cache_seqlens on the device) with its cached plan: one launch (no split),
+two (appending one token) and three (appending, 4 splits, the combine).
+
 Two rows per function: a repeat call with the same arrays and options, served by its cached
 launch plan (cupyflash/plan.py), and the full path that a call takes when no plan serves it
 (DLPack or NumPy inputs, a forced config, new shapes), timed by forgetting the plans before
@@ -69,6 +73,29 @@ def allocation_rows(shape: tuple[int, ...], calls: int, sync) -> dict[str, float
             "alloc: 1 alloc + 2 views": per_call_us(one_alloc, calls, sync)}
 
 
+def decode_rows(calls: int, sync) -> dict[str, float]:
+    """attention_with_kvcache's cached plan with 1, 2 and 3 launches (module docstring)."""
+    q = cupy.random.standard_normal((1, 1, 8, 64)).astype(cupy.float16)
+    k_cache, v_cache = (cupy.random.standard_normal((1, 256, 1, 64)).astype(cupy.float16) for _ in range(2))
+    k_new, v_new = (cupy.random.standard_normal((1, 1, 1, 64)).astype(cupy.float16) for _ in range(2))
+    lengths = cupy.full(1, 64, cupy.int32)
+
+    def attend():
+        return cupyflash.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, num_splits=1)
+
+    def append():
+        return cupyflash.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lengths,
+                                                num_splits=1)
+
+    def split():
+        return cupyflash.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lengths,
+                                                num_splits=4)
+
+    return {"decode, 1 launch": per_call_us(attend, calls, sync),
+            "decode, append: 2 launches": per_call_us(append, calls, sync),
+            "decode, append+split: 3": per_call_us(split, calls, sync)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=500)
@@ -94,6 +121,7 @@ def main() -> None:
             "cupyflash bwd": per_call_us(bwd, args.calls, sync),
             "cupyflash bwd, full path": per_call_us(full_path(bwd), args.calls, sync)}
     rows.update(allocation_rows(shape, args.calls, sync))
+    rows.update(decode_rows(args.calls, sync))
     try:
         import torch
         import torch.nn.functional as F
