@@ -6,15 +6,13 @@ of a report of kind "decode".
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from .. import build
 from ..environment import describe as describe_environment
 from .decode import (BANDWIDTH_BAR, BANDWIDTH_MIN_TOKENS, CUDNN_BAR, CUDNN_BAR_MANY, MANY_QUERY_TOKENS, OURS,
                      PAGED_BAR, PAGED_MIN_PAGE, cudnn_bar, has_copy_bar, page_size_of)
-from .report import _jsonable, default_stem
+from .report import default_stem, save
 
 CELL_KEYS = ("id", "dtype", "head_dim", "heads_q", "heads_kv", "seqlen_q", "batch", "cache", "tokens", "kv_bytes")
 
@@ -215,16 +213,10 @@ def format_decode_report(report: dict[str, Any]) -> str:
 
 
 def decode_stem(report: dict[str, Any]) -> str:
-    """File stem of a decode report, "bench-decode-<gpu>-<date>" (report.default_stem's GPU and date)."""
-    return "bench-decode" + default_stem({**report, "kind": None})[len("bench"):]
+    """File stem of a decode report, "bench-decode-<gpu>-<date>" (report.default_stem)."""
+    return default_stem({**report, "kind": "decode"})
 
 
 def save_decode(report: dict[str, Any], directory: str | Path, stem: str | None = None) -> list[Path]:
-    """Write <directory>/<stem>.json (the whole report) and <stem>.md (format_decode_report),
-    each atomically, as report.save does for the other benches; stem defaults to decode_stem."""
-    directory, stem = Path(directory), stem or decode_stem(report)
-    json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
-    text = json.dumps(_jsonable(report), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
-    build.write_atomic(json_path, text.encode())
-    build.write_atomic(md_path, format_decode_report(report).encode())
-    return [json_path, md_path]
+    """report.save with format_decode_report for the .md; stem defaults to decode_stem."""
+    return save(report, directory, stem or decode_stem(report), format_decode_report)

@@ -10,7 +10,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -22,10 +22,10 @@ from .varlen_report import format_varlen_report
 
 def default_stem(report: dict[str, Any]) -> str:
     """File stem for a report: the GPU's name and the date, e.g. "bench-nvidia-h100-80gb-hbm3-2026-11-24"
-    ("bench-varlen-..." for a varlen report)."""
+    ("bench-varlen-..." / "bench-decode-..." for a varlen / decode report)."""
     env = report.get("environment", {})
     gpu = re.sub(r"[^a-z0-9]+", "-", str(env.get("gpu") or "cpu").lower()).strip("-")
-    prefix = "bench-varlen" if report.get("kind") == "varlen" else "bench"
+    prefix = {"varlen": "bench-varlen", "decode": "bench-decode"}.get(report.get("kind"), "bench")
     return f"{prefix}-{gpu}-{str(env.get('date') or 'undated')[:10]}"
 
 
@@ -165,14 +165,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def save(report: dict[str, Any], directory: str | Path, stem: str) -> list[Path]:
-    """Write <directory>/<stem>.json (the whole report) and <stem>.md (format_report), each
-    atomically (a temporary file renamed into place). Returns both paths."""
+def save(report: dict[str, Any], directory: str | Path, stem: str,
+         formatter: Callable[[dict[str, Any]], str] | None = None) -> list[Path]:
+    """Write <directory>/<stem>.json (the whole report) and <stem>.md (formatter(report),
+    format_report by default), each atomically (a temporary file renamed into place). Returns
+    both paths."""
     directory = Path(directory)
     json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
     text = json.dumps(_jsonable(report), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
     build.write_atomic(json_path, text.encode())
-    build.write_atomic(md_path, format_report(report).encode())
+    build.write_atomic(md_path, (formatter or format_report)(report).encode())
     return [json_path, md_path]
 
 
