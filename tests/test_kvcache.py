@@ -401,10 +401,13 @@ def test_one_key_tile_keeps_one_split() -> None:
 
 
 def test_a_single_long_sequence_takes_many_splits() -> None:
-    # 1 block, 264 slots, 512 key tiles, the cap 256: 256 splits (2 tiles each) fill 97% of the one
-    # wave; of the counts that change the tiles per split, the next below is 171 (3 tiles, 65%),
-    # under 85% of it.
-    assert flash_decode.choose_splits(1, 512, 264) == 256
+    # 1 block, 264 slots, 512 key tiles: at least 4 tiles per split caps the count at 128, whose
+    # 48% of one wave is the best; of the counts that change the tiles per split, the next below
+    # is 103 (5 tiles, 39%), under 85% of it.
+    assert flash_decode.choose_splits(1, 512, 264) == 128
+    # 4096 tiles: up to the 256 splits flash_decode_combine merges (97% of the wave); 85% of that
+    # needs 218, and the first count from there that changes the tiles per split is 228 (18 each).
+    assert flash_decode.choose_splits(1, 4096, 264) == 228
     # Capped at 32 the best is 32; 85% of it is 27.2, and 28 (19 tiles per split, as 27) is
     # skipped, so 29 (18 tiles per split) is taken.
     assert flash_decode.choose_splits(1, 512, 264, max_splits=32) == 29
@@ -428,12 +431,19 @@ def test_splits_never_exceed_key_tiles_slots_or_max_splits(blocks: int, key_tile
         assert math.ceil(key_tiles / splits) < math.ceil(key_tiles / (splits - 1))
 
 
-@pytest.mark.parametrize("key_tiles,expected", [(10, 10), (7, 7)])
+@pytest.mark.parametrize("key_tiles,expected", [(40, 10), (44, 11)])
 def test_split_counts_with_the_same_tiles_per_split_are_skipped(key_tiles: int, expected: int) -> None:
-    # 1 block on 1000 slots: efficiency is splits / 1000, so the smallest count within 85% of the
-    # best (key_tiles) would be 9 of 10 (or 6 of 7); but 10 tiles in 6..9 splits are 2 per split,
-    # as in 5, and 7 tiles in 4..6 splits are 2 per split as in 4: only 10 (7) has 1 per split.
+    # 1 block on 1000 slots: efficiency is splits / 1000, and at least 4 tiles per split cap the
+    # count at key_tiles // 4 (10, 11). The smallest count within 85% of the best would be 9 (10),
+    # but 40 tiles in 9 splits are 5 per split as in 8, and 44 in 10 are 5 as in 9: skipped.
     assert flash_decode.choose_splits(1, key_tiles, 1000) == expected
+
+
+def test_a_split_keeps_at_least_four_tiles() -> None:
+    assert flash_decode.MIN_TILES_PER_SPLIT == 4
+    assert flash_decode.choose_splits(8, 64, 264) == 16  # batch 1, 8 kv heads, 4k keys: not 32
+    assert flash_decode.choose_splits(1, 7, 1000) == 1  # under 8 tiles, splitting would leave fewer than 4
+    assert flash_decode.choose_splits(1, 8, 1000) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,13 +633,15 @@ def test_the_heuristic_splits_a_single_long_sequence(fake_h100: list[int]) -> No
     problem = decode_problem()
     cfg = flash_decode.config(problem.packed_rows, problem.head_dim, H100)
     assert cfg == DecodeConfig(1, 3)
-    assert kvcache.split_plan(problem, cfg, 3) == (256, 0)
+    assert kvcache.split_plan(problem, cfg, 3) == (128, 0)  # 4 tiles per split at least
     assert fake_h100 == [3]
 
 
 def test_the_heuristic_reads_the_longest_known_sequence(fake_h100: list[int]) -> None:
-    # A host length of 100 keys (2 tiles) caps the splits at 2, though the cache holds 512 tiles.
-    assert kvcache.split_plan(decode_problem(cache_seqlen=99, seqlen_new=1), DecodeConfig(1, 3), 0) == (2, 0)
+    # A host length of 100 keys (2 tiles) is too short to split (4 tiles per split at least),
+    # though the cache holds 512 tiles; 512 keys (8 tiles) split in 2.
+    assert kvcache.split_plan(decode_problem(cache_seqlen=99, seqlen_new=1), DecodeConfig(1, 3), 0) == (1, 0)
+    assert kvcache.split_plan(decode_problem(cache_seqlen=511, seqlen_new=1), DecodeConfig(1, 3), 0) == (2, 0)
     assert kvcache.split_plan(decode_problem(cache_seqlen=64), DecodeConfig(1, 3), 0) == (1, 0)
 
 

@@ -118,14 +118,22 @@ def blocks_per_sm(cfg: DecodeConfig, head_dim: int, limits: DeviceLimits) -> int
     return max(1, min(8, limits.smem_per_sm // (cfg.smem_bytes(head_dim) + 1024)))
 
 
+MIN_TILES_PER_SPLIT = 4
+
+
 def choose_splits(blocks: int, key_tiles: int, slots: int, max_splits: int = MAX_SPLITS) -> int:
     """num_splits by wave efficiency (the heuristic FlashAttention-2 and -3 share): with blocks
     blocks before splitting and slots blocks resident at once, keep one split when the blocks
     nearly fill the GPU; else, of the split counts that change the tiles per split, take the
-    smallest whose last wave is within 85% of the best one's fill."""
+    smallest whose last wave is within 85% of the best one's fill. A split keeps at least
+    MIN_TILES_PER_SPLIT key tiles: a block's fixed costs (Q, the pipeline's fill, the merge of
+    its warps, its partial row) outweigh fuller waves below that. Measured on an H200
+    (benchmarks/results/h200-2026-12-04-kvcache/decode_configs.log): one sequence of 32k keys over
+    one kv head, 0.69 TB/s at 128 splits (4 tiles each) against 0.54 at 256; batch 1, 4k keys, 8 kv
+    heads, 0.87 at 16 splits against 0.80 at 32."""
     if blocks == 0 or blocks >= 0.8 * slots or key_tiles <= 1:
         return 1
-    limit = min(max_splits, slots, key_tiles)
+    limit = min(max_splits, slots, max(1, key_tiles // MIN_TILES_PER_SPLIT))
     efficiency = {}
     for splits in range(1, limit + 1):
         if splits > 1 and math.ceil(key_tiles / splits) == math.ceil(key_tiles / (splits - 1)):
