@@ -399,7 +399,7 @@ def attention_with_kvcache(q: Any, k_cache: Any, v_cache: Any, k: Any = None, v:
     given = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
     check_given("attention_with_kvcache", **given)
     arrays, placement = wrap_all(**{name: x for name, x in named.items() if x is not None})
-    problem = problem_of(arrays, cache_seqlens if host_length is not None else device_seqlens, causal=causal,
+    problem = problem_of(arrays, cache_seqlens, causal=causal,
                          softmax_scale=softmax_scale, window_size=window_size, num_splits=num_splits,
                          split_size=split_size, sources=named)
     if placement.on_host:
