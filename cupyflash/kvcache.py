@@ -381,24 +381,25 @@ def attention_with_kvcache(q: Any, k_cache: Any, v_cache: Any, k: Any = None, v:
     nothing is read back, a call can be captured in a CUDA graph and replayed with
     cache_seqlens (and the table) changed in place on the device.
     """
-    causal, return_lse, check = (check_flag(name, value) for name, value in
-                                 (("causal", causal), ("return_lse", return_lse), ("check", check)))
+    # Flags as bools first (the plan key holds them as given), checked only when they are not.
+    if causal.__class__ is not bool or return_lse.__class__ is not bool or check.__class__ is not bool:
+        causal, return_lse, check = (check_flag(name, value) for name, value in
+                                     (("causal", causal), ("return_lse", return_lse), ("check", check)))
     is_int = isinstance(cache_seqlens, (int, np.integer)) and not isinstance(cache_seqlens, (bool, np.bool_))
     host_length = cache_seqlens if is_int else None
     device_seqlens = None if host_length is not None else cache_seqlens
-    inputs = tuple(x for x in (q, k_cache, v_cache, k, v, device_seqlens, block_table, cache_batch_idx)
-                   if x is not None)
+    named = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "cache_seqlens": device_seqlens,
+             "block_table": block_table, "cache_batch_idx": cache_batch_idx}
+    present = {name: x for name, x in named.items() if x is not None}  # the arrays given, by name
+    inputs = tuple(present.values())
     options = ("decode", causal, softmax_scale, window_size, num_splits, split_size, host_length,
                k is None, v is None, device_seqlens is None, block_table is None, cache_batch_idx is None)
     plan = None if check else plans.find("decode", inputs, options, (0.0, None, 0.0, None))
-    named = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "cache_seqlens": device_seqlens,
-             "block_table": block_table, "cache_batch_idx": cache_batch_idx}
     if plan is not None:
-        out, lse = plan.run({name: x for name, x in named.items() if x is not None})
+        out, lse = plan.run(present)
         return (out, lse) if return_lse else out
-    given = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
-    check_given("attention_with_kvcache", **given)
-    arrays, placement = wrap_all(**{name: x for name, x in named.items() if x is not None})
+    check_given("attention_with_kvcache", q=q, k_cache=k_cache, v_cache=v_cache)
+    arrays, placement = wrap_all(**present)
     problem = problem_of(arrays, cache_seqlens, causal=causal,
                          softmax_scale=softmax_scale, window_size=window_size, num_splits=num_splits,
                          split_size=split_size, sources=named)
@@ -421,6 +422,6 @@ def attention_with_kvcache(q: Any, k_cache: Any, v_cache: Any, k: Any = None, v:
             return (out, lse) if return_lse else out
         plan = build_plan(problem, t, device_id)
         out, lse = plan.launch(t)
-        ready = tuple(t[name] for name, x in named.items() if x is not None)
+        ready = tuple(t[name] for name in present)
         plans.keep(plan, problem, "decode", inputs, options, ready, device_id)
     return (out, lse) if return_lse else out
