@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from .. import environment, tolerance, validation
 from ..device import gpu_count, require_cupy
-from ..timing import do_bench, do_bench_interleaved
+from ..timing import Timing, do_bench, do_bench_interleaved
 from . import check, peers
 from .compile_times import measure_compile_times
 from .gpu import MAX_MESSAGE, free_device_bytes, free_memory, short
@@ -79,8 +79,7 @@ def timed(row: dict[str, Any], context: str, prepare: Callable[[], Callable[[], 
     except Exception as exc:
         row["failure"] = short(exc) + "".join(f" | warning: {t}" for t in _warning_texts(caught)[:3])
         return row
-    row.update(ms=timing.median_ms, ms_min=timing.min_ms, ms_max=timing.max_ms, runs=timing.runs,
-               tflops=rate(timing.median_ms))
+    _record(row, timing, rate)
     if caught:
         row["warnings"] = _warning_texts(caught)
     return row
@@ -104,9 +103,15 @@ def timed_together(rows: Sequence[dict[str, Any]], prepares: Sequence[Callable[[
             row["failure"] = short(exc)
         return list(rows)
     for (row, _, rate), timing in zip(ready, timings):
-        row.update(ms=timing.median_ms, ms_min=timing.min_ms, ms_max=timing.max_ms, runs=timing.runs,
-                   tflops=rate(timing.median_ms), timed="interleaved")
+        _record(row, timing, rate)
+        row["timed"] = "interleaved"
     return list(rows)
+
+
+def _record(row: dict[str, Any], timing: Timing, rate: Callable[[float], float]) -> None:
+    """A timing's fields in a row: ms (median), ms_min, ms_max, runs and tflops (rate of the median)."""
+    row.update(ms=timing.median_ms, ms_min=timing.min_ms, ms_max=timing.max_ms, runs=timing.runs,
+               tflops=rate(timing.median_ms))
 
 
 def describe(row: dict[str, Any]) -> str:
