@@ -13,6 +13,7 @@ from ..environment import describe as describe_environment
 from .decode import (BANDWIDTH_BAR, BANDWIDTH_MIN_TOKENS, CUDNN_BAR, CUDNN_BAR_MANY, MANY_QUERY_TOKENS, OURS,
                      PAGED_BAR, PAGED_MIN_PAGE, cudnn_bar, has_copy_bar, page_size_of)
 from .report import default_stem, save
+from .varlen_report import detail_lines
 
 CELL_KEYS = ("id", "dtype", "head_dim", "heads_q", "heads_kv", "seqlen_q", "batch", "cache", "tokens", "kv_bytes")
 
@@ -178,22 +179,6 @@ def format_decode_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _detail_lines(report: dict[str, Any]) -> list[str]:
-    """Failures, mismatches, notes and first calls, one line each."""
-    lines = []
-    for r in report["rows"]:
-        head = f"- {r['id']} {r['impl']}"
-        if r.get("failure"):
-            lines.append(f"{head} raised: {r['failure']}")
-        lines += [f"{head}: {m}" for m in r.get("mismatches", [])]
-        if r.get("note"):
-            lines.append(f"{head}: {r['note']}")
-        if "first_call_ms" in r:
-            lines.append(f"{head}: first call {r['first_call_ms']:.0f} ms, {r.get('new_cubins')} new cubins, "
-                         f"peak extra {r.get('peak_extra_mb', 0):.1f} MiB (outputs {r.get('output_mb', 0):.1f})")
-    return lines
-
-
 def format_decode_report(report: dict[str, Any]) -> str:
     """The whole decode report as one markdown document (what save_decode writes)."""
     rows = report["rows"]
@@ -205,7 +190,8 @@ def format_decode_report(report: dict[str, Any]) -> str:
     parts = [format_decode_table(report),
              f"{len(rows)} results: {invalid} failed validation, {failed} raised, {skipped} skipped for memory; "
              f"bars missed: {missed}.",
-             "\n".join(["**Details**", "", *_detail_lines(report)])]
+             "\n".join(["**Details**", "", *detail_lines(rows, lambda r: f"{r['id']} {r['impl']}",
+                                                          notes=True)])]
     return "\n\n".join(parts) + "\n"
 
 

@@ -5,7 +5,7 @@ for a report of kind "varlen".
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..environment import describe as describe_environment
 from .varlen import EQUAL_BAR, MIXED_BAR
@@ -110,16 +110,20 @@ def format_varlen_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _detail_lines(report: dict[str, Any]) -> list[str]:
-    """Failures, mismatches and first calls, one line each."""
+def detail_lines(rows: Iterable[dict[str, Any]], head: Callable[[dict[str, Any]], str], *,
+                 notes: bool = False) -> list[str]:
+    """Failures, mismatches, (with `notes`) notes and first calls, one line each, each after
+    "- " + head(row): the details of the varlen and the decode reports."""
     lines = []
-    for r in report["rows"]:
-        head = f"- {r['id']} {r['impl']} {r['pass']}"
+    for r in rows:
+        name = f"- {head(r)}"
         if r.get("failure"):
-            lines.append(f"{head} raised: {r['failure']}")
-        lines += [f"{head}: {m}" for m in r.get("mismatches", [])]
+            lines.append(f"{name} raised: {r['failure']}")
+        lines += [f"{name}: {m}" for m in r.get("mismatches", [])]
+        if notes and r.get("note"):
+            lines.append(f"{name}: {r['note']}")
         if "first_call_ms" in r:
-            lines.append(f"{head}: first call {r['first_call_ms']:.0f} ms, {r.get('new_cubins')} new cubins, "
+            lines.append(f"{name}: first call {r['first_call_ms']:.0f} ms, {r.get('new_cubins')} new cubins, "
                          f"peak extra {r.get('peak_extra_mb', 0):.1f} MiB (outputs {r.get('output_mb', 0):.1f})")
     return lines
 
@@ -135,5 +139,5 @@ def format_varlen_report(report: dict[str, Any]) -> str:
              f"{len(rows)} results: {invalid} failed validation, {failed} raised; bar missed by "
              f"{len(missed)} of {sum(s['meets'] is not None for s in summary)}" + (f" ({', '.join(missed)})" if missed
                                                                                  else "") + ".",
-             "\n".join(["**Details**", "", *_detail_lines(report)])]
+             "\n".join(["**Details**", "", *detail_lines(rows, lambda r: f"{r['id']} {r['impl']} {r['pass']}")])]
     return "\n\n".join(parts) + "\n"
