@@ -24,7 +24,6 @@ from . import launch, tuning
 from . import plan as plans
 from .api import _device_of  # the one place that picks and checks the GPU
 from .arrays import POINTER_ALIGN, check_given, kernel_ready, wrap_all
-from .build import load_function
 from .device import device_limits, require_cupy
 from .kernels import flash_decode
 from .kernels.common import Variant
@@ -295,12 +294,12 @@ def build_plan(problem: DecodeProblem, t: dict[str, Any], device_id: int) -> pla
     num_splits, split_tiles = split_plan(problem, cfg, device_id)
     q_shape = (problem.batch, problem.seqlen_q, problem.heads_q, problem.head_dim)
     stats = (problem.batch, problem.heads_q, problem.seqlen_q)
-    buffers = [plans.Buffer("out", cupy.empty, q_shape, t["q"].dtype), plans.Buffer("lse", cupy.empty, stats, np.float32)]
+    buffers = [plans.Buffer("out", cupy.empty, q_shape, t["q"].dtype),
+               plans.Buffer("lse", cupy.empty, stats, np.float32)]
     if num_splits > 1:
         buffers += [plans.Buffer("out_partial", cupy.empty, (num_splits, *stats, problem.head_dim), np.float32),
                     plans.Buffer("lse_partial", cupy.empty, (num_splits, *stats), np.float32)]
-    for name, allocate, shape, dtype in buffers:
-        t[name] = allocate(shape, dtype)
+    plans.allocate(buffers, t)
     values = {"q": _strides(t["q"]), "k_cache": _strides(t["k_cache"]), "v_cache": _strides(t["v_cache"]),
               "out": _strides(t["out"]), "batch": problem.batch, "seqlen_q": problem.seqlen_q,
               "heads_q": problem.heads_q, "group_size": problem.group_size, "head_dim": problem.head_dim,
@@ -325,21 +324,21 @@ def build_plan(problem: DecodeProblem, t: dict[str, Any], device_id: int) -> pla
     dtype = problem.dtype
     calls = []
     if problem.seqlen_new:
-        calls.append((flash_decode.helper_spec(dtype, flash_decode.APPEND_ENTRY),
-                      flash_decode.append_grid(problem.batch, problem.seqlen_new, problem.heads_kv, problem.head_dim),
-                      launch.APPEND_THREADS, 0))
+        calls.append(plans.KernelCall(
+            flash_decode.helper_spec(dtype, flash_decode.APPEND_ENTRY),
+            flash_decode.append_grid(problem.batch, problem.seqlen_new, problem.heads_kv, problem.head_dim),
+            launch.APPEND_THREADS, 0))
     grid = flash_decode.grid(problem.batch, problem.heads_kv, problem.packed_rows, num_splits, cfg)
     if grid[0] > INT32_MAX:
         raise ValueError(f"heads_kv x query tiles x splits is {grid[0]} blocks; a CUDA grid takes at most {INT32_MAX} "
                          "(fewer query tokens per call, or fewer num_splits)")
-    calls.append((flash_decode.spec(dtype, kernel_dim, cfg, problem.variant), grid,
-                  flash_decode.THREADS, cfg.smem_bytes(kernel_dim)))
+    calls.append(plans.KernelCall(flash_decode.spec(dtype, kernel_dim, cfg, problem.variant), grid,
+                                  flash_decode.THREADS, cfg.smem_bytes(kernel_dim)))
     if num_splits > 1:
-        calls.append((flash_decode.helper_spec(dtype, flash_decode.COMBINE_ENTRY),
-                      flash_decode.combine_grid(problem.batch, problem.seqlen_q, problem.heads_q),
-                      launch.COMBINE_THREADS, 0))
-    launches = [launch.Launch(load_function(spec, device_id, limits.arch, smem), grid, threads, smem, params)
-                for spec, grid, threads, smem in calls]
+        calls.append(plans.KernelCall(flash_decode.helper_spec(dtype, flash_decode.COMBINE_ENTRY),
+                                      flash_decode.combine_grid(problem.batch, problem.seqlen_q, problem.heads_q),
+                                      launch.COMBINE_THREADS, 0))
+    launches = plans.load_launches(calls, params, limits, device_id)
     return plans.Plan(buffers, params, launches, ("out", "lse"), limits, generation)
 
 

@@ -227,7 +227,7 @@ class Plan:
 
     def run(self, t: dict[str, Any]) -> tuple[Any, ...]:
         """A repeat call: t holds the inputs by name; the outputs are allocated and computed."""
-        _allocate(self.buffers, t)
+        allocate(self.buffers, t)
         return self.launch(t)
 
     def launch(self, t: dict[str, Any]) -> tuple[Any, ...]:
@@ -251,13 +251,15 @@ class Plan:
         return self.generation == tuning.generation()
 
 
-def _allocate(buffers: Sequence[Buffer], t: dict[str, Any]) -> None:
-    for name, allocate, shape, dtype in buffers:
-        t[name] = allocate(shape, dtype)
+def allocate(buffers: Sequence[Buffer], t: dict[str, Any]) -> None:
+    """Each buffer, allocated into t by its name."""
+    for name, make, shape, dtype in buffers:
+        t[name] = make(shape, dtype)
 
 
-def _launches(calls: Sequence[KernelCall], params: launch.ParamBlock, limits: DeviceLimits,
-              device_id: int) -> list[launch.Launch]:
+def load_launches(calls: Sequence[KernelCall], params: launch.ParamBlock, limits: DeviceLimits,
+                  device_id: int) -> list[launch.Launch]:
+    """Each call's kernel loaded (compiled first if need be), as a Launch reading params."""
     return [launch.Launch(build.load_function(call.spec, device_id, limits.arch, call.smem), call.grid,
                           call.threads, call.smem, params) for call in calls]
 
@@ -270,12 +272,12 @@ def build_forward(problem: Problem, t: dict[str, Any], device_id: int) -> Plan:
     generation = tuning.generation()  # read before the lookup: a change during it makes the plan stale
     buffers = (Buffer("out", cupy.empty, q.shape, q.dtype),
                Buffer("lse", cupy.empty, problem.stats_shape, np.float32))
-    _allocate(buffers, t)
+    allocate(buffers, t)
     if problem.is_empty:
         return Plan(buffers, None, (), FORWARD_RESULTS, limits, generation)
     params = launch.forward_params(problem, t)
     calls = forward_kernels(problem, choose("fwd", problem, limits))
-    return Plan(buffers, params, _launches(calls, params, limits, device_id), FORWARD_RESULTS, limits, generation)
+    return Plan(buffers, params, load_launches(calls, params, limits, device_id), FORWARD_RESULTS, limits, generation)
 
 
 def build_backward(problem: Problem, t: dict[str, Any], deterministic: bool, device_id: int) -> Plan:
@@ -287,7 +289,7 @@ def build_backward(problem: Problem, t: dict[str, Any], deterministic: bool, dev
     if problem.batch == 0 or problem.heads_q == 0 or problem.seqlen_k == 0:
         # Nothing to attend to: every gradient is 0.
         buffers = [Buffer(name, cupy.zeros, like.shape, like.dtype) for name, like in (("dq", q), ("dk", k), ("dv", k))]
-        _allocate(buffers, t)
+        allocate(buffers, t)
         return Plan(buffers, None, (), BACKWARD_RESULTS, limits, generation)
     config = choose("bwd", problem, limits)
     # Every dK, dV row is written: by the dK/dV kernel, or (keys no packed sequence uses) by
@@ -298,10 +300,10 @@ def build_backward(problem: Problem, t: dict[str, Any], deterministic: bool, dev
                Buffer("lse_log2", cupy.empty, problem.stats_shape, np.float32)]
     if atomic_dq(config, deterministic):  # zeroed: the kernel adds into it
         buffers.append(Buffer("dq_accum", cupy.zeros, config.dkdv.dq_accum_shape(problem), np.float32))
-    _allocate(buffers, t)
+    allocate(buffers, t)
     params = launch.backward_params(problem, t)
     calls = backward_kernels(problem, config, deterministic)
-    return Plan(buffers, params, _launches(calls, params, limits, device_id), BACKWARD_RESULTS, limits, generation)
+    return Plan(buffers, params, load_launches(calls, params, limits, device_id), BACKWARD_RESULTS, limits, generation)
 
 
 # Per thread: a plan's parameter block is written on every call, so threads never share one.
