@@ -15,9 +15,10 @@ import sys
 
 import cupy
 import ml_dtypes
-import numpy as np
 
 import cupyflash as cf
+from cupyflash.bench.decode import block_table
+from cupyflash.bench.decode_run import paged_cache
 
 BF16 = ml_dtypes.bfloat16
 
@@ -29,12 +30,9 @@ def _normal(*shape: int) -> cupy.ndarray:
 def decode(seqlen_q: int, batch: int, cache: int, heads_q: int, heads_kv: int, page: int = 0) -> None:
     q, k, v = _normal(batch, seqlen_q, heads_q, 128), _normal(batch, cache, heads_kv, 128), _normal(batch, cache, heads_kv, 128)
     options = {}
-    if page:
-        pages = cache // page
-        order = cupy.asarray(np.random.default_rng(0).permutation(batch * pages).astype(np.int32))
-        k_pages, v_pages = (cupy.empty((batch * pages, page, heads_kv, 128), BF16) for _ in range(2))
-        k_pages[order], v_pages[order] = (x.reshape(batch * pages, page, heads_kv, 128) for x in (k, v))
-        k, v, options["block_table"] = k_pages, v_pages, order.reshape(batch, pages)
+    if page:  # the layout bench --decode times: pages in one shuffled order (bench/decode.py)
+        table = cupy.asarray(block_table(batch, cache // page))
+        k, v, options["block_table"] = paged_cache(k, page, table, cupy), paged_cache(v, page, table, cupy), table
     lengths = cupy.full(batch, cache, cupy.int32)
     for _ in range(2):
         cf.attention_with_kvcache(q, k, v, cache_seqlens=lengths, **options)
