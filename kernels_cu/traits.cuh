@@ -175,9 +175,8 @@ struct DqUnits {
   template <class Float>
   static __device__ __forceinline__ Float* packed_unit(Float* dq_accum, int head, int unit_rows, int first_unit,
                                                        int head_dim, int row, int col) {
-    const i64 index = (static_cast<i64>(head) * unit_rows + first_unit + row / kRows) * (head_dim / kCols) +
-                      col / kCols;
-    return dq_accum + index * kFloats;
+    const int index = (head * unit_rows + first_unit + row / kRows) * (head_dim / kCols) + col / kCols;  // as unit()
+    return dq_accum + static_cast<i64>(index) * kFloats;
   }
   static __device__ __forceinline__ int first_packed_unit(int q_row0, int batch) {
     return (q_row0 + kRows * batch) / kRows;
