@@ -47,9 +47,15 @@ struct OnlineSoftmax {
 
   // s: raw scores of one K tile (masked entries -inf). Turns s into P = exp2(s * scale_log2 -
   // m * scale_log2) in place and rescales acc_o by exp2(m_old - m_new) where the max grew.
-  template <int kNTiles, int kDTiles>
+  // kSkipIdleRescale: leave acc_o alone when no row of the warp changed its max (a warp vote).
+  // The result is bit for bit the same (the correction is then exp2(0) = 1 exactly); it saves
+  // 2 kDTiles multiplies per row per tile where the max settles early, as it does over a long
+  // KV cache (flash_decode.cu), at the price of a vote and a branch per tile.
+  template <bool kSkipIdleRescale = false, int kNTiles, int kDTiles>
   __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&acc_o)[kMTiles][kDTiles][4],
                                          float scale_log2) {
+    float correction[kMTiles][2];
+    bool max_changed = false;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -60,7 +66,8 @@ struct OnlineSoftmax {
         m_new = quad_max(m_new);
         const float m_scaled = scaled_max(m_new, scale_log2);
         // m_i = -inf (nothing seen yet) gives correction 0, and acc_o / l_i are 0 anyway.
-        const float correction = exp2_approx(m_i[mt][h] * scale_log2 - m_scaled);
+        correction[mt][h] = exp2_approx(m_i[mt][h] * scale_log2 - m_scaled);
+        max_changed |= m_new != m_i[mt][h];
         float row_sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt)
@@ -70,14 +77,19 @@ struct OnlineSoftmax {
             s[mt][nt][2 * h + c] = p;
             row_sum += p;
           }
-        l_i[mt][h] = l_i[mt][h] * correction + row_sum;
-#pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt) {
-          acc_o[mt][dt][2 * h] *= correction;
-          acc_o[mt][dt][2 * h + 1] *= correction;
-        }
+        l_i[mt][h] = l_i[mt][h] * correction[mt][h] + row_sum;
         m_i[mt][h] = m_new;
       }
+    if (kSkipIdleRescale && !__any_sync(0xffffffffu, max_changed)) return;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          acc_o[mt][dt][2 * h] *= correction[mt][h];
+          acc_o[mt][dt][2 * h + 1] *= correction[mt][h];
+        }
   }
 
   // Divides acc_o by the row sums and returns lse (natural log) for each owned row.
