@@ -8,7 +8,9 @@ the speed a user sees.
 
 The decode rows time attention_with_kvcache on a tiny cache (one token, 8 q heads over 1 kv
 head, 64 cached keys, cache_seqlens on the device) with its cached plan: one launch (no split),
-two (appending one token) and three (appending, 4 splits, the combine).
+two (appending one token) and three (appending, 4 splits, the combine); then the parts of the
+one-launch call's cached plan, each timed alone (allocating the outputs, writing the pointers
+and launching, launching alone); the rest of the call is the argument handling and the lookup.
 
 Two rows per function: a repeat call with the same arrays and options, served by its cached
 launch plan (cupyflash/plan.py), and the full path that a call takes when no plan serves it
@@ -91,9 +93,24 @@ def decode_rows(calls: int, sync) -> dict[str, float]:
         return cupyflash.attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=lengths,
                                                 num_splits=4)
 
-    return {"decode, 1 launch": per_call_us(attend, calls, sync),
+    rows = {"decode, 1 launch": per_call_us(attend, calls, sync),
             "decode, append: 2 launches": per_call_us(append, calls, sync),
             "decode, append+split: 3": per_call_us(split, calls, sync)}
+    # Where the one-launch call's time goes: its cached plan's parts, each timed alone.
+    plan.clear()
+    attend()
+    (decode_plan,) = plan._local.plans.values()
+    given = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": lengths}
+    stream_ptr = cupy.cuda.get_current_stream().ptr
+    filled = dict(given)
+    plan.allocate(decode_plan.buffers, filled)
+    rows.update({
+        "  of it: plan.run": per_call_us(lambda: decode_plan.run(dict(given)), calls, sync),
+        "  of it: outputs allocated": per_call_us(lambda: plan.allocate(decode_plan.buffers, {}), calls, sync),
+        "  of it: pointers + launch": per_call_us(lambda: decode_plan.launch(filled), calls, sync),
+        "  of it: launch alone": per_call_us(lambda: [k.run(stream_ptr) for k in decode_plan.launches], calls, sync),
+    })
+    return rows
 
 
 def main() -> None:
