@@ -51,6 +51,12 @@ struct DecodeTraits {
   static constexpr int kDTiles = HeadDim / 8;
   static constexpr int kStride = HeadDim + kSmemPad;
   static constexpr int kChunksPerRow = HeadDim / kChunk;
+  // Each warp's Q A-fragments stay in registers for the whole K/V loop (HeadDim / 2 registers)
+  // instead of being reloaded from shared memory by every tile's Q K^T (8 ldmatrix.x4 per warp
+  // and tile at head dim 128). Above 128 they do not fit beside the accumulators: ptxas spilled
+  // 8 bytes at head dim 192 (4 row warps, sm_86) and 172-208 bytes at 256 (sm_80, sm_90), so
+  // those head dims reload Q every tile as before.
+  static constexpr bool kQInRegisters = HeadDim <= 128;
 
   static_assert(RowWarps == 1 || RowWarps == 2 || RowWarps == 4, "4 warps in a rows x keys grid");
   static_assert(HeadDim % 32 == 0 && HeadDim <= 256, "head dims are multiples of 32 up to 256");
@@ -216,6 +222,15 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const
   const float scale_log2 = p.scale_log2;
   const int g = lane >> 2, t4 = lane & 3;
 
+  // Q landed with the first commit group (the first K/V tile's): the same wait as the first
+  // tile's, so only the barrier before it comes early.
+  u32 q_frag[T::kHeadDim / 16][1][4];  // unused (and not allocated) without kQInRegisters
+  if constexpr (T::kQInRegisters) {
+    cp_async_wait<T::kStages - 2>();
+    __syncthreads();
+    load_a_frags<1, T::kHeadDim>(q_frag, sm.q, 16 * wm, lane);
+  }
+
   for (int it = 0; it < n_tiles; ++it) {
     cp_async_wait<T::kStages - 2>();
     __syncthreads();
@@ -230,7 +245,10 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const
     const int key0 = (n_begin + it) * T::kBlockN + wk * T::kWarpKeys;
     float s[1][T::kNTiles][4];
     zero(s);
-    gemm_nt<Element, 1, T::kNTiles, T::kHeadDim>(s, sm.q, 16 * wm, sm.tiles.k[slot], wk * T::kWarpKeys, lane);
+    if constexpr (T::kQInRegisters)
+      gemm_ft<Element, 1, T::kNTiles, T::kHeadDim>(s, q_frag, sm.tiles.k[slot], wk * T::kWarpKeys, lane);
+    else
+      gemm_nt<Element, 1, T::kNTiles, T::kHeadDim>(s, sm.q, 16 * wm, sm.tiles.k[slot], wk * T::kWarpKeys, lane);
     if (!mask.tile_is_full(token_begin, token_end, key0, key0 + T::kWarpKeys)) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {

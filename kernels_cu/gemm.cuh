@@ -1,10 +1,12 @@
 // Warp-level matrix products on mma.sync m16n8k16 tiles (fp16/bf16 in, fp32 accumulate).
 //
 // Names say how each operand is stored, BLAS style: for A, "n" = A[m][k] (k contiguous),
-// "t" = stored as A^T[k][m], "r" = already in registers as fp32 accumulator fragments, "s" =
-// in shared memory as either "n" or "t"; for B, "n" = B[k][n] (n contiguous) and "t" = stored
-// as B^T[n][k]. Every product of the kernels is one of these:
+// "t" = stored as A^T[k][m], "r" = already in registers as fp32 accumulator fragments, "f" =
+// already in registers as 16-bit A fragments (load_a_frags), "s" = in shared memory as either
+// "n" or "t"; for B, "n" = B[k][n] (n contiguous) and "t" = stored as B^T[n][k]. Every product
+// of the kernels is one of these:
 //   gemm_nt        S = Q K^T, S^T = K Q^T, dP = dO V^T, dP^T = V dO^T
+//   gemm_ft        S = Q K^T with Q's fragments held across K tiles (decoding)
 //   gemm_rn        O += P V, dQ += dS K (P, dS still in registers)
 //   gemm_sn<false> dV += P^T dO, dK += dS^T Q (P^T, dS^T in shared memory)
 //   gemm_sn<true>  dQ += dS K (dS stored transposed, as dS^T)
@@ -22,6 +24,19 @@ namespace cf {
 template <int kStride>
 __device__ __forceinline__ void load_a(u32 (&a)[4], const u16 (*smem)[kStride], int row0, int k0, int lane) {
   ldmatrix_x4(a, smem_addr(&smem[row0 + (lane & 15)][k0 + (lane >> 4) * 8]));
+}
+
+// Every A fragment of rows [row0, row0 + 16 kMTiles), columns [0, kK) of A[m][k], for an A that
+// stays in registers across many products (gemm_ft): a[k0 / 16][mt] is load_a's fragment at
+// (row0 + 16 mt, k0). kK / 16 * kMTiles * 4 registers for as long as the fragments live.
+template <int kMTiles, int kK, int kStride>
+__device__ __forceinline__ void load_a_frags(u32 (&a)[kK / 16][kMTiles][4], const u16 (*smem)[kStride], int row0,
+                                             int lane) {
+  static_assert(kK % 16 == 0, "k16 steps");
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks)
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) load_a(a[ks][mt], smem, row0 + 16 * mt, 16 * ks, lane);
 }
 
 // The same fragment when shared memory holds A^T[k][m].
@@ -81,6 +96,22 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[kMTiles][kNTiles][4], const
       mma_pairs<Element>(acc, a, b, nt);
     }
   }
+}
+
+// gemm_nt with A already in registers (load_a_frags): the same MMAs in the same order, so the
+// same sums, without reloading A from shared memory on every call.
+template <class Element, int kMTiles, int kNTiles, int kK, int kStrideB>
+__device__ __forceinline__ void gemm_ft(float (&acc)[kMTiles][kNTiles][4], const u32 (&a)[kK / 16][kMTiles][4],
+                                        const u16 (*b_smem)[kStrideB], int b_row0, int lane) {
+  static_assert(kK % 16 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; nt += 2) {
+      u32 b[4];
+      load_b_pair(b, b_smem, b_row0 + 8 * nt, 16 * ks, lane);
+      mma_pairs<Element>(acc, a[ks], b, nt);
+    }
 }
 
 // acc += P * B[0..8 kKTiles, b_col0 + (0..8 kNTiles)], P given as fp32 accumulator fragments.
