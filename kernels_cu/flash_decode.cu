@@ -37,6 +37,8 @@
 namespace cf {
 using Element = CF_ELEMENT;
 
+__host__ __device__ constexpr int floor_power_of_two(int n) { return n >= 2 ? 2 * floor_power_of_two(n / 2) : 1; }
+
 template <int HeadDim, int RowWarps, int Stages>
 struct DecodeTraits {
   static constexpr int kHeadDim = HeadDim;
@@ -57,11 +59,23 @@ struct DecodeTraits {
   // 8 bytes at head dim 192 (4 row warps, sm_86) and 172-208 bytes at 256 (sm_80, sm_90), so
   // those head dims reload Q every tile as before.
   static constexpr bool kQInRegisters = HeadDim <= 128;
+  // K/V copies: each thread keeps one 16-byte column of a tile and walks down its rows,
+  // kCopyRows rows per step, with one moving address. kCopyRows is a power of two, so the steps
+  // that fall into one page of 16 or more keys are consecutive. Where a row's chunks do not
+  // divide the threads (head dims 96 and 192) the last warp copies nothing.
+  static constexpr int kCopyRows = floor_power_of_two(kThreads / kChunksPerRow);
+  static constexpr int kCopyThreads = kCopyRows * kChunksPerRow;
+  static constexpr int kCopySteps = kBlockN / kCopyRows;
+  // A full tile's rows lie in at most this many pages on the fast path (pages of 16 keys).
+  static constexpr int kMaxCopyRuns = 4;
 
   static_assert(RowWarps == 1 || RowWarps == 2 || RowWarps == 4, "4 warps in a rows x keys grid");
   static_assert(HeadDim % 32 == 0 && HeadDim <= 256, "head dims are multiples of 32 up to 256");
   static_assert(kNTiles % 2 == 0, "each warp's keys are whole k16 steps");
   static_assert(Stages >= 2, "K/V tiles are at least double-buffered");
+  static_assert(kCopyThreads % 32 == 0, "whole warps copy or skip the K/V copies");
+  static_assert(kCopySteps % kMaxCopyRuns == 0 && kCopyRows <= kBlockN / kMaxCopyRuns,
+                "a page of kBlockN / kMaxCopyRuns keys holds whole copy steps");
 };
 using T = DecodeTraits<CF_HEAD_DIM, CF_ROW_WARPS, CF_STAGES>;
 
@@ -104,17 +118,20 @@ __device__ __forceinline__ CacheSequence cache_sequence_of(const DecodeParams& p
   return s;
 }
 
-// The page of key j (paged cache), clamped into the cache.
+// The page of key j (paged cache), clamped into the cache. kPowerOfTwoPages: the caller has
+// checked that page_size is a power of two (no division code).
+template <bool kPowerOfTwoPages = false>
 __device__ __forceinline__ int page_of(const DecodeParams& p, const CacheSequence& s, int j) {
-  const int logical = s.page_shift >= 0 ? j >> s.page_shift : j / p.page_size;
+  const int logical = kPowerOfTwoPages || s.page_shift >= 0 ? j >> s.page_shift : j / p.page_size;
   return min(max(s.pages[logical], 0), p.num_pages - 1);
 }
 
 // Element offset of key j from the cache's first element, for a kv head's column 0 (K and V
 // share strides). page: page_of(j) for a paged cache, ignored otherwise.
+template <bool kPowerOfTwoPages = false>
 __device__ __forceinline__ i64 key_offset(const DecodeParams& p, const CacheSequence& s, int j, int page) {
   if (s.pages != nullptr) {
-    const int in_page = s.page_shift >= 0 ? j & (p.page_size - 1) : j % p.page_size;
+    const int in_page = kPowerOfTwoPages || s.page_shift >= 0 ? j & (p.page_size - 1) : j % p.page_size;
     return static_cast<i64>(page) * p.k_cache.batch_stride + static_cast<i64>(in_page) * p.k_cache.row_stride;
   }
   return s.slot + static_cast<i64>(j) * p.k_cache.row_stride;
@@ -128,9 +145,80 @@ __device__ __forceinline__ PackedRow packed_row(int r, int kv_head, int group_si
   return PackedRow{r / group_size, kv_head * group_size + r % group_size};
 }
 
-// Rows of the K/V tile a thread copies: kThreads threads over kBlockN rows of kChunksPerRow chunks.
-constexpr int kCopyChunks = T::kBlockN * T::kChunksPerRow;
-constexpr int kCopySteps = (kCopyChunks + T::kThreads - 1) / T::kThreads;
+// One thread's share of the K/V tile copies: the chunk at column col of tile rows row +
+// kCopyRows * step, step < kCopySteps (threads from kCopyThreads on copy nothing).
+struct KvCopy {
+  static constexpr u32 kStepBytes = T::kCopyRows * T::kStride * sizeof(u16);
+  static constexpr u32 kVBytes = sizeof(DecodeSmem::tiles.k);  // from a K chunk to its V chunk
+  static_assert(sizeof(DecodeSmem::tiles) == 2 * kVBytes, "V follows K with no padding");
+
+  const u16* k_head;  // the kv head's column 0 of the K cache's first row; v_head: of V
+  const u16* v_head;
+  u32 k_dst;          // shared address of the thread's first chunk in K slot 0
+  int row;            // first tile row
+  // The column (elements) and 16 where it is < head_dim; else 0 and 0: the chunk is zero-filled,
+  // reading nothing from an address that still lies inside the array (the row's column 0).
+  int col_offset, src_bytes;
+  i64 step_stride;    // elements between the rows of consecutive steps: kCopyRows rows
+};
+
+// The tile's rows lie in kRuns pages (a contiguous slot is one) of a power-of-two size, and every
+// row is below seqlen_k: run r's steps are its kCopySteps / kRuns consecutive ones, one page.
+// The pages of a tile, one per run: pages[r].
+template <int kRuns>
+__device__ __forceinline__ void read_run_pages(int (&pages)[T::kCopySteps], const KvCopy& c, const DecodeParams& p,
+                                               const CacheSequence& seq, int n_block) {
+#pragma unroll
+  for (int r = 0; r < kRuns; ++r)
+    pages[r] = page_of<true>(p, seq, n_block * T::kBlockN + r * (T::kBlockN / kRuns) + c.row);
+}
+
+// The copies of such a tile: one address per run, then kCopyRows rows further per step. Every
+// address lies in a row below seqlen_k, so inside the cache.
+template <int kRuns>
+__device__ __forceinline__ void copy_run_tile(const KvCopy& c, const DecodeParams& p, const CacheSequence& seq,
+                                              int n_block, u32 slot_bytes, const int (&pages)[T::kCopySteps]) {
+  constexpr int kRunSteps = T::kCopySteps / kRuns;
+#pragma unroll
+  for (int r = 0; r < kRuns; ++r) {
+    const int j = n_block * T::kBlockN + r * (T::kBlockN / kRuns) + c.row;
+    const i64 offset = key_offset<true>(p, seq, j, pages[r]) + c.col_offset;
+    const u16* k_src = c.k_head + offset;
+    const u16* v_src = c.v_head + offset;
+#pragma unroll
+    for (int i = 0; i < kRunSteps; ++i) {
+      const u32 dst = c.k_dst + slot_bytes + (r * kRunSteps + i) * KvCopy::kStepBytes;
+      cp_async_16(dst, k_src, c.src_bytes);
+      cp_async_16(dst + KvCopy::kVBytes, v_src, c.src_bytes);
+      k_src += c.step_stride;
+      v_src += c.step_stride;
+    }
+  }
+}
+
+// Any other tile (a sequence's last, or pages of another size): each step's row finds its own
+// page (pages[step]), and rows past seqlen_k are zero-filled from the head's first row.
+__device__ __forceinline__ void read_step_pages(int (&pages)[T::kCopySteps], const KvCopy& c, const DecodeParams& p,
+                                                const CacheSequence& seq, int n_block) {
+#pragma unroll
+  for (int step = 0; step < T::kCopySteps; ++step) {
+    const int j = n_block * T::kBlockN + c.row + step * T::kCopyRows;
+    pages[step] = j < seq.seqlen_k ? page_of(p, seq, j) : 0;
+  }
+}
+
+__device__ __forceinline__ void copy_step_tile(const KvCopy& c, const DecodeParams& p, const CacheSequence& seq,
+                                               int n_block, u32 slot_bytes, const int (&pages)[T::kCopySteps]) {
+#pragma unroll
+  for (int step = 0; step < T::kCopySteps; ++step) {
+    const int j = n_block * T::kBlockN + c.row + step * T::kCopyRows;
+    const bool valid = j < seq.seqlen_k && c.src_bytes != 0;
+    const i64 offset = valid ? key_offset(p, seq, j, pages[step]) + c.col_offset : 0;
+    const u32 dst = c.k_dst + slot_bytes + step * KvCopy::kStepBytes;
+    cp_async_16(dst, c.k_head + offset, valid ? 16 : 0);
+    cp_async_16(dst + KvCopy::kVBytes, c.v_head + offset, valid ? 16 : 0);
+  }
+}
 }  // namespace cf
 
 static_assert(sizeof(cf::DecodeSmem) == CF_SMEM_BYTES,
@@ -176,36 +264,54 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const
     cp_async_16(smem_addr(&sm.q[row][col]), valid ? src : p.q.ptr, valid ? 16 : 0);
   }
 
-  // K/V copies: each thread's chunks of a tile, and the pages of their rows read a tile ahead.
-  const u16* k_head = p.k_cache.ptr + kv_head * p.k_cache.head_stride;
-  const u16* v_head = p.v_cache.ptr + kv_head * p.v_cache.head_stride;
-  const int seqlen_k = seq.seqlen_k;
-  int pages[kCopySteps];
+  // K/V copies (KvCopy), and the pages of their rows read a tile ahead. A tile below seqlen_k
+  // whose rows lie in at most kMaxCopyRuns pages (a contiguous slot; pages of 16 keys and up,
+  // a power of two) is copied run by run; any other one step by step.
+  const bool copies = T::kCopyThreads == T::kThreads || tid < T::kCopyThreads;
+  KvCopy copy;
+  copy.k_head = p.k_cache.ptr + kv_head * p.k_cache.head_stride;
+  copy.v_head = p.v_cache.ptr + kv_head * p.v_cache.head_stride;
+  const int copy_col = tid % T::kChunksPerRow * kChunk;
+  copy.row = tid / T::kChunksPerRow;
+  copy.k_dst = smem_addr(&sm.tiles.k[0][copy.row][copy_col]);
+  copy.col_offset = copy_col < head_dim ? copy_col : 0;
+  copy.src_bytes = copy_col < head_dim ? 16 : 0;
+  copy.step_stride = T::kCopyRows * p.k_cache.row_stride;
+  const int page_size = p.page_size;
+  const int copy_runs = seq.pages == nullptr ? 1
+                        : seq.page_shift < 0 ? 0
+                        : page_size >= T::kBlockN ? 1
+                        : page_size >= T::kBlockN / T::kMaxCopyRuns ? T::kBlockN / page_size
+                                                                   : 0;
+  auto by_runs = [&](int n_block) { return copy_runs > 0 && (n_block + 1) * T::kBlockN <= seq.seqlen_k; };
+  int pages[T::kCopySteps] = {};
   auto read_pages = [&](int n_block) {
-    if (seq.pages == nullptr) return;
-#pragma unroll
-    for (int step = 0; step < kCopySteps; ++step) {
-      const int j = n_block * T::kBlockN + (tid + step * T::kThreads) / T::kChunksPerRow;
-      pages[step] = j < seqlen_k ? page_of(p, seq, j) : 0;
-    }
+    if (seq.pages == nullptr || !copies) return;
+    if (!by_runs(n_block))
+      read_step_pages(pages, copy, p, seq, n_block);
+    else if (copy_runs == 1)
+      read_run_pages<1>(pages, copy, p, seq, n_block);
+    else if (copy_runs == 2)
+      read_run_pages<2>(pages, copy, p, seq, n_block);
+    else
+      read_run_pages<4>(pages, copy, p, seq, n_block);
   };
   auto load_kv = [&](int slot, int n_block) {
-#pragma unroll
-    for (int step = 0; step < kCopySteps; ++step) {
-      const int idx = tid + step * T::kThreads;
-      if (kCopyChunks % T::kThreads != 0 && idx >= kCopyChunks) break;
-      const int row = idx / T::kChunksPerRow, col = (idx % T::kChunksPerRow) * kChunk;
-      const int j = n_block * T::kBlockN + row;
-      const bool valid = j < seqlen_k && col < head_dim;
-      const i64 offset = valid ? key_offset(p, seq, j, pages[step]) + col : 0;
-      cp_async_16(smem_addr(&sm.tiles.k[slot][row][col]), k_head + offset, valid ? 16 : 0);
-      cp_async_16(smem_addr(&sm.tiles.v[slot][row][col]), v_head + offset, valid ? 16 : 0);
-    }
+    if (!copies) return;
+    const u32 slot_bytes = slot * sizeof(sm.tiles.k[0]);
+    if (!by_runs(n_block))
+      copy_step_tile(copy, p, seq, n_block, slot_bytes, pages);
+    else if (copy_runs == 1)
+      copy_run_tile<1>(copy, p, seq, n_block, slot_bytes, pages);
+    else if (copy_runs == 2)
+      copy_run_tile<2>(copy, p, seq, n_block, slot_bytes, pages);
+    else
+      copy_run_tile<4>(copy, p, seq, n_block, slot_bytes, pages);
   };
 
   // Prologue: kStages - 1 tiles, one commit group each (Q joins the first); then the pages of
-  // the next tile to load.
-#pragma unroll
+  // the next tile to load. Not unrolled: each load_kv is four copy paths of code.
+#pragma unroll 1
   for (int s = 0; s < T::kStages - 1; ++s) {
     if (s < n_tiles) {
       read_pages(n_begin + s);
