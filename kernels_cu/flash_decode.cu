@@ -369,7 +369,7 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const
           }
       }
     }
-    softmax.update(s, acc_o, scale_log2);
+    softmax.update<true>(s, acc_o, scale_log2);  // over a long cache the row max settles early
     gemm_rn<Element, 1, T::kDTiles, T::kNTiles>(acc_o, s, sm.tiles.v[slot] + wk * T::kWarpKeys, 0, lane);
   }
 
