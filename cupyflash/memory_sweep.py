@@ -59,14 +59,16 @@ MERGE_CASES = (MergeCase("bfloat16", 128, 33, (50, 0, 77, 1), group=4), MergeCas
                MergeCase("bfloat16", 256, 130, (0, 0)), MergeCase("float16", 72, 203, (1, 2, 3, 4, 5, 6, 7, 300)))
 
 # attention_with_kvcache (its kernels run on every GPU alike: default path only): paged caches with
-# pages of 1, 3 and 16 keys and appends, contiguous and slotted ones; split counts from the
+# pages of 1, 3, 16, 32 and 128 keys and appends, contiguous and slotted ones; split counts from the
 # heuristic, forced ones and split_size; sequences of 0 and 1 keys; 17 query tokens and windows;
 # 16 to 128 packed rows; head dims 64, 72 (run on 96), 128, 192 and 256.
 DECODE_CASES = (DecodeCase("float16", 128, 1, (0, 1, 255), page_size=16, seqlen_new=1),
                 DecodeCase("bfloat16", 72, 17, (300, 65), group=2, seqlen_new=17, num_splits=3, window=(50, 0)),
                 DecodeCase("float16", 256, 3, (100, 1), slots=True, seqlen_new=2, num_splits=1),
                 DecodeCase("bfloat16", 64, 16, (130, 7), group=8, page_size=1, num_splits=5),
-                DecodeCase("bfloat16", 192, 2, (70,), group=16, heads_kv=1, split_size=64, page_size=3))
+                DecodeCase("bfloat16", 192, 2, (70,), group=16, heads_kv=1, split_size=64, page_size=3),
+                DecodeCase("bfloat16", 80, 1, (700, 129), page_size=32, seqlen_new=1),  # 2 pages per full tile
+                DecodeCase("float16", 128, 4, (1000,), page_size=128, num_splits=2))
 
 
 @dataclass(frozen=True)

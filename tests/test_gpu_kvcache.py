@@ -42,6 +42,12 @@ CASES = [
     DecodeCase("float16", 128, 2, (4097, 129), group=16, heads_kv=1, page_size=16),  # 32 packed rows
     DecodeCase("bfloat16", 256, 8, (2000, 50), group=4, page_size=64, seqlen_new=8),
     DecodeCase("float16", 128, 16, (5000, 64), group=1, heads_kv=8, seqlen_new=5, capacity=8192),  # append mid-slot
+    # Each copy path of flash_decode.cu: full tiles over 2 pages (32 keys) and over one page
+    # part (128 keys), at head dims whose last warp copies nothing (80 runs on 96, 192), and a
+    # page size that is no power of two (48: the per-step lookup) on full tiles.
+    DecodeCase("bfloat16", 80, 1, (4097, 1000, 31), page_size=32, seqlen_new=1),
+    DecodeCase("float16", 192, 4, (3000, 129), group=2, page_size=128, seqlen_new=4),
+    DecodeCase("bfloat16", 128, 1, (2000, 4097), page_size=48, num_splits=3),
 ]
 
 
