@@ -465,8 +465,9 @@ extern "C" __global__ void __launch_bounds__(cf::kAppendThreads)
 
 // Merges the num_splits float32 partials of every query row into out and lse, by the rule of
 // flash_merge.cu (in float32, accurate expf / logf; a split whose lse is -inf weighs 0 and its
-// out is not read). One block per row (b, i, h), h fastest. The threads first share out the
-// splits' lse (a block-wide max and sum) and leave each split's weight in shared memory; then
+// out is not read). One block per row (b, i, h), h fastest. Thread s first reads split s's lse
+// (once: each L2 round trip is a good part of this small kernel's time), the block finds their
+// max and sum, and each split's weight is left in shared memory; then
 // thread t owns the column pair t % 64 (and every 64th after it) over the splits s = t / 64 + 4 k,
 // eight loads in flight at a time, and the four sums of a column meet in shared memory.
 // (A warp walking all splits of a row spent ~100 us on one long sequence's 256 splits.)
@@ -490,9 +491,11 @@ extern "C" __global__ void __launch_bounds__(cf::kCombineThreads)
   const i64 stat = (static_cast<i64>(b) * heads_q + head) * seqlen_q + i;
   const i64 split_stride = static_cast<i64>(p.batch) * heads_q * seqlen_q;
 
-  // Block-wide max and sum of the splits' lse (one split per thread and pass).
-  float m = -infinity();
-  for (int s = tid; s < splits; s += kCombineThreads) m = fmaxf(m, p.lse_partial[s * split_stride + stat]);
+  // Block-wide max and sum of the splits' lse: thread s holds split s's (read once; -inf past
+  // the last split weighs 0).
+  static_assert(kDecodeMaxSplits <= kCombineThreads, "one split's lse per thread");
+  const float my_lse = tid < splits ? p.lse_partial[tid * split_stride + stat] : -infinity();
+  float m = my_lse;
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, shfl_xor(m, offset));
   if (lane == 0) reduce[warp] = m;
@@ -502,10 +505,9 @@ extern "C" __global__ void __launch_bounds__(cf::kCombineThreads)
   for (int w = 1; w < kWarps; ++w) m = fmaxf(m, reduce[w]);
   const bool empty = m == -infinity();  // no split saw a key: every weight 0
   float sum = 0.f;
-  for (int s = tid; s < splits; s += kCombineThreads) {
-    const float w = empty ? 0.f : expf(p.lse_partial[s * split_stride + stat] - m);  // -inf: 0
-    weights[s] = w;
-    sum += w;
+  if (tid < splits) {
+    sum = empty ? 0.f : expf(my_lse - m);  // -inf: 0
+    weights[tid] = sum;
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) sum += shfl_xor(sum, offset);
