@@ -336,6 +336,9 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const
     __syncthreads();
     load_a_frags<1, T::kHeadDim>(q_frag, sm.q, 16 * wm, lane);
   }
+  // The warp's ldmatrix addresses of its keys in slot 0 of K and V; a slot is a constant further.
+  const u32 k_lane_addr = b_pair_addr(sm.tiles.k[0], wk * T::kWarpKeys, 0, lane);
+  const u32 v_lane_addr = b_pair_trans_addr(sm.tiles.v[0], 0, wk * T::kWarpKeys, lane);
 
   for (int it = 0; it < n_tiles; ++it) {
     cp_async_wait<T::kStages - 2>();
@@ -348,11 +351,12 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const
     cp_async_commit();
 
     const int slot = it % T::kStages;
+    const u32 slot_bytes = slot * sizeof(sm.tiles.k[0]);
     const int key0 = (n_begin + it) * T::kBlockN + wk * T::kWarpKeys;
     float s[1][T::kNTiles][4];
     zero(s);
     if constexpr (T::kQInRegisters)
-      gemm_ft<Element, 1, T::kNTiles, T::kHeadDim>(s, q_frag, sm.tiles.k[slot], wk * T::kWarpKeys, lane);
+      gemm_ft<Element, 1, T::kNTiles, T::kHeadDim, T::kStride>(s, q_frag, k_lane_addr + slot_bytes);
     else
       gemm_nt<Element, 1, T::kNTiles, T::kHeadDim>(s, sm.q, 16 * wm, sm.tiles.k[slot], wk * T::kWarpKeys, lane);
     if (!mask.tile_is_full(token_begin, token_end, key0, key0 + T::kWarpKeys)) {
@@ -370,7 +374,7 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const
       }
     }
     softmax.update<true>(s, acc_o, scale_log2);  // over a long cache the row max settles early
-    gemm_rn<Element, 1, T::kDTiles, T::kNTiles>(acc_o, s, sm.tiles.v[slot] + wk * T::kWarpKeys, 0, lane);
+    gemm_rn<Element, 1, T::kDTiles, T::kNTiles, T::kStride>(acc_o, s, v_lane_addr + slot_bytes);
   }
 
   // Merge the kKeyWarps partial results of each row. The tiles' bytes are reused: wait for

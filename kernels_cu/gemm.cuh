@@ -45,18 +45,34 @@ __device__ __forceinline__ void load_a_trans(u32 (&a)[4], const u16 (*smem)[kStr
   ldmatrix_x4_trans(a, smem_addr(&smem[k0 + (lane & 7) + (lane >> 4) * 8][row0 + ((lane >> 3) & 1) * 8]));
 }
 
+// The lane's ldmatrix address for load_b_pair at (n0, k0). The pair at (n0 + n, k0 + k) is
+// kStride * n + k elements further, so a product can form this once and add constants:
+// smem_addr is an asm block the compiler cannot see through, and an address formed from a
+// pointer per ldmatrix costs a 64-bit add and a move each (3 instructions per ldmatrix in
+// flash_decode's loop), where a constant offset from a 32-bit address folds into the instruction.
+template <int kStride>
+__device__ __forceinline__ u32 b_pair_addr(const u16 (*smem)[kStride], int n0, int k0, int lane) {
+  return smem_addr(&smem[n0 + (lane & 7) + (lane >> 4) * 8][k0 + ((lane >> 3) & 1) * 8]);
+}
+
+// The same for load_b_pair_trans: the pair at (n0 + n, k0 + k) is kStride * k + n elements further.
+template <int kStride>
+__device__ __forceinline__ u32 b_pair_trans_addr(const u16 (*smem)[kStride], int n0, int k0, int lane) {
+  return smem_addr(&smem[k0 + (lane & 7) + ((lane >> 3) & 1) * 8][n0 + (lane >> 4) * 8]);
+}
+
 // B fragments of two n8 tiles (b[0..1]: columns n0.., b[2..3]: n0 + 8..), rows [k0, k0 + 16),
 // when shared memory holds B^T[n][k].
 template <int kStride>
 __device__ __forceinline__ void load_b_pair(u32 (&b)[4], const u16 (*smem)[kStride], int n0, int k0, int lane) {
-  ldmatrix_x4(b, smem_addr(&smem[n0 + (lane & 7) + (lane >> 4) * 8][k0 + ((lane >> 3) & 1) * 8]));
+  ldmatrix_x4(b, b_pair_addr(smem, n0, k0, lane));
 }
 
 // The same two tiles when shared memory holds B[k][n].
 template <int kStride>
 __device__ __forceinline__ void load_b_pair_trans(u32 (&b)[4], const u16 (*smem)[kStride], int n0, int k0,
                                                   int lane) {
-  ldmatrix_x4_trans(b, smem_addr(&smem[k0 + (lane & 7) + ((lane >> 3) & 1) * 8][n0 + (lane >> 4) * 8]));
+  ldmatrix_x4_trans(b, b_pair_trans_addr(smem, n0, k0, lane));
 }
 
 // Two accumulator tiles (n8 each, 16 columns together) repacked as one A fragment: the m16n8
@@ -98,18 +114,19 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[kMTiles][kNTiles][4], const
   }
 }
 
-// gemm_nt with A already in registers (load_a_frags): the same MMAs in the same order, so the
-// same sums, without reloading A from shared memory on every call.
+// gemm_nt with A already in registers (load_a_frags) and B^T[b_row0.., 0..] given by its lane
+// address b_pair_addr(b_smem, b_row0, 0, lane), kStrideB its row pitch: the same MMAs in the
+// same order, so the same sums, without reloading A from shared memory on every call.
 template <class Element, int kMTiles, int kNTiles, int kK, int kStrideB>
 __device__ __forceinline__ void gemm_ft(float (&acc)[kMTiles][kNTiles][4], const u32 (&a)[kK / 16][kMTiles][4],
-                                        const u16 (*b_smem)[kStrideB], int b_row0, int lane) {
+                                        u32 b_addr) {
   static_assert(kK % 16 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks)
 #pragma unroll
     for (int nt = 0; nt < kNTiles; nt += 2) {
       u32 b[4];
-      load_b_pair(b, b_smem, b_row0 + 8 * nt, 16 * ks, lane);
+      ldmatrix_x4(b, b_addr + (8 * nt * kStrideB + 16 * ks) * sizeof(u16));
       mma_pairs<Element>(acc, a[ks], b, nt);
     }
 }
@@ -128,6 +145,26 @@ __device__ __forceinline__ void gemm_rn(float (&acc)[kMTiles][kNTiles][4], const
     for (int nt = 0; nt < kNTiles; nt += 2) {
       u32 b[4];
       load_b_pair_trans(b, b_smem, b_col0 + 8 * nt, 8 * kt, lane);
+      mma_pairs<Element>(acc, a, b, nt);
+    }
+  }
+}
+
+// gemm_rn with B[0.., b_col0..] given by its lane address b_pair_trans_addr(b_smem, b_col0, 0,
+// lane), kStrideB its row pitch (the same MMAs, addresses formed as constants from it).
+template <class Element, int kMTiles, int kNTiles, int kKTiles, int kStrideB>
+__device__ __forceinline__ void gemm_rn(float (&acc)[kMTiles][kNTiles][4], const float (&p)[kMTiles][kKTiles][4],
+                                        u32 b_addr) {
+  static_assert(kKTiles % 2 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
+#pragma unroll
+  for (int kt = 0; kt < kKTiles; kt += 2) {
+    u32 a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) pack_a<Element>(a[mt], p[mt][kt], p[mt][kt + 1]);
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; nt += 2) {
+      u32 b[4];
+      ldmatrix_x4_trans(b, b_addr + (8 * kt * kStrideB + 8 * nt) * sizeof(u16));
       mma_pairs<Element>(acc, a, b, nt);
     }
   }
