@@ -47,10 +47,12 @@ struct OnlineSoftmax {
 
   // s: raw scores of one K tile (masked entries -inf). Turns s into P = exp2(s * scale_log2 -
   // m * scale_log2) in place and rescales acc_o by exp2(m_old - m_new) where the max grew.
-  // kSkipIdleRescale: leave acc_o alone when no row of the warp changed its max (a warp vote).
-  // The result is bit for bit the same (the correction is then exp2(0) = 1 exactly); it saves
-  // 2 kDTiles multiplies per row per tile where the max settles early, as it does over a long
-  // KV cache (flash_decode.cu), at the price of a vote and a branch per tile.
+  // kSkipIdleRescale: a row whose max did not change gets correction 1 exactly, and acc_o is
+  // left alone when no row of the warp changed its max (a warp vote). That saves 2 kDTiles
+  // multiplies per row per tile where the max settles early, as it does over a long KV cache
+  // (flash_decode.cu). Why the exact 1: the compiler fuses m_old * scale - m_new * scale into
+  // one FFMA, so an unchanged max gives exp2(the rounding error of m_new * scale), not 1;
+  // skipping the acc_o multiply by that but not l_i's would bias out by up to an ulp per tile.
   template <bool kSkipIdleRescale = false, int kNTiles, int kDTiles>
   __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&acc_o)[kMTiles][kDTiles][4],
                                          float scale_log2) {
@@ -66,7 +68,8 @@ struct OnlineSoftmax {
         m_new = quad_max(m_new);
         const float m_scaled = scaled_max(m_new, scale_log2);
         // m_i = -inf (nothing seen yet) gives correction 0, and acc_o / l_i are 0 anyway.
-        correction[mt][h] = exp2_approx(m_i[mt][h] * scale_log2 - m_scaled);
+        correction[mt][h] = kSkipIdleRescale && m_new == m_i[mt][h] ? 1.f
+                                                                    : exp2_approx(m_i[mt][h] * scale_log2 - m_scaled);
         max_changed |= m_new != m_i[mt][h];
         float row_sum = 0.f;
 #pragma unroll
