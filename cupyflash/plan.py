@@ -311,8 +311,16 @@ _local = threading.local()
 
 
 def key(kind: str, arrays: Sequence[Any], options: tuple, device_id: int) -> tuple:
-    """kind ("fwd", "bwd"), device, the caller's options as given, and each array's signature."""
-    return (kind, device_id, options, *map(array_signature, arrays))
+    """kind ("fwd", "bwd"), device, the caller's options as given and their types, and each
+    array's signature. The types, because True == 1.0 and hash(True) == hash(1.0): a plan made
+    for softmax_scale=1.0 must not serve softmax_scale=True, which the full path rejects."""
+    return (kind, device_id, options, tuple(map(type, options)), *map(array_signature, arrays))
+
+
+def _is_zero(value: Any) -> bool:
+    """0 or 0.0 (a plan serves only calls without softcap or dropout), but not False: the full
+    path rejects a bool there."""
+    return value == 0 and value.__class__ is not bool
 
 
 def find(kind: str, arrays: Sequence[Any], options: tuple, unsupported: tuple) -> Plan | None:
@@ -327,7 +335,7 @@ def find(kind: str, arrays: Sequence[Any], options: tuple, unsupported: tuple) -
         return None
     try:
         softcap, alibi_slopes, dropout_p, seed = unsupported
-        if not (alibi_slopes is None and seed is None and softcap == 0 and dropout_p == 0):
+        if not (alibi_slopes is None and seed is None and _is_zero(softcap) and _is_zero(dropout_p)):
             return None
         device_id = current_device_id()
         plan = plans.get(key(kind, arrays, options, device_id))

@@ -139,6 +139,9 @@ def _check_softmax_scale(softmax_scale: Any) -> float:
 
 
 def _check_scalar(name: str, value: Any, low: float, high: float, high_open: bool = False) -> float:
+    # float() alone would take "0.1", b"1" and True: a string or a flag here is a mistake, not a number.
+    if isinstance(value, (str, bytes, bytearray, bool, np.bool_)):
+        raise TypeError(f"{name} must be a number; got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -258,8 +261,9 @@ class Problem:
         causal = causal if causal.__class__ is bool else check_flag("causal", causal)
         try:
             alibi = None if alibi_slopes is None else (tuple(alibi_slopes.shape), alibi_slopes.dtype)
+            # The scalars with their types: True == 1.0 in a dict key, but only 1.0 passes the checks.
             key = (*(array_signature(a) for a in (q, k, v)), causal, softmax_scale, tuple(window_size), softcap,
-                   dropout_p, alibi)
+                   dropout_p, alibi, softmax_scale.__class__, softcap.__class__, dropout_p.__class__)
             known = _checked_problems.get(key)
         except (TypeError, AttributeError):  # unhashable or odd arguments: the checks below report them
             key, known = None, None

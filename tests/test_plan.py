@@ -299,7 +299,7 @@ def kept(fake_cupy: FakeCupy, monkeypatch: pytest.MonkeyPatch) -> tuple[plan.Pla
 def test_a_kept_plan_serves_the_same_signature(kept) -> None:
     built, (q, k, v) = kept
     assert plan.find("fwd", (q, k, v), FWD_OPTIONS, DEFAULTS) is built
-    assert plan.find("fwd", (q, k, v), (1, None, (-1, -1)), (0, None, 0, None)) is built  # equal values
+    assert plan.find("fwd", (q, k, v), FWD_OPTIONS, (0, None, 0, None)) is built  # int zeros: no softcap, no dropout
 
 
 def test_attention_runs_a_kept_plan(kept, fake_cupy: FakeCupy) -> None:
@@ -331,7 +331,28 @@ MISSES = [  # (id, change to (arrays, options, unsupported))
     ("alibi", lambda a, o, u: (a, o, (0.0, np.ones(HQ, np.float32), 0.0, None))),
     ("dropout", lambda a, o, u: (a, o, (0.0, None, 0.1, None))),
     ("seed", lambda a, o, u: (a, o, (0.0, None, 0.0, 0))),
+    # Equal values of other types: the full path checks them (it rejects a bool softmax_scale,
+    # softcap or dropout_p, and True == 1.0, hash(True) == hash(1.0) in a dict key).
+    ("bool-softcap", lambda a, o, u: (a, o, (False, None, 0.0, None))),
+    ("bool-dropout", lambda a, o, u: (a, o, (0.0, None, False, None))),
 ]
+
+
+def test_a_plan_for_scale_1_does_not_serve_scale_true(fake_cupy: FakeCupy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """True == 1.0 and hash(True) == hash(1.0): the key holds the options' types too, so
+    softmax_scale=True takes the full path, which rejects it, even after a call with 1.0."""
+    use_device(monkeypatch, H100)
+    t = inputs(fake_cupy, 64)
+    qkv = (t["q"], t["k"], t["v"])
+    p = problem_of(t, causal=True)
+    built = plan.build_forward(p, dict(zip("qkv", qkv)), 0)
+    plan.keep(built, p, "fwd", qkv, (True, 1.0, (-1, -1)), qkv, 0)
+    assert plan.find("fwd", qkv, (True, 1.0, (-1, -1)), DEFAULTS) is built
+    assert plan.find("fwd", qkv, (True, True, (-1, -1)), DEFAULTS) is None
+    # The checks' own memo likewise: a problem checked with 1.0 does not answer for True.
+    problem_of(t, causal=True, softmax_scale=1.0)
+    with pytest.raises(TypeError, match="softmax_scale must be a number; got True"):
+        problem_of(t, causal=True, softmax_scale=True)
 
 
 @pytest.mark.parametrize("change", [m[1] for m in MISSES], ids=[m[0] for m in MISSES])
