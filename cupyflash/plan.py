@@ -33,7 +33,7 @@ from .arrays import POINTER_ALIGN
 from .device import DeviceLimits, current_device_id, device_limits, require_cupy
 from .kernels import flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_prep, flash_fwd, flash_fwd_sm90
 from .kernels.common import no_config_error
-from .problem import Problem, array_signature
+from .problem import Problem, array_signature, is_text_or_flag
 
 FORWARD_FAMILIES = (flash_fwd_sm90, flash_fwd)  # tried in this order: the first that has a fitting row
 DKDV_FAMILIES = (flash_bwd_dkdv_sm90, flash_bwd_dkdv)
@@ -318,9 +318,9 @@ def key(kind: str, arrays: Sequence[Any], options: tuple, device_id: int) -> tup
 
 
 def _is_zero(value: Any) -> bool:
-    """0 or 0.0 (a plan serves only calls without softcap or dropout), but not False: the full
-    path rejects a bool there."""
-    return value == 0 and value.__class__ is not bool
+    """0 or 0.0 (a plan serves only calls without softcap or dropout), but not False or
+    np.False_: the full path rejects a flag there (problem.is_text_or_flag)."""
+    return value == 0 and not is_text_or_flag(value)
 
 
 def find(kind: str, arrays: Sequence[Any], options: tuple, unsupported: tuple) -> Plan | None:

@@ -138,9 +138,14 @@ def _check_softmax_scale(softmax_scale: Any) -> float:
     return scale
 
 
+def is_text_or_flag(value: Any) -> bool:
+    """What float() turns into a number ("0.1", b"1", True) but a numeric option must refuse:
+    there a string or a flag is a mistake. (plan.find refuses them the same way.)"""
+    return isinstance(value, (str, bytes, bytearray, bool, np.bool_))
+
+
 def _check_scalar(name: str, value: Any, low: float, high: float, high_open: bool = False) -> float:
-    # float() alone would take "0.1", b"1" and True: a string or a flag here is a mistake, not a number.
-    if isinstance(value, (str, bytes, bytearray, bool, np.bool_)):
+    if is_text_or_flag(value):
         raise TypeError(f"{name} must be a number; got {value!r}")
     try:
         number = float(value)

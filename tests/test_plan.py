@@ -335,6 +335,7 @@ MISSES = [  # (id, change to (arrays, options, unsupported))
     # softcap or dropout_p, and True == 1.0, hash(True) == hash(1.0) in a dict key).
     ("bool-softcap", lambda a, o, u: (a, o, (False, None, 0.0, None))),
     ("bool-dropout", lambda a, o, u: (a, o, (0.0, None, False, None))),
+    ("numpy-bool-dropout", lambda a, o, u: (a, o, (0.0, None, np.False_, None))),
 ]
 
 
