@@ -1,16 +1,22 @@
-"""One call of a case, twice (a warm-up and the one to profile), for running under ncu or nsys:
+"""One call of a case, twice (a warm-up and the one to profile), for running under ncu or nsys.
+The decode kinds run their second call between cudaProfilerStart and Stop, so
+`ncu --profile-from-start off` sees that call's kernels alone (scripts/ncu_decode.sh):
 
-    ncu --clock-control none --launch-skip K -k regex:flash_decode python scripts/profile_cases.py decode 1 16 4096 32 8 [PAGE]
+    ncu --clock-control none --profile-from-start off python scripts/profile_cases.py decode 1 16 4096 32 8 [PAGE]
     ncu --clock-control none --metrics gpu__time_duration.sum python scripts/profile_cases.py varlen-bwd 16 1024
 
 decode Q BATCH CACHE HEADS_Q HEADS_KV [PAGE]: attention_with_kvcache, bf16, head_dim 128, a full
-cache (paged with pages of PAGE keys in shuffled order when given). varlen-bwd COUNT LENGTH: the
+cache (paged with pages of PAGE keys in shuffled order when given). decode-cudnn and decode-flash
+Q BATCH CACHE HEADS_Q HEADS_KV: torch SDPA's cuDNN or flash backend on the same shapes, the
+cache (B, S, H, D) in memory and viewed as (B, H, S, D), as bench --decode gives it (needs
+torch; Q must be 1: no mask is passed). varlen-bwd COUNT LENGTH: the
 backward of attention_varlen over COUNT equal sequences, then of attention on the same tokens
 (bf16, 16 heads, head_dim 128, not causal), so their kernels can be compared one by one.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import cupy
@@ -34,9 +40,31 @@ def decode(seqlen_q: int, batch: int, cache: int, heads_q: int, heads_kv: int, p
         table = cupy.asarray(block_table(batch, cache // page))
         k, v, options["block_table"] = paged_cache(k, page, table, cupy), paged_cache(v, page, table, cupy), table
     lengths = cupy.full(batch, cache, cupy.int32)
-    for _ in range(2):
-        cf.attention_with_kvcache(q, k, v, cache_seqlens=lengths, **options)
+    cf.attention_with_kvcache(q, k, v, cache_seqlens=lengths, **options)
     cupy.cuda.runtime.deviceSynchronize()
+    cupy.cuda.runtime.profilerStart()
+    cf.attention_with_kvcache(q, k, v, cache_seqlens=lengths, **options)
+    cupy.cuda.runtime.deviceSynchronize()
+    cupy.cuda.runtime.profilerStop()
+
+
+def decode_torch(backend: str, seqlen_q: int, batch: int, cache: int, heads_q: int, heads_kv: int) -> None:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if seqlen_q != 1:
+        raise SystemExit("decode-cudnn / decode-flash: one query token (no mask is passed)")
+    q = torch.randn(batch, seqlen_q, heads_q, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(batch, cache, heads_kv, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            for _ in range(2))
+    with sdpa_kernel(getattr(SDPBackend, backend)):
+        for profiled in (False, True):
+            torch.cuda.synchronize()
+            if profiled:
+                torch.cuda.profiler.start()
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
 
 
 def varlen_bwd(count: int, length: int) -> None:
@@ -54,4 +82,7 @@ def varlen_bwd(count: int, length: int) -> None:
 
 if __name__ == "__main__":
     kind, numbers = sys.argv[1], [int(x) for x in sys.argv[2:]]
-    {"decode": decode, "varlen-bwd": varlen_bwd}[kind](*numbers)
+    kinds = {"decode": decode, "varlen-bwd": varlen_bwd,
+             "decode-cudnn": functools.partial(decode_torch, "CUDNN_ATTENTION"),
+             "decode-flash": functools.partial(decode_torch, "FLASH_ATTENTION")}
+    kinds[kind](*numbers)
