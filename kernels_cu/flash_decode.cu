@@ -188,8 +188,8 @@ __device__ __forceinline__ void copy_run_tile(const KvCopy& c, const DecodeParam
 #pragma unroll
     for (int i = 0; i < kRunSteps; ++i) {
       const u32 dst = c.k_dst + slot_bytes + (r * kRunSteps + i) * KvCopy::kStepBytes;
-      cp_async_16(dst, k_src, c.src_bytes);
-      cp_async_16(dst + KvCopy::kVBytes, v_src, c.src_bytes);
+      cp_async_16_stream(dst, k_src, c.src_bytes);
+      cp_async_16_stream(dst + KvCopy::kVBytes, v_src, c.src_bytes);
       k_src += c.step_stride;
       v_src += c.step_stride;
     }
@@ -215,8 +215,8 @@ __device__ __forceinline__ void copy_step_tile(const KvCopy& c, const DecodePara
     const bool valid = j < seq.seqlen_k && c.src_bytes != 0;
     const i64 offset = valid ? key_offset(p, seq, j, pages[step]) + c.col_offset : 0;
     const u32 dst = c.k_dst + slot_bytes + step * KvCopy::kStepBytes;
-    cp_async_16(dst, c.k_head + offset, valid ? 16 : 0);
-    cp_async_16(dst + KvCopy::kVBytes, c.v_head + offset, valid ? 16 : 0);
+    cp_async_16_stream(dst, c.k_head + offset, valid ? 16 : 0);
+    cp_async_16_stream(dst + KvCopy::kVBytes, c.v_head + offset, valid ? 16 : 0);
   }
 }
 }  // namespace cf

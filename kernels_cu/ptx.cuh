@@ -33,6 +33,18 @@ __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, int src_by
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 
+// The same copy for data read once from DRAM (the decode kernels' K/V stream): .L2::128B asks L2
+// to fetch the chunk's whole 128-byte line, and the full-size form (src_bytes 16) carries no
+// src-size operand. Measured on an H200 against cp_async_16 (flash_decode, bf16, d 128, one
+// token, 32/8 heads): 4.02 -> 4.13 TB/s at batch 16 x 32k keys, 3.07 -> 3.45 at 1 x 128k; the
+// form without src-size alone gave 3.39 there (benchmarks/results/h200-2026-12-04-decode-l2/).
+__device__ __forceinline__ void cp_async_16_stream(u32 dst, const void* src, int src_bytes) {
+  if (src_bytes == 16)
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+  else
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
 // cp.async.ca.shared.global: copy 4 bytes global -> shared; zero-filled when src_bytes is 0.
 __device__ __forceinline__ void cp_async_4(u32 dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));

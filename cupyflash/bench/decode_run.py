@@ -20,10 +20,12 @@ Either peer falls back to k and v repeat_interleave'd to heads_q when its GQA pa
 the copies fit; its row says which ("gqa") and how it masked ("mask"). A peer that raises or
 declines gets a row with its "failure"; the run goes on.
 
-Timing: cupyflash and its paged layouts of a cell in alternation (measure.timed_together), so
-that their paged / contiguous ratio sees one clock; each torch peer on its own (measure.timed
-inside peers.impl_context, which pins the backend and makes CuPy's stream torch's: one context
-per peer, which an alternation cannot straddle). A time is the CUDA-event interval around one
+Timing: every implementation and layout on its own (measure.timed; a torch peer inside
+peers.impl_context, which pins the backend and makes CuPy's stream torch's), one after another
+in the same process. Not in alternation: the contiguous cache timed in turn with its paged
+copies (another few GB read between its calls) ran 12% slower than alone at batch 16 x 32k on an
+H200, while the peers, which no alternation can straddle, are timed alone
+(benchmarks/results/h200-2026-12-04-decode-l2/README.md). A time is the CUDA-event interval around one
 call, so it includes the host's own work wherever the GPU waits for it: the smallest cells, a
 few microseconds of GPU work, measure the launch path as much as the kernels.
 
@@ -301,7 +303,7 @@ def _rate(cell: DecodeCell) -> Callable[[float], float]:
 
 def measure_ours(cell: DecodeCell, data: dict[str, Array], ref: check.Reference, layouts: Sequence[Paged],
                  runs: int, warmup: int) -> list[dict[str, Any]]:
-    """The cupyflash row and one per paged layout, each checked, then timed in alternation."""
+    """The cupyflash row and one per paged layout, each checked, then timed on its own."""
     cupy = require_cupy()
     seqlens = cupy.full((cell.batch,), cell.cache, dtype=cupy.int32)
     choices: list[Paged | None] = [None, *layouts]
@@ -316,8 +318,8 @@ def measure_ours(cell: DecodeCell, data: dict[str, Array], ref: check.Reference,
 
         return ready
 
-    prepares = [prepare(row, paged) for row, paged in zip(rows, choices)]
-    return measure.timed_together(rows, prepares, runs, warmup, [_rate(cell)] * len(rows))
+    return [measure.timed(row, row["impl"], prepare(row, paged), runs, warmup, _rate(cell))
+            for row, paged in zip(rows, choices)]
 
 
 def measure_peer(impl: str, cell: DecodeCell, data: dict[str, Array], ref: check.Reference, runs: int,
@@ -377,8 +379,8 @@ def _settings(runs: int, warmup: int, torch_impls: Sequence[str], peer_note: str
             "flops": "4 * head_dim * heads_q * batch * (query, key) pairs visible under the bottom-right causal mask",
             "call": "attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=int32 (batch,) array of the cache "
                     "length, block_table=(paged), causal=True, num_splits=0)",
-            "timing": "cupyflash and its paged layouts of a cell in alternation (timing.do_bench_interleaved); each "
-                      "torch peer on its own, inside its backend context (timing.do_bench)",
+            "timing": "each implementation and layout on its own (timing.do_bench), one after another; a torch "
+                      "peer inside its backend context",
             "inputs": "sequence b drawn by validation.random_inputs with seed b; block tables numpy default_rng(0)",
             "tolerance": {"rule": measure.RULE, "floor_eps": dict(tolerance.FLOOR_EPS)},
             "check": "out against bench.check's float64 reference, pieces sized by decode_run.reference_head_bytes",
