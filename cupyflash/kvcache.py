@@ -3,7 +3,8 @@
 
 One call is up to three launches of kernels_cu/flash_decode.cu over one DecodeParams block:
 flash_decode_append (when k, v are given), flash_decode (num_splits key ranges per (batch, kv
-head)), flash_decode_combine (when num_splits > 1). Every check here reads only shapes, strides,
+head)), flash_decode_combine (when num_splits > 1 and the splits are not merged inside a
+thread-block cluster: flash_decode.cluster_size). Every check here reads only shapes, strides,
 dtypes and host values: the values of cache_seqlens, block_table and cache_batch_idx live on the
 device, and the kernels clamp them into the arrays (wrong values give wrong results, never an
 access outside); check=True copies them to the host and checks them first.
@@ -292,11 +293,16 @@ def build_plan(problem: DecodeProblem, t: dict[str, Any], device_id: int) -> pla
         raise RuntimeError(f"attention_with_kvcache has no decode block for head_dim {problem.head_dim} that fits "
                            f"{limits.name} ({limits.smem_per_block_optin} bytes of shared memory per block)")
     num_splits, split_tiles = split_plan(problem, cfg, device_id)
+    # split_size promises a sequence the same bits in any batch, where the split count follows the
+    # cache's capacity: those calls always merge in flash_decode_combine, whose sums an empty
+    # split leaves bit for bit alone (a cluster's merge adds in another order).
+    cluster = 0 if split_tiles else flash_decode.cluster_size(num_splits, limits)
+    partials = num_splits > 1 and not cluster  # merged by flash_decode_combine
     q_shape = (problem.batch, problem.seqlen_q, problem.heads_q, problem.head_dim)
     stats = (problem.batch, problem.heads_q, problem.seqlen_q)
     buffers = [plans.Buffer("out", cupy.empty, q_shape, t["q"].dtype),
                plans.Buffer("lse", cupy.empty, stats, np.float32)]
-    if num_splits > 1:
+    if partials:
         buffers += [plans.Buffer("out_partial", cupy.empty, (num_splits, *stats, problem.head_dim), np.float32),
                     plans.Buffer("lse_partial", cupy.empty, (num_splits, *stats), np.float32)]
     plans.allocate(buffers, t)
@@ -312,7 +318,7 @@ def build_plan(problem: DecodeProblem, t: dict[str, Any], device_id: int) -> pla
     if problem.seqlen_new:
         values.update(k_new=_strides(t["k"]), v_new=_strides(t["v"]))
         arrays += [("k_new", "k"), ("v_new", "v")]
-    if num_splits > 1:
+    if partials:
         arrays += [("out_partial", "out_partial"), ("lse_partial", "lse_partial")]
     for name in INDEX_ARRAYS:
         if t.get(name) is not None:
@@ -332,9 +338,9 @@ def build_plan(problem: DecodeProblem, t: dict[str, Any], device_id: int) -> pla
     if grid[0] > INT32_MAX:
         raise ValueError(f"heads_kv x query tiles x splits is {grid[0]} blocks; a CUDA grid takes at most {INT32_MAX} "
                          "(fewer query tokens per call, or fewer num_splits)")
-    calls.append(plans.KernelCall(flash_decode.spec(dtype, kernel_dim, cfg, problem.variant), grid,
+    calls.append(plans.KernelCall(flash_decode.spec(dtype, kernel_dim, cfg, problem.variant, cluster), grid,
                                   flash_decode.THREADS, cfg.smem_bytes(kernel_dim)))
-    if num_splits > 1:
+    if partials:
         calls.append(plans.KernelCall(flash_decode.helper_spec(dtype, flash_decode.COMBINE_ENTRY),
                                       flash_decode.combine_grid(problem.batch, problem.seqlen_q, problem.heads_q),
                                       launch.COMBINE_THREADS, 0))

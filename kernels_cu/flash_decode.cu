@@ -8,7 +8,11 @@
 //   K/V element is read by one block for all the heads that use it.
 // - Split-KV: the keys of one (batch, kv head) are cut into num_splits ranges of whole 64-key
 //   tiles, one block each, so a single long sequence still spreads over the whole GPU. With more
-//   than one split a block writes float32 partials (out and lse) that flash_decode_combine merges.
+//   than one split a block writes float32 partials (out and lse) that flash_decode_combine merges,
+//   or, compiled with CF_CLUSTER = num_splits (2, 4 or 8; sm_90 and up), the splits of one
+//   (kv head, query tile) form a thread-block cluster and merge their rows through distributed
+//   shared memory at the end: no partials in global memory and no second launch, which is most
+//   of the time of a small decode step (merge_in_cluster).
 // - Inside a block, 4 warps form a kRowWarps x kKeyWarps grid: warp (wm, wk) owns packed rows
 //   [16 wm, +16) and keys [kWarpKeys wk, +kWarpKeys) of every tile, each with its own online
 //   softmax. At the end the kKeyWarps results of a row are merged through shared memory by
@@ -27,7 +31,7 @@
 //
 // Compile-time macros: CF_ELEMENT (Half | BFloat16), CF_HEAD_DIM (64, 96, 128, 192, 256),
 // CF_ROW_WARPS (1, 2, 4: kKeyWarps = 4 / CF_ROW_WARPS), CF_STAGES, CF_WINDOW_LEFT / CF_WINDOW_RIGHT
-// (mask.cuh), CF_SMEM_BYTES.
+// (mask.cuh), CF_SMEM_BYTES, CF_CLUSTER (0: no cluster; else num_splits, the blocks of a cluster).
 #include "gemm.cuh"
 #include "mask.cuh"
 #include "params.cuh"
@@ -224,21 +228,99 @@ __device__ __forceinline__ void copy_step_tile(const KvCopy& c, const DecodePara
 static_assert(sizeof(cf::DecodeSmem) == CF_SMEM_BYTES,
               "cupyflash/kernels/flash_decode.py smem_bytes() disagrees with the kernel's layout");
 
+namespace cf {
+// Row `row`, columns col and col + 1, of the block's result: the key warps' unnormalised O
+// weighted by merge.weight (exp2(max_w - max) / total sum; 0 for a row that saw no key).
+__device__ __forceinline__ float2 block_result_pair(const DecodeSmem& sm, int row, int col) {
+  float o0 = 0.f, o1 = 0.f;
+#pragma unroll
+  for (int w = 0; w < T::kKeyWarps; ++w) {
+    const float weight = sm.merge.weight[w][row];
+    o0 = fmaf(weight, sm.merge.o[w][row][col], o0);
+    o1 = fmaf(weight, sm.merge.o[w][row][col + 1], o1);
+  }
+  return make_float2(o0, o1);
+}
+
+#if CF_CLUSTER > 0
+// The cluster's kSplits blocks (the splits of one kv head and query tile) have each left their
+// rows' normalised O in merge.o[0] and lse in merge.lse. Block `rank` merges column pairs
+// [rank * per_block, +per_block) of every row, reading each split's values from its block's
+// shared memory, by flash_merge's rule (float32, expf / logf: a split whose lse is -inf weighs 0;
+// its O is 0, written by the block, so every load can be in flight at once); the block of rank
+// 0 writes each row's lse. The caller syncs the cluster before and after.
+template <int kSplits>
+__device__ __forceinline__ void merge_in_cluster(const DecodeSmem& sm, const DecodeParams& p, int b, int kv_head,
+                                                 int row_begin, int rows) {
+  const u32 rank = cluster_rank();
+  const int pairs = p.head_dim / 2;
+  const int per_block = (pairs + kSplits - 1) / kSplits;
+  const int first = static_cast<int>(rank) * per_block, mine = min(per_block, pairs - first);
+  if (mine <= 0) return;
+  for (int idx = threadIdx.x; idx < rows * mine; idx += T::kThreads) {
+    const int row = idx / mine, col = 2 * (first + idx % mine);
+    const u32 lse_addr = smem_addr(&sm.merge.lse[row]), o_addr = smem_addr(&sm.merge.o[0][row][col]);
+    float lse[kSplits];
+    float2 o[kSplits];
+#pragma unroll
+    for (int s = 0; s < kSplits; ++s) {
+      lse[s] = cluster_load_f32(cluster_map(lse_addr, s));
+      o[s] = cluster_load_f32x2(cluster_map(o_addr, s));
+    }
+    float m = -infinity();
+#pragma unroll
+    for (int s = 0; s < kSplits; ++s) m = fmaxf(m, lse[s]);
+    const bool empty = m == -infinity();  // no split saw a key: out 0, lse -inf
+    float total = 0.f, o0 = 0.f, o1 = 0.f;
+#pragma unroll
+    for (int s = 0; s < kSplits; ++s) {
+      const float w = empty ? 0.f : expf(lse[s] - m);  // -inf: 0
+      total += w;
+      o0 = fmaf(w, o[s].x, o0);
+      o1 = fmaf(w, o[s].y, o1);
+    }
+    const float inv = empty ? 0.f : 1.f / total;
+    const PackedRow at = packed_row(row_begin + row, kv_head, p.group_size);
+    u16* out = p.out.ptr + b * p.out.batch_stride + at.token * p.out.row_stride + at.head * p.out.head_stride;
+    *reinterpret_cast<u32*>(out + col) = Element::pack(o0 * inv, o1 * inv);
+    if (col == 0)
+      p.lse[(static_cast<i64>(b) * p.heads_q + at.head) * p.seqlen_q + at.token] = empty ? -infinity() : m + logf(total);
+  }
+}
+#endif
+}  // namespace cf
+
+#if CF_CLUSTER > 0
+#define CF_DECODE_CLUSTER __cluster_dims__(CF_CLUSTER, 1, 1)
+#else
+#define CF_DECODE_CLUSTER
+#endif
+
 // Reads DecodeParams (params.cuh). Grid: (heads_kv * m_tiles * num_splits, batch), kv head fastest
 // (blocks that run together read neighbouring 256-byte pieces of the same key rows), then m tile;
-// block: 128 threads; dynamic smem: DecodeSmem. Writes out and lse (num_splits 1) or the split's
-// out_partial and lse_partial rows.
-extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const __grid_constant__ cf::DecodeParams p) {
+// with CF_CLUSTER split fastest (a cluster is CF_CLUSTER consecutive blocks), then kv head, then
+// m tile. Block: 128 threads; dynamic smem: DecodeSmem. Writes out and lse (num_splits 1, or
+// CF_CLUSTER) or the split's out_partial and lse_partial rows.
+extern "C" __global__ void __launch_bounds__(cf::T::kThreads) CF_DECODE_CLUSTER
+    flash_decode(const __grid_constant__ cf::DecodeParams p) {
   using namespace cf;
   extern __shared__ Vec16 smem_raw[];
   DecodeSmem& sm = *reinterpret_cast<DecodeSmem*>(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = warp / T::kKeyWarps, wk = warp % T::kKeyWarps;
   const int group_size = p.group_size, seqlen_q = p.seqlen_q, head_dim = p.head_dim;
-  const int m_tiles = (seqlen_q * group_size + T::kBlockM - 1) / T::kBlockM;
   const int heads_kv = p.heads_q / group_size;
+#if CF_CLUSTER > 0
+  constexpr int num_splits = CF_CLUSTER;  // one cluster: the grid holds exactly these splits
+  const int split = blockIdx.x % num_splits;
+  const int kv_head = blockIdx.x / num_splits % heads_kv, m_tile = blockIdx.x / num_splits / heads_kv;
+#else
+  const int num_splits = p.num_splits;
+  const int m_tiles = (seqlen_q * group_size + T::kBlockM - 1) / T::kBlockM;
   const int kv_head = blockIdx.x % heads_kv, m_tile = blockIdx.x / heads_kv % m_tiles;
-  const int split = blockIdx.x / heads_kv / m_tiles, b = blockIdx.y;
+  const int split = blockIdx.x / heads_kv / m_tiles;
+#endif
+  const int b = blockIdx.y;
   const int packed_rows = seqlen_q * group_size;
   const int row_begin = m_tile * T::kBlockM;
   const int rows = min(T::kBlockM, packed_rows - row_begin);
@@ -249,7 +331,7 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const
   const int token_begin = row_begin / group_size, token_end = (row_begin + rows - 1) / group_size + 1;
   int n_begin, n_end;
   mask.key_tiles<T::kBlockN>(token_begin, token_end, n_begin, n_end);
-  const int tiles_per_split = p.split_tiles > 0 ? p.split_tiles : (n_end + p.num_splits - 1) / p.num_splits;
+  const int tiles_per_split = p.split_tiles > 0 ? p.split_tiles : (n_end + num_splits - 1) / num_splits;
   n_begin = max(n_begin, split * tiles_per_split);
   n_end = min(n_end, (split + 1) * tiles_per_split);
   const int n_tiles = max(n_end - n_begin, 0);
@@ -412,24 +494,31 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const
   }
   __syncthreads();
 
-  // Store: rows [0, rows), columns [0, head_dim), two columns per thread per step.
-  const bool partial = p.num_splits > 1;
+#if CF_CLUSTER > 0
+  // The block's result stays in shared memory, normalised into merge.o[0] (each thread rewrites
+  // only the pair it read), for the cluster to merge.
   for (int idx = tid; idx < rows * (head_dim / 2); idx += T::kThreads) {
     const int row = idx / (head_dim / 2), col = 2 * (idx % (head_dim / 2));
-    float o0 = 0.f, o1 = 0.f;
-#pragma unroll
-    for (int w = 0; w < T::kKeyWarps; ++w) {
-      const float weight = sm.merge.weight[w][row];
-      o0 = fmaf(weight, sm.merge.o[w][row][col], o0);
-      o1 = fmaf(weight, sm.merge.o[w][row][col + 1], o1);
-    }
+    const float2 o = block_result_pair(sm, row, col);
+    sm.merge.o[0][row][col] = o.x;
+    sm.merge.o[0][row][col + 1] = o.y;
+  }
+  cluster_sync();
+  merge_in_cluster<CF_CLUSTER>(sm, p, b, kv_head, row_begin, rows);
+  cluster_sync();  // the other blocks read this one's shared memory until here
+#else
+  // Store: rows [0, rows), columns [0, head_dim), two columns per thread per step.
+  const bool partial = num_splits > 1;
+  for (int idx = tid; idx < rows * (head_dim / 2); idx += T::kThreads) {
+    const int row = idx / (head_dim / 2), col = 2 * (idx % (head_dim / 2));
+    const float2 o = block_result_pair(sm, row, col);
     const PackedRow at = packed_row(row_begin + row, kv_head, group_size);
     if (partial) {
       const i64 stat = ((static_cast<i64>(split) * p.batch + b) * p.heads_q + at.head) * seqlen_q + at.token;
-      *reinterpret_cast<float2*>(p.out_partial + stat * head_dim + col) = make_float2(o0, o1);
+      *reinterpret_cast<float2*>(p.out_partial + stat * head_dim + col) = o;
     } else {
       u16* out = p.out.ptr + b * p.out.batch_stride + at.token * p.out.row_stride + at.head * p.out.head_stride;
-      *reinterpret_cast<u32*>(out + col) = Element::pack(o0, o1);
+      *reinterpret_cast<u32*>(out + col) = Element::pack(o.x, o.y);
     }
   }
   for (int row = tid; row < rows; row += T::kThreads) {
@@ -440,6 +529,7 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) flash_decode(const
     else
       p.lse[stat] = sm.merge.lse[row];
   }
+#endif
 }
 
 // Writes k_new and v_new (batch, seqlen_new, heads_kv, head_dim) into the cache at keys

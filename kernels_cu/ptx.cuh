@@ -184,6 +184,38 @@ template <int N>
 __device__ __forceinline__ void bulk_wait() {
   asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 }
+
+// barrier.cluster.arrive.release + wait.acquire: every block of the cluster has arrived, and the
+// shared-memory writes each made before arriving are visible to the others' reads after it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// %cluster_ctarank: this block's rank in its cluster.
+__device__ __forceinline__ u32 cluster_rank() {
+  u32 rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+
+// mapa.shared::cluster: the address in block `rank`'s shared memory of what lies at smem_addr in ours.
+__device__ __forceinline__ u32 cluster_map(u32 smem_addr, u32 rank) {
+  u32 remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr), "r"(rank));
+  return remote;
+}
+
+// ld.shared::cluster: a float, or two, from another block's shared memory (an address of cluster_map).
+__device__ __forceinline__ float cluster_load_f32(u32 addr) {
+  float x;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(x) : "r"(addr) : "memory");
+  return x;
+}
+__device__ __forceinline__ float2 cluster_load_f32x2(u32 addr) {
+  float2 x;
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(x.x), "=f"(x.y) : "r"(addr) : "memory");
+  return x;
+}
 #endif  // __CUDA_ARCH__ >= 900
 
 // ---- Hopper only (sm_90a): warpgroup MMA. Used by flash_fwd_sm90.cu, compiled for sm_90a. ----

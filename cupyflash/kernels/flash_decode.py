@@ -27,6 +27,9 @@ THREADS = 32 * DECODE_WARPS
 BLOCK_N = DECODE_BLOCK_N  # keys per tile: split_size is a multiple of it
 KERNEL_HEAD_DIMS = (64, 96, 128, 192, 256)  # compiled head dims; a call runs the smallest that holds its own
 MAX_SPLITS = DECODE_MAX_SPLITS  # the heuristic may go up to a full wave of one-kv-head blocks
+# Split counts merged inside a thread-block cluster (CF_CLUSTER) on sm_90 and up: the portable
+# cluster sizes. Other counts, and older GPUs, write partials for flash_decode_combine.
+CLUSTER_SPLITS = (2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -75,12 +78,18 @@ def config(packed_rows: int, head_dim: int, limits: DeviceLimits) -> DecodeConfi
     return None
 
 
+def cluster_size(num_splits: int, limits: DeviceLimits) -> int:
+    """The cluster that merges num_splits splits on this GPU (num_splits itself), or 0: none."""
+    return num_splits if num_splits in CLUSTER_SPLITS and tuple(limits.compute_capability) >= (9, 0) else 0
+
+
 @functools.lru_cache(maxsize=None)
-def spec(dtype: str, head_dim: int, cfg: DecodeConfig, variant: Variant) -> build.KernelSpec:
-    """flash_decode for a compiled head dim; variant gives the window sides (causal is right = 0)."""
+def spec(dtype: str, head_dim: int, cfg: DecodeConfig, variant: Variant, cluster: int = 0) -> build.KernelSpec:
+    """flash_decode for a compiled head dim; variant gives the window sides (causal is right = 0);
+    cluster > 0: that many splits, merged in their cluster (cluster_size)."""
     return build.KernelSpec(SOURCE, ENTRY, defines(
         dtype, head_dim=head_dim, row_warps=cfg.row_warps, stages=cfg.stages, smem_bytes=cfg.smem_bytes(head_dim),
-        window_left=variant.window_left, window_right=variant.window_right))
+        window_left=variant.window_left, window_right=variant.window_right, cluster=cluster))
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,7 +99,7 @@ def helper_spec(dtype: str, entry: str) -> build.KernelSpec:
     cfg = DecodeConfig(1, 2)
     return build.KernelSpec(SOURCE, entry, defines(
         dtype, head_dim=64, row_warps=cfg.row_warps, stages=cfg.stages, smem_bytes=cfg.smem_bytes(64),
-        window_left=False, window_right=False))
+        window_left=False, window_right=False, cluster=0))
 
 
 def m_tiles(packed_rows: int, cfg: DecodeConfig) -> int:
@@ -98,7 +107,8 @@ def m_tiles(packed_rows: int, cfg: DecodeConfig) -> int:
 
 
 def grid(batch: int, heads_kv: int, packed_rows: int, num_splits: int, cfg: DecodeConfig) -> tuple[int, int, int]:
-    """(kv head fastest, then m tile, then split; batch): flash_decode.cu's block order."""
+    """(kv head fastest, then m tile, then split; batch): flash_decode.cu's block order (with a
+    cluster, split fastest: the kernel reads the order from CF_CLUSTER)."""
     return (heads_kv * m_tiles(packed_rows, cfg) * num_splits, batch, 1)
 
 
