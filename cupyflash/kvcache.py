@@ -273,9 +273,15 @@ def split_plan(problem: DecodeProblem, cfg: flash_decode.DecodeConfig, device_id
     if problem.num_splits:
         return problem.num_splits, 0
     limits = device_limits(device_id)
+    blocks, slots = grid_fill(problem, cfg, limits)
+    return flash_decode.prefer_cluster(flash_decode.choose_splits(blocks, key_tiles, slots), blocks, slots, limits), 0
+
+
+def grid_fill(problem: DecodeProblem, cfg: flash_decode.DecodeConfig, limits: Any) -> tuple[int, int]:
+    """(blocks before splitting, blocks resident at once on the GPU)."""
     blocks = problem.batch * problem.heads_kv * flash_decode.m_tiles(problem.packed_rows, cfg)
-    slots = limits.sm_count * flash_decode.blocks_per_sm(cfg, flash_decode.kernel_head_dim(problem.head_dim), limits)
-    return flash_decode.choose_splits(blocks, key_tiles, slots), 0
+    return blocks, limits.sm_count * flash_decode.blocks_per_sm(cfg, flash_decode.kernel_head_dim(problem.head_dim),
+                                                                limits)
 
 
 def _strides(array: Any) -> tuple[int, int, int, int]:
@@ -296,7 +302,7 @@ def build_plan(problem: DecodeProblem, t: dict[str, Any], device_id: int) -> pla
     # split_size promises a sequence the same bits in any batch, where the split count follows the
     # cache's capacity: those calls always merge in flash_decode_combine, whose sums an empty
     # split leaves bit for bit alone (a cluster's merge adds in another order).
-    cluster = 0 if split_tiles else flash_decode.cluster_size(num_splits, limits)
+    cluster = 0 if split_tiles else flash_decode.cluster_size(num_splits, *grid_fill(problem, cfg, limits), limits)
     partials = num_splits > 1 and not cluster  # merged by flash_decode_combine
     q_shape = (problem.batch, problem.seqlen_q, problem.heads_q, problem.head_dim)
     stats = (problem.batch, problem.heads_q, problem.seqlen_q)

@@ -42,15 +42,18 @@ def main() -> None:
         chosen = kvcache.split_plan(problem, flash_decode.config(problem.packed_rows, 128, limits), 0)[0]
         for splits in SPLITS:
             count = splits or chosen
-            for clustered in (True, False) if cluster_size(count, limits) else (False,):
-                flash_decode.cluster_size = cluster_size if clustered else (lambda n, lim: 0)
+            merges = (("library's choice", cluster_size),) if splits == 0 else \
+                (("-", cluster_size),) if count == 1 else \
+                (("combine", lambda n, b, s, lim: 0),) + ((("cluster", lambda n, b, s, lim: n),)
+                                                          if count in flash_decode.CLUSTER_SPLITS else ())
+            for merge, rule in merges:
+                flash_decode.cluster_size = rule
                 plan.clear()
 
                 def call() -> object:
                     return cf.attention_with_kvcache(q, k, v, cache_seqlens=lengths, num_splits=splits)
                 call()
                 ms = do_bench(call, runs=30).median_ms
-                merge = "-" if count == 1 else "cluster" if clustered else "combine"
                 name = f"heuristic ({chosen})" if splits == 0 else str(splits)
                 print(f"| {seqlen_q} | {batch} | {cache} | {heads_q}/{heads_kv} | {name} | {merge} | "
                       f"{kv_bytes / (ms * 1e-3) / 1e12:.2f} | {ms * 1e3:.1f} |", flush=True)

@@ -73,7 +73,7 @@ def decode_specs(limits: DeviceLimits, dtype: str) -> list[tuple[str, build.Kern
             variants = (causal, UNMASKED, GENERAL) if dim == 128 else (causal,)
             specs += [(arch, flash_decode.spec(dtype, dim, cfg, variant)) for variant in variants]
             for splits in flash_decode.CLUSTER_SPLITS if dim == 128 else flash_decode.CLUSTER_SPLITS[-1:]:
-                if flash_decode.cluster_size(splits, limits):
+                if flash_decode.cluster_size(splits, 1, 2 * splits, limits):
                     specs.append((arch, flash_decode.spec(dtype, dim, cfg, causal, splits)))
     specs += [(arch, flash_decode.helper_spec(dtype, e)) for e in (flash_decode.APPEND_ENTRY, flash_decode.COMBINE_ENTRY)]
     return specs

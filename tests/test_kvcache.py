@@ -34,6 +34,7 @@ KERNELS_CU = Path(__file__).resolve().parent.parent / "kernels_cu"
 # SM) and one with far too little shared memory for head dim 256.
 H100 = DeviceLimits("fake-h100", (9, 0), 132, 232448, 233472)
 TINY = DeviceLimits("tiny", (8, 6), 8, 48 * 1024, 64 * 1024)
+A100 = DeviceLimits("fake-a100", (8, 0), 108, 166912, 167936)  # no thread-block clusters
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,6 +670,24 @@ def test_the_heuristic_counts_the_m_tiles_of_the_packed_rows(fake_h100: list[int
     assert kvcache.split_plan(problem, cfg, 0) == (1, 0)
     # The same 32 blocks with one token each (8 packed rows, 1 m tile) are split.
     assert kvcache.split_plan(dataclasses.replace(problem, seqlen_q=1), cfg, 0)[0] > 1
+
+
+def test_clusters_merge_2_4_or_8_splits_on_sm90_in_under_half_a_wave() -> None:
+    assert [flash_decode.cluster_size(n, 8, 264, H100) for n in (1, 2, 3, 4, 7, 8, 16)] == [0, 2, 0, 4, 0, 8, 0]
+    assert flash_decode.cluster_size(8, 16, 264, H100) == 8  # 128 blocks: under half of 264
+    assert flash_decode.cluster_size(8, 17, 264, H100) == 0  # 136: the combine path
+    assert flash_decode.cluster_size(4, 64, 264, H100) == 0  # a full wave (measured slower as a cluster)
+    assert flash_decode.cluster_size(2, 64, 264, H100) == 2
+    assert flash_decode.cluster_size(8, 1, 264, A100) == 0  # no clusters before sm_90
+
+
+def test_the_heuristic_takes_a_cluster_of_8_for_up_to_16_splits(fake_h100: list[int]) -> None:
+    assert [flash_decode.prefer_cluster(n, 8, 264, H100) for n in (2, 8, 9, 16, 17, 32)] == [2, 8, 8, 8, 17, 32]
+    assert flash_decode.prefer_cluster(16, 17, 264, H100) == 16  # 8 splits would not merge in a cluster
+    assert flash_decode.prefer_cluster(16, 8, 264, A100) == 16
+    # batch 1, 8 kv heads, 4096 keys: the heuristic's 16 (choose_splits(8, 64, 264)) becomes 8
+    problem = decode_problem(heads_kv=8, heads_q=32, capacity=4096, page_size=4096)
+    assert kvcache.split_plan(problem, DecodeConfig(1, 3), 0) == (8, 0)
 
 
 # ---------------------------------------------------------------------------------------------

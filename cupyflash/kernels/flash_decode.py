@@ -78,9 +78,26 @@ def config(packed_rows: int, head_dim: int, limits: DeviceLimits) -> DecodeConfi
     return None
 
 
-def cluster_size(num_splits: int, limits: DeviceLimits) -> int:
-    """The cluster that merges num_splits splits on this GPU (num_splits itself), or 0: none."""
-    return num_splits if num_splits in CLUSTER_SPLITS and tuple(limits.compute_capability) >= (9, 0) else 0
+def cluster_size(num_splits: int, blocks: int, slots: int, limits: DeviceLimits) -> int:
+    """num_splits when its splits merge inside a thread-block cluster, else 0 (flash_decode_combine):
+    a count of CLUSTER_SPLITS on sm_90 and up, in a grid of blocks * num_splits blocks that fills
+    at most half of the slots resident at once. A cluster's blocks are placed together, on one
+    GPC: near a full wave that leaves SMs idle (H200, batch 64 x 4k keys, 1 kv head: 4 splits
+    took 62.9 us as a cluster, 52.0 with the combine; 2 splits, half a wave, 49.2 against 53.4)."""
+    if num_splits not in CLUSTER_SPLITS or tuple(limits.compute_capability) < (9, 0):
+        return 0
+    return num_splits if 2 * blocks * num_splits <= slots else 0
+
+
+def prefer_cluster(num_splits: int, blocks: int, slots: int, limits: DeviceLimits) -> int:
+    """The heuristic's split count, or the largest cluster in its place where that is at least half
+    of it and merges in a cluster: the combine launch saved outweighs the fewer splits. On an
+    H200 (bf16, d 128, 32/8 heads, 4 tokens, 1 x 4k keys): 8 splits in a cluster 16.6 us, 16 with
+    the combine 18.8 (scripts/decode_splits.py; benchmarks/results/h200-2026-12-04-decode-l2/)."""
+    largest = CLUSTER_SPLITS[-1]
+    if largest < num_splits <= 2 * largest and cluster_size(largest, blocks, slots, limits):
+        return largest
+    return num_splits
 
 
 @functools.lru_cache(maxsize=None)
