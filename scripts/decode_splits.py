@@ -2,13 +2,15 @@
 sm_90 and up) and by flash_decode_combine, for choosing kvcache.split_plan's count (a
 measurement, not a test):
 
-    PYTHONPATH=$PWD python scripts/decode_splits.py
+    PYTHONPATH=$PWD python scripts/decode_splits.py [Q,BATCH,CACHE,HEADS_Q,HEADS_KV ...]
 
 TB/s = bytes of K and V read once over the median time (timing.do_bench: L2 flushed, host work
 hidden); "heuristic" is num_splits=0, whatever split_plan picks.
 """
 
 from __future__ import annotations
+
+import sys
 
 import cupy
 import ml_dtypes
@@ -23,15 +25,16 @@ BF16 = ml_dtypes.bfloat16
 CELLS = [(1, 1, 4096, 32, 8), (1, 1, 4096, 8, 1), (1, 1, 32768, 32, 8), (1, 1, 32768, 8, 1),
          (1, 1, 131072, 8, 1), (1, 16, 4096, 32, 8), (1, 16, 4096, 8, 1), (1, 64, 4096, 8, 1),
          (4, 1, 4096, 32, 8), (16, 1, 4096, 32, 8), (16, 1, 32768, 8, 1)]  # (q, batch, cache, heads q, kv)
-SPLITS = (0, 1, 2, 4, 8, 16, 32, 64)
+SPLITS = (0, 1, 2, 4, 8, 16, 32)
 
 
 def main() -> None:
+    cells = [tuple(int(x) for x in arg.split(",")) for arg in sys.argv[1:]] or CELLS
     limits = device_limits(0)
     cluster_size = flash_decode.cluster_size
     print("| q | batch | cache | heads | splits | merge | TB/s | us |")
     print("|---|---|---|---|---|---|---|---|")
-    for seqlen_q, batch, cache, heads_q, heads_kv in CELLS:
+    for seqlen_q, batch, cache, heads_q, heads_kv in cells:
         q = cupy.random.standard_normal((batch, seqlen_q, heads_q, 128), dtype=cupy.float32).astype(BF16)
         k, v = (cupy.random.standard_normal((batch, cache, heads_kv, 128), dtype=cupy.float32).astype(BF16)
                 for _ in range(2))
