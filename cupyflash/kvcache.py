@@ -302,7 +302,9 @@ def build_plan(problem: DecodeProblem, t: dict[str, Any], device_id: int) -> pla
     # split_size promises a sequence the same bits in any batch, where the split count follows the
     # cache's capacity: those calls always merge in flash_decode_combine, whose sums an empty
     # split leaves bit for bit alone (a cluster's merge adds in another order).
-    cluster = 0 if split_tiles else flash_decode.cluster_size(num_splits, *grid_fill(problem, cfg, limits), limits)
+    blocks, slots = grid_fill(problem, cfg, limits)
+    cluster = 0 if split_tiles else flash_decode.cluster_size(num_splits, blocks, slots, limits)
+    cfg = flash_decode.deeper_pipeline(cfg, problem.head_dim, blocks * num_splits, limits)
     partials = num_splits > 1 and not cluster  # merged by flash_decode_combine
     q_shape = (problem.batch, problem.seqlen_q, problem.heads_q, problem.head_dim)
     stats = (problem.batch, problem.heads_q, problem.seqlen_q)

@@ -62,7 +62,8 @@ def heuristic_specs() -> list[tuple[str, build.KernelSpec]]:
 def decode_specs(limits: DeviceLimits, dtype: str) -> list[tuple[str, build.KernelSpec]]:
     """attention_with_kvcache's kernels: each compiled head dim and block (1, 2, 4 row warps) as
     decoding runs them (causal), the other mask variants at head_dim 128, append and combine;
-    where the GPU merges splits in a cluster, each block with 8 splits, and 2 and 4 at 128."""
+    where the GPU merges splits in a cluster, each block with 8 splits, and 2 and 4 at 128; the
+    4-stage blocks of grids with one block per SM, alone and with 8 splits in a cluster."""
     causal, arch = Variant(False, True, False), limits.arch
     specs = []
     for dim in flash_decode.KERNEL_HEAD_DIMS:
@@ -72,9 +73,12 @@ def decode_specs(limits: DeviceLimits, dtype: str) -> list[tuple[str, build.Kern
                 continue
             variants = (causal, UNMASKED, GENERAL) if dim == 128 else (causal,)
             specs += [(arch, flash_decode.spec(dtype, dim, cfg, variant)) for variant in variants]
-            for splits in flash_decode.CLUSTER_SPLITS if dim == 128 else flash_decode.CLUSTER_SPLITS[-1:]:
-                if flash_decode.cluster_size(splits, 1, 2 * splits, limits):
-                    specs.append((arch, flash_decode.spec(dtype, dim, cfg, causal, splits)))
+            clusters = [n for n in (flash_decode.CLUSTER_SPLITS if dim == 128 else flash_decode.CLUSTER_SPLITS[-1:])
+                        if flash_decode.cluster_size(n, 1, 2 * n, limits)]
+            specs += [(arch, flash_decode.spec(dtype, dim, cfg, causal, n)) for n in clusters]
+            deeper = flash_decode.deeper_pipeline(cfg, dim, 1, limits)  # a grid of one block per SM
+            if deeper != cfg:
+                specs += [(arch, flash_decode.spec(dtype, dim, deeper, causal, n)) for n in [0, *clusters[-1:]]]
     specs += [(arch, flash_decode.helper_spec(dtype, e)) for e in (flash_decode.APPEND_ENTRY, flash_decode.COMBINE_ENTRY)]
     return specs
 

@@ -672,13 +672,23 @@ def test_the_heuristic_counts_the_m_tiles_of_the_packed_rows(fake_h100: list[int
     assert kvcache.split_plan(dataclasses.replace(problem, seqlen_q=1), cfg, 0)[0] > 1
 
 
-def test_clusters_merge_2_4_or_8_splits_on_sm90_in_under_half_a_wave() -> None:
+def test_clusters_merge_2_4_or_8_splits_on_sm90_in_part_of_a_wave() -> None:
     assert [flash_decode.cluster_size(n, 8, 264, H100) for n in (1, 2, 3, 4, 7, 8, 16)] == [0, 2, 0, 4, 0, 8, 0]
     assert flash_decode.cluster_size(8, 16, 264, H100) == 8  # 128 blocks: under half of 264
     assert flash_decode.cluster_size(8, 17, 264, H100) == 0  # 136: the combine path
     assert flash_decode.cluster_size(4, 64, 264, H100) == 0  # a full wave (measured slower as a cluster)
-    assert flash_decode.cluster_size(2, 64, 264, H100) == 2
+    assert flash_decode.cluster_size(2, 128, 264, H100) == 2  # pairs: up to a full wave
+    assert flash_decode.cluster_size(2, 133, 264, H100) == 0
     assert flash_decode.cluster_size(8, 1, 264, A100) == 0  # no clusters before sm_90
+
+
+def test_a_grid_of_one_block_per_sm_takes_4_stages() -> None:
+    assert flash_decode.deeper_pipeline(DecodeConfig(1, 3), 128, 132, H100) == DecodeConfig(1, 4)
+    assert flash_decode.deeper_pipeline(DecodeConfig(2, 3), 64, 1, H100) == DecodeConfig(2, 4)
+    assert flash_decode.deeper_pipeline(DecodeConfig(1, 3), 128, 133, H100) == DecodeConfig(1, 3)  # 2 per SM
+    assert flash_decode.deeper_pipeline(DecodeConfig(4, 2), 128, 1, H100) == DecodeConfig(4, 2)
+    assert flash_decode.deeper_pipeline(DecodeConfig(1, 2), 256, 1, H100) == DecodeConfig(1, 2)
+    assert flash_decode.deeper_pipeline(DecodeConfig(1, 3), 128, 1, TINY) == DecodeConfig(1, 3)  # does not fit
 
 
 def test_the_heuristic_takes_a_cluster_of_8_for_up_to_16_splits(fake_h100: list[int]) -> None:

@@ -58,6 +58,17 @@ class DecodeConfig:
         return self.smem_bytes(head_dim) <= limits.smem_per_block_optin
 
 
+def deeper_pipeline(cfg: DecodeConfig, head_dim: int, blocks: int, limits: DeviceLimits) -> DecodeConfig:
+    """cfg with 4 stages where a grid of `blocks` blocks runs one per SM anyway (no more blocks
+    than SMs) and the 4 stages fit: up to head dim 128 with fewer than 4 row warps. A short split's
+    tiles are then all in flight at once: on an H200 (bf16, d 128, 1 x 4k keys, 16 splits) 15.6 ->
+    14.4 us with 1 kv head, 18.8 -> 18.1 with 8 (benchmarks/results/h200-2026-12-04-decode-l2/)."""
+    deeper = DecodeConfig(cfg.row_warps, 4)
+    if cfg.stages == 3 and blocks <= limits.sm_count and deeper.fits(kernel_head_dim(head_dim), limits):
+        return deeper
+    return cfg
+
+
 def kernel_head_dim(head_dim: int) -> int:
     """The compiled head dim that runs a stored head dim (a multiple of 8, at most 256)."""
     return next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
@@ -80,20 +91,26 @@ def config(packed_rows: int, head_dim: int, limits: DeviceLimits) -> DecodeConfi
 
 def cluster_size(num_splits: int, blocks: int, slots: int, limits: DeviceLimits) -> int:
     """num_splits when its splits merge inside a thread-block cluster, else 0 (flash_decode_combine):
-    a count of CLUSTER_SPLITS on sm_90 and up, in a grid of blocks * num_splits blocks that fills
-    at most half of the slots resident at once. A cluster's blocks are placed together, on one
-    GPC: near a full wave that leaves SMs idle (H200, batch 64 x 4k keys, 1 kv head: 4 splits
-    took 62.9 us as a cluster, 52.0 with the combine; 2 splits, half a wave, 49.2 against 53.4)."""
+    a count of CLUSTER_SPLITS on sm_90 and up, in a grid of blocks * num_splits blocks that fits
+    in one wave of the slots resident at once, and in half of it for clusters of 4 and 8. A
+    cluster's blocks are placed together, on one GPC, which near a full wave leaves SMs idle.
+    Measured on an H200 (bf16, d 128; scripts/decode_splits.py): batch 64 x 4k keys, 1 kv head, 4
+    splits (256 blocks of 264 slots) took 62.9 us as clusters against 52.0 with the combine, 2
+    splits (128) 49.2 against 53.4; batch 16 x 4k, 8 kv heads, 2 splits (256 blocks) 79.5 against
+    82.7, 4 splits (512) 93.0 against 87.0."""
     if num_splits not in CLUSTER_SPLITS or tuple(limits.compute_capability) < (9, 0):
         return 0
-    return num_splits if 2 * blocks * num_splits <= slots else 0
+    wave = slots if num_splits == 2 else slots // 2
+    return num_splits if blocks * num_splits <= wave else 0
 
 
 def prefer_cluster(num_splits: int, blocks: int, slots: int, limits: DeviceLimits) -> int:
     """The heuristic's split count, or the largest cluster in its place where that is at least half
     of it and merges in a cluster: the combine launch saved outweighs the fewer splits. On an
-    H200 (bf16, d 128, 32/8 heads, 4 tokens, 1 x 4k keys): 8 splits in a cluster 16.6 us, 16 with
-    the combine 18.8 (scripts/decode_splits.py; benchmarks/results/h200-2026-12-04-decode-l2/)."""
+    H200 (bf16, d 128, 32/8 heads, 1 x 4k keys): 8 splits in a cluster 15.9 us, 16 with the
+    combine 17.5; 4 tokens 16.6 against 18.8 (scripts/decode_splits.py;
+    benchmarks/results/h200-2026-12-04-decode-l2/). With 1 kv head (8/1) it is about even: 14.7
+    against 14.4."""
     largest = CLUSTER_SPLITS[-1]
     if largest < num_splits <= 2 * largest and cluster_size(largest, blocks, slots, limits):
         return largest
