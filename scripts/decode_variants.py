@@ -8,6 +8,7 @@ each cell, with the L2 flushed and host work hidden, and without either.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import cupy
@@ -21,6 +22,11 @@ from cupyflash.timing import do_bench
 BF16 = ml_dtypes.bfloat16
 CELLS = [(1, 16, 32768, 32, 8), (1, 1, 4096, 32, 8), (1, 1, 4096, 8, 1), (1, 64, 32768, 32, 8),
          (1, 1, 131072, 32, 8), (16, 16, 32768, 32, 8)]
+if os.environ.get("DECODE_CELLS"):  # "Q,BATCH,CACHE,HEADS_Q,HEADS_KV;..."
+    CELLS = [tuple(int(x) for x in cell.split(",")) for cell in os.environ["DECODE_CELLS"].split(";")]
+# DECODE_NCU=1: no timing; each variant's second call runs between cudaProfilerStart and Stop
+# (ncu --profile-from-start off sees one call per variant and cell, in the printed order).
+NCU = bool(os.environ.get("DECODE_NCU"))
 
 
 def main() -> None:
@@ -60,6 +66,14 @@ def main() -> None:
                 if reference is None:
                     reference = out
                 diff = float(cupy.abs(out.astype(cupy.float32) - reference.astype(cupy.float32)).max())
+                if NCU:
+                    cupy.cuda.runtime.deviceSynchronize()
+                    cupy.cuda.runtime.profilerStart()
+                    call()
+                    cupy.cuda.runtime.deviceSynchronize()
+                    cupy.cuda.runtime.profilerStop()
+                    print(f"profiled {name} {seqlen_q},{batch},{cache},{heads_q},{heads_kv} diff {diff:.1e}", flush=True)
+                    continue
                 ms = do_bench(call, runs=30).median_ms
                 ms2 = do_bench(call, runs=30, flush_l2=False, hide_host=False).median_ms
                 print(f"| {name} | {seqlen_q} | {batch} | {cache} | {heads_q}/{heads_kv} | {splits} | "
