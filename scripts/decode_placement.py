@@ -18,9 +18,10 @@ import cupy
 import ml_dtypes
 
 import cupyflash as cf
-from cupyflash import build, plan
+from cupyflash import plan
 from cupyflash.kernels import flash_decode
 from cupyflash.timing import do_bench
+from decode_variants import parse_macros, with_macros  # scripts/ is on sys.path when a script runs
 
 BF16 = ml_dtypes.bfloat16
 CELLS = [(1, 64, 32768, 8, 1), (1, 16, 131072, 8, 1), (1, 16, 32768, 32, 8), (1, 64, 4096, 32, 8),
@@ -29,18 +30,11 @@ GAPS = (0, 4096, 65536 + 4096, 1 << 20, 3 << 20)  # bytes between k's end and v'
 VARIANT_GAPS = (0, 65536 + 4096)
 
 
-def with_macros(spec_of, macros):
-    def patched(*args, **kwargs):
-        s = spec_of(*args, **kwargs)
-        return build.KernelSpec(s.source, s.entry, s.defines + macros, s.arch_suffix)
-    return patched
-
-
 def main() -> None:
     variants = [("baseline", ())]
     for arg in sys.argv[1:]:
         name, macros = arg.split("=")
-        variants.append((name, tuple(tuple(m.split(":")) for m in macros.split(","))))
+        variants.append((name, parse_macros(macros)))
     original = flash_decode.spec
     print("| q | batch | cache | heads | gap (bytes) | variant | TB/s | us |")
     print("|---|---|---|---|---|---|---|---|")

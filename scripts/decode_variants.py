@@ -18,6 +18,7 @@ import cupyflash as cf
 from cupyflash import build, plan
 from cupyflash.kernels import flash_decode
 from cupyflash.timing import do_bench
+from profile_cases import profile_once  # scripts/ is on sys.path when a script runs
 
 BF16 = ml_dtypes.bfloat16
 CELLS = [(1, 16, 32768, 32, 8), (1, 1, 4096, 32, 8), (1, 1, 4096, 8, 1), (1, 64, 32768, 32, 8),
@@ -29,6 +30,19 @@ if os.environ.get("DECODE_CELLS"):  # "Q,BATCH,CACHE,HEADS_Q,HEADS_KV;..."
 NCU = bool(os.environ.get("DECODE_NCU"))
 
 
+def parse_macros(text: str) -> tuple[tuple[str, str], ...]:
+    """"MACRO:VALUE,MACRO:VALUE" as -D pairs."""
+    return tuple(tuple(m.split(":")) for m in text.split(","))
+
+
+def with_macros(spec_of, macros: tuple[tuple[str, str], ...]):
+    """spec_of (flash_decode.spec) whose kernels compile with these -D macros as well."""
+    def patched(*args, **kwargs):
+        s = spec_of(*args, **kwargs)
+        return build.KernelSpec(s.source, s.entry, s.defines + macros, s.arch_suffix)
+    return patched
+
+
 def main() -> None:
     variants = [("baseline", ())]
     for arg in sys.argv[1:]:
@@ -36,7 +50,7 @@ def main() -> None:
         if macros.startswith("@"):  # @ROW_WARPS,STAGES: that decode block, no macros
             variants.append((name, tuple(int(x) for x in macros[1:].split(","))))
         else:
-            variants.append((name, tuple(tuple(m.split(":")) for m in macros.split(","))))
+            variants.append((name, parse_macros(macros)))
     original, original_config = flash_decode.spec, flash_decode.config
     print("| variant | q | batch | cache | heads | splits | TB/s | TB/s no flush/hide |")
     print("|---|---|---|---|---|---|---|---|")
@@ -48,16 +62,13 @@ def main() -> None:
         kv_bytes = 2 * batch * cache * heads_kv * 128 * 2
         reference = None
         for name, macros in variants:
-            def patched(*args, macros=macros, **kwargs):
-                s = original(*args, **kwargs)
-                return build.KernelSpec(s.source, s.entry, s.defines + macros, s.arch_suffix)
             if macros and isinstance(macros[0], int):
                 block = flash_decode.DecodeConfig(*macros)
                 flash_decode.config = lambda *a, block=block: block
                 flash_decode.spec = original
             else:
                 flash_decode.config = original_config
-                flash_decode.spec = patched
+                flash_decode.spec = with_macros(original, macros)
             plan.clear()
             for splits in (0,):
                 def call() -> object:
@@ -67,11 +78,7 @@ def main() -> None:
                     reference = out
                 diff = float(cupy.abs(out.astype(cupy.float32) - reference.astype(cupy.float32)).max())
                 if NCU:
-                    cupy.cuda.runtime.deviceSynchronize()
-                    cupy.cuda.runtime.profilerStart()
-                    call()
-                    cupy.cuda.runtime.deviceSynchronize()
-                    cupy.cuda.runtime.profilerStop()
+                    profile_once(call)
                     print(f"profiled {name} {seqlen_q},{batch},{cache},{heads_q},{heads_kv} diff {diff:.1e}", flush=True)
                     continue
                 ms = do_bench(call, runs=30).median_ms

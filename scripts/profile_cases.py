@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import Callable
 
 import cupy
 import ml_dtypes
@@ -33,6 +34,16 @@ def _normal(*shape: int) -> cupy.ndarray:
     return cupy.random.standard_normal(shape, dtype=cupy.float32).astype(BF16)
 
 
+def profile_once(call: Callable[[], object]) -> None:
+    """call() once between cudaProfilerStart and Stop, the device idle before and after, so that
+    `ncu --profile-from-start off` sees its kernels alone."""
+    cupy.cuda.runtime.deviceSynchronize()
+    cupy.cuda.runtime.profilerStart()
+    call()
+    cupy.cuda.runtime.deviceSynchronize()
+    cupy.cuda.runtime.profilerStop()
+
+
 def decode(seqlen_q: int, batch: int, cache: int, heads_q: int, heads_kv: int, page: int = 0) -> None:
     q, k, v = _normal(batch, seqlen_q, heads_q, 128), _normal(batch, cache, heads_kv, 128), _normal(batch, cache, heads_kv, 128)
     options = {}
@@ -41,11 +52,7 @@ def decode(seqlen_q: int, batch: int, cache: int, heads_q: int, heads_kv: int, p
         k, v, options["block_table"] = paged_cache(k, page, table, cupy), paged_cache(v, page, table, cupy), table
     lengths = cupy.full(batch, cache, cupy.int32)
     cf.attention_with_kvcache(q, k, v, cache_seqlens=lengths, **options)
-    cupy.cuda.runtime.deviceSynchronize()
-    cupy.cuda.runtime.profilerStart()
-    cf.attention_with_kvcache(q, k, v, cache_seqlens=lengths, **options)
-    cupy.cuda.runtime.deviceSynchronize()
-    cupy.cuda.runtime.profilerStop()
+    profile_once(lambda: cf.attention_with_kvcache(q, k, v, cache_seqlens=lengths, **options))
 
 
 def decode_torch(backend: str, seqlen_q: int, batch: int, cache: int, heads_q: int, heads_kv: int) -> None:
