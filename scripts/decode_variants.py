@@ -1,6 +1,7 @@
 """EXPERIMENT: flash_decode compiled with extra -D macros, timed on a few cells (not a test).
 
     PYTHONPATH=$PWD python scripts/decode_variants.py NAME=MACRO:VALUE,MACRO:VALUE ...
+    (NAME=SOURCE:../old/flash_decode.cu: that file in place of kernels_cu/flash_decode.cu)
 
 Each variant's TB/s (bytes of K and V read once over the median time of timing.do_bench) on
 each cell, with the L2 flushed and host work hidden, and without either.
@@ -36,10 +37,15 @@ def parse_macros(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def with_macros(spec_of, macros: tuple[tuple[str, str], ...]):
-    """spec_of (flash_decode.spec) whose kernels compile with these -D macros as well."""
+    """spec_of (flash_decode.spec) whose kernels compile with these -D macros as well; the pair
+    SOURCE:PATH compiles PATH (relative to kernels_cu/) in place of the kernel's own file, e.g. an
+    earlier version of it kept for a comparison."""
+    source = dict(macros).get("SOURCE")
+    defines = tuple(m for m in macros if m[0] != "SOURCE")
+
     def patched(*args, **kwargs):
         s = spec_of(*args, **kwargs)
-        return build.KernelSpec(s.source, s.entry, s.defines + macros, s.arch_suffix)
+        return build.KernelSpec(source or s.source, s.entry, s.defines + defines, s.arch_suffix)
     return patched
 
 
