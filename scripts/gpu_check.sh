@@ -6,7 +6,8 @@
 #   tests-shuffled  the same in a shuffled order (TEST_SEED, default 2026): no test may depend on
 #            what ran before it                                -> $OUT/gpu_tests_shuffled.log
 #   sanitize scripts/sanitize.py: compute-sanitizer memcheck over the memory-safety sweep, racecheck
-#            and synccheck over its small set, one process per case -> $OUT/sanitize.log
+#            and synccheck over its small set, one process per case (SANITIZE_MATCH=TEXT: only the
+#            cases whose id contains TEXT)                     -> $OUT/sanitize.log
 #   validate cupyflash validate --quick                       -> $OUT/validate.log
 #   bench    cupyflash bench: the paper grid against naive CuPy and PyTorch, one dtype per step
 #            (bench-fp16 / bench-bf16; BENCH_RUNS timed runs, default 10) -> $OUT/bench-*.log, .png, bench-*/*.json/.md
@@ -31,7 +32,8 @@ export CUPYFLASH_CACHE_DIR=${CUPYFLASH_CACHE_DIR:-/tmp/cupyflash-cache}
 PY=${PYTHON:-python3}
 steps=("$@")
 [[ ${#steps[@]} -eq 0 ]] && steps=(info tests sanitize validate bench-fp16 bench-bf16 overhead)
-GPU_TESTS=(tests/test_gpu_*.py)
+# GPU_TESTS="FILE ...": run only these test files (a subset, e.g. the decoding ones); default all.
+read -r -a GPU_TESTS <<<"${GPU_TESTS:-$(echo tests/test_gpu_*.py)}"
 # PYTEST_JOBS=N spreads the GPU tests over N processes on the one GPU (pytest-xdist, when installed).
 JOBS=()
 [[ -n ${PYTEST_JOBS:-} ]] && $PY -c "import xdist" 2>/dev/null && JOBS=(-n "$PYTEST_JOBS")
@@ -90,7 +92,7 @@ for step in "${steps[@]}"; do
       grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -n 40 ;;
     sanitize)
       run_step sanitize "$OUT/sanitize-summary.txt" $PY scripts/sanitize.py --jobs "${SANITIZE_JOBS:-12}" \
-        --log "$OUT/sanitize.log"
+        --match="${SANITIZE_MATCH:-}" --log "$OUT/sanitize.log"
       cat "$OUT/sanitize-summary.txt" ;;
     validate) run_step validate "$OUT/validate.log" $PY -m cupyflash validate --quick --require-gpu; tail -n 5 "$OUT/validate.log" ;;
     bench-fp16|bench-bf16)

@@ -6,6 +6,7 @@ context unusable).
     python scripts/sanitize.py                   # memcheck over the sweep, racecheck and synccheck over the small one
     python scripts/sanitize.py --tool memcheck --jobs 8 --log sanitize.log
     python scripts/sanitize.py --list            # the case ids
+    python scripts/sanitize.py --match=-kv-      # only the cases whose id contains -kv- (decoding)
     python scripts/sanitize.py --case ID         # one case in this process (what each sanitized process runs)
 
 First every case runs once without the sanitizer, which compiles its kernels into the disk cache
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log", type=Path, help="write every process's output here")
     parser.add_argument("--list", action="store_true", help="print the case ids and exit")
     parser.add_argument("--case", help="run this one case here, without the sanitizer, and exit")
+    parser.add_argument("--match", default="", help="only the cases whose id contains this text (e.g. -kv- for decoding)")
     return parser
 
 
@@ -87,7 +89,7 @@ def main() -> int:
         run_one(args.case)
         return 0
     if args.list:
-        print("\n".join(c.id for c in memory_sweep.cases()))
+        print("\n".join(c.id for c in memory_sweep.cases() if args.match in c.id))
         return 0
     sanitizer = (os.environ.get("COMPUTE_SANITIZER") or shutil.which("compute-sanitizer")
                  or next((str(p) for p in Path("/usr/local").glob("cuda*/bin/compute-sanitizer")), None))
@@ -95,7 +97,7 @@ def main() -> int:
         print("compute-sanitizer not found (set COMPUTE_SANITIZER or put it on PATH)", file=sys.stderr)
         return 2
     tools = TOOLS if args.tool == "all" else (args.tool,)
-    work = [(tool, c.id) for tool in tools for c in memory_sweep.cases(small=tool != "memcheck")]
+    work = [(tool, c.id) for tool in tools for c in memory_sweep.cases(small=tool != "memcheck") if args.match in c.id]
     started = time.monotonic()
     failed_warm_up = warm_up(sorted({case_id for _, case_id in work}))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
