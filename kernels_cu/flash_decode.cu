@@ -177,30 +177,31 @@ __device__ __forceinline__ void read_run_pages(int (&pages)[T::kCopySteps], cons
     pages[r] = page_of<true>(p, seq, n_block * T::kBlockN + r * (T::kBlockN / kRuns) + c.row);
 }
 
-// The copies of such a tile's K rows (kV false) or V rows (true): one address per run, then
-// kCopyRows rows further per step. Every address lies in a row below seqlen_k, so inside the cache.
-template <int kRuns, bool kV, int kPages>
+// The copies of such a tile: one address per run, then kCopyRows rows further per step. Every
+// address lies in a row below seqlen_k, so inside the cache.
+template <int kRuns>
 __device__ __forceinline__ void copy_run_tile(const KvCopy& c, const DecodeParams& p, const CacheSequence& seq,
-                                              int n_block, u32 slot_bytes, const int (&pages)[kPages]) {
-  static_assert(kRuns <= kPages, "one page per run");
+                                              int n_block, u32 slot_bytes, const int (&pages)[T::kCopySteps]) {
   constexpr int kRunSteps = T::kCopySteps / kRuns;
-  const u32 dst0 = c.k_dst + slot_bytes + (kV ? KvCopy::kVBytes : 0);
 #pragma unroll
   for (int r = 0; r < kRuns; ++r) {
     const int j = n_block * T::kBlockN + r * (T::kBlockN / kRuns) + c.row;
-    const u16* src = (kV ? c.v_head : c.k_head) + key_offset<true>(p, seq, j, pages[r]) + c.col_offset;
+    const i64 offset = key_offset<true>(p, seq, j, pages[r]) + c.col_offset;
+    const u16* k_src = c.k_head + offset;
+    const u16* v_src = c.v_head + offset;
 #pragma unroll
     for (int i = 0; i < kRunSteps; ++i) {
-      cp_async_16_stream(dst0 + (r * kRunSteps + i) * KvCopy::kStepBytes, src, c.src_bytes);
-      src += c.step_stride;
+      const u32 dst = c.k_dst + slot_bytes + (r * kRunSteps + i) * KvCopy::kStepBytes;
+      cp_async_16_stream(dst, k_src, c.src_bytes);
+      cp_async_16_stream(dst + KvCopy::kVBytes, v_src, c.src_bytes);
+      k_src += c.step_stride;
+      v_src += c.step_stride;
     }
   }
 }
 
 // Any other tile (a sequence's last, or pages of another size): each step's row finds its own
-// page (pages[step] for K; V reads the table again, where its row is, rather than keep
-// kCopySteps more registers through the loop), and rows past seqlen_k are zero-filled from the
-// head's first row.
+// page (pages[step]), and rows past seqlen_k are zero-filled from the head's first row.
 __device__ __forceinline__ void read_step_pages(int (&pages)[T::kCopySteps], const KvCopy& c, const DecodeParams& p,
                                                 const CacheSequence& seq, int n_block) {
 #pragma unroll
@@ -210,40 +211,17 @@ __device__ __forceinline__ void read_step_pages(int (&pages)[T::kCopySteps], con
   }
 }
 
-template <bool kV, int kPages>
 __device__ __forceinline__ void copy_step_tile(const KvCopy& c, const DecodeParams& p, const CacheSequence& seq,
-                                               int n_block, u32 slot_bytes, const int (&pages)[kPages]) {
-  const u16* head = kV ? c.v_head : c.k_head;
-  const u32 dst0 = c.k_dst + slot_bytes + (kV ? KvCopy::kVBytes : 0);
+                                               int n_block, u32 slot_bytes, const int (&pages)[T::kCopySteps]) {
 #pragma unroll
   for (int step = 0; step < T::kCopySteps; ++step) {
     const int j = n_block * T::kBlockN + c.row + step * T::kCopyRows;
     const bool valid = j < seq.seqlen_k && c.src_bytes != 0;
-    int page = 0;
-    if constexpr (kV) {
-      if (valid && seq.pages != nullptr) page = page_of(p, seq, j);
-    } else {
-      page = pages[step];
-    }
-    const i64 offset = valid ? key_offset(p, seq, j, page) + c.col_offset : 0;
-    cp_async_16_stream(dst0 + step * KvCopy::kStepBytes, head + offset, valid ? 16 : 0);
+    const i64 offset = valid ? key_offset(p, seq, j, pages[step]) + c.col_offset : 0;
+    const u32 dst = c.k_dst + slot_bytes + step * KvCopy::kStepBytes;
+    cp_async_16_stream(dst, c.k_head + offset, valid ? 16 : 0);
+    cp_async_16_stream(dst + KvCopy::kVBytes, c.v_head + offset, valid ? 16 : 0);
   }
-}
-
-// Tile n_block's K rows (kV false) or V rows (true) into the pipeline slot at slot_bytes: by runs
-// where copy_runs > 0 (see the kernel) and the tile lies below seqlen_k, else step by step.
-// pages: what read_pages gave for this tile (for V, its first kMaxCopyRuns entries).
-template <bool kV, int kPages>
-__device__ __forceinline__ void copy_tile(const KvCopy& c, const DecodeParams& p, const CacheSequence& seq,
-                                          int copy_runs, int n_block, u32 slot_bytes, const int (&pages)[kPages]) {
-  if (copy_runs == 0 || (n_block + 1) * T::kBlockN > seq.seqlen_k)
-    copy_step_tile<kV>(c, p, seq, n_block, slot_bytes, pages);
-  else if (copy_runs == 1)
-    copy_run_tile<1, kV>(c, p, seq, n_block, slot_bytes, pages);
-  else if (copy_runs == 2)
-    copy_run_tile<2, kV>(c, p, seq, n_block, slot_bytes, pages);
-  else
-    copy_run_tile<4, kV>(c, p, seq, n_block, slot_bytes, pages);
 }
 }  // namespace cf
 
@@ -400,35 +378,26 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) CF_DECODE_CLUSTER
     else
       read_run_pages<4>(pages, copy, p, seq, n_block);
   };
-  // v_pages: the run pages of the tile whose V is copied next (its K was copied a step earlier).
-  int v_pages[T::kMaxCopyRuns] = {};
-  auto load_k = [&](int slot, int n_block) {
-    if (copies) copy_tile<false>(copy, p, seq, copy_runs, n_block, slot * sizeof(sm.tiles.k[0]), pages);
-  };
-  auto load_v = [&](int slot, int n_block) {
-    if (copies) copy_tile<true>(copy, p, seq, copy_runs, n_block, slot * sizeof(sm.tiles.k[0]), v_pages);
-  };
-  auto keep_pages_for_v = [&] {
-#pragma unroll
-    for (int i = 0; i < T::kMaxCopyRuns; ++i) v_pages[i] = pages[i];
+  auto load_kv = [&](int slot, int n_block) {
+    if (!copies) return;
+    const u32 slot_bytes = slot * sizeof(sm.tiles.k[0]);
+    if (!by_runs(n_block))
+      copy_step_tile(copy, p, seq, n_block, slot_bytes, pages);
+    else if (copy_runs == 1)
+      copy_run_tile<1>(copy, p, seq, n_block, slot_bytes, pages);
+    else if (copy_runs == 2)
+      copy_run_tile<2>(copy, p, seq, n_block, slot_bytes, pages);
+    else
+      copy_run_tile<4>(copy, p, seq, n_block, slot_bytes, pages);
   };
 
-  // The pipeline: V trails K by one tile. Commit group s holds K of tile s and V of tile s - 1,
-  // and tile t's P V runs in iteration t + 1, after tile t + 1's Q K^T, so one barrier per tile
-  // still orders everything. Why: copying a tile's K and V rows together sends two requests for
-  // the same offset in k_cache and v_cache at once, and where v_cache lies a large power of two
-  // after k_cache (two caches allocated one after the other) the one-token kernel ran 10-17%
-  // slower than with the caches placed otherwise (H100, benchmarks/results/
-  // h100-2026-12-06-decode-check/); FlashAttention-2 likewise copies a tile's V with the next K.
-  // Prologue: kStages - 1 groups (Q joins the first); then the pages of the next K tile. Not
-  // unrolled: each copy is four paths of code.
+  // Prologue: kStages - 1 tiles, one commit group each (Q joins the first); then the pages of
+  // the next tile to load. Not unrolled: each load_kv is four copy paths of code.
 #pragma unroll 1
   for (int s = 0; s < T::kStages - 1; ++s) {
-    if (s >= 1 && s - 1 < n_tiles) load_v(s - 1, n_begin + s - 1);
     if (s < n_tiles) {
       read_pages(n_begin + s);
-      load_k(s, n_begin + s);
-      keep_pages_for_v();
+      load_kv(s, n_begin + s);
     }
     cp_async_commit();
   }
@@ -441,7 +410,7 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) CF_DECODE_CLUSTER
   const float scale_log2 = p.scale_log2;
   const int g = lane >> 2, t4 = lane & 3;
 
-  // Q landed with the first commit group (the first K tile's): the same wait as the first
+  // Q landed with the first commit group (the first K/V tile's): the same wait as the first
   // tile's, so only the barrier before it comes early.
   u32 q_frag[T::kHeadDim / 16][1][4];  // unused (and not allocated) without kQInRegisters
   if constexpr (T::kQInRegisters) {
@@ -452,27 +421,24 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) CF_DECODE_CLUSTER
   // The warp's ldmatrix addresses of its keys in slot 0 of K and V; a slot is a constant further.
   const u32 k_lane_addr = b_pair_addr(sm.tiles.k[0], wk * T::kWarpKeys, 0, lane);
   const u32 v_lane_addr = b_pair_trans_addr(sm.tiles.v[0], 0, wk * T::kWarpKeys, lane);
-  constexpr u32 kSlotBytes = sizeof(sm.tiles.k[0]);
 
-  u32 p_prev[T::kNTiles / 2][1][4] = {};  // the previous tile's P, packed, waiting for its V
   for (int it = 0; it < n_tiles; ++it) {
-    cp_async_wait<T::kStages - 2>();  // group it: K of tile it, V of tile it - 1
+    cp_async_wait<T::kStages - 2>();
     __syncthreads();
     const int next = it + T::kStages - 1;
-    if (next - 1 < n_tiles) load_v((next - 1) % T::kStages, n_begin + next - 1);
     if (next < n_tiles) {
-      load_k(next % T::kStages, n_begin + next);
-      keep_pages_for_v();
+      load_kv(next % T::kStages, n_begin + next);
       if (next + 1 < n_tiles) read_pages(n_begin + next + 1);
     }
     cp_async_commit();
 
     const int slot = it % T::kStages;
+    const u32 slot_bytes = slot * sizeof(sm.tiles.k[0]);
     const int key0 = (n_begin + it) * T::kBlockN + wk * T::kWarpKeys;
     float s[1][T::kNTiles][4];
     zero(s);
     if constexpr (T::kQInRegisters)
-      gemm_ft<Element, 1, T::kNTiles, T::kHeadDim, T::kStride>(s, q_frag, k_lane_addr + slot * kSlotBytes);
+      gemm_ft<Element, 1, T::kNTiles, T::kHeadDim, T::kStride>(s, q_frag, k_lane_addr + slot_bytes);
     else
       gemm_nt<Element, 1, T::kNTiles, T::kHeadDim>(s, sm.q, 16 * wm, sm.tiles.k[slot], wk * T::kWarpKeys, lane);
     if (!mask.tile_is_full(token_begin, token_end, key0, key0 + T::kWarpKeys)) {
@@ -489,19 +455,8 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) CF_DECODE_CLUSTER
           }
       }
     }
-    // The previous tile's P V before this tile's softmax rescales acc_o: P was made under the
-    // old row max, as acc_o was.
-    if (it > 0)
-      gemm_fn<Element, 1, T::kDTiles, T::kNTiles / 2, T::kStride>(
-          acc_o, p_prev, v_lane_addr + ((it - 1) % T::kStages) * kSlotBytes);
     softmax.update<true>(s, acc_o, scale_log2);  // over a long cache the row max settles early
-    pack_a_frags<Element>(p_prev, s);
-  }
-  if (n_tiles > 0) {  // the last tile's V came with the last commit group that copied anything
-    cp_async_wait<0>();
-    __syncthreads();
-    gemm_fn<Element, 1, T::kDTiles, T::kNTiles / 2, T::kStride>(
-        acc_o, p_prev, v_lane_addr + ((n_tiles - 1) % T::kStages) * kSlotBytes);
+    gemm_rn<Element, 1, T::kDTiles, T::kNTiles, T::kStride>(acc_o, s, v_lane_addr + slot_bytes);
   }
 
   // Merge the kKeyWarps partial results of each row. The tiles' bytes are reused: wait for

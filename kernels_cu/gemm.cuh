@@ -8,7 +8,6 @@
 //   gemm_nt        S = Q K^T, S^T = K Q^T, dP = dO V^T, dP^T = V dO^T
 //   gemm_ft        S = Q K^T with Q's fragments held across K tiles (decoding)
 //   gemm_rn        O += P V, dQ += dS K (P, dS still in registers)
-//   gemm_fn        O += P V with P packed ahead (pack_a_frags; decoding's P waits a tile for V)
 //   gemm_sn<false> dV += P^T dO, dK += dS^T Q (P^T, dS^T in shared memory)
 //   gemm_sn<true>  dQ += dS K (dS stored transposed, as dS^T)
 //
@@ -151,30 +150,24 @@ __device__ __forceinline__ void gemm_rn(float (&acc)[kMTiles][kNTiles][4], const
   }
 }
 
-// P's fp32 accumulator fragments as 16-bit A fragments: a[ks][mt] holds key tiles 2 ks and
-// 2 ks + 1 of row tile mt, as gemm_rn packs them (half the registers, for a P that waits).
-template <class Element, int kMTiles, int kKSteps>
-__device__ __forceinline__ void pack_a_frags(u32 (&a)[kKSteps][kMTiles][4], const float (&p)[kMTiles][2 * kKSteps][4]) {
-#pragma unroll
-  for (int ks = 0; ks < kKSteps; ++ks)
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) pack_a<Element>(a[ks][mt], p[mt][2 * ks], p[mt][2 * ks + 1]);
-}
-
-// acc += P * B[0..16 kKSteps, b_col0 + (0..8 kNTiles)], P already packed (pack_a_frags) and B
-// given by its lane address b_pair_trans_addr(b_smem, b_col0, 0, lane), kStrideB its row pitch.
-template <class Element, int kMTiles, int kNTiles, int kKSteps, int kStrideB>
-__device__ __forceinline__ void gemm_fn(float (&acc)[kMTiles][kNTiles][4], const u32 (&a)[kKSteps][kMTiles][4],
+// gemm_rn with B[0.., b_col0..] given by its lane address b_pair_trans_addr(b_smem, b_col0, 0,
+// lane), kStrideB its row pitch (the same MMAs, addresses formed as constants from it).
+template <class Element, int kMTiles, int kNTiles, int kKTiles, int kStrideB>
+__device__ __forceinline__ void gemm_rn(float (&acc)[kMTiles][kNTiles][4], const float (&p)[kMTiles][kKTiles][4],
                                         u32 b_addr) {
-  static_assert(kNTiles % 2 == 0, "n8 tiles in pairs");
+  static_assert(kKTiles % 2 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
 #pragma unroll
-  for (int ks = 0; ks < kKSteps; ++ks)
+  for (int kt = 0; kt < kKTiles; kt += 2) {
+    u32 a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) pack_a<Element>(a[mt], p[mt][kt], p[mt][kt + 1]);
 #pragma unroll
     for (int nt = 0; nt < kNTiles; nt += 2) {
       u32 b[4];
-      ldmatrix_x4_trans(b, b_addr + (16 * ks * kStrideB + 8 * nt) * sizeof(u16));
-      mma_pairs<Element>(acc, a[ks], b, nt);
+      ldmatrix_x4_trans(b, b_addr + (8 * kt * kStrideB + 8 * nt) * sizeof(u16));
+      mma_pairs<Element>(acc, a, b, nt);
     }
+  }
 }
 
 // acc += A[a_row0 + (0..16 kMTiles), 0..kK] * B[0..kK, b_col0 + (0..8 kNTiles)], A and B in
