@@ -15,6 +15,7 @@ Nothing here needs a GPU, CuPy or git: without them the facts say so.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import platform
 import subprocess
 from pathlib import Path
@@ -96,6 +97,15 @@ def torch_version() -> str | None:
     except Exception:  # not installed, or broken: either way there is no peer to measure
         return None
     return str(torch.__version__)
+
+
+def flash_attn_4_version() -> str | None:
+    """The flash-attn-4 wheel's version (an optional benchmark peer), None when not installed.
+    Read from its metadata: importing it loads the CuTe DSL, seconds of work."""
+    try:
+        return importlib.metadata.version("flash-attn-4")
+    except Exception:
+        return None
 
 
 def _git(*args: str) -> str | None:
@@ -213,6 +223,7 @@ def record() -> dict[str, Any]:
         "cupy_version": cupy_version(),
         "numpy_version": np.__version__,
         "torch_version": torch_version(),
+        "flash_attn_4_version": flash_attn_4_version(),
         "python_version": platform.python_version(),
         "cupyflash_version": __version__,
         "source_hash": quiet(build.source_hash),
@@ -230,6 +241,7 @@ def describe(env: dict[str, Any]) -> str:
         device += (f" (sm {env['compute_capability']}, driver {env.get('driver_version')}, "
                    f"runtime {env.get('runtime_version')}, NVRTC {env.get('nvrtc_version')})")
     commit = str(env.get("git_commit") or "unknown")[:12] + (" (dirty)" if env.get("git_dirty") else "")
-    return (f"{device} · CuPy {env.get('cupy_version')} · torch {env.get('torch_version') or 'not installed'} · "
+    fa4 = f" · flash-attn-4 {env['flash_attn_4_version']}" if env.get("flash_attn_4_version") else ""
+    return (f"{device} · CuPy {env.get('cupy_version')} · torch {env.get('torch_version') or 'not installed'}{fa4} · "
             f"cupyflash {env.get('cupyflash_version')} · kernel source {env.get('source_hash')} · "
             f"commit {commit} · {env.get('date')}")

@@ -10,7 +10,8 @@
 #            cases whose id contains TEXT)                     -> $OUT/sanitize.log
 #   validate cupyflash validate --quick                       -> $OUT/validate.log
 #   bench    cupyflash bench: the paper grid against naive CuPy and PyTorch, one dtype per step
-#            (bench-fp16 / bench-bf16; BENCH_RUNS timed runs, default 10) -> $OUT/bench-*.log, .png, bench-*/*.json/.md
+#            (bench-fp16 / bench-bf16; BENCH_RUNS timed runs, default 10; BENCH_HEAD_DIMS="80 96 160 192"
+#            for other head dims than the papers' 64, 128, 256) -> $OUT/bench-*.log, .png, bench-*/*.json/.md
 #   bench-varlen  cupyflash bench --varlen (VARLEN_DTYPE, default bfloat16) -> $OUT/bench-varlen.log, bench-varlen/
 #   bench-decode  cupyflash bench --decode: attention_with_kvcache in TB/s beside the copy bandwidth and torch
 #            (DECODE_QUICK=1 for --quick)                      -> $OUT/bench-decode.log, bench-decode/
@@ -97,8 +98,10 @@ for step in "${steps[@]}"; do
     validate) run_step validate "$OUT/validate.log" $PY -m cupyflash validate --quick --require-gpu; tail -n 5 "$OUT/validate.log" ;;
     bench-fp16|bench-bf16)
       dtype=$([[ $step == bench-fp16 ]] && echo float16 || echo bfloat16)
+      dims=()
+      for d in ${BENCH_HEAD_DIMS:-}; do dims+=(--head-dim "$d"); done
       run_step "$step" "$OUT/$step.log" $PY -m cupyflash bench --dtype "$dtype" --runs "${BENCH_RUNS:-10}" \
-        --out "$OUT/$step" --plot "$OUT/$step.png"
+        "${dims[@]}" --out "$OUT/$step" --plot "$OUT/$step.png"
       tail -n 100 "$OUT/$step.log" ;;
     bench-varlen)  # attention_varlen against the dense call and the peer (VARLEN_DTYPE, default bfloat16)
       run_step bench-varlen "$OUT/bench-varlen.log" $PY -m cupyflash bench --varlen --dtype "${VARLEN_DTYPE:-bfloat16}" \

@@ -30,6 +30,13 @@ needs_gpu = pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA GPU")
 # --------------------------------------------------------------------------- grid and FLOPs
 
 
+def test_grid_at_the_head_dims_models_use_between_the_papers() -> None:
+    """Issue 15's extra head dims keep heads x head_dim near 2048 (heads = 2048 // head_dim)."""
+    grid = bench.paper_grid(head_dims=(80, 96, 160, 192), seqlens=(4096,), causal=(False,), dtypes=("bfloat16",))
+    assert [(s.head_dim, s.heads, s.batch) for s in grid] == [(80, 25, 4), (96, 21, 4), (160, 12, 4), (192, 10, 4)]
+    assert all(1920 <= s.heads * s.head_dim <= 2048 for s in grid)
+
+
 def test_paper_grid_follows_the_papers() -> None:
     grid = bench.paper_grid()
     assert len(grid) == 2 * 3 * 6 * 2
@@ -354,6 +361,39 @@ def test_environment_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     json.dumps(env)  # plain values only
     assert "not installed" in bench.describe_environment(env)
     assert bench.available_impls() == ("cupyflash", "cupyflash-det", "naive-cupy")
+
+
+def test_flash_attn_4_is_a_peer_only_where_it_and_torch_are_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    installed: set[str] = set()
+    monkeypatch.setattr(bench.peers, "_installed", lambda module: module in installed)
+    assert "flash-attn-4" not in bench.available_impls()
+    installed.add("flash_attn.cute")  # without torch it cannot run
+    assert "flash-attn-4" not in bench.available_impls() and "torch-cudnn" not in bench.available_impls()
+    installed.add("torch")
+    assert bench.available_impls()[-2:] == ("torch-efficient", "flash-attn-4")
+    installed.discard("flash_attn.cute")
+    assert "flash-attn-4" not in bench.available_impls() and "torch-cudnn" in bench.available_impls()
+
+
+def test_flash_attn_4_setup_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    shape = BenchShape("bfloat16", 128, 256, True, 1, 2)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(RuntimeError, match="PyTorch does not import"):
+        bench.peers.setup("flash-attn-4", "fwd", shape, {})
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes `from flash_attn.cute import ...` raise
+    with pytest.raises(RuntimeError, match="flash_attn.cute does not import.*flash-attn-4"):
+        bench.peers._import_fa4()
+
+
+def test_format_table_has_a_flash_attn_4_ratio_where_it_ran() -> None:
+    shape = BenchShape("bfloat16", 128, 8192, True, 2, 16)
+    rows = [_fake_row("cupyflash", "fwd", shape, 480.0), _fake_row("torch-cudnn", "fwd", shape, 600.0),
+            _fake_row("flash-attn-4", "fwd", shape, 640.0)]
+    text = bench.format_table({"environment": ENV, "rows": rows}, "fwd")
+    columns = [line for line in text.splitlines() if line.startswith("| dtype")][0]
+    assert [c.strip() for c in columns.strip("|").split("|")][-3:] == [
+        "flash-attn-4", "cupyflash / torch-cudnn", "cupyflash / flash-attn-4"]
+    assert _table_rows(text) == [["bfloat16", "128", "8192", "1", "480", "600", "640", "0.80", "0.75"]]
 
 
 def test_default_stem() -> None:
@@ -1332,6 +1372,21 @@ def test_cpu_varlen_check_catches_a_wrong_alignment(monkeypatch: pytest.MonkeyPa
 
 
 # --------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.skipif("flash-attn-4" not in bench.available_impls(), reason="flash-attn-4 (an optional peer) not installed")
+def test_flash_attn_4_peer_is_checked_like_the_others() -> None:
+    """Where the optional peer is installed (a Hopper or Blackwell GPU), its results pass the
+    same check as ours, forward and backward, or the row says why it did not run."""
+    shape = BenchShape("bfloat16", 128, 256, True, 2, 4)
+    report = bench.run([shape], impls=["cupyflash", "flash-attn-4"], runs=2, warmup=1)
+    rows = {(r["impl"], r["pass"]): r for r in report["rows"]}
+    for pass_ in ("fwd", "bwd"):
+        row = rows[("flash-attn-4", pass_)]
+        assert row.get("failure") or (row["valid"] is True and row["ms"] > 0), row
+    assert report["environment"]["flash_attn_4_version"]
 
 
 @pytest.mark.gpu

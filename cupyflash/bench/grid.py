@@ -12,9 +12,9 @@ from typing import Sequence
 
 DTYPES = ("float16", "bfloat16")
 PASSES = ("fwd", "bwd")
-IMPLS = ("cupyflash", "cupyflash-det", "naive-cupy", "torch-flash", "torch-cudnn", "torch-efficient")
+IMPLS = ("cupyflash", "cupyflash-det", "naive-cupy", "torch-flash", "torch-cudnn", "torch-efficient", "flash-attn-4")
 IMPL_PASSES = {"cupyflash-det": ("bwd",)}  # every other impl runs both passes
-RATIO_PEERS = ("torch-flash", "torch-cudnn")  # the table's "cupyflash / peer" columns
+RATIO_PEERS = ("torch-flash", "torch-cudnn", "flash-attn-4")  # the table's "cupyflash / peer" columns, where present
 PASS_TENSORS = {"fwd": ("out",), "bwd": ("dq", "dk", "dv")}  # what each pass returns, in order
 
 

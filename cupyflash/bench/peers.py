@@ -8,6 +8,9 @@
     torch-flash      torch SDPA, FlashAttention-2 backend          } only when PyTorch imports;
     torch-cudnn      torch SDPA, cuDNN backend                      } PyTorch is a peer here,
     torch-efficient  torch SDPA, memory-efficient (xformers) backend} never a dependency
+    flash-attn-4     FlashAttention-4 (the flash-attn-4 wheel's flash_attn.cute, CuTe DSL, Hopper
+                     and Blackwell), only where it and PyTorch import: an optional peer, never a
+                     dependency. Its first call per shape compiles (seconds), outside the timing.
 
 setup() returns the call to time and the outputs of one call, in the (B, S, H, D) layout, for
 the check; impl_context() wraps both (the torch backend pinned, the streams shared).
@@ -33,6 +36,8 @@ Array = Any  # a numpy.ndarray or a cupy.ndarray
 
 TORCH_BACKENDS = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION",
                   "torch-efficient": "EFFICIENT_ATTENTION"}
+FA4 = "flash-attn-4"
+FA4_MODULE = "flash_attn.cute"  # the flash-attn-4 wheel's package (flash_attn is a namespace package there)
 NAIVE_MEMORY_FRACTION = 0.4  # naive-cupy runs when its float32 (B, H, S, S) scores fit in this share
 # naive-cupy is 10-100x slower than the fused kernels and only there for scale: a few runs suffice.
 NAIVE_MAX_RUNS, NAIVE_MAX_WARMUP = 5, 1
@@ -245,6 +250,50 @@ def _cupy_stream_of(torch: Any) -> Any:
         return cupy.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device.index or 0)
 
 
+# --------------------------------------------------------------------------- FlashAttention-4
+
+
+def _import_fa4() -> Any:
+    """flash_attn.cute.flash_attn_func, or a RuntimeError saying why not."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as exc:
+        raise RuntimeError(f"{FA4_MODULE} does not import ({short(exc)}); install the flash-attn-4 wheel "
+                           "and its CuTe DSL wheels to time it") from exc
+    return flash_attn_func
+
+
+def _to_torch_bshd(torch: Any, array: Array) -> Any:
+    """A (B, S, H, D) CuPy array as a torch view of the same memory in the same layout (through
+    int16 bits, as _to_torch)."""
+    return torch.from_dlpack(array.view(np.int16)).view(getattr(torch, array.dtype.name))
+
+
+def _from_torch_bshd(torch: Any, tensor: Any, dtype: str) -> Array:
+    cupy = require_cupy()
+    return cupy.from_dlpack(tensor.detach().view(torch.int16)).view(numpy_dtype(dtype))
+
+
+def _setup_fa4(pass_: str, shape: BenchShape, data: dict[str, Array]) -> Setup:
+    """FlashAttention-4 on (B, S, H, D) torch views of our arrays, its own layout. Runs inside
+    impl_context (CuPy's stream = torch's)."""
+    torch = _import_torch()
+    flash_attn_func = _import_fa4()
+    q, k, v, dout = (_to_torch_bshd(torch, data[n]) for n in ("q", "k", "v", "dout"))
+    if pass_ == "fwd":
+        def fn() -> Any:
+            return flash_attn_func(q, k, v, causal=shape.causal)[0]  # (out, lse)
+
+        return Setup(fn, (_from_torch_bshd(torch, fn(), shape.dtype),))
+    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = flash_attn_func(qg, kg, vg, causal=shape.causal)[0]
+
+    def fn_bwd() -> Any:
+        return torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True)
+
+    return Setup(fn_bwd, tuple(_from_torch_bshd(torch, g, shape.dtype) for g in fn_bwd()))
+
+
 # --------------------------------------------------------------------------- every impl
 
 
@@ -254,13 +303,20 @@ def setup(impl: str, pass_: str, shape: BenchShape, data: dict[str, Array]) -> S
         return _setup_cupyflash(pass_, shape, data, deterministic=impl == "cupyflash-det")
     if impl == "naive-cupy":
         return _setup_naive(pass_, shape, data)
+    if impl == FA4:
+        return _setup_fa4(pass_, shape, data)
     return _setup_torch(pass_, shape, data)
 
 
 @contextmanager
 def impl_context(impl: str) -> Iterator[list]:
     """For torch-*: the SDPA backend pinned, CuPy's current stream = torch's, and torch's
-    warnings (the reasons a backend declines a shape) collected. Yields the warnings list."""
+    warnings (the reasons a backend declines a shape) collected. For flash-attn-4: CuPy's
+    current stream = torch's. Yields the warnings list (empty for the others)."""
+    if impl == FA4:
+        with _cupy_stream_of(_import_torch()):
+            yield []
+        return
     if impl not in TORCH_BACKENDS:
         yield []
         return
@@ -273,10 +329,17 @@ def impl_context(impl: str) -> Iterator[list]:
         yield caught
 
 
-def available_impls() -> tuple[str, ...]:
-    """The default implementations: all of IMPLS, less the torch-* peers when PyTorch is absent."""
+def _installed(module: str) -> bool:
+    """Whether `module` can be found (a broken installation counts as none)."""
     try:
-        has_torch = importlib.util.find_spec("torch") is not None
-    except Exception:  # a broken torch installation counts as none
-        has_torch = False
-    return tuple(i for i in IMPLS if has_torch or i not in TORCH_BACKENDS)
+        return importlib.util.find_spec(module) is not None
+    except Exception:
+        return False
+
+
+def available_impls() -> tuple[str, ...]:
+    """The default implementations: all of IMPLS, less the torch-* peers when PyTorch is absent
+    and flash-attn-4 unless both PyTorch and flash_attn.cute are installed."""
+    has_torch = _installed("torch")
+    has_fa4 = has_torch and _installed(FA4_MODULE)
+    return tuple(i for i in IMPLS if (i not in TORCH_BACKENDS or has_torch) and (i != FA4 or has_fa4))
