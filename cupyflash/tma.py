@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,10 +48,7 @@ class TiledMap:
 
     def box_bytes(self) -> int:
         """Bytes one copy lands in shared memory (what its mbarrier expects)."""
-        total = self.itemsize
-        for extent in self.box:
-            total *= extent
-        return total
+        return self.itemsize * math.prod(self.box)
 
 
 def why_not(tmap: TiledMap, address: int) -> str | None:

@@ -191,35 +191,55 @@ def _import_torch() -> Any:
     return torch
 
 
+def _to_torch_same_layout(torch: Any, array: Array) -> Any:
+    """A CuPy array as a torch view of the same memory and layout (through int16 bits, so DLPack
+    never has to carry bfloat16)."""
+    return torch.from_dlpack(array.view(np.int16)).view(getattr(torch, array.dtype.name))
+
+
+def _from_torch_same_layout(torch: Any, tensor: Any, dtype: str) -> Array:
+    cupy = require_cupy()
+    return cupy.from_dlpack(tensor.detach().view(torch.int16)).view(numpy_dtype(dtype))
+
+
 def _to_torch(torch: Any, array: Array, contiguous: bool) -> Any:
-    """A (B, S, H, D) CuPy array as a (B, H, S, D) torch view of the same memory (through
-    int16 bits, so DLPack never has to carry bfloat16), or a contiguous copy."""
-    tensor = torch.from_dlpack(array.view(np.int16)).view(getattr(torch, array.dtype.name)).transpose(1, 2)
+    """A (B, S, H, D) CuPy array as a (B, H, S, D) torch view of the same memory, or a
+    contiguous copy."""
+    tensor = _to_torch_same_layout(torch, array).transpose(1, 2)
     return tensor.contiguous() if contiguous else tensor
 
 
 def _from_torch(torch: Any, tensor: Any, dtype: str) -> Array:
     """A (B, H, S, D) torch tensor as a (B, S, H, D) CuPy view of the same memory."""
-    cupy = require_cupy()
-    return cupy.from_dlpack(tensor.detach().view(torch.int16)).view(numpy_dtype(dtype)).transpose(0, 2, 1, 3)
+    return _from_torch_same_layout(torch, tensor, dtype).transpose(0, 2, 1, 3)
 
 
-def _torch_attempt(torch: Any, pass_: str, shape: BenchShape, data: dict[str, Array], contiguous: bool) -> Setup:
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    q, k, v, dout = (_to_torch(torch, data[n], contiguous) for n in ("q", "k", "v", "dout"))
-    note = {"note": "contiguous (B, H, S, D) copies: the strided views were rejected"} if contiguous else {}
+def _autograd_setup(torch: Any, pass_: str, attend: Callable[..., Any], tensors: tuple[Any, ...],
+                    to_cupy: Callable[[Any], Array], extra: dict[str, Any] | None = None) -> Setup:
+    """A torch peer ready to time: attend(q, k, v) -> out forward; backward, torch autograd of
+    out against dout from one recorded forward. tensors: q, k, v, dout in the peer's layout;
+    to_cupy turns one of its results into a (B, S, H, D) CuPy array for the check."""
+    q, k, v, dout = tensors
     if pass_ == "fwd":
         def fn() -> Any:
-            return sdpa(q, k, v, is_causal=shape.causal)
+            return attend(q, k, v)
 
-        return Setup(fn, (_from_torch(torch, fn(), shape.dtype),), note)
+        return Setup(fn, (to_cupy(fn()),), extra or {})
     qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-    out = sdpa(qg, kg, vg, is_causal=shape.causal)
+    out = attend(qg, kg, vg)
 
     def fn_bwd() -> Any:
         return torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True)
 
-    return Setup(fn_bwd, tuple(_from_torch(torch, g, shape.dtype) for g in fn_bwd()), note)
+    return Setup(fn_bwd, tuple(to_cupy(g) for g in fn_bwd()), extra or {})
+
+
+def _torch_attempt(torch: Any, pass_: str, shape: BenchShape, data: dict[str, Array], contiguous: bool) -> Setup:
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    tensors = tuple(_to_torch(torch, data[n], contiguous) for n in ("q", "k", "v", "dout"))
+    note = {"note": "contiguous (B, H, S, D) copies: the strided views were rejected"} if contiguous else {}
+    return _autograd_setup(torch, pass_, lambda q, k, v: sdpa(q, k, v, is_causal=shape.causal), tensors,
+                           lambda t: _from_torch(torch, t, shape.dtype), note)
 
 
 def _setup_torch(pass_: str, shape: BenchShape, data: dict[str, Array]) -> Setup:
@@ -263,35 +283,14 @@ def _import_fa4() -> Any:
     return flash_attn_func
 
 
-def _to_torch_bshd(torch: Any, array: Array) -> Any:
-    """A (B, S, H, D) CuPy array as a torch view of the same memory in the same layout (through
-    int16 bits, as _to_torch)."""
-    return torch.from_dlpack(array.view(np.int16)).view(getattr(torch, array.dtype.name))
-
-
-def _from_torch_bshd(torch: Any, tensor: Any, dtype: str) -> Array:
-    cupy = require_cupy()
-    return cupy.from_dlpack(tensor.detach().view(torch.int16)).view(numpy_dtype(dtype))
-
-
 def _setup_fa4(pass_: str, shape: BenchShape, data: dict[str, Array]) -> Setup:
     """FlashAttention-4 on (B, S, H, D) torch views of our arrays, its own layout. Runs inside
     impl_context (CuPy's stream = torch's)."""
     torch = _import_torch()
     flash_attn_func = _import_fa4()
-    q, k, v, dout = (_to_torch_bshd(torch, data[n]) for n in ("q", "k", "v", "dout"))
-    if pass_ == "fwd":
-        def fn() -> Any:
-            return flash_attn_func(q, k, v, causal=shape.causal)[0]  # (out, lse)
-
-        return Setup(fn, (_from_torch_bshd(torch, fn(), shape.dtype),))
-    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-    out = flash_attn_func(qg, kg, vg, causal=shape.causal)[0]
-
-    def fn_bwd() -> Any:
-        return torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True)
-
-    return Setup(fn_bwd, tuple(_from_torch_bshd(torch, g, shape.dtype) for g in fn_bwd()))
+    tensors = tuple(_to_torch_same_layout(torch, data[n]) for n in ("q", "k", "v", "dout"))
+    return _autograd_setup(torch, pass_, lambda q, k, v: flash_attn_func(q, k, v, causal=shape.causal)[0],  # (out, lse)
+                           tensors, lambda t: _from_torch_same_layout(torch, t, shape.dtype))
 
 
 # --------------------------------------------------------------------------- every impl

@@ -23,11 +23,9 @@ import inspect
 import math
 from typing import Any, Callable, Sequence
 
-import numpy as np
 
 from .. import environment, tolerance, validation
 from ..device import require_cupy
-from ..problem import numpy_dtype
 from . import check, measure, peers
 from .gpu import MIB, first_call, free_device_bytes, free_memory, nbytes, peak_extra_bytes, short
 from .grid import PASSES
@@ -80,33 +78,21 @@ def varlen_mask_options(varlen_attn: Callable, causal: bool) -> dict[str, Any]:
     return {"window_size": (-1, 0) if causal else (-1, -1)}
 
 
-def _to_torch(torch: Any, array: Array) -> Any:
-    """A CuPy array as a torch tensor of the same memory (through int16 bits, as peers does)."""
-    return torch.from_dlpack(array.view(np.int16)).view(getattr(torch, array.dtype.name))
+_to_torch = peers._to_torch_same_layout
 
 
 def _from_torch(torch: Any, tensor: Any, dtype: str) -> Array:
-    return require_cupy().from_dlpack(tensor.detach().contiguous().view(torch.int16)).view(numpy_dtype(dtype))
+    return peers._from_torch_same_layout(torch, tensor.contiguous(), dtype)
 
 
 def _setup_torch_varlen(torch: Any, pass_: str, batch: VarlenBatch, data: dict[str, Array], cu: Array) -> peers.Setup:
     varlen_attn = importlib.import_module("torch.nn.attention.varlen").varlen_attn
-    q, k, v, dout = (_to_torch(torch, data[n]) for n in ("q", "k", "v", "dout"))
+    tensors = tuple(_to_torch(torch, data[n]) for n in ("q", "k", "v", "dout"))
     cu_t = torch.from_dlpack(cu)
     args = (cu_t, cu_t, batch.max_seqlen, batch.max_seqlen)
     mask = varlen_mask_options(varlen_attn, batch.causal)
-    if pass_ == "fwd":
-        def fn() -> Any:
-            return varlen_attn(q, k, v, *args, **mask)
-
-        return peers.Setup(fn, (_from_torch(torch, fn(), batch.dtype),))
-    qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-    out = varlen_attn(qg, kg, vg, *args, **mask)
-
-    def fn_bwd() -> Any:
-        return torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True)
-
-    return peers.Setup(fn_bwd, tuple(_from_torch(torch, g, batch.dtype) for g in fn_bwd()))
+    return peers._autograd_setup(torch, pass_, lambda q, k, v: varlen_attn(q, k, v, *args, **mask), tensors,
+                                 lambda t: _from_torch(torch, t, batch.dtype))
 
 
 def _setup_torch_per_sequence(torch: Any, pass_: str, batch: VarlenBatch, data: dict[str, Array]) -> peers.Setup:
