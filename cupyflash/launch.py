@@ -185,6 +185,38 @@ class ParamBlock:
             words[index] = arrays[name].data.ptr
 
 
+class TensorMapParams:
+    """A ParamBlock and a second kernel parameter after it: the tensor maps (tma.py) of some of
+    the arrays the block points at, 128 bytes each, 64-byte aligned, in the kernel's order. A
+    map embeds its array's address, so write_pointers re-encodes each one whose array moved
+    (the driver call costs microseconds; a loop on the same arrays pays it once)."""
+
+    __slots__ = ("block", "maps", "storage", "descriptors", "address", "_encoded_at")
+
+    def __init__(self, block: ParamBlock, maps: Sequence[tuple[str, Any]]) -> None:
+        from . import tma  # ctypes and the driver, only for the kernels that read maps
+
+        self.block, self.maps = block, tuple(maps)
+        size = tma.DESCRIPTOR_BYTES * len(self.maps)
+        self.storage = np.zeros(size + 64, np.uint8)
+        start = -self.storage.ctypes.data % 64
+        self.descriptors = self.storage[start:start + size]
+        self.address = np.array([block.record.ctypes.data, self.descriptors.ctypes.data], np.uint64)
+        self._encoded_at = [None] * len(self.maps)
+
+    def write_pointers(self, arrays: Mapping[str, Any]) -> None:
+        from . import tma
+
+        self.block.write_pointers(arrays)
+        for index, (name, tmap) in enumerate(self.maps):
+            pointer = arrays[name].data.ptr
+            if pointer != self._encoded_at[index]:
+                start = index * tma.DESCRIPTOR_BYTES
+                self.descriptors[start:start + tma.DESCRIPTOR_BYTES] = np.frombuffer(tma.encode(tmap, pointer),
+                                                                                    np.uint8)
+                self._encoded_at[index] = pointer
+
+
 def _pointer_offset(struct: str, field: str) -> int:
     """Byte offset of a pointer field: a Tensor16's ptr, or a dotted path into a nested struct."""
     outer, _, inner = field.partition(".")

@@ -31,14 +31,16 @@ import numpy as np
 from . import build, launch, tuning
 from .arrays import POINTER_ALIGN
 from .device import DeviceLimits, current_device_id, device_limits, require_cupy
-from .kernels import flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_prep, flash_fwd, flash_fwd_sm90
+from .kernels import (flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_prep, flash_fwd, flash_fwd_sm90,
+                      flash_fwd_tma)
 from .kernels.common import no_config_error
 from .problem import Problem, array_signature, is_text_or_flag
 
 FORWARD_FAMILIES = (flash_fwd_sm90, flash_fwd)  # tried in this order: the first that has a fitting row
 DKDV_FAMILIES = (flash_bwd_dkdv_sm90, flash_bwd_dkdv)
-FAMILIES = {family.ENTRY: family for family in (*FORWARD_FAMILIES, *DKDV_FAMILIES, flash_bwd_dq)}
-FwdConfig = flash_fwd.FwdConfig | flash_fwd_sm90.Sm90FwdConfig
+# flash_fwd_tma runs only when forced or tuned until it is measured against flash_fwd_sm90.
+FAMILIES = {family.ENTRY: family for family in (*FORWARD_FAMILIES, flash_fwd_tma, *DKDV_FAMILIES, flash_bwd_dq)}
+FwdConfig = flash_fwd.FwdConfig | flash_fwd_sm90.Sm90FwdConfig | flash_fwd_tma.TmaFwdConfig
 DkdvConfig = flash_bwd_dkdv.DkdvConfig | flash_bwd_dkdv_sm90.Sm90DkdvConfig
 FORWARD_RESULTS = ("out", "lse")
 BACKWARD_RESULTS = ("dq", "dk", "dv")
@@ -276,7 +278,16 @@ def build_forward(problem: Problem, t: dict[str, Any], device_id: int) -> Plan:
     if problem.is_empty:
         return Plan(buffers, None, (), FORWARD_RESULTS, limits, generation)
     params = launch.forward_params(problem, t)
-    calls = forward_kernels(problem, choose("fwd", problem, limits))
+    config = choose("fwd", problem, limits)
+    family = family_of(config)
+    reason = family.unsupported(problem) if hasattr(family, "unsupported") else None
+    if reason is not None:  # a tuned or forced config of a family that cannot run this call
+        if is_forced():
+            raise ValueError(f"the forced forward config {config} cannot run {reason}")
+        config = default_fwd_config(problem.kernel_head_dim, limits)
+    if hasattr(family_of(config), "tensor_maps"):
+        params = launch.TensorMapParams(params, family_of(config).tensor_maps(problem, t, config))
+    calls = forward_kernels(problem, config)
     return Plan(buffers, params, load_launches(calls, params, limits, device_id), FORWARD_RESULTS, limits, generation)
 
 

@@ -1,7 +1,7 @@
 """Tensor maps for Hopper's bulk tensor copies (TMA): the 128-byte descriptor that
 cp.async.bulk.tensor reads to copy a box of a tensor between global and shared memory.
 
-Groundwork for the Hopper pipeline (issue 15); no kernel uses it yet. The driver encodes the
+Used by the Hopper forward with bulk tensor copies (kernels/flash_fwd_tma.py). The driver encodes the
 descriptor (cuTensorMapEncodeTiled). CuPy does not wrap that call, and cuda-bindings would be a
 dependency of its own, so it is called through ctypes from libcuda, which every CUDA driver
 installs. Only what a descriptor can describe is encoded: describe() says why not otherwise, so
@@ -80,16 +80,21 @@ def why_not(tmap: TiledMap, address: int) -> str | None:
 
 def describe(array: Any, box: tuple[int, ...], swizzle: int = 0) -> TiledMap | str:
     """The TiledMap of a CuPy array (box in the array's own axis order, outermost first), or why
-    none: its last axis must be contiguous and every other stride a multiple of 16 bytes."""
+    none: its last axis must be contiguous and every other stride a multiple of 16 bytes. An
+    axis of extent 1 is only ever read at index 0, so whatever stride it has (CuPy gives such
+    axes any, 0 included) is replaced by one the driver takes: its inner neighbour's span."""
     dtype = str(array.dtype)
     if len(box) != array.ndim:
         return f"box {box} has {len(box)} extents for an array of {array.ndim} axes"
-    if array.ndim == 0 or array.strides[-1] != array.itemsize:
+    if array.ndim == 0 or array.shape[-1] > 1 and array.strides[-1] != array.itemsize:
         return "the last axis is not contiguous"
-    if any(s < 0 for s in array.strides):
+    strides = [array.itemsize] * array.ndim
+    for axis in range(array.ndim - 2, -1, -1):
+        given = array.strides[axis]
+        strides[axis] = given if array.shape[axis] > 1 else strides[axis + 1] * max(array.shape[axis + 1], 1)
+    if any(s < 0 for s in strides):
         return f"strides {array.strides} include a negative one"
-    tmap = TiledMap(dtype, tuple(reversed(array.shape)), tuple(reversed(array.strides[:-1])), tuple(reversed(box)),
-                    swizzle)
+    tmap = TiledMap(dtype, tuple(reversed(array.shape)), tuple(reversed(strides[:-1])), tuple(reversed(box)), swizzle)
     reason = why_not(tmap, int(array.data.ptr))
     return reason if reason is not None else tmap
 

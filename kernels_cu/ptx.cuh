@@ -160,6 +160,12 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// bar.arrive id, threads: count this warp in on named barrier `id` without waiting (the other
+// side of a named_barrier_sync: a signal that lets waiting warps go on).
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 #if __CUDA_ARCH__ >= 900
 // cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 (sm_90): global[i] += shared[i] for
 // `bytes` bytes (a multiple of 16; both addresses 16-byte aligned), done by the copy engine in
@@ -256,6 +262,101 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[kTiles][4]) {
   for (int i = 0; i < kTiles; ++i)
 #pragma unroll
     for (int c = 0; c < 4; ++c) asm volatile("" : "+f"(d[i][c])::"memory");
+}
+
+// The same for the 16-bit A fragments a register-sourced wgmma reads: until its wait, their
+// registers must hold them (the compiler sees the MMA read them when it is issued).
+template <int kTiles>
+__device__ __forceinline__ void wgmma_fence_operands(u32 (&a)[kTiles][4]) {
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) asm volatile("" : "+r"(a[i][c])::"memory");
+}
+
+// ---- Hopper's asynchronous copies: mbarriers, bulk tensor copies (TMA), register moves. ----
+// Used by flash_fwd_tma.cu. An mbarrier is a 64-bit word in shared memory that completes a phase
+// when its expected arrivals and its expected transaction bytes (what TMA copies deliver) have
+// all come in; waiters poll the phase's parity (PTX ISA, "mbarrier").
+
+// A bulk tensor copy's descriptor (CUtensorMap: 128 bytes, 64-byte aligned), encoded by the host
+// (cupyflash/tma.py) and passed inside a __grid_constant__ parameter.
+struct alignas(64) TensorMap {
+  u64 words[16];
+};
+
+// mbarrier.init.shared::cta.b64: a barrier whose phases each need `count` arrivals.
+__device__ __forceinline__ void mbarrier_init(u32 bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// fence.mbarrier_init.release.cluster: initialized barriers become visible to the async proxy
+// (the TMA unit that completes them); a __syncthreads follows for the other threads.
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// mbarrier.arrive.shared::cta.b64: one arrival on this phase.
+__device__ __forceinline__ void mbarrier_arrive(u32 bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+
+// mbarrier.arrive.expect_tx.shared::cta.b64: one arrival, and `bytes` more bytes this phase waits
+// for (the TMA copies issued next complete them).
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(bar),
+               "r"(bytes)
+               : "memory");
+}
+
+// mbarrier.try_wait.parity.shared::cta.b64 in a loop: returns once the phase of parity `phase`
+// has completed (acquire: what the phase's arrivals and copies wrote is visible after).
+__device__ __forceinline__ void mbarrier_wait(u32 bar, u32 phase) {
+  // (labels are local to the braces, so every inlined copy has its own)
+  asm volatile(
+      "{\n.reg .pred done;\nwait:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait;\n}\n" ::"r"(bar),
+      "r"(phase)
+      : "memory");
+}
+
+// cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes: the box of `map`
+// at coordinates (c0 innermost .. c3) into shared memory at dst (1024-byte aligned for the
+// 128-byte swizzle), completing `bytes` of bar's transaction count. Out-of-range elements read 0.
+__device__ __forceinline__ void tma_load_4d(u32 dst, const TensorMap* map, u32 bar, int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], "
+      "[%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<u64>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+
+// cp.async.bulk.tensor.4d.global.shared::cta.bulk_group: the box at src into `map` at the
+// coordinates; elements out of the tensor's range are not written. Close with bulk_commit and
+// keep src until bulk_wait_read.
+__device__ __forceinline__ void tma_store_4d(const TensorMap* map, u32 src, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+                   reinterpret_cast<u64>(map)),
+               "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
+
+// prefetch.tensormap: bring a descriptor into the cache before its first copy.
+__device__ __forceinline__ void prefetch_tensormap(const TensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(map)) : "memory");
+}
+
+// setmaxnreg.{inc,dec}.sync.aligned.u32: this warpgroup's registers per thread become N (a
+// multiple of 8 in 24..256); every warp of the warpgroup executes it. The copy warpgroup gives
+// registers back so that the computing ones can take them.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
 #define CF_ACC2(d, i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3]), \

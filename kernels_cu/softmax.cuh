@@ -57,6 +57,18 @@ struct OnlineSoftmax {
   __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float (&acc_o)[kMTiles][kDTiles][4],
                                          float scale_log2) {
     float correction[kMTiles][2];
+    const bool max_changed = probabilities<kSkipIdleRescale>(s, scale_log2, correction);
+    if (kSkipIdleRescale && !__any_sync(0xffffffffu, max_changed)) return;
+    rescale(acc_o, correction);
+  }
+
+  // update() in two halves, for a kernel whose P V of the previous tile still runs while this
+  // tile's probabilities are computed (flash_fwd_tma.cu): first s -> P, l_i and m_i, with each
+  // row's correction of acc_o kept; then, once P V has landed in acc_o, the rescale. Returns
+  // whether any row of this thread changed its max.
+  template <bool kSkipIdleRescale = false, int kNTiles>
+  __device__ __forceinline__ bool probabilities(float (&s)[kMTiles][kNTiles][4], float scale_log2,
+                                                float (&correction)[kMTiles][2]) {
     bool max_changed = false;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
@@ -83,7 +95,12 @@ struct OnlineSoftmax {
         l_i[mt][h] = l_i[mt][h] * correction[mt][h] + row_sum;
         m_i[mt][h] = m_new;
       }
-    if (kSkipIdleRescale && !__any_sync(0xffffffffu, max_changed)) return;
+    return max_changed;
+  }
+
+  template <int kDTiles>
+  __device__ __forceinline__ static void rescale(float (&acc_o)[kMTiles][kDTiles][4],
+                                                 const float (&correction)[kMTiles][2]) {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll

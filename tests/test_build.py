@@ -9,12 +9,14 @@ import subprocess
 import sys
 import textwrap
 
+from types import SimpleNamespace
+
 import pytest
 
 from cupyflash import build, gpu_classes, plan
 from cupyflash.device import DeviceLimits
 from cupyflash.kernels import (flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_prep, flash_decode,
-                               flash_fwd, flash_fwd_sm90, flash_merge)
+                               flash_fwd, flash_fwd_sm90, flash_fwd_tma, flash_merge)
 from cupyflash.kernels.common import KERNEL_HEAD_DIMS, Variant
 from cupyflash.plan import BwdConfig
 from cupyflash.problem import Problem
@@ -183,7 +185,8 @@ def test_compile_error_names_the_variant() -> None:
 @pytest.mark.parametrize("config", [
     BwdConfig(DkdvConfig(64, 128, 8, 2, 1), flash_bwd_dq.DqConfig(128, 64, 8, 2), dq_atomic=False),
     BwdConfig(flash_bwd_dkdv_sm90.Sm90DkdvConfig(64, 128, 3), flash_bwd_dq.DqConfig(128, 64, 8, 2)),
-    flash_fwd.FwdConfig(128, 64, 4, 3), flash_fwd_sm90.Sm90FwdConfig(128, 64, 2)], ids=repr)
+    flash_fwd.FwdConfig(128, 64, 4, 3), flash_fwd_sm90.Sm90FwdConfig(128, 64, 2),
+    flash_fwd_tma.TmaFwdConfig(128, 3)], ids=repr)
 def test_configs_round_trip_json(config) -> None:
     import json
 
@@ -215,6 +218,25 @@ def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, confi
     kernel = build.compile_kernel(spec, "sm_90")  # static_asserts the family's smem arithmetic
     assert kernel.spill_bytes == 0, f"{spec} spills {kernel.spill_bytes} bytes:\n{kernel.log}"
     assert "-arch=sm_90a" in spec.options("sm_90")
+
+
+@pytest.mark.parametrize("head_dim,config", [(d, c) for d in (64, 128, 192, 256)
+                                             for c in flash_fwd_tma.candidates(d, H100)],
+                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"n{x.block_n}s{x.stages}")
+@pytest.mark.parametrize("variant", [UNMASKED, GENERAL], ids=("unmasked", "windowed"))
+def test_every_tma_forward_candidate_compiles_without_spills(head_dim: int, config, variant: Variant) -> None:
+    spec = flash_fwd_tma.spec("bfloat16", head_dim, config, variant=variant)
+    kernel = build.compile_kernel(spec, "sm_90")  # static_asserts the family's smem arithmetic
+    assert kernel.spill_bytes == 0, f"{spec} spills {kernel.spill_bytes} bytes:\n{kernel.log}"
+    assert "-arch=sm_90a" in spec.options("sm_90")
+
+
+def test_the_tma_forward_takes_no_packed_batch() -> None:
+    assert flash_fwd_tma.unsupported(SimpleNamespace(varlen=True)) and not flash_fwd_tma.unsupported(
+        SimpleNamespace(varlen=False))
+    with pytest.raises(ValueError, match="variable-length"):
+        flash_fwd_tma.spec("bfloat16", 128, flash_fwd_tma.TmaFwdConfig(128, 2), variant=Variant(False, False, True))
+    assert not flash_fwd_tma.TmaFwdConfig(128, 2).fits(128, A100)
 
 
 def test_wgmma_dkdv_runs_on_sm90_only() -> None:

@@ -90,3 +90,41 @@ def test_the_driver_encodes_a_descriptor_for_a_cupy_array() -> None:
     descriptor = tma.encode(tmap, int(q.data.ptr))
     assert len(descriptor) == tma.DESCRIPTOR_BYTES and any(descriptor)
     assert tma.encode(tmap, int(q.data.ptr)) == descriptor  # the same map, the same bytes
+
+
+def test_an_axis_of_extent_one_gets_a_stride_the_driver_takes() -> None:
+    # One head, whose stride CuPy may give as anything (here 0): it is only read at index 0.
+    tmap = tma.describe(fake_array((2, 300, 1, 64), (300 * 64, 64, 0, 1)), box=(1, 128, 1, 64), swizzle=128)
+    assert isinstance(tmap, tma.TiledMap), tmap
+    assert tmap.dims == (64, 1, 300, 2)
+    assert tmap.strides == (2 * 64, 2 * 64, 2 * 300 * 64)
+    # a single batch entry with an odd stride, and a head dim of 8 with one row
+    tmap = tma.describe(fake_array((1, 1, 4, 8), (7, 3, 8, 1)), box=(1, 1, 1, 8))
+    assert isinstance(tmap, tma.TiledMap), tmap
+    assert tmap.strides == (16, 64, 64)
+
+
+def test_tensor_map_params_reencode_only_the_maps_whose_array_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cupyflash import launch
+
+    encoded = []
+
+    def fake_encode(tmap: tma.TiledMap, address: int) -> bytes:
+        encoded.append(address)
+        return address.to_bytes(8, "little") * 16
+
+    monkeypatch.setattr(tma, "encode", fake_encode)
+    block = launch.ParamBlock("FwdParams", {}, [("q", "q"), ("k", "k")])
+    tmap = tma.TiledMap("bfloat16", (64, 4), (128,), (64, 4), 128)
+    params = launch.TensorMapParams(block, [("q", tmap), ("k", tmap)])
+    assert params.address[1] % 64 == 0 and params.address[0] == block.record.ctypes.data
+    arrays = {"q": SimpleNamespace(data=SimpleNamespace(ptr=1 << 20)), "k": SimpleNamespace(data=SimpleNamespace(ptr=2 << 20))}
+    params.write_pointers(arrays)
+    params.write_pointers(arrays)  # same arrays: nothing re-encoded
+    assert encoded == [1 << 20, 2 << 20]
+    arrays["k"] = SimpleNamespace(data=SimpleNamespace(ptr=3 << 20))
+    params.write_pointers(arrays)
+    assert encoded == [1 << 20, 2 << 20, 3 << 20]
+    descriptors = params.descriptors.view(np.uint64)
+    assert descriptors[0] == 1 << 20 and descriptors[16] == 3 << 20
+    assert block.words[block.array_slots[1][0]] == 3 << 20  # the block's own pointers follow too

@@ -1,0 +1,112 @@
+"""The Hopper forward with bulk tensor copies (kernels_cu/flash_fwd_tma.cu): a copy warpgroup
+feeding two computing warpgroups through mbarriers, sm_90 only, head dims that are multiples of
+64, fixed-length batches only (a packed batch runs on flash_fwd_sm90).
+
+Its second kernel parameter holds the tensor maps of q, k and v (cupyflash/tma.py), which embed
+their addresses: `tensor_maps` names what to encode, and launch.TensorMapParams re-encodes a
+map when its array's pointer changes between calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .. import build, tma
+from ..device import DeviceLimits
+from ..launch import SMEM_ALIGN_SLACK
+from ..problem import Problem
+from .common import ELEMENT_BYTES, HOPPER, defines, pipeline_and_dim_problems, Variant
+
+SOURCE, ENTRY = "flash_fwd_tma.cu", "flash_fwd_tma"
+BLOCK_M = 128  # two computing warpgroups of 64 query rows
+THREADS = 384  # and the copy warpgroup
+BOX_COLS = 64  # columns per box: one 128-byte swizzle span
+MAP_ARRAYS = ("q", "k", "v")  # FwdTensorMaps' fields, in order
+
+
+@dataclass(frozen=True)
+class TmaFwdConfig:
+    block_n: int
+    stages: int = 2
+
+    kernel = ENTRY
+    block_m = BLOCK_M
+    threads = THREADS
+
+    def problems(self, head_dim: int) -> list[str]:
+        reasons = []
+        if self.block_n not in (64, 128):
+            reasons.append(f"block_n {self.block_n} must be 64 or 128")
+        if head_dim % 64:
+            reasons.append(f"head_dim {head_dim} must be a multiple of 64 (128-byte slabs)")
+        return reasons + pipeline_and_dim_problems(self.stages, head_dim)
+
+    def acc_floats(self, head_dim: int) -> int:
+        """O (64 rows x head_dim) and one S tile over a warpgroup's 128 threads; P (half that)
+        waits beside them while its P V runs."""
+        return (head_dim + self.block_n) // 2
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """TmaFwdSmem: Q + stages x (K, V), then 1 + 4 x stages mbarriers, plus the alignment slack."""
+        tiles = (BLOCK_M + 2 * self.stages * self.block_n) * head_dim * ELEMENT_BYTES
+        return tiles + 8 * (1 + 4 * self.stages) + SMEM_ALIGN_SLACK
+
+    def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
+        # 240 registers per computing thread (setmaxnreg): O and S in fp32, P packed, and the rest.
+        return (limits.compute_capability == HOPPER and not self.problems(head_dim)
+                and self.smem_bytes(head_dim) <= limits.smem_per_block_optin
+                and self.acc_floats(head_dim) + self.block_n // 4 <= 200)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, **asdict(self)}
+
+
+CONFIG = TmaFwdConfig  # the config class of this family (plan.config_from_dict)
+
+
+def unsupported(p: Problem) -> str | None:
+    """Why this kernel cannot run a call, or None: a packed batch's boxes would reach into the
+    next sequence's rows."""
+    return "a packed (variable-length) batch" if p.varlen else None
+
+
+@functools.lru_cache(maxsize=None)
+def spec(dtype: str, head_dim: int, cfg: TmaFwdConfig, *, variant: Variant) -> build.KernelSpec:
+    if variant.varlen:
+        raise ValueError("flash_fwd_tma has no variable-length variant")
+    return build.KernelSpec(SOURCE, ENTRY, defines(
+        dtype, head_dim=head_dim, block_n=cfg.block_n, stages=cfg.stages, smem_bytes=cfg.smem_bytes(head_dim),
+        **variant.mask_defines()), arch_suffix="a")
+
+
+def grid(p: Problem, cfg: TmaFwdConfig) -> tuple[int, int, int]:
+    return (-(-p.seqlen_q // BLOCK_M), p.heads_q, p.batch)
+
+
+def tensor_maps(p: Problem, t: dict[str, Any], cfg: TmaFwdConfig) -> list[tuple[str, tma.TiledMap]]:
+    """(array name, map) for q, k, v: (batch, seqlen, heads, head_dim) arrays (in the map,
+    innermost first) read in boxes of 64 columns by block_m (q) or block_n (k, v) rows of one
+    head. The kernel's head dim may exceed the stored one: box columns past it read zeros."""
+    boxes = {"q": BLOCK_M, "k": cfg.block_n, "v": cfg.block_n}
+    maps = []
+    for name in MAP_ARRAYS:
+        array = t[name]
+        tmap = tma.describe(array, (1, boxes[name], 1, BOX_COLS), swizzle=128)
+        if isinstance(tmap, str):  # kernel_ready arrays always have a map; this would be a bug
+            raise ValueError(f"flash_fwd_tma: {name} {array.shape} strides {array.strides}: {tmap}")
+        maps.append((name, tmap))
+    return maps
+
+
+def candidates(head_dim: int, limits: DeviceLimits) -> list[TmaFwdConfig]:
+    space = itertools.product((64, 128), (2, 3, 4))
+    return [c for c in (TmaFwdConfig(*values) for values in space) if c.fits(head_dim, limits)]
+
+
+def default(head_dim: int, limits: DeviceLimits) -> TmaFwdConfig | None:
+    """No default yet: the kernel has not been measured against flash_fwd_sm90 on a GPU. It runs
+    when forced (plan.forced) or tuned."""
+    return None

@@ -1,0 +1,83 @@
+"""EXPERIMENT: forward kernels forced against each other and torch's cuDNN backend on a few
+cells of the paper grid (not a test; `cupyflash bench` is the record).
+
+    PYTHONPATH=$PWD python scripts/fwd_variants.py [CELL ...]   CELL = DTYPE,HEAD_DIM,SEQLEN,CAUSAL (0/1)
+
+For each cell: the default config, every flash_fwd_tma candidate, and cuDNN (when torch has it),
+in TFLOP/s from the median of timing.do_bench (L2 flushed), batch = 16384 / seqlen and
+heads = 2048 / head_dim as in the paper grid; plus each forced config's largest error against
+the default one's output (both exact attention: expect a few ulps of the dtype).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import cupy
+
+import cupyflash as cf
+from cupyflash import plan
+from cupyflash.device import device_limits
+from cupyflash.problem import numpy_dtype
+from cupyflash.kernels import flash_fwd_tma
+from cupyflash.problem import Problem
+from cupyflash.timing import do_bench
+
+CELLS = ["bfloat16,128,8192,0", "bfloat16,128,8192,1", "float16,64,4096,0", "bfloat16,256,4096,1",
+         "bfloat16,128,2048,0", "float16,192,4096,0"]
+
+
+def cudnn(q, k, v, causal):
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    from cupyflash.bench.peers import _to_torch
+    tq, tk, tv = (_to_torch(torch, x, contiguous=True) for x in (q, k, v))
+
+    def run():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+    try:
+        run()
+    except RuntimeError as error:
+        print(f"  cuDNN: {str(error).splitlines()[0]}")
+        return None
+    return run
+
+
+def main() -> None:
+    cells = sys.argv[1:] or CELLS
+    limits = device_limits(0)
+    print(f"{limits.name}")
+    print("| dtype | d | S | causal | kernel | TFLOP/s | vs default | max diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for cell in cells:
+        dtype, dim, seqlen, causal = cell.split(",")
+        dim, seqlen, causal = int(dim), int(seqlen), bool(int(causal))
+        batch, heads = max(1, 16384 // seqlen), 2048 // dim
+        q, k, v = (cupy.random.standard_normal((batch, seqlen, heads, dim), dtype=cupy.float32).astype(
+            numpy_dtype(dtype)) for _ in range(3))
+        flops = 4 * batch * heads * seqlen * seqlen * dim // (2 if causal else 1)
+        base_out = cf.attention(q, k, v, causal=causal)
+        base_ms = do_bench(lambda: cf.attention(q, k, v, causal=causal), runs=30).median_ms
+        rows = [("default " + str(plan.choose("fwd", Problem.from_arrays(q, k, v, causal=causal), limits)),
+                 base_ms, 0.0)]
+        for config in flash_fwd_tma.candidates(dim, limits):
+            with plan.forced(fwd=config):
+                out = cf.attention(q, k, v, causal=causal)
+                diff = float(cupy.abs(out.astype(cupy.float32) - base_out.astype(cupy.float32)).max())
+                ms = do_bench(lambda: cf.attention(q, k, v, causal=causal), runs=30).median_ms
+            rows.append((f"tma n{config.block_n} s{config.stages}", ms, diff))
+        run = cudnn(q, k, v, causal)
+        if run is not None:
+            rows.append(("cuDNN", do_bench(run, runs=30).median_ms, float("nan")))
+        for name, ms, diff in rows:
+            print(f"| {dtype} | {dim} | {seqlen} | {int(causal)} | {name} | {flops / ms / 1e9:.0f} | "
+                  f"{base_ms / ms:.2f} | {diff:.3g} |")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

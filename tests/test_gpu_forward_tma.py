@@ -1,0 +1,71 @@
+"""The Hopper forward with bulk tensor copies (flash_fwd_tma) against the float64 reference,
+forced (plan.forced) since it is not yet any head dim's default. Every config the autotuner may
+time, on awkward cases: tails of both lengths, causal with more queries than keys, GQA, a
+sliding window, a head dim below the compiled one (the box columns past it read zeros), packed
+qkv views (strided heads), one head and one key. Skipped off sm_90.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cupyflash import plan, validation
+from cupyflash.device import DeviceLimits
+from cupyflash.kernels import flash_fwd_tma
+
+pytestmark = pytest.mark.gpu
+
+HOPPER = DeviceLimits("H100", (9, 0), 132, 232448, 233472)
+
+
+def _configs() -> list[tuple[int, flash_fwd_tma.TmaFwdConfig]]:
+    return [(d, c) for d in (64, 128, 192, 256) for c in flash_fwd_tma.candidates(d, HOPPER)]
+
+
+CASES = [  # (dtype, causal, seqlen_q, seqlen_k, group, extra Case fields)
+    ("float16", True, 113, 203, 4, {}),
+    ("bfloat16", False, 1023, 1024, 1, {}),
+    ("bfloat16", True, 300, 129, 2, {"window": (70, 0)}),  # causal rows seeing no key, a window
+    ("float16", False, 257, 1, 1, {"batch": 1, "heads_kv": 1}),  # one key
+    ("bfloat16", False, 333, 333, 1, {"layout": "packed"}),  # q, k, v strided views of one array
+]
+
+
+def _run(head_dim: int, config: flash_fwd_tma.TmaFwdConfig, args: tuple) -> None:
+    import cupy
+
+    from cupyflash.device import device_limits
+
+    if device_limits(cupy.cuda.runtime.getDevice()).compute_capability != (9, 0):
+        pytest.skip("flash_fwd_tma runs on sm_90 only")
+    dtype, causal, seqlen_q, seqlen_k, group, extra = args
+    case = validation.Case(dtype, head_dim, causal, seqlen_q, seqlen_k, group, **extra)
+    with plan.forced(fwd=config):
+        results = validation.run_gpu_case(case, backward=False)
+    failures = [r.message() for r in results if not r.ok]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("head_dim,config", _configs(),
+                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"n{x.block_n}s{x.stages}")
+@pytest.mark.parametrize("args", CASES[:2], ids=["fp16-causal-113x203-gqa4", "bf16-1023x1024"])
+def test_every_tma_config_matches_reference(head_dim: int, config: flash_fwd_tma.TmaFwdConfig, args: tuple) -> None:
+    _run(head_dim, config, args)
+
+
+@pytest.mark.parametrize("head_dim", [40, 120, 192, 250])
+@pytest.mark.parametrize("args", CASES[2:], ids=["bf16-window", "fp16-one-key", "bf16-packed"])
+def test_awkward_cases_match_reference(head_dim: int, args: tuple) -> None:
+    config = flash_fwd_tma.candidates(-(-head_dim // 64) * 64, HOPPER)[0]
+    _run(head_dim, config, args)
+
+
+def test_a_packed_batch_cannot_be_forced_onto_it() -> None:
+    import cupy
+
+    import cupyflash
+
+    q = cupy.random.standard_normal((40, 2, 64), dtype=cupy.float32).astype(cupy.float16)
+    cu = cupy.asarray([0, 17, 40], dtype=cupy.int32)
+    with plan.forced(fwd=flash_fwd_tma.TmaFwdConfig(128, 2)), pytest.raises(ValueError, match="packed"):
+        cupyflash.attention_varlen(q, q, q, cu, cu, 23, 23)
