@@ -24,7 +24,7 @@
 // on flash_fwd_sm90. cupyflash/kernels/flash_fwd_tma.py encodes the tensor maps and says which
 // calls can take this kernel.
 //
-// Compile-time macros (cupyflash/build.py): CF_ELEMENT, CF_HEAD_DIM (64, 128, 192, 256),
+// Compile-time macros (cupyflash/build.py): CF_ELEMENT, CF_HEAD_DIM (a multiple of 32 up to 256),
 // CF_BLOCK_N (64 | 128), CF_STAGES, CF_WINDOW_LEFT / CF_WINDOW_RIGHT, CF_VARLEN (must be 0).
 #include "fwd_block.cuh"
 #include "gemm.cuh"
@@ -36,7 +36,12 @@
 #include "wgmma_gemm.cuh"
 
 namespace cf {
-using TmaCompute = Sm90FwdTraits<CF_HEAD_DIM, CF_BLOCK_N, 8, CF_STAGES>;  // the two computing warpgroups
+// Tiles hold whole 64-column slabs: head dims 96 and 160 are stored as 128 and 192, their last
+// slab half zeros (the boxes read past head_dim as 0). Q K^T runs over the kernel's own head dim
+// only; P V over every slab (its zero columns are not stored).
+constexpr int kQkDepth = CF_HEAD_DIM;
+constexpr int kTileDim = (CF_HEAD_DIM + 63) / 64 * 64;
+using TmaCompute = Sm90FwdTraits<kTileDim, CF_BLOCK_N, 8, CF_STAGES>;  // the two computing warpgroups
 using Element = CF_ELEMENT;
 constexpr int kCopyThreads = 128;                                 // warpgroup 0
 constexpr int kTmaFwdThreads = kCopyThreads + TmaCompute::kThreads;  // 384
@@ -162,7 +167,7 @@ extern "C" __global__ void __launch_bounds__(cf::kTmaFwdThreads, 1)
     const int slot = it % T::kStages;
     mbarrier_wait(k_full + 8 * slot, full_phase(it));
     wgmma_fence();
-    wgmma_k_major<Element, T::kBlockN, T::kBlockM, T::kHeadDim>(s[0], q_desc, k_desc0 + slot_offset(it));
+    wgmma_k_major<Element, T::kBlockN, T::kBlockM, kQkDepth>(s[0], q_desc, k_desc0 + slot_offset(it));
     wgmma_commit();
   };
   auto mask_tile = [&](int it) {

@@ -24,7 +24,7 @@ from cupyflash.problem import Problem
 from cupyflash.timing import do_bench
 
 CELLS = ["bfloat16,128,8192,0", "bfloat16,128,8192,1", "float16,64,4096,0", "bfloat16,256,4096,1",
-         "bfloat16,128,2048,0", "float16,192,4096,0"]
+         "bfloat16,96,4096,0", "bfloat16,160,4096,0"]
 
 
 def cudnn(q, k, v, causal):

@@ -220,7 +220,7 @@ def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, confi
     assert "-arch=sm_90a" in spec.options("sm_90")
 
 
-@pytest.mark.parametrize("head_dim,config", [(d, c) for d in (64, 128, 192, 256)
+@pytest.mark.parametrize("head_dim,config", [(d, c) for d in (32, 64, 96, 128, 160, 192, 256)
                                              for c in flash_fwd_tma.candidates(d, H100)],
                          ids=lambda x: f"d{x}" if isinstance(x, int) else f"n{x.block_n}s{x.stages}")
 @pytest.mark.parametrize("variant", [UNMASKED, GENERAL], ids=("unmasked", "windowed"))

@@ -1,8 +1,9 @@
 """The Hopper forward with bulk tensor copies (flash_fwd_tma) against the float64 reference,
 forced (plan.forced) since it is not yet any head dim's default. Every config the autotuner may
-time, on awkward cases: tails of both lengths, causal with more queries than keys, GQA, a
-sliding window, a head dim below the compiled one (the box columns past it read zeros), packed
-qkv views (strided heads), one head and one key. Skipped off sm_90.
+time, head dims 64 to 256 (96 and 160 on tiles of whole 64-column slabs), on two cases; then
+awkward ones: causal rows that see no key, a sliding window, one key, packed qkv views (strided
+heads), head dims below the compiled one (the box columns past them read zeros). Skipped off
+sm_90.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 from cupyflash import plan, validation
 from cupyflash.device import DeviceLimits
 from cupyflash.kernels import flash_fwd_tma
+from cupyflash.kernels.common import kernel_head_dim
 
 pytestmark = pytest.mark.gpu
 
@@ -19,7 +21,7 @@ HOPPER = DeviceLimits("H100", (9, 0), 132, 232448, 233472)
 
 
 def _configs() -> list[tuple[int, flash_fwd_tma.TmaFwdConfig]]:
-    return [(d, c) for d in (64, 128, 192, 256) for c in flash_fwd_tma.candidates(d, HOPPER)]
+    return [(d, c) for d in (64, 96, 128, 160, 192, 256) for c in flash_fwd_tma.candidates(d, HOPPER)]
 
 
 CASES = [  # (dtype, causal, seqlen_q, seqlen_k, group, extra Case fields)
@@ -53,10 +55,10 @@ def test_every_tma_config_matches_reference(head_dim: int, config: flash_fwd_tma
     _run(head_dim, config, args)
 
 
-@pytest.mark.parametrize("head_dim", [40, 120, 192, 250])
+@pytest.mark.parametrize("head_dim", [40, 80, 96, 120, 160, 250])
 @pytest.mark.parametrize("args", CASES[2:], ids=["bf16-window", "fp16-one-key", "bf16-packed"])
 def test_awkward_cases_match_reference(head_dim: int, args: tuple) -> None:
-    config = flash_fwd_tma.candidates(-(-head_dim // 64) * 64, HOPPER)[0]
+    config = flash_fwd_tma.candidates(kernel_head_dim(head_dim), HOPPER)[0]
     _run(head_dim, config, args)
 
 

@@ -1,6 +1,7 @@
 """The Hopper forward with bulk tensor copies (kernels_cu/flash_fwd_tma.cu): a copy warpgroup
-feeding two computing warpgroups through mbarriers, sm_90 only, head dims that are multiples of
-64, fixed-length batches only (a packed batch runs on flash_fwd_sm90).
+feeding two computing warpgroups through mbarriers, sm_90 only, fixed-length batches only (a
+packed batch runs on flash_fwd_sm90). Every compiled head dim: its shared tiles hold whole
+64-column slabs (tile_dim), so 96 and 160 take the shared memory of 128 and 192.
 
 Its second kernel parameter holds the tensor maps of q, k and v (cupyflash/tma.py), which embed
 their addresses: `tensor_maps` names what to encode, and launch.TensorMapParams re-encodes a
@@ -40,18 +41,16 @@ class TmaFwdConfig:
         reasons = []
         if self.block_n not in (64, 128):
             reasons.append(f"block_n {self.block_n} must be 64 or 128")
-        if head_dim % 64:
-            reasons.append(f"head_dim {head_dim} must be a multiple of 64 (128-byte slabs)")
         return reasons + pipeline_and_dim_problems(self.stages, head_dim)
 
     def acc_floats(self, head_dim: int) -> int:
         """O (64 rows x head_dim) and one S tile over a warpgroup's 128 threads; P (half that)
         waits beside them while its P V runs."""
-        return (head_dim + self.block_n) // 2
+        return (tile_dim(head_dim) + self.block_n) // 2
 
     def smem_bytes(self, head_dim: int) -> int:
         """TmaFwdSmem: Q + stages x (K, V), then 1 + 4 x stages mbarriers, plus the alignment slack."""
-        tiles = (BLOCK_M + 2 * self.stages * self.block_n) * head_dim * ELEMENT_BYTES
+        tiles = (BLOCK_M + 2 * self.stages * self.block_n) * tile_dim(head_dim) * ELEMENT_BYTES
         return tiles + 8 * (1 + 4 * self.stages) + SMEM_ALIGN_SLACK
 
     def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
@@ -65,6 +64,11 @@ class TmaFwdConfig:
 
 
 CONFIG = TmaFwdConfig  # the config class of this family (plan.config_from_dict)
+
+
+def tile_dim(head_dim: int) -> int:
+    """Columns of a shared tile: head_dim rounded up to whole 64-column (128-byte) slabs."""
+    return -(-head_dim // BOX_COLS) * BOX_COLS
 
 
 def unsupported(p: Problem) -> str | None:
