@@ -25,7 +25,8 @@
 // calls can take this kernel.
 //
 // Compile-time macros (cupyflash/build.py): CF_ELEMENT, CF_HEAD_DIM (a multiple of 32 up to 256),
-// CF_BLOCK_N (64 | 128), CF_STAGES, CF_WINDOW_LEFT / CF_WINDOW_RIGHT, CF_VARLEN (must be 0).
+// CF_BLOCK_N (64 | 128), CF_STAGES, CF_PINGPONG (0 | 1), CF_WINDOW_LEFT / CF_WINDOW_RIGHT,
+// CF_VARLEN (must be 0).
 #include "fwd_block.cuh"
 #include "gemm.cuh"
 #include "mask.cuh"
@@ -48,6 +49,10 @@ constexpr int kTmaFwdThreads = kCopyThreads + TmaCompute::kThreads;  // 384
 constexpr int kCopyRegisters = 24, kComputeRegisters = 240;       // setmaxnreg: 128 x 24 + 256 x 240 <= 64K
 constexpr int kComputeWarps = TmaCompute::kNWarps;                // each arrives once on an "empty" barrier
 constexpr int kBoxCols = 64;                                      // one 128-byte swizzle span per box
+constexpr bool kPingPong = CF_PINGPONG;
+// Named barriers: 0 is __syncthreads', 1 and 2 each computing warpgroup's store of O, 3 and 4
+// their turns (CF_PINGPONG).
+constexpr int kTurnBarrier = 3;
 
 // The descriptors of q, k and v: each array's axes innermost first, (head_dim, heads, seqlen,
 // batch), in boxes of 64 columns x 1 head x kBlockM (q) or kBlockN (k, v) rows. The second
@@ -184,8 +189,25 @@ extern "C" __global__ void __launch_bounds__(cf::kTmaFwdThreads, 1)
     wgmma_commit();
   };
 
+  // CF_PINGPONG (FlashAttention-3's inter-warpgroup schedule): the two warpgroups take turns
+  // to issue their MMAs, so that one's softmax runs while the other's MMAs hold the tensor
+  // cores. A turn starts by waiting on this warpgroup's named barrier and ends by arriving on the
+  // other's; group 1 arrives once first so that group 0 starts. Both issue n_tiles + 1 times,
+  // and the last turn of group 1 passes nothing on, so every arrival meets a wait.
+  const int my_turn = kTurnBarrier + compute_group, their_turn = kTurnBarrier + 1 - compute_group;
+  auto turn_begin = [&] {
+    if constexpr (kPingPong) named_barrier_sync(my_turn, 256);
+  };
+  auto turn_end = [&](bool last) {
+    if constexpr (kPingPong)
+      if (!(last && compute_group == 1)) named_barrier_arrive(their_turn, 256);
+  };
+  if (kPingPong && compute_group == 1) named_barrier_arrive(their_turn, 256);
+
   mbarrier_wait(q_full, 0);
+  turn_begin();
   scores(0);
+  turn_end(false);
   wgmma_wait<0>();
   wgmma_fence_operands(s[0]);
   release(k_empty);
@@ -194,8 +216,10 @@ extern "C" __global__ void __launch_bounds__(cf::kTmaFwdThreads, 1)
   pack_a_frags<Element, T::kBlockN>(p_frag, s[0]);
 
   for (int it = 1; it < n_tiles; ++it) {
+    turn_begin();
     scores(it);
     issue_pv(it - 1);
+    turn_end(false);
     wgmma_wait<1>();  // S(it) has landed; P(it - 1) V(it - 1) may still run
     wgmma_fence_operands(s[0]);
     release(k_empty + 8 * (it % T::kStages));
@@ -209,7 +233,9 @@ extern "C" __global__ void __launch_bounds__(cf::kTmaFwdThreads, 1)
     softmax.rescale(acc_o, correction);
     pack_a_frags<Element, T::kBlockN>(p_frag, s[0]);
   }
+  turn_begin();
   issue_pv(n_tiles - 1);
+  turn_end(true);
   wgmma_wait<0>();
   wgmma_fence_operands(acc_o[0]);
   wgmma_fence_operands(p_frag);

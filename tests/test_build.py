@@ -220,9 +220,13 @@ def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, confi
     assert "-arch=sm_90a" in spec.options("sm_90")
 
 
+def tma_id(config) -> str:
+    return f"n{config.block_n}s{config.stages}{'p' if config.pingpong else ''}"
+
+
 @pytest.mark.parametrize("head_dim,config", [(d, c) for d in (32, 64, 96, 128, 160, 192, 256)
                                              for c in flash_fwd_tma.candidates(d, H100)],
-                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"n{x.block_n}s{x.stages}")
+                         ids=lambda x: f"d{x}" if isinstance(x, int) else tma_id(x))
 @pytest.mark.parametrize("variant", [UNMASKED, GENERAL], ids=("unmasked", "windowed"))
 def test_every_tma_forward_candidate_compiles_without_spills(head_dim: int, config, variant: Variant) -> None:
     spec = flash_fwd_tma.spec("bfloat16", head_dim, config, variant=variant)

@@ -48,8 +48,12 @@ def _run(head_dim: int, config: flash_fwd_tma.TmaFwdConfig, args: tuple) -> None
     assert not failures, "\n".join(failures)
 
 
+def tma_id(config) -> str:
+    return f"n{config.block_n}s{config.stages}{'p' if config.pingpong else ''}"
+
+
 @pytest.mark.parametrize("head_dim,config", _configs(),
-                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"n{x.block_n}s{x.stages}")
+                         ids=lambda x: f"d{x}" if isinstance(x, int) else tma_id(x))
 @pytest.mark.parametrize("args", CASES[:2], ids=["fp16-causal-113x203-gqa4", "bf16-1023x1024"])
 def test_every_tma_config_matches_reference(head_dim: int, config: flash_fwd_tma.TmaFwdConfig, args: tuple) -> None:
     _run(head_dim, config, args)

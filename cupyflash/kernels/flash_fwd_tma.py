@@ -32,6 +32,7 @@ MAP_ARRAYS = ("q", "k", "v")  # FwdTensorMaps' fields, in order
 class TmaFwdConfig:
     block_n: int
     stages: int = 2
+    pingpong: bool = False  # the two computing warpgroups take turns to issue their MMAs
 
     kernel = ENTRY
     block_m = BLOCK_M
@@ -82,7 +83,8 @@ def spec(dtype: str, head_dim: int, cfg: TmaFwdConfig, *, variant: Variant) -> b
     if variant.varlen:
         raise ValueError("flash_fwd_tma has no variable-length variant")
     return build.KernelSpec(SOURCE, ENTRY, defines(
-        dtype, head_dim=head_dim, block_n=cfg.block_n, stages=cfg.stages, smem_bytes=cfg.smem_bytes(head_dim),
+        dtype, head_dim=head_dim, block_n=cfg.block_n, stages=cfg.stages, pingpong=cfg.pingpong,
+        smem_bytes=cfg.smem_bytes(head_dim),
         **variant.mask_defines()), arch_suffix="a")
 
 
@@ -106,7 +108,7 @@ def tensor_maps(p: Problem, t: dict[str, Any], cfg: TmaFwdConfig) -> list[tuple[
 
 
 def candidates(head_dim: int, limits: DeviceLimits) -> list[TmaFwdConfig]:
-    space = itertools.product((64, 128), (2, 3, 4))
+    space = itertools.product((64, 128), (2, 3, 4), (False, True))
     return [c for c in (TmaFwdConfig(*values) for values in space) if c.fits(head_dim, limits)]
 
 
