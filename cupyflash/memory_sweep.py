@@ -4,8 +4,8 @@ An out-of-bounds write is silent in the results and corrupts a caller's neighbou
 two checks run the same list of cases on a GPU: tests/test_gpu_guard.py surrounds every
 allocation with guard bytes and checks them after the call, and scripts/sanitize.py runs each
 case in its own process under compute-sanitizer (memcheck; racecheck and synccheck on the
-smaller list). A case names a path (the kernels the GPU picks by default, or the configs an A100
-or an RTX 4090 would pick, forced through plan.forced), a validation.Case (head dim, lengths,
+smaller list). A case names a path (the kernels the GPU picks by default, the configs an A100
+or an RTX 4090 would pick, or Hopper's TMA forward, forced through plan.forced), a validation.Case (head dim, lengths,
 GQA, causal or window) or a PackedCase (a packed batch for attention_varlen: lengths per
 sequence, empty ones included, seqused_k, keys no sequence owns) and whether the backward is
 the deterministic one; or a MergeCase (merge_cases.py: merge_attention over key slices); or a
@@ -34,6 +34,9 @@ from .packed_cases import PackedCase, compare_varlen, varlen_calls, varlen_input
 from .tolerance import Comparison
 
 PATHS = ("default", *gpu_classes.SMALLER_THAN_HOPPER)  # default, a100, rtx4090
+# Hopper's forward with bulk tensor copies (kernels/flash_fwd_tma.py), forced while it is no head
+# dim's default, with its turn-taking warpgroups; on other GPUs this path runs the default one.
+TMA_PATH = "tma"
 # Every compiled head dim (32 ... 256) is reached, and padded ones between them: 8 and 40 run on
 # the 32 and 64 kernels, 72 on 96, 200 on 256.
 HEAD_DIMS = (8, 32, 40, 48, 64, 72, 96, 128, 160, 192, 200, 256)
@@ -98,6 +101,11 @@ def cases(small: bool = False) -> list[SweepCase]:
         if group > 1 and not small:
             found.append(SweepCase(path, case, deterministic=True))
     found.append(SweepCase("default", validation.Case("float16", 40, False, 33, 33, batch=1)))  # the first report
+    for dim, (seqlen_q, seqlen_k, group, causal, window) in itertools.product(
+            SMALL_HEAD_DIMS[1:3] if small else SMALL_HEAD_DIMS, SHAPES[1:3] if small else SHAPES):
+        dtype = "bfloat16" if (dim // 8) % 2 else "float16"
+        found.append(SweepCase(TMA_PATH, validation.Case(dtype, dim, causal, seqlen_q, seqlen_k, group=group,
+                                                         window=window)))
     merges = [SweepCase("default", c) for c in (MERGE_CASES[:1] if small else MERGE_CASES)]
     decodes = [SweepCase("default", c) for c in (DECODE_CASES[:3] if small else DECODE_CASES)]
     return found + varlen_cases(small) + merges + decodes
@@ -130,9 +138,28 @@ def configs_of(path: str, head_dim: int) -> Iterator[None]:
     if path == "default":
         yield
         return
+    if path == TMA_PATH:
+        with _tma_forward(head_dim):
+            yield
+        return
     limits = gpu_classes.SMALLER_THAN_HOPPER[path]
     kernel_dim = kernel_head_dim(head_dim)  # (the compiled head dims are multiples of 8: padding changes nothing)
     with plan.forced(plan.default_fwd_config(kernel_dim, limits), plan.default_bwd_config(kernel_dim, limits)):
+        yield
+
+
+@contextlib.contextmanager
+def _tma_forward(head_dim: int) -> Iterator[None]:
+    from .device import current_device_id, device_limits
+    from .kernels import flash_fwd_tma
+
+    limits = device_limits(current_device_id())
+    kernel_dim = kernel_head_dim(head_dim)
+    configs = [c for c in flash_fwd_tma.candidates(kernel_dim, limits) if c.pingpong]
+    if not configs:  # not a Hopper GPU
+        yield
+        return
+    with plan.forced(configs[-1], plan.default_bwd_config(kernel_dim, limits)):
         yield
 
 
