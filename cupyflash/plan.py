@@ -36,10 +36,10 @@ from .kernels import (flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_b
 from .kernels.common import no_config_error
 from .problem import Problem, array_signature, is_text_or_flag
 
-FORWARD_FAMILIES = (flash_fwd_sm90, flash_fwd)  # tried in this order: the first that has a fitting row
+# Tried in this order: the first that has a fitting row (and, for a packed batch, runs those).
+FORWARD_FAMILIES = (flash_fwd_tma, flash_fwd_sm90, flash_fwd)
 DKDV_FAMILIES = (flash_bwd_dkdv_sm90, flash_bwd_dkdv)
-# flash_fwd_tma runs only when forced or tuned until it is measured against flash_fwd_sm90.
-FAMILIES = {family.ENTRY: family for family in (*FORWARD_FAMILIES, flash_fwd_tma, *DKDV_FAMILIES, flash_bwd_dq)}
+FAMILIES = {family.ENTRY: family for family in (*FORWARD_FAMILIES, *DKDV_FAMILIES, flash_bwd_dq)}
 FwdConfig = flash_fwd.FwdConfig | flash_fwd_sm90.Sm90FwdConfig | flash_fwd_tma.TmaFwdConfig
 DkdvConfig = flash_bwd_dkdv.DkdvConfig | flash_bwd_dkdv_sm90.Sm90DkdvConfig
 FORWARD_RESULTS = ("out", "lse")
@@ -101,8 +101,10 @@ def is_forced() -> bool:
 
 
 @functools.lru_cache(maxsize=None)  # pure in its (hashable) arguments; called on every full-path call
-def default_fwd_config(head_dim: int, limits: DeviceLimits) -> FwdConfig:
+def default_fwd_config(head_dim: int, limits: DeviceLimits, varlen: bool = False) -> FwdConfig:
     for family in FORWARD_FAMILIES:
+        if varlen and not getattr(family, "PACKED_BATCHES", True):
+            continue
         config = family.default(head_dim, limits)
         if config is not None:
             return config
@@ -143,8 +145,9 @@ def choose(kind: str, problem: Problem, limits: DeviceLimits) -> Any:
     tuned = tuned_config(kind, problem, limits)
     if tuned is not None:
         return tuned
-    default = default_fwd_config if kind == "fwd" else default_bwd_config
-    return default(problem.kernel_head_dim, limits)
+    if kind == "fwd":
+        return default_fwd_config(problem.kernel_head_dim, limits, problem.varlen)
+    return default_bwd_config(problem.kernel_head_dim, limits)
 
 
 def fwd_candidates(head_dim: int, limits: DeviceLimits) -> list[FwdConfig]:
@@ -284,7 +287,7 @@ def build_forward(problem: Problem, t: dict[str, Any], device_id: int) -> Plan:
     if reason is not None:  # a tuned or forced config of a family that cannot run this call
         if is_forced():
             raise ValueError(f"the forced forward config {config} cannot run {reason}")
-        config = default_fwd_config(problem.kernel_head_dim, limits)
+        config = default_fwd_config(problem.kernel_head_dim, limits, problem.varlen)
     if hasattr(family_of(config), "tensor_maps"):
         params = launch.TensorMapParams(params, family_of(config).tensor_maps(problem, t, config))
     calls = forward_kernels(problem, config)

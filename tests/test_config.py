@@ -7,13 +7,13 @@ import pytest
 
 from cupyflash import autotune, gpu_classes, plan
 from cupyflash.device import DeviceLimits
-from cupyflash.kernels import flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_fwd, flash_fwd_sm90
+from cupyflash.kernels import flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_fwd, flash_fwd_sm90, flash_fwd_tma
 from cupyflash.kernels.common import KERNEL_HEAD_DIMS
 
 H100, A100 = gpu_classes.H100, gpu_classes.A100
 TINY = DeviceLimits("tiny", (8, 6), 8, 48 * 1024, 64 * 1024)
 FAMILIES = (flash_fwd, flash_fwd_sm90, flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq)
-FwdConfig, Sm90FwdConfig = flash_fwd.FwdConfig, flash_fwd_sm90.Sm90FwdConfig
+FwdConfig, Sm90FwdConfig, TmaFwdConfig = flash_fwd.FwdConfig, flash_fwd_sm90.Sm90FwdConfig, flash_fwd_tma.TmaFwdConfig
 DkdvConfig, Sm90DkdvConfig = flash_bwd_dkdv.DkdvConfig, flash_bwd_dkdv_sm90.Sm90DkdvConfig
 
 
@@ -118,9 +118,11 @@ def test_wgmma_problems_name_the_rule(cfg, head_dim: int, reason: str) -> None:
 
 
 def test_hopper_defaults_use_wgmma_where_it_applies() -> None:
-    assert type(plan.default_fwd_config(128, H100)) is Sm90FwdConfig
-    assert type(plan.default_fwd_config(192, H100)) is Sm90FwdConfig
-    assert type(plan.default_fwd_config(96, H100)) is FwdConfig  # 96 is not whole 128-byte slabs
+    for dim in (32, 64, 96, 128, 160, 192, 256):  # the TMA forward, on whole 64-column slabs
+        assert type(plan.default_fwd_config(dim, H100)) is TmaFwdConfig, dim
+    # a packed batch: the cp.async wgmma forward where the head dim is whole slabs, else mma.sync
+    assert type(plan.default_fwd_config(128, H100, varlen=True)) is Sm90FwdConfig
+    assert type(plan.default_fwd_config(96, H100, varlen=True)) is FwdConfig
     assert type(plan.default_fwd_config(128, A100)) is FwdConfig
     assert type(plan.default_bwd_config(256, H100).dkdv) is Sm90DkdvConfig
     assert type(plan.default_bwd_config(192, H100).dkdv) is DkdvConfig

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import cupyflash as cf
-from cupyflash import build, launch, plan, tuning, varlen
+from cupyflash import build, launch, plan, tma, tuning, varlen
 from cupyflash.kernels.common import kernel_head_dim
 from cupyflash.kernels.flash_fwd import FwdConfig
 from cupyflash.device import DeviceLimits
@@ -90,6 +90,8 @@ def fake_cupy(monkeypatch: pytest.MonkeyPatch, tmp_path) -> FakeCupy:
     monkeypatch.setattr(build, "load_function", lambda spec, device_id, arch, smem: FakeFunction(spec, 0xF00 + len(
         spec.entry)))
     monkeypatch.setattr(plan, "current_device_id", lambda: 0)
+    # A tensor map is the driver's to encode; the fake one holds its array's address 16 times.
+    monkeypatch.setattr(tma, "encode", lambda tmap, address: address.to_bytes(8, "little") * 16)
     plan.clear()
     yield fake
     plan.clear()
@@ -186,9 +188,17 @@ def check_launch(record: tuple[int, ...], kernel: launch.Launch, t: dict[str, Fa
                                                                kernel.smem)
     assert stream == STREAM and extra == 0
     source = (build.kernel_dir() / kernel.function.spec.source).read_text()
-    struct = re.search(rf"\b{kernel.function.spec.entry}\(const __grid_constant__ cf::(\w+) p\)", source).group(1)
-    assert struct == kernel.params.struct, f"{kernel.function.spec.entry} takes {struct}"
+    signature = re.search(rf"\b{kernel.function.spec.entry}\(const __grid_constant__ cf::(\w+) p(, const "
+                          rf"__grid_constant__ cf::FwdTensorMaps maps)?\)", source)
+    struct = signature.group(1)
+    block_params = kernel.params.block if signature.group(2) else kernel.params
+    assert struct == block_params.struct, f"{kernel.function.spec.entry} takes {struct}"
     block = header_structs()[struct].from_address(ctypes.c_uint64.from_address(params).value)
+    if signature.group(2):  # the second argument: q, k and v's maps, in FwdTensorMaps' order
+        maps = ctypes.c_uint64.from_address(params + 8).value
+        assert maps % 64 == 0
+        assert [ctypes.c_uint64.from_address(maps + 128 * i).value for i in range(3)] == [
+            t[name].data.ptr for name in "qkv"]
     for name, want in expected_fields(t, p, struct).items():
         got = getattr(block, name)
         if isinstance(want, tuple):

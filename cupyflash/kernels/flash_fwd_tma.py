@@ -1,7 +1,7 @@
-"""The Hopper forward with bulk tensor copies (kernels_cu/flash_fwd_tma.cu): a copy warpgroup
-feeding two computing warpgroups through mbarriers, sm_90 only, fixed-length batches only (a
-packed batch runs on flash_fwd_sm90). Every compiled head dim: its shared tiles hold whole
-64-column slabs (tile_dim), so 96 and 160 take the shared memory of 128 and 192.
+"""The Hopper forward with bulk tensor copies (kernels_cu/flash_fwd_tma.cu), the default forward
+on sm_90: a copy warpgroup feeding two computing warpgroups through mbarriers. Fixed-length
+batches only (a packed batch runs on flash_fwd_sm90). Every compiled head dim: its shared tiles
+hold whole 64-column slabs (tile_dim), so 96 and 160 take the shared memory of 128 and 192.
 
 Its second kernel parameter holds the tensor maps of q, k and v (cupyflash/tma.py), which embed
 their addresses: `tensor_maps` names what to encode, and launch.TensorMapParams re-encodes a
@@ -19,13 +19,14 @@ from .. import build, tma
 from ..device import DeviceLimits
 from ..launch import SMEM_ALIGN_SLACK
 from ..problem import Problem
-from .common import ELEMENT_BYTES, HOPPER, defines, pipeline_and_dim_problems, Variant
+from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems, Variant
 
 SOURCE, ENTRY = "flash_fwd_tma.cu", "flash_fwd_tma"
 BLOCK_M = 128  # two computing warpgroups of 64 query rows
 THREADS = 384  # and the copy warpgroup
 BOX_COLS = 64  # columns per box: one 128-byte swizzle span
 MAP_ARRAYS = ("q", "k", "v")  # FwdTensorMaps' fields, in order
+PACKED_BATCHES = False  # plan.py skips this family for attention_varlen
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,19 @@ def candidates(head_dim: int, limits: DeviceLimits) -> list[TmaFwdConfig]:
     return [c for c in (TmaFwdConfig(*values) for values in space) if c.fits(head_dim, limits)]
 
 
+# (largest head dim, config, why it wins). H100, 2026-12-07, scripts/fwd_variants.py: every candidate
+# against flash_fwd_sm90's default and torch's cuDNN backend in one process, paper-grid batch and
+# heads (benchmarks/results/h100-2026-12-07-tma-forward/). block_n 128 beats 64 wherever it fits.
+TABLE: tuple[tuple[int, TmaFwdConfig, str], ...] = (
+    (64, TmaFwdConfig(128, 3), "fp16 S 4k 459-460 TFLOP/s (turn-taking 427-433); bf16 causal S 16k 488 (s2 465, "
+                               "turn-taking 462-471); flash_fwd_sm90 398 / 410"),
+    (128, TmaFwdConfig(128, 2, pingpong=True), "bf16 S 8k 676 / causal 629 TFLOP/s, within 1% of s3 and of no "
+                                               "turn-taking; fp16 causal S 1k 367 against 341 without it; "
+                                               "flash_fwd_sm90 516 / 470 / 304; d96 (tile 128) 525"),
+    (256, TmaFwdConfig(64, 2), "the one candidate from d160 up (shared memory); d160 574, d192 causal 560, d256 "
+                               "causal 584 / fp16 637 TFLOP/s, turn-taking 1-3% slower; flash_fwd_sm90 308-493"),
+)
+
+
 def default(head_dim: int, limits: DeviceLimits) -> TmaFwdConfig | None:
-    """No default yet: the kernel has not been measured against flash_fwd_sm90 on a GPU. It runs
-    when forced (plan.forced) or tuned."""
-    return None
+    return first_fitting(TABLE, head_dim, lambda c: c.fits(head_dim, limits))
