@@ -7,7 +7,8 @@ candidates the autotuner times and the heuristic table used when nothing is tune
 families a call runs, and in what order, is plan.py's.
 
     flash_fwd.py            mma.sync forward (sm_80 and up)
-    flash_fwd_sm90.py       wgmma forward (sm_90)
+    flash_fwd_sm90.py       wgmma forward fed by cp.async (sm_90: packed batches)
+    flash_fwd_tma.py        wgmma forward fed by a TMA copy warpgroup (sm_90: the default)
     flash_bwd_dkdv.py       mma.sync dK/dV, optionally adding dQ by atomics
     flash_bwd_dkdv_sm90.py  wgmma dK/dV, adding dQ by bulk reductions (sm_90)
     flash_bwd_dq.py         mma.sync dQ in its own pass (deterministic)
