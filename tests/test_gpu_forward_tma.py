@@ -1,6 +1,6 @@
 """The Hopper forward with bulk tensor copies (flash_fwd_tma) against the float64 reference,
-forced (plan.forced) since it is not yet any head dim's default. Every config the autotuner may
-time, head dims 64 to 256 (96 and 160 on tiles of whole 64-column slabs), on two cases; then
+each config forced (plan.forced), not only the defaults. Every config the autotuner may
+time, head dims 32 to 256 (32, 96 and 160 on tiles of whole 64-column slabs), on two cases; then
 awkward ones: causal rows that see no key, a sliding window, one key, packed qkv views (strided
 heads), head dims below the compiled one (the box columns past them read zeros). Skipped off
 sm_90.
@@ -21,7 +21,7 @@ HOPPER = DeviceLimits("H100", (9, 0), 132, 232448, 233472)
 
 
 def _configs() -> list[tuple[int, flash_fwd_tma.TmaFwdConfig]]:
-    return [(d, c) for d in (64, 96, 128, 160, 192, 256) for c in flash_fwd_tma.candidates(d, HOPPER)]
+    return [(d, c) for d in (32, 64, 96, 128, 160, 192, 256) for c in flash_fwd_tma.candidates(d, HOPPER)]
 
 
 CASES = [  # (dtype, causal, seqlen_q, seqlen_k, group, extra Case fields)

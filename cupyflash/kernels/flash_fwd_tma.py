@@ -1,7 +1,8 @@
 """The Hopper forward with bulk tensor copies (kernels_cu/flash_fwd_tma.cu), the default forward
-on sm_90: a copy warpgroup feeding two computing warpgroups through mbarriers. Fixed-length
-batches only (a packed batch runs on flash_fwd_sm90). Every compiled head dim: its shared tiles
-hold whole 64-column slabs (tile_dim), so 96 and 160 take the shared memory of 128 and 192.
+on sm_90 above head dim 32: a copy warpgroup feeding two computing warpgroups through mbarriers.
+Fixed-length batches only (a packed batch runs on flash_fwd_sm90). Every compiled head dim: its
+shared tiles hold whole 64-column slabs (tile_dim), so 96 and 160 take the shared memory of 128
+and 192.
 
 Its second kernel parameter holds the tensor maps of q, k and v (cupyflash/tma.py), which embed
 their addresses: `tensor_maps` names what to encode, and launch.TensorMapParams re-encodes a
@@ -127,5 +128,12 @@ TABLE: tuple[tuple[int, TmaFwdConfig, str], ...] = (
 )
 
 
+# The compiled head dims this kernel has run on a GPU (tests/test_gpu_forward_tma.py, 2026-12-07):
+# 32 has not, so head dims up to 32 keep the mma.sync forward until it has.
+FIRST_DEFAULT_HEAD_DIM = 64
+
+
 def default(head_dim: int, limits: DeviceLimits) -> TmaFwdConfig | None:
+    if head_dim < FIRST_DEFAULT_HEAD_DIM:
+        return None
     return first_fitting(TABLE, head_dim, lambda c: c.fits(head_dim, limits))
