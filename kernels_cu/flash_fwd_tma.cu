@@ -1,15 +1,15 @@
 // FlashAttention forward on Hopper with the asynchrony of FlashAttention-3 (sm_90a): bulk tensor
-// copies (TMA) issued by a copy warpgroup, two computing warpgroups, and P V of one tile running
-// on the tensor cores while the softmax of the next tile runs on the other units.
+// copies (TMA) issued by a copy warpgroup, two or three computing warpgroups, and P V of one tile
+// running on the tensor cores while the softmax of the next tile runs on the other units.
 //
 // Why a third forward kernel: flash_fwd_sm90.cu issues its cp.async copies from the warps that
 // compute and orders them with a __syncthreads per tile, and it waits for each wgmma before the
 // softmax. Here nothing waits for everything:
 //   - Warpgroup 0 copies. One thread issues each tile's K and V as TMA boxes into a ring of
 //     kStages slots; each slot has a "full" mbarrier (the copy engine completes it when the bytes
-//     land) and an "empty" one (the 8 computing warps each arrive when done reading it). The
+//     land) and an "empty" one (every computing warp arrives when done reading it). The
 //     warpgroup gives its registers to the others (setmaxnreg).
-//   - Warpgroups 1 and 2 compute 64 query rows each, with the tiles' layout, descriptors and
+//   - Warpgroups 1 to CF_CONSUMERS compute 64 query rows each, with the tiles' layout, descriptors and
 //     fragments of flash_fwd_sm90.cu (Sm90FwdTraits). Per K/V tile t (FlashAttention-3's
 //     intra-warpgroup pipelining):
 //         issue S(t) = Q K(t)^T;  issue O += P(t-1) V(t-1);  wait S(t);  release K(t)
@@ -25,8 +25,8 @@
 // calls can take this kernel.
 //
 // Compile-time macros (cupyflash/build.py): CF_ELEMENT, CF_HEAD_DIM (a multiple of 32 up to 256),
-// CF_BLOCK_N (64 | 128), CF_STAGES, CF_PINGPONG (0 | 1), CF_WINDOW_LEFT / CF_WINDOW_RIGHT,
-// CF_VARLEN (must be 0).
+// CF_BLOCK_N (64 | 128), CF_STAGES, CF_CONSUMERS (2 | 3 computing warpgroups), CF_PINGPONG
+// (0 | 1; with 2 only), CF_WINDOW_LEFT / CF_WINDOW_RIGHT, CF_VARLEN (must be 0).
 #include "fwd_block.cuh"
 #include "gemm.cuh"
 #include "mask.cuh"
@@ -42,17 +42,19 @@ namespace cf {
 // only; P V over every slab (its zero columns are not stored).
 constexpr int kQkDepth = CF_HEAD_DIM;
 constexpr int kTileDim = (CF_HEAD_DIM + 63) / 64 * 64;
-using TmaCompute = Sm90FwdTraits<kTileDim, CF_BLOCK_N, 8, CF_STAGES>;  // the two computing warpgroups
+constexpr int kConsumers = CF_CONSUMERS;
+using TmaCompute = Sm90FwdTraits<kTileDim, CF_BLOCK_N, 4 * kConsumers, CF_STAGES>;  // the computing warpgroups
 using Element = CF_ELEMENT;
-constexpr int kCopyThreads = 128;                                 // warpgroup 0
-constexpr int kTmaFwdThreads = kCopyThreads + TmaCompute::kThreads;  // 384
-constexpr int kCopyRegisters = 24, kComputeRegisters = 240;       // setmaxnreg: 128 x 24 + 256 x 240 <= 64K
-constexpr int kComputeWarps = TmaCompute::kNWarps;                // each arrives once on an "empty" barrier
-constexpr int kBoxCols = 64;                                      // one 128-byte swizzle span per box
+constexpr int kCopyThreads = 128;                                    // warpgroup 0
+constexpr int kTmaFwdThreads = kCopyThreads + TmaCompute::kThreads;  // 384 or 512
+// setmaxnreg: 128 x 24 + 256 x 240 or 384 x 160 registers, within the SM's 64K.
+constexpr int kCopyRegisters = 24, kComputeRegisters = kConsumers == 2 ? 240 : 160;
+constexpr int kComputeWarps = TmaCompute::kNWarps;                   // each arrives once on an "empty" barrier
+constexpr int kBoxCols = 64;                                         // one 128-byte swizzle span per box
 constexpr bool kPingPong = CF_PINGPONG;
-// Named barriers: 0 is __syncthreads', 1 and 2 each computing warpgroup's store of O, 3 and 4
+// Named barriers: 0 is __syncthreads', 1 to 3 each computing warpgroup's store of O, 4 and 5
 // their turns (CF_PINGPONG).
-constexpr int kTurnBarrier = 3;
+constexpr int kTurnBarrier = 4;
 
 // The descriptors of q, k and v: each array's axes innermost first, (head_dim, heads, seqlen,
 // batch), in boxes of 64 columns x 1 head x kBlockM (q) or kBlockN (k, v) rows. The second
@@ -71,13 +73,15 @@ struct TmaFwdSmem {
 }  // namespace cf
 
 static_assert(!cf::kVarlen, "flash_fwd_tma has no variable-length batches (flash_fwd_sm90 runs them)");
+static_assert(cf::kConsumers == 2 || cf::kConsumers == 3, "two or three computing warpgroups");
+static_assert(!cf::kPingPong || cf::kConsumers == 2, "the turn-taking is between two warpgroups");
 static_assert(sizeof(cf::TmaFwdSmem<cf::TmaCompute>) + cf::kSmemAlignSlack == CF_SMEM_BYTES,
               "cupyflash/kernels/flash_fwd_tma.py smem_bytes() disagrees with the kernel's layout");
 static_assert(sizeof(cf::FwdTensorMaps) == 3 * 128, "cupyflash/kernels/flash_fwd_tma.py packs three 128-byte maps");
 
-// Reads and writes what flash_fwd does (FwdParams), with the same grid (ceil(seqlen_q / 128),
-// heads_q, batch); q, k and v are read through `maps` instead of their pointers. Block: 384
-// threads; dynamic smem: TmaFwdSmem plus kSmemAlignSlack.
+// Reads and writes what flash_fwd does (FwdParams), with the same grid (ceil(seqlen_q / kBlockM),
+// heads_q, batch; kBlockM = 64 kConsumers); q, k and v are read through `maps` instead of their
+// pointers. Block: kTmaFwdThreads; dynamic smem: TmaFwdSmem plus kSmemAlignSlack.
 extern "C" __global__ void __launch_bounds__(cf::kTmaFwdThreads, 1)
     flash_fwd_tma(const __grid_constant__ cf::FwdParams p, const __grid_constant__ cf::FwdTensorMaps maps) {
   using namespace cf;
@@ -145,9 +149,9 @@ extern "C" __global__ void __launch_bounds__(cf::kTmaFwdThreads, 1)
     return;
   }
 
-  // ---- warpgroups 1 and 2: 64 query rows each ----
+  // ---- warpgroups 1 to kConsumers: 64 query rows each ----
   setmaxnreg_inc<kComputeRegisters>();
-  const int compute_group = warp / 4 - 1;     // 0 or 1: rows [64 compute_group, + 64) of the block
+  const int compute_group = warp / 4 - 1;     // rows [64 compute_group, + 64) of the block
   const int warp_row0 = (warp - 4) * 16;      // this warp's first row in the block
   const float scale_log2 = p.scale_log2;
   const int row_begin = block.row_begin;

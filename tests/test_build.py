@@ -221,7 +221,7 @@ def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, confi
 
 
 def tma_id(config) -> str:
-    return f"n{config.block_n}s{config.stages}{'p' if config.pingpong else ''}"
+    return f"n{config.block_n}s{config.stages}{'p' if config.pingpong else ''}c{config.consumers}"
 
 
 @pytest.mark.parametrize("head_dim,config", [(d, c) for d in (32, 64, 96, 128, 160, 192, 256)
@@ -241,6 +241,14 @@ def test_the_tma_forward_takes_no_packed_batch() -> None:
     with pytest.raises(ValueError, match="variable-length"):
         flash_fwd_tma.spec("bfloat16", 128, flash_fwd_tma.TmaFwdConfig(128, 2), variant=Variant(False, False, True))
     assert not flash_fwd_tma.TmaFwdConfig(128, 2).fits(128, A100)
+
+
+def test_tma_forward_warpgroup_rules_name_the_rule() -> None:
+    three = flash_fwd_tma.TmaFwdConfig(128, 2, consumers=3)
+    assert three.block_m == 192 and three.threads == 512 and not three.problems(64)
+    assert any("only up to head_dim 64" in r for r in three.problems(96))
+    assert any("exactly 2" in r for r in flash_fwd_tma.TmaFwdConfig(128, 2, True, 3).problems(64))
+    assert any("must be 2 or 3" in r for r in flash_fwd_tma.TmaFwdConfig(128, 2, consumers=4).problems(64))
 
 
 def test_wgmma_dkdv_runs_on_sm90_only() -> None:

@@ -23,8 +23,7 @@ from ..problem import Problem
 from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems, Variant
 
 SOURCE, ENTRY = "flash_fwd_tma.cu", "flash_fwd_tma"
-BLOCK_M = 128  # two computing warpgroups of 64 query rows
-THREADS = 384  # and the copy warpgroup
+ROWS_PER_WARPGROUP = 64
 BOX_COLS = 64  # columns per box: one 128-byte swizzle span
 MAP_ARRAYS = ("q", "k", "v")  # FwdTensorMaps' fields, in order
 PACKED_BATCHES = False  # plan.py skips this family for attention_varlen
@@ -35,15 +34,30 @@ class TmaFwdConfig:
     block_n: int
     stages: int = 2
     pingpong: bool = False  # the two computing warpgroups take turns to issue their MMAs
+    consumers: int = 2  # computing warpgroups of 64 query rows (and one that copies)
 
     kernel = ENTRY
-    block_m = BLOCK_M
-    threads = THREADS
+
+    @property
+    def block_m(self) -> int:
+        return ROWS_PER_WARPGROUP * self.consumers
+
+    @property
+    def threads(self) -> int:
+        return 128 * (1 + self.consumers)
 
     def problems(self, head_dim: int) -> list[str]:
         reasons = []
         if self.block_n not in (64, 128):
             reasons.append(f"block_n {self.block_n} must be 64 or 128")
+        if self.consumers not in (2, 3):
+            reasons.append(f"consumers {self.consumers} must be 2 or 3 computing warpgroups")
+        if self.pingpong and self.consumers != 2:
+            reasons.append("pingpong (turn-taking) needs exactly 2 computing warpgroups")
+        if self.consumers == 3 and tile_dim(head_dim) > 64:
+            # O alone takes 64 of their 160 registers at 128 columns: the windowed build with
+            # block_n 64 spilled 44 bytes (NVRTC 12.9, 2026-12-07)
+            reasons.append(f"3 computing warpgroups only up to head_dim 64 (tiles of {tile_dim(head_dim)} columns)")
         return reasons + pipeline_and_dim_problems(self.stages, head_dim)
 
     def acc_floats(self, head_dim: int) -> int:
@@ -53,14 +67,17 @@ class TmaFwdConfig:
 
     def smem_bytes(self, head_dim: int) -> int:
         """TmaFwdSmem: Q + stages x (K, V), then 1 + 4 x stages mbarriers, plus the alignment slack."""
-        tiles = (BLOCK_M + 2 * self.stages * self.block_n) * tile_dim(head_dim) * ELEMENT_BYTES
+        tiles = (self.block_m + 2 * self.stages * self.block_n) * tile_dim(head_dim) * ELEMENT_BYTES
         return tiles + 8 * (1 + 4 * self.stages) + SMEM_ALIGN_SLACK
 
     def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
-        # 240 registers per computing thread (setmaxnreg): O and S in fp32, P packed, and the rest.
+        # 240 registers per computing thread with two computing warpgroups, 160 with three
+        # (setmaxnreg): O and S in fp32, P packed, and about 32 for the rest (the compile tests
+        # check that every candidate fits without spilling).
+        registers = 240 if self.consumers == 2 else 160
         return (limits.compute_capability == HOPPER and not self.problems(head_dim)
                 and self.smem_bytes(head_dim) <= limits.smem_per_block_optin
-                and self.acc_floats(head_dim) + self.block_n // 4 <= 200)
+                and self.acc_floats(head_dim) + self.block_n // 4 <= registers - 32)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kernel": self.kernel, **asdict(self)}
@@ -85,20 +102,21 @@ def spec(dtype: str, head_dim: int, cfg: TmaFwdConfig, *, variant: Variant) -> b
     if variant.varlen:
         raise ValueError("flash_fwd_tma has no variable-length variant")
     return build.KernelSpec(SOURCE, ENTRY, defines(
-        dtype, head_dim=head_dim, block_n=cfg.block_n, stages=cfg.stages, pingpong=cfg.pingpong,
+        dtype, head_dim=head_dim, block_n=cfg.block_n, stages=cfg.stages, consumers=cfg.consumers,
+        pingpong=cfg.pingpong,
         smem_bytes=cfg.smem_bytes(head_dim),
         **variant.mask_defines()), arch_suffix="a")
 
 
 def grid(p: Problem, cfg: TmaFwdConfig) -> tuple[int, int, int]:
-    return (-(-p.seqlen_q // BLOCK_M), p.heads_q, p.batch)
+    return (-(-p.seqlen_q // cfg.block_m), p.heads_q, p.batch)
 
 
 def tensor_maps(p: Problem, t: dict[str, Any], cfg: TmaFwdConfig) -> list[tuple[str, tma.TiledMap]]:
     """(array name, map) for q, k, v: (batch, seqlen, heads, head_dim) arrays (in the map,
     innermost first) read in boxes of 64 columns by block_m (q) or block_n (k, v) rows of one
     head. The kernel's head dim may exceed the stored one: box columns past it read zeros."""
-    boxes = {"q": BLOCK_M, "k": cfg.block_n, "v": cfg.block_n}
+    boxes = {"q": cfg.block_m, "k": cfg.block_n, "v": cfg.block_n}
     maps = []
     for name in MAP_ARRAYS:
         array = t[name]
@@ -110,7 +128,7 @@ def tensor_maps(p: Problem, t: dict[str, Any], cfg: TmaFwdConfig) -> list[tuple[
 
 
 def candidates(head_dim: int, limits: DeviceLimits) -> list[TmaFwdConfig]:
-    space = itertools.product((64, 128), (2, 3, 4), (False, True))
+    space = itertools.product((64, 128), (2, 3, 4), (False, True), (2, 3))
     return [c for c in (TmaFwdConfig(*values) for values in space) if c.fits(head_dim, limits)]
 
 
