@@ -101,9 +101,13 @@ def is_forced() -> bool:
 
 
 @functools.lru_cache(maxsize=None)  # pure in its (hashable) arguments; called on every full-path call
-def default_fwd_config(head_dim: int, limits: DeviceLimits, varlen: bool = False) -> FwdConfig:
+def default_fwd_config(head_dim: int, limits: DeviceLimits, varlen: bool = False,
+                       tensor_maps: bool = True) -> FwdConfig:
+    """The first fitting row of the families' tables; for a packed batch (varlen) or arrays a
+    tensor map cannot describe (not tensor_maps), of the families that run those."""
     for family in FORWARD_FAMILIES:
-        if varlen and not getattr(family, "PACKED_BATCHES", True):
+        reads_maps = hasattr(family, "tensor_maps")
+        if varlen and not getattr(family, "PACKED_BATCHES", True) or reads_maps and not tensor_maps:
             continue
         config = family.default(head_dim, limits)
         if config is not None:
@@ -284,12 +288,17 @@ def build_forward(problem: Problem, t: dict[str, Any], device_id: int) -> Plan:
     config = choose("fwd", problem, limits)
     family = family_of(config)
     reason = family.unsupported(problem) if hasattr(family, "unsupported") else None
-    if reason is not None:  # a tuned or forced config of a family that cannot run this call
+    maps = None
+    if reason is None and hasattr(family, "tensor_maps"):
+        maps = family.tensor_maps(problem, t, config)  # or why an array has none
+        reason = maps if isinstance(maps, str) else None
+    if reason is not None:  # a config of a family that cannot run this call: the next family's
         if is_forced():
             raise ValueError(f"the forced forward config {config} cannot run {reason}")
-        config = default_fwd_config(problem.kernel_head_dim, limits, problem.varlen)
-    if hasattr(family_of(config), "tensor_maps"):
-        params = launch.TensorMapParams(params, family_of(config).tensor_maps(problem, t, config))
+        config = default_fwd_config(problem.kernel_head_dim, limits, problem.varlen, tensor_maps=False)
+        maps = None
+    if maps is not None:
+        params = launch.TensorMapParams(params, maps)
     calls = forward_kernels(problem, config)
     return Plan(buffers, params, load_launches(calls, params, limits, device_id), FORWARD_RESULTS, limits, generation)
 

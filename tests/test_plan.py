@@ -525,3 +525,26 @@ def test_a_packed_batch_reaches_every_kernel_as_offsets(fake_cupy: FakeCupy, mon
         assert t["dq_accum"].shape == (HQ, -(-(total_q + 64 * batch) // 64), 2, 64, 32)
     elif "dq_accum" in t:
         assert t["dq_accum"].shape == (1, total_q, HQ, 64)
+
+
+def test_arrays_a_tensor_map_cannot_describe_take_the_cp_async_forward(fake_cupy: FakeCupy,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """flash_fwd_tma reads q, k, v through tensor maps, whose strides must be multiples of 16
+    bytes. A q whose rows lie 136 bytes apart (a view of 68-wide rows) has none: the plan runs
+    the Hopper forward that copies with cp.async instead, and reads the same parameters."""
+    use_device(monkeypatch, H100)
+    t = inputs(fake_cupy, 64)
+    wide = fake_cupy.array(np.empty((B, SQ, HQ, 68), np.float16))
+    view = np.empty((B, SQ, HQ, 68), np.float16)[..., :64]
+    t["q"] = FakeArray(view, wide.data.ptr)
+    assert t["q"].strides[2] == 136
+    p = problem_of(t)
+    forward = {name: t[name] for name in "qkv"}
+    fwd = plan.build_forward(p, forward, 0)
+    assert [kernel.function.spec.entry for kernel in fwd.launches] == ["flash_fwd_sm90"]
+    assert isinstance(fwd.params, launch.ParamBlock)
+    fwd.launch(forward)
+    (record,) = fake_cupy.launched
+    check_launch(record, fwd.launches[0], forward, p)
+    with plan.forced(fwd=plan.default_fwd_config(64, H100)), pytest.raises(ValueError, match="strides"):
+        plan.build_forward(p, forward, 0)
