@@ -123,28 +123,24 @@ extern "C" __global__ void __launch_bounds__(cf::kTmaFwdThreads, 1)
     prefetch_tensormap(&maps.q);
     prefetch_tensormap(&maps.k);
     prefetch_tensormap(&maps.v);
-    mbarrier_arrive_expect_tx(q_full, T::kBlockM * T::kHeadDim * 2);
+    // One tile of `rows` rows at `row` of `map` into shared memory at `dst`, a box per 64-column
+    // slab, all completing the transaction bytes of barrier `full`.
+    auto copy_tile = [&](const TensorMap* map, u32 dst, u32 full, int rows, int head, int row) {
+      mbarrier_arrive_expect_tx(full, rows * T::kHeadDim * 2);
 #pragma unroll
-    for (int slab = 0; slab < T::kSlabs; ++slab)
-      tma_load_4d(q_smem + slab * T::kBlockM * 128, &maps.q, q_full, slab * kBoxCols, block.head, block.row_begin,
-                  block.batch);
+      for (int slab = 0; slab < T::kSlabs; ++slab)
+        tma_load_4d(dst + slab * rows * 128, map, full, slab * kBoxCols, head, row, block.batch);
+    };
+    copy_tile(&maps.q, q_smem, q_full, T::kBlockM, block.head, block.row_begin);
     for (int it = 0; it < n_tiles; ++it) {
       const int slot = it % T::kStages;
       const u32 empty_phase = ((it / T::kStages) & 1) ^ 1;  // the release of tile it - kStages
       const int key0 = (block.n_end - 1 - it) * T::kBlockN;
       const u32 slot_bytes = slot * kKvTileBytes;
       if (it >= T::kStages) mbarrier_wait(k_empty + 8 * slot, empty_phase);
-      mbarrier_arrive_expect_tx(k_full + 8 * slot, kKvTileBytes);
-#pragma unroll
-      for (int slab = 0; slab < T::kSlabs; ++slab)
-        tma_load_4d(k_smem + slot_bytes + slab * T::kBlockN * 128, &maps.k, k_full + 8 * slot, slab * kBoxCols,
-                    kv_head, key0, block.batch);
+      copy_tile(&maps.k, k_smem + slot_bytes, k_full + 8 * slot, T::kBlockN, kv_head, key0);
       if (it >= T::kStages) mbarrier_wait(v_empty + 8 * slot, empty_phase);
-      mbarrier_arrive_expect_tx(v_full + 8 * slot, kKvTileBytes);
-#pragma unroll
-      for (int slab = 0; slab < T::kSlabs; ++slab)
-        tma_load_4d(v_smem + slot_bytes + slab * T::kBlockN * 128, &maps.v, v_full + 8 * slot, slab * kBoxCols,
-                    kv_head, key0, block.batch);
+      copy_tile(&maps.v, v_smem + slot_bytes, v_full + 8 * slot, T::kBlockN, kv_head, key0);
     }
     return;
   }
