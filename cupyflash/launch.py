@@ -188,33 +188,40 @@ class ParamBlock:
 class TensorMapParams:
     """A ParamBlock and a second kernel parameter after it: the tensor maps (tma.py) of some of
     the arrays the block points at, 128 bytes each, 64-byte aligned, in the kernel's order. A
-    map embeds its array's address, so write_pointers re-encodes each one whose array moved
-    (the driver call costs microseconds; a loop on the same arrays pays it once)."""
+    map embeds its array's address, so write_pointers puts in, for each array, the map of its
+    current address: encoded by the driver (microseconds) the first time, then taken from a
+    few remembered per array (a loop whose memory pool hands out the same blocks pays once)."""
 
-    __slots__ = ("block", "maps", "storage", "descriptors", "address", "_encoded_at")
+    REMEMBERED = 8  # addresses per array whose descriptors are kept
+
+    __slots__ = ("block", "maps", "storage", "descriptors", "address", "_current", "_known", "_encode")
 
     def __init__(self, block: ParamBlock, maps: Sequence[tuple[str, Any]]) -> None:
         from . import tma  # ctypes and the driver, only for the kernels that read maps
 
         self.block, self.maps = block, tuple(maps)
-        size = tma.DESCRIPTOR_BYTES * len(self.maps)
+        self._encode, size = tma.encode, tma.DESCRIPTOR_BYTES * len(self.maps)
         self.storage = np.zeros(size + 64, np.uint8)
         start = -self.storage.ctypes.data % 64
-        self.descriptors = self.storage[start:start + size]
+        self.descriptors = self.storage[start:start + size].reshape(len(self.maps), tma.DESCRIPTOR_BYTES)
         self.address = np.array([block.record.ctypes.data, self.descriptors.ctypes.data], np.uint64)
-        self._encoded_at = [None] * len(self.maps)
+        self._current: list[int | None] = [None] * len(self.maps)  # the address each map now holds
+        self._known: list[dict[int, np.ndarray]] = [{} for _ in self.maps]  # address -> its descriptor
 
     def write_pointers(self, arrays: Mapping[str, Any]) -> None:
-        from . import tma
-
         self.block.write_pointers(arrays)
         for index, (name, tmap) in enumerate(self.maps):
             pointer = arrays[name].data.ptr
-            if pointer != self._encoded_at[index]:
-                start = index * tma.DESCRIPTOR_BYTES
-                self.descriptors[start:start + tma.DESCRIPTOR_BYTES] = np.frombuffer(tma.encode(tmap, pointer),
-                                                                                    np.uint8)
-                self._encoded_at[index] = pointer
+            if pointer == self._current[index]:
+                continue
+            known = self._known[index]
+            descriptor = known.get(pointer)
+            if descriptor is None:
+                if len(known) >= self.REMEMBERED:
+                    known.clear()
+                descriptor = known[pointer] = np.frombuffer(self._encode(tmap, pointer), np.uint8)
+            self.descriptors[index] = descriptor
+            self._current[index] = pointer
 
 
 def _pointer_offset(struct: str, field: str) -> int:

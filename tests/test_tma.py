@@ -125,6 +125,13 @@ def test_tensor_map_params_reencode_only_the_maps_whose_array_moved(monkeypatch:
     arrays["k"] = SimpleNamespace(data=SimpleNamespace(ptr=3 << 20))
     params.write_pointers(arrays)
     assert encoded == [1 << 20, 2 << 20, 3 << 20]
-    descriptors = params.descriptors.view(np.uint64)
+    descriptors = params.descriptors.reshape(-1).view(np.uint64)
     assert descriptors[0] == 1 << 20 and descriptors[16] == 3 << 20
     assert block.words[block.array_slots[1][0]] == 3 << 20  # the block's own pointers follow too
+    arrays["k"] = SimpleNamespace(data=SimpleNamespace(ptr=2 << 20))  # back to an address seen before
+    params.write_pointers(arrays)
+    assert encoded == [1 << 20, 2 << 20, 3 << 20] and descriptors[16] == 2 << 20  # remembered, not re-encoded
+    for i in range(4, 4 + launch.TensorMapParams.REMEMBERED):  # more addresses than it remembers
+        arrays["k"] = SimpleNamespace(data=SimpleNamespace(ptr=i << 20))
+        params.write_pointers(arrays)
+        assert descriptors[16] == i << 20
