@@ -167,7 +167,7 @@ extern "C" __global__ void __launch_bounds__(cf::kTmaFwdThreads, 1)
   OnlineSoftmax<1> softmax;
   softmax.init();
 
-  // S(it) = Q K(it)^T into s, masked; K(it)'s slot released once read.
+  // S(it) = Q K(it)^T into s, issued once K(it) has landed; the caller waits, releases K(it)'s slot and masks.
   auto scores = [&](int it) {
     const int slot = it % T::kStages;
     mbarrier_wait(k_full + 8 * slot, full_phase(it));
