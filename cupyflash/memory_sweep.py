@@ -5,11 +5,11 @@ two checks run the same list of cases on a GPU: tests/test_gpu_guard.py surround
 allocation with guard bytes and checks them after the call, and scripts/sanitize.py runs each
 case in its own process under compute-sanitizer (memcheck; racecheck and synccheck on the
 smaller list). A case names a path (the kernels the GPU picks by default, the configs an A100
-or an RTX 4090 would pick, or Hopper's TMA forward, forced through plan.forced), a validation.Case (head dim, lengths,
-GQA, causal or window) or a PackedCase (a packed batch for attention_varlen: lengths per
-sequence, empty ones included, seqused_k, keys no sequence owns) and whether the backward is
-the deterministic one; or a MergeCase (merge_cases.py: merge_attention over key slices); or a
-DecodeCase (kvcache_cases.py: attention_with_kvcache with appends into a contiguous or paged cache).
+or an RTX 4090 would pick, or a Hopper TMA forward config, forced through plan.forced), a
+validation.Case (head dim, lengths, GQA, causal or window) or a PackedCase (a packed batch for
+attention_varlen: lengths per sequence, empty ones included, seqused_k, keys no sequence owns)
+and whether the backward is the deterministic one; or a MergeCase (merge_cases.py:
+merge_attention over key slices); or a DecodeCase (kvcache_cases.py: attention_with_kvcache with appends into a contiguous or paged cache).
 
     from cupyflash import memory_sweep
     for case in memory_sweep.cases():
@@ -34,8 +34,9 @@ from .packed_cases import PackedCase, compare_varlen, varlen_calls, varlen_input
 from .tolerance import Comparison
 
 PATHS = ("default", *gpu_classes.SMALLER_THAN_HOPPER)  # default, a100, rtx4090
-# Hopper's forward with bulk tensor copies (kernels/flash_fwd_tma.py), forced while it is no head
-# dim's default, with its turn-taking warpgroups; on other GPUs this path runs the default one.
+# Hopper's forward with bulk tensor copies (kernels/flash_fwd_tma.py) in a config its defaults do
+# not all use: turn-taking warpgroups and the deepest pipeline. On other GPUs this path runs the
+# default kernels.
 TMA_PATH = "tma"
 # Every compiled head dim (32 ... 256) is reached, and padded ones between them: 8 and 40 run on
 # the 32 and 64 kernels, 72 on 96, 200 on 256.

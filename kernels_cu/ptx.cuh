@@ -254,24 +254,19 @@ __device__ __forceinline__ void wgmma_wait() {
 // the async proxy that wgmma reads shared operands through.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// An empty asm that "reads and writes" each accumulator: the compiler must not move their uses
-// across the wgmma_wait before it (the registers are written asynchronously).
-template <int kTiles>
-__device__ __forceinline__ void wgmma_fence_operands(float (&d)[kTiles][4]) {
-#pragma unroll
-  for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) asm volatile("" : "+f"(d[i][c])::"memory");
-}
+// An empty asm that "reads and writes" a register: the compiler must keep the value in it, and
+// not move its uses, across the wgmma_wait before it. For accumulators (float), which wgmma
+// writes asynchronously, and for the 16-bit A fragments (u32) a register-sourced wgmma reads
+// asynchronously: until its wait, their registers must still hold them.
+__device__ __forceinline__ void hold_register(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void hold_register(u32& x) { asm volatile("" : "+r"(x)::"memory"); }
 
-// The same for the 16-bit A fragments a register-sourced wgmma reads: until its wait, their
-// registers must hold them (the compiler sees the MMA read them when it is issued).
-template <int kTiles>
-__device__ __forceinline__ void wgmma_fence_operands(u32 (&a)[kTiles][4]) {
+template <class Register, int kTiles>
+__device__ __forceinline__ void wgmma_fence_operands(Register (&d)[kTiles][4]) {
 #pragma unroll
   for (int i = 0; i < kTiles; ++i)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) asm volatile("" : "+r"(a[i][c])::"memory");
+    for (int c = 0; c < 4; ++c) hold_register(d[i][c]);
 }
 
 // ---- Hopper's asynchronous copies: mbarriers, bulk tensor copies (TMA), register moves. ----

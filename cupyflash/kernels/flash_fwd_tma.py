@@ -71,9 +71,10 @@ class TmaFwdConfig:
         return tiles + 8 * (1 + 4 * self.stages) + SMEM_ALIGN_SLACK
 
     def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
-        # 240 registers per computing thread with two computing warpgroups, 160 with three
-        # (setmaxnreg): O and S in fp32, P packed, and about 32 for the rest (the compile tests
-        # check that every candidate fits without spilling).
+        # setmaxnreg grants the computing threads 240 registers with two computing warpgroups,
+        # 160 with three, but ptxas allocates within the launch bound (168 and 128): this
+        # estimate (O and S in fp32, P packed, about 32 for the rest) is loose, and the compile
+        # tests are the check that every candidate fits without spilling.
         registers = 240 if self.consumers == 2 else 160
         return (limits.compute_capability == HOPPER and not self.problems(head_dim)
                 and self.smem_bytes(head_dim) <= limits.smem_per_block_optin
