@@ -2,7 +2,7 @@
 sm_90 and up) and by flash_decode_combine, for choosing kvcache.split_plan's count (a
 measurement, not a test):
 
-    PYTHONPATH=$PWD python scripts/decode_splits.py [Q,BATCH,CACHE,HEADS_Q,HEADS_KV ...]
+    PYTHONPATH=$PWD [DECODE_SPLITS=0,8,16] python scripts/decode_splits.py [Q,BATCH,CACHE,HEADS_Q,HEADS_KV ...]
 
 TB/s = bytes of K and V read once over the median time (timing.do_bench: L2 flushed, host work
 hidden); "heuristic" is num_splits=0, whatever split_plan picks.
@@ -10,6 +10,7 @@ hidden); "heuristic" is num_splits=0, whatever split_plan picks.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import cupy
@@ -25,7 +26,8 @@ BF16 = ml_dtypes.bfloat16
 CELLS = [(1, 1, 4096, 32, 8), (1, 1, 4096, 8, 1), (1, 1, 32768, 32, 8), (1, 1, 32768, 8, 1),
          (1, 1, 131072, 8, 1), (1, 16, 4096, 32, 8), (1, 16, 4096, 8, 1), (1, 64, 4096, 8, 1),
          (4, 1, 4096, 32, 8), (16, 1, 4096, 32, 8), (16, 1, 32768, 8, 1)]  # (q, batch, cache, heads q, kv)
-SPLITS = (0, 1, 2, 4, 8, 16, 32)
+# DECODE_SPLITS="0,8,14,16": other counts (0 is the library's choice)
+SPLITS = tuple(int(n) for n in os.environ.get("DECODE_SPLITS", "0,1,2,4,8,16,32").split(","))
 
 
 def main() -> None:

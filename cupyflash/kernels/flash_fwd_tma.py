@@ -72,9 +72,10 @@ class TmaFwdConfig:
 
     def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
         # setmaxnreg grants the computing threads 240 registers with two computing warpgroups,
-        # 160 with three, but ptxas allocates within the launch bound (168 and 128): this
-        # estimate (O and S in fp32, P packed, about 32 for the rest) is loose, and the compile
-        # tests are the check that every candidate fits without spilling.
+        # 160 with three, and ptxas allocates the code after it within that count (it reports
+        # the launch bound's 168 or 128 for the kernel). This estimate (O and S in fp32, P
+        # packed, about 32 for the rest) is loose: the compile tests are the check that every
+        # candidate fits without spilling.
         registers = 240 if self.consumers == 2 else 160
         return (limits.compute_capability == HOPPER and not self.problems(head_dim)
                 and self.smem_bytes(head_dim) <= limits.smem_per_block_optin
