@@ -156,7 +156,7 @@ def _tma_forward(head_dim: int) -> Iterator[None]:
 
     limits = device_limits(current_device_id())
     kernel_dim = kernel_head_dim(head_dim)
-    configs = [c for c in flash_fwd_tma.candidates(kernel_dim, limits) if c.pingpong]
+    configs = [c for c in flash_fwd_tma.candidates(kernel_dim, limits) if c.pingpong and not c.wide_pv]
     if not configs:  # not a Hopper GPU
         yield
         return

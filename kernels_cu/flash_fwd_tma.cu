@@ -26,7 +26,8 @@
 //
 // Compile-time macros (cupyflash/build.py): CF_ELEMENT, CF_HEAD_DIM (a multiple of 32 up to 256),
 // CF_BLOCK_N (64 | 128), CF_STAGES, CF_CONSUMERS (2 | 3 computing warpgroups), CF_PINGPONG
-// (0 | 1; with 2 only), CF_WINDOW_LEFT / CF_WINDOW_RIGHT, CF_VARLEN (must be 0).
+// (0 | 1; with 2 only), CF_WIDE_PV (0 | 1): P V as one m64n(64 slabs) wgmma per k16 step instead
+// of one m64n64 per slab, CF_WINDOW_LEFT / CF_WINDOW_RIGHT, CF_VARLEN (must be 0).
 #include "fwd_block.cuh"
 #include "gemm.cuh"
 #include "mask.cuh"
@@ -52,6 +53,7 @@ constexpr int kCopyRegisters = 24, kComputeRegisters = kConsumers == 2 ? 240 : 1
 constexpr int kComputeWarps = TmaCompute::kNWarps;                   // each arrives once on an "empty" barrier
 constexpr int kBoxCols = 64;                                         // one 128-byte swizzle span per box
 constexpr bool kPingPong = CF_PINGPONG;
+constexpr bool kWidePv = CF_WIDE_PV;  // P V: one wgmma per k16 step across the slabs
 // Named barriers: 0 is __syncthreads', 1 to 3 each computing warpgroup's store of O, 4 and 5
 // their turns (CF_PINGPONG).
 constexpr int kTurnBarrier = 4;
@@ -153,7 +155,10 @@ extern "C" __global__ void __launch_bounds__(cf::kTmaFwdThreads, 1)
   const int row_begin = block.row_begin;
   const u64 q_desc = wgmma_desc_sw128(q_smem + compute_group * 64 * 128, 16, T::kSwizzleBytes);
   const u64 k_desc0 = wgmma_desc_sw128(k_smem, 16, T::kSwizzleBytes);
-  const u64 v_desc0 = wgmma_desc_sw128(v_smem, T::kSwizzleBytes, T::kSwizzleBytes);
+  // One m64n64 wgmma per slab ignores the leading byte offset; the wide one steps by it from slab
+  // to slab (wgmma_rs_mn_major_wide).
+  const u64 v_desc0 = kWidePv ? wgmma_desc_sw128(v_smem, T::kBlockN * 128, T::kSwizzleBytes)
+                              : wgmma_desc_sw128(v_smem, T::kSwizzleBytes, T::kSwizzleBytes);
   auto slot_offset = [](int it) { return static_cast<u64>((it % T::kStages) * kKvTileBytes) >> 4; };
   auto full_phase = [](int it) { return static_cast<u32>((it / T::kStages) & 1); };
   auto release = [&](u32 bar) {  // this warp is done reading the slot (its wgmma_wait came first)
@@ -185,7 +190,10 @@ extern "C" __global__ void __launch_bounds__(cf::kTmaFwdThreads, 1)
     const int slot = it % T::kStages;
     mbarrier_wait(v_full + 8 * slot, full_phase(it));
     wgmma_fence();  // acc_o was rescaled and p_frag written by ordinary instructions
-    wgmma_rs_mn_major<Element, T::kBlockN, T::kSlabs>(acc_o[0], p_frag, v_desc0 + slot_offset(it));
+    if constexpr (kWidePv)
+      wgmma_rs_mn_major_wide<Element, T::kBlockN, T::kSlabs>(acc_o[0], p_frag, v_desc0 + slot_offset(it));
+    else
+      wgmma_rs_mn_major<Element, T::kBlockN, T::kSlabs>(acc_o[0], p_frag, v_desc0 + slot_offset(it));
     wgmma_commit();
   };
 

@@ -365,6 +365,22 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" "}"
+#define CF_REGS96 "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95" "}"
+#define CF_REGS128 "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" "}"
 // d = a * b (+ d when accumulate): m64nNk16, A and B in shared memory; TRANS "0, 0" for both
 // K-major, "1, 1" for both MN-major.
 #define CF_WGMMA_SS(N, TYPE, TRANS, REGS, A, B, P, ...)                                           \
@@ -373,11 +389,12 @@ __device__ __forceinline__ void setmaxnreg_dec() {
                ", p, 1, 1, " TRANS ";\n}\n"                                                           \
                : __VA_ARGS__                                                                          \
                : "l"(a_desc), "l"(b_desc), "r"(accumulate))
-// d += a * b: m64n64k16, A from registers, B in shared memory stored MN-major (imm-trans-b 1).
-#define CF_WGMMA_RS_TB(TYPE, ...)                                                                 \
-  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " CF_REGS32          \
-               ", {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"                                       \
-               : __VA_ARGS__                                                                      \
+// d += a * b: m64nNk16, A from registers (operands A0..A3), B in shared memory stored MN-major
+// (operand B; scale-d 1, imm-scale-a 1, imm-scale-b 1, imm-trans-b 1).
+#define CF_WGMMA_RS_TB(N, TYPE, REGS, A0, A1, A2, A3, B, ...)                           \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " " REGS \
+               ", {%" #A0 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #B ", 1, 1, 1, 1;\n"     \
+               : __VA_ARGS__                                                            \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc))
 
 // wgmma.mma_async.sync.aligned.m64n{64,128}k16.f32.{f16,bf16}: d = A B (+ d), both operands
@@ -404,18 +421,35 @@ __device__ __forceinline__ void wgmma_ss_tb(float (&d)[8][4], u64 a_desc, u64 b_
   if constexpr (kBf16 && !kTransA) CF_WGMMA_SS(64, "bf16", "0, 1", CF_REGS32, 32, 33, 34, CF_ACC8(d, 0));
 }
 
-// wgmma.mma_async.sync.aligned.m64n64k16.f32.{f16,bf16} with A in registers: d += A B, where B
-// is shared and stored MN-major (B[k][n], n contiguous).
-template <bool kBf16>
-__device__ __forceinline__ void wgmma_rs_tb(float (&d)[8][4], const u32 (&a)[4], u64 b_desc) {
-  if constexpr (!kBf16) CF_WGMMA_RS_TB("f16", CF_ACC8(d, 0));
-  if constexpr (kBf16) CF_WGMMA_RS_TB("bf16", CF_ACC8(d, 0));
+// wgmma.mma_async.sync.aligned.m64n{64,128,192,256}k16.f32.{f16,bf16} with A in registers:
+// d += A B, where B is shared and stored MN-major (B[k][n], n contiguous).
+template <int N, bool kBf16>
+__device__ __forceinline__ void wgmma_rs_tb(float (&d)[N / 8][4], const u32 (&a)[4], u64 b_desc) {
+  static_assert(N == 64 || N == 128 || N == 192 || N == 256, "instantiated wgmma widths: 64, 128, 192, 256");
+  if constexpr (N == 64 && !kBf16) CF_WGMMA_RS_TB(64, "f16", CF_REGS32, 32, 33, 34, 35, 36, CF_ACC8(d, 0));
+  if constexpr (N == 64 && kBf16) CF_WGMMA_RS_TB(64, "bf16", CF_REGS32, 32, 33, 34, 35, 36, CF_ACC8(d, 0));
+  if constexpr (N == 128 && !kBf16)
+    CF_WGMMA_RS_TB(128, "f16", CF_REGS64, 64, 65, 66, 67, 68, CF_ACC8(d, 0), CF_ACC8(d, 8));
+  if constexpr (N == 128 && kBf16)
+    CF_WGMMA_RS_TB(128, "bf16", CF_REGS64, 64, 65, 66, 67, 68, CF_ACC8(d, 0), CF_ACC8(d, 8));
+  if constexpr (N == 192 && !kBf16)
+    CF_WGMMA_RS_TB(192, "f16", CF_REGS96, 96, 97, 98, 99, 100, CF_ACC8(d, 0), CF_ACC8(d, 8), CF_ACC8(d, 16));
+  if constexpr (N == 192 && kBf16)
+    CF_WGMMA_RS_TB(192, "bf16", CF_REGS96, 96, 97, 98, 99, 100, CF_ACC8(d, 0), CF_ACC8(d, 8), CF_ACC8(d, 16));
+  if constexpr (N == 256 && !kBf16)
+    CF_WGMMA_RS_TB(256, "f16", CF_REGS128, 128, 129, 130, 131, 132, CF_ACC8(d, 0), CF_ACC8(d, 8), CF_ACC8(d, 16),
+                   CF_ACC8(d, 24));
+  if constexpr (N == 256 && kBf16)
+    CF_WGMMA_RS_TB(256, "bf16", CF_REGS128, 128, 129, 130, 131, 132, CF_ACC8(d, 0), CF_ACC8(d, 8), CF_ACC8(d, 16),
+                   CF_ACC8(d, 24));
 }
 
 #undef CF_ACC2
 #undef CF_ACC8
 #undef CF_REGS32
 #undef CF_REGS64
+#undef CF_REGS96
+#undef CF_REGS128
 #undef CF_WGMMA_SS
 #undef CF_WGMMA_RS_TB
 

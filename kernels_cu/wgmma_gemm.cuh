@@ -29,9 +29,22 @@ __device__ __forceinline__ void wgmma_rs_mn_major(float (&acc)[8 * kSlabs][4], c
 #pragma unroll
     for (int slab = 0; slab < kSlabs; ++slab) {
       const int b_offset = slab * kK * 128 + kk * 16 * 128;
-      wgmma_rs_tb<Element::kIsBf16>(*reinterpret_cast<float(*)[8][4]>(&acc[8 * slab][0]), a[kk],
-                                    b_desc + (b_offset >> 4));
+      wgmma_rs_tb<64, Element::kIsBf16>(*reinterpret_cast<float(*)[8][4]>(&acc[8 * slab][0]), a[kk],
+                                        b_desc + (b_offset >> 4));
     }
+}
+
+// The same product as wgmma_rs_mn_major, as one m64n(64 kSlabs) wgmma per k16 step over every
+// slab at once. b_desc's leading byte offset must be the byte distance between 64-column slabs
+// (kK * 128): for MN-major operands with a 128-byte swizzle, the leading-dimension byte offset is
+// the stride between 64-element swizzle atoms along N, and the stride-dimension byte offset
+// (1024 here) the stride between 8-row groups along K. Step kk starts 16 rows into slab 0.
+template <class Element, int kK, int kSlabs>
+__device__ __forceinline__ void wgmma_rs_mn_major_wide(float (&acc)[8 * kSlabs][4], const u32 (&a)[kK / 16][4],
+                                                       u64 b_desc) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk)
+    wgmma_rs_tb<64 * kSlabs, Element::kIsBf16>(acc, a[kk], b_desc + ((kk * 16 * 128) >> 4));
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

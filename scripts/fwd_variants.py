@@ -70,7 +70,8 @@ def main() -> None:
                 out = cf.attention(q, k, v, causal=causal)
                 diff = float(cupy.abs(out.astype(cupy.float32) - base_out.astype(cupy.float32)).max())
                 ms = do_bench(lambda: cf.attention(q, k, v, causal=causal), runs=30).median_ms
-            name = f"tma n{config.block_n} s{config.stages}" + (" pingpong" if config.pingpong else "")
+            name = (f"tma n{config.block_n} s{config.stages}" + (" pingpong" if config.pingpong else "")
+                    + (" wide-pv" if config.wide_pv else ""))
             rows.append((name, ms, diff))
         run = cudnn(q, k, v, causal)
         if run is not None:

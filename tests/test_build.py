@@ -186,7 +186,7 @@ def test_compile_error_names_the_variant() -> None:
     BwdConfig(DkdvConfig(64, 128, 8, 2, 1), flash_bwd_dq.DqConfig(128, 64, 8, 2), dq_atomic=False),
     BwdConfig(flash_bwd_dkdv_sm90.Sm90DkdvConfig(64, 128, 3), flash_bwd_dq.DqConfig(128, 64, 8, 2)),
     flash_fwd.FwdConfig(128, 64, 4, 3), flash_fwd_sm90.Sm90FwdConfig(128, 64, 2),
-    flash_fwd_tma.TmaFwdConfig(128, 3)], ids=repr)
+    flash_fwd_tma.TmaFwdConfig(128, 3), flash_fwd_tma.TmaFwdConfig(64, 2, wide_pv=True)], ids=repr)
 def test_configs_round_trip_json(config) -> None:
     import json
 
@@ -221,7 +221,8 @@ def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, confi
 
 
 def tma_id(config) -> str:
-    return f"n{config.block_n}s{config.stages}{'p' if config.pingpong else ''}c{config.consumers}"
+    return (f"n{config.block_n}s{config.stages}{'p' if config.pingpong else ''}c{config.consumers}"
+            f"{'w' if config.wide_pv else ''}")
 
 
 @pytest.mark.parametrize("head_dim,config", [(d, c) for d in (32, 64, 96, 128, 160, 192, 256)

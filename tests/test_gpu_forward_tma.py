@@ -49,7 +49,8 @@ def _run(head_dim: int, config: flash_fwd_tma.TmaFwdConfig, args: tuple) -> None
 
 
 def tma_id(config) -> str:
-    return f"n{config.block_n}s{config.stages}{'p' if config.pingpong else ''}c{config.consumers}"
+    return (f"n{config.block_n}s{config.stages}{'p' if config.pingpong else ''}c{config.consumers}"
+            f"{'w' if config.wide_pv else ''}")
 
 
 @pytest.mark.parametrize("head_dim,config", _configs(),

@@ -35,6 +35,7 @@ class TmaFwdConfig:
     stages: int = 2
     pingpong: bool = False  # the two computing warpgroups take turns to issue their MMAs
     consumers: int = 2  # computing warpgroups of 64 query rows (and one that copies)
+    wide_pv: bool = False  # P V as one m64n(64 slabs) wgmma per k16 step, not one m64n64 per slab
 
     kernel = ENTRY
 
@@ -105,7 +106,7 @@ def spec(dtype: str, head_dim: int, cfg: TmaFwdConfig, *, variant: Variant) -> b
         raise ValueError("flash_fwd_tma has no variable-length variant")
     return build.KernelSpec(SOURCE, ENTRY, defines(
         dtype, head_dim=head_dim, block_n=cfg.block_n, stages=cfg.stages, consumers=cfg.consumers,
-        pingpong=cfg.pingpong,
+        pingpong=cfg.pingpong, wide_pv=cfg.wide_pv,
         smem_bytes=cfg.smem_bytes(head_dim),
         **variant.mask_defines()), arch_suffix="a")
 
@@ -131,7 +132,7 @@ def tensor_maps(p: Problem, t: dict[str, Any], cfg: TmaFwdConfig) -> list[tuple[
 
 
 def candidates(head_dim: int, limits: DeviceLimits) -> list[TmaFwdConfig]:
-    space = itertools.product((64, 128), (2, 3, 4), (False, True), (2, 3))
+    space = itertools.product((64, 128), (2, 3, 4), (False, True), (2, 3), (False, True))
     return [c for c in (TmaFwdConfig(*values) for values in space) if c.fits(head_dim, limits)]
 
 
