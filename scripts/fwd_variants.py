@@ -1,7 +1,9 @@
 """EXPERIMENT: forward kernels forced against each other and torch's cuDNN backend on a few
 cells of the paper grid (not a test; `cupyflash bench` is the record).
 
-    PYTHONPATH=$PWD python scripts/fwd_variants.py [CELL ...]   CELL = DTYPE,HEAD_DIM,SEQLEN,CAUSAL (0/1)
+    PYTHONPATH=$PWD [FWD_ONLY_WIDE=1] python scripts/fwd_variants.py [CELL ...]   CELL = DTYPE,HEAD_DIM,SEQLEN,CAUSAL (0/1)
+
+FWD_ONLY_WIDE=1 times only the default TMA config and its wide_pv twin.
 
 For each cell: the default config, every flash_fwd_tma candidate, and cuDNN (when torch has it),
 in TFLOP/s from the median of timing.do_bench (L2 flushed), batch = 16384 / seqlen and
@@ -11,6 +13,8 @@ the default one's output (both exact attention: expect a few ulps of the dtype).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 
 import cupy
@@ -65,7 +69,11 @@ def main() -> None:
         base_ms = do_bench(lambda: cf.attention(q, k, v, causal=causal), runs=30).median_ms
         rows = [("default " + str(plan.choose("fwd", Problem.from_arrays(q, k, v, causal=causal), limits)),
                  base_ms, 0.0)]
-        for config in flash_fwd_tma.candidates(kernel_head_dim(dim), limits):  # (80 runs on the 96 kernel)
+        configs = flash_fwd_tma.candidates(kernel_head_dim(dim), limits)  # (80 runs on the 96 kernel)
+        if os.environ.get("FWD_ONLY_WIDE"):  # the default TMA config against its wide-P V twin only
+            default = flash_fwd_tma.default(kernel_head_dim(dim), limits)
+            configs = [c for c in configs if dataclasses.replace(c, wide_pv=False) == default]
+        for config in configs:
             with plan.forced(fwd=config):
                 out = cf.attention(q, k, v, causal=causal)
                 diff = float(cupy.abs(out.astype(cupy.float32) - base_out.astype(cupy.float32)).max())
