@@ -66,11 +66,13 @@ MERGE_CASES = (MergeCase("bfloat16", 128, 33, (50, 0, 77, 1), group=4), MergeCas
 # pages of 1, 3, 16, 32 and 128 keys and appends, contiguous and slotted ones; split counts from the
 # heuristic, forced ones and split_size; sequences of 0 and 1 keys; 17 query tokens and windows;
 # 16 to 128 packed rows; head dims 64, 72 (run on 96), 128, 192 and 256. Split counts 2, 4 and 8
-# merge inside a thread-block cluster on sm_90 and up (the third case is in the small set).
+# merge inside a thread-block cluster on sm_90 and up (the third case is in the small set): their
+# grids stay within flash_decode.cluster_size's limits (a quarter of the resident slots for 4 and 8).
 DECODE_CASES = (DecodeCase("float16", 128, 1, (0, 1, 255), page_size=16, seqlen_new=1),
                 DecodeCase("bfloat16", 72, 17, (300, 65), group=2, seqlen_new=17, num_splits=3, window=(50, 0)),
                 DecodeCase("bfloat16", 128, 1, (0, 700, 3000), group=4, seqlen_new=1, num_splits=8),
-                DecodeCase("float16", 256, 16, (500, 40), group=4, page_size=16, seqlen_new=16, num_splits=4),
+                DecodeCase("float16", 256, 16, (500, 40), group=4, heads_kv=1, page_size=16, seqlen_new=16,
+                           num_splits=4),
                 DecodeCase("float16", 256, 3, (100, 1), slots=True, seqlen_new=2, num_splits=1),
                 DecodeCase("bfloat16", 64, 16, (130, 7), group=8, page_size=1, num_splits=5),
                 DecodeCase("bfloat16", 192, 2, (70,), group=16, heads_kv=1, split_size=64, page_size=3),

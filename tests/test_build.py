@@ -76,7 +76,7 @@ def decode_specs(limits: DeviceLimits, dtype: str) -> list[tuple[str, build.Kern
             variants = (causal, UNMASKED, GENERAL) if dim == 128 else (causal,)
             specs += [(arch, flash_decode.spec(dtype, dim, cfg, variant)) for variant in variants]
             clusters = [n for n in (flash_decode.CLUSTER_SPLITS if dim == 128 else flash_decode.CLUSTER_SPLITS[-1:])
-                        if flash_decode.cluster_size(n, 1, 2 * n, limits)]
+                        if flash_decode.cluster_size(n, 1, 4 * n, limits)]  # a grid that allows each size
             specs += [(arch, flash_decode.spec(dtype, dim, cfg, causal, n)) for n in clusters]
             deeper = flash_decode.deeper_pipeline(cfg, dim, 1, limits)  # a grid of one block per SM
             if deeper != cfg:

@@ -51,7 +51,7 @@ CASES = [
     # Splits merged inside a cluster (2, 4, 8 on sm_90 and up): sequences of 0 and 1 keys (splits
     # that see nothing), 64 packed rows in 4 query tiles at head dim 256, MQA at 80 with a window.
     DecodeCase("bfloat16", 128, 1, (0, 1, 255, 4097), num_splits=8),
-    DecodeCase("float16", 256, 16, (5000, 33), group=4, page_size=16, seqlen_new=16, num_splits=4),
+    DecodeCase("float16", 256, 16, (5000, 33), group=4, heads_kv=1, page_size=16, seqlen_new=16, num_splits=4),
     DecodeCase("bfloat16", 80, 8, (3000, 100), group=8, heads_kv=1, causal=False, window=(64, 8), num_splits=8),
     DecodeCase("float16", 128, 4, (4097, 700), window=(128, 0), seqlen_new=4, num_splits=4, slots=True),
 ]

@@ -674,8 +674,10 @@ def test_the_heuristic_counts_the_m_tiles_of_the_packed_rows(fake_h100: list[int
 
 def test_clusters_merge_2_4_or_8_splits_on_sm90_in_part_of_a_wave() -> None:
     assert [flash_decode.cluster_size(n, 8, 264, H100) for n in (1, 2, 3, 4, 7, 8, 16)] == [0, 2, 0, 4, 0, 8, 0]
-    assert flash_decode.cluster_size(8, 16, 264, H100) == 8  # 128 blocks: under half of 264
-    assert flash_decode.cluster_size(8, 17, 264, H100) == 0  # 136: the combine path
+    assert flash_decode.cluster_size(8, 8, 264, H100) == 8  # 64 blocks: within a quarter of 264
+    assert flash_decode.cluster_size(8, 9, 264, H100) == 0  # 72: the combine path
+    assert flash_decode.cluster_size(8, 16, 264, H100) == 0  # 128 (measured slower as clusters)
+    assert flash_decode.cluster_size(4, 16, 264, H100) == 4  # 64
     assert flash_decode.cluster_size(4, 64, 264, H100) == 0  # a full wave (measured slower as a cluster)
     assert flash_decode.cluster_size(2, 128, 264, H100) == 2  # pairs: up to a full wave
     assert flash_decode.cluster_size(2, 133, 264, H100) == 0

@@ -92,15 +92,20 @@ def config(packed_rows: int, head_dim: int, limits: DeviceLimits) -> DecodeConfi
 def cluster_size(num_splits: int, blocks: int, slots: int, limits: DeviceLimits) -> int:
     """num_splits when its splits merge inside a thread-block cluster, else 0 (flash_decode_combine):
     a count of CLUSTER_SPLITS on sm_90 and up, in a grid of blocks * num_splits blocks that fits
-    in one wave of the slots resident at once, and in half of it for clusters of 4 and 8. A
-    cluster's blocks are placed together, on one GPC, which near a full wave leaves SMs idle.
-    Measured on an H200 (bf16, d 128; scripts/decode_splits.py): batch 64 x 4k keys, 1 kv head, 4
-    splits (256 blocks of 264 slots) took 62.9 us as clusters against 52.0 with the combine, 2
-    splits (128) 49.2 against 53.4; batch 16 x 4k, 8 kv heads, 2 splits (256 blocks) 79.5 against
-    82.7, 4 splits (512) 93.0 against 87.0."""
+    in one wave of the slots resident at once (pairs), or in a quarter of it (clusters of 4 and 8).
+    A cluster's blocks are placed together, on one GPC, which leaves SMs idle once the grid is
+    more than a few clusters. Measured (bf16, d 128, one query token; scripts/decode_splits.py):
+    - H200: batch 64 x 4k keys, 1 kv head, 4 splits (256 blocks of 264 slots) 62.9 us as clusters
+      against 52.0 with the combine, 2 splits (128) 49.2 against 53.4; batch 16 x 4k, 8 kv heads,
+      2 splits (256 blocks) 79.5 against 82.7, 4 splits (512) 93.0 against 87.0.
+    - H100, 2026-12-07: 8 splits of batch 16 x 1 kv head (128 blocks, under half of 264 slots)
+      lose as clusters at every cache length: 4k 31.9 us against 27.8 with the combine, 32k 140.8
+      against 112.0, 128k 480.4 against 385.4. At batch 1 (8 or 64 blocks) the cluster still
+      wins: 4k keys, 8 kv heads 17.3 against 19.9; 1 kv head 14.8 against 16.9. Pairs at batch
+      16 x 8 kv heads (256 blocks) are even: 32k 735.5 against 733.0, 128k 2864 against 2876."""
     if num_splits not in CLUSTER_SPLITS or tuple(limits.compute_capability) < (9, 0):
         return 0
-    wave = slots if num_splits == 2 else slots // 2
+    wave = slots if num_splits == 2 else slots // 4
     return num_splits if blocks * num_splits <= wave else 0
 
 
