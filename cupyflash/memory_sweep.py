@@ -9,7 +9,8 @@ or an RTX 4090 would pick, or a Hopper TMA forward config, forced through plan.f
 validation.Case (head dim, lengths, GQA, causal or window) or a PackedCase (a packed batch for
 attention_varlen: lengths per sequence, empty ones included, seqused_k, keys no sequence owns)
 and whether the backward is the deterministic one; or a MergeCase (merge_cases.py:
-merge_attention over key slices); or a DecodeCase (kvcache_cases.py: attention_with_kvcache with appends into a contiguous or paged cache).
+merge_attention over key slices); or a DecodeCase (kvcache_cases.py: attention_with_kvcache with
+appends into a contiguous or paged cache).
 
     from cupyflash import memory_sweep
     for case in memory_sweep.cases():
