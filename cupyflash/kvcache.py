@@ -264,8 +264,9 @@ def check_values(problem: DecodeProblem, arrays: Mapping[str, Any]) -> None:
 
 def split_plan(problem: DecodeProblem, cfg: flash_decode.DecodeConfig, device_id: int) -> tuple[int, int]:
     """(num_splits, split_tiles): split_size fixes the tiles per split (and so the count over the
-    longest possible sequence); num_splits > 0 is taken as asked; 0 chooses by wave efficiency
-    over the longest sequence the host can know of."""
+    longest possible sequence); num_splits > 0 is taken as asked; 0 chooses over the longest
+    sequence the host can know of: one block per SM where that fills the GPU, else by wave
+    efficiency over the resident slots."""
     key_tiles = max(1, -(-problem.seqlen_k // flash_decode.BLOCK_N))
     if problem.split_size is not None:
         split_tiles = problem.split_size // flash_decode.BLOCK_N
@@ -274,7 +275,9 @@ def split_plan(problem: DecodeProblem, cfg: flash_decode.DecodeConfig, device_id
         return problem.num_splits, 0
     limits = device_limits(device_id)
     blocks, slots = grid_fill(problem, cfg, limits)
-    return flash_decode.prefer_cluster(flash_decode.choose_splits(blocks, key_tiles, slots), blocks, slots, limits), 0
+    splits = (flash_decode.one_block_per_sm_splits(blocks, key_tiles, limits.sm_count)
+              or flash_decode.choose_splits(blocks, key_tiles, slots))
+    return flash_decode.prefer_cluster(splits, blocks, slots, key_tiles, limits), 0
 
 
 def grid_fill(problem: DecodeProblem, cfg: flash_decode.DecodeConfig, limits: Any) -> tuple[int, int]:

@@ -448,6 +448,44 @@ def test_a_split_keeps_at_least_four_tiles() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# flash_decode.one_block_per_sm_splits
+
+@pytest.mark.parametrize("blocks,key_tiles,expected", [
+    (16, 512, 8),    # batch 16 x 1 kv head, 32k keys: 128 blocks on 132 SMs
+    (16, 64, 8),     # 4k keys: 8 tiles per split
+    (8, 512, 16),    # batch 1 x 8 kv heads
+    (64, 512, 2),    # batch 64 x 1 kv head
+    (1, 512, 128),   # one sequence: 4 tiles per split at least caps it at 128 (97% of the SMs)
+    (1, 2048, 132),  # 128k keys: one per SM
+])
+def test_one_block_per_sm_takes_the_most_splits_that_fit(blocks: int, key_tiles: int, expected: int) -> None:
+    splits = flash_decode.one_block_per_sm_splits(blocks, key_tiles, 132)
+    assert splits == expected and blocks * splits <= 132
+
+
+@pytest.mark.parametrize("blocks,key_tiles", [
+    (0, 512),    # nothing to run
+    (67, 512),   # 2 splits would be 134 blocks: more than one per SM
+    (132, 512),  # already full
+    (50, 512),   # 2 splits fill 100 of 132 SMs, under 85%
+    (1, 64),     # 4k keys, one sequence: 16 splits fill 12% of the SMs
+    (16, 7),     # under 8 tiles: no split keeps 4
+])
+def test_one_block_per_sm_declines_where_it_would_not_fill_the_gpu(blocks: int, key_tiles: int) -> None:
+    assert flash_decode.one_block_per_sm_splits(blocks, key_tiles, 132) == 0
+
+
+def test_the_heuristic_gives_one_kv_head_at_batch_16_one_block_per_sm(fake_h100: list[int]) -> None:
+    # 16 blocks, 32k keys: 8 splits (128 blocks, one per SM), merged by the combine (a cluster of
+    # 8 is only for a quarter of the slots), where the count over 264 slots was 14.
+    problem = decode_problem(batch=16)
+    cfg = flash_decode.config(problem.packed_rows, problem.head_dim, H100)
+    assert kvcache.split_plan(problem, cfg, 0) == (8, 0)
+    assert flash_decode.choose_splits(16, 512, 264) == 14
+    assert flash_decode.cluster_size(8, 16, 264, H100) == 0
+
+
+# ---------------------------------------------------------------------------------------------
 # flash_decode.kernel_head_dim, config, blocks_per_sm
 
 @pytest.mark.parametrize("head_dim,expected", [(8, 64), (40, 64), (64, 64), (72, 96), (96, 96), (104, 128),
@@ -694,12 +732,20 @@ def test_a_grid_of_one_block_per_sm_takes_4_stages() -> None:
 
 
 def test_the_heuristic_takes_a_cluster_of_8_for_up_to_16_splits(fake_h100: list[int]) -> None:
-    assert [flash_decode.prefer_cluster(n, 8, 264, H100) for n in (2, 8, 9, 16, 17, 32)] == [2, 8, 8, 8, 17, 32]
-    assert flash_decode.prefer_cluster(16, 17, 264, H100) == 16  # 8 splits would not merge in a cluster
-    assert flash_decode.prefer_cluster(16, 8, 264, A100) == 16
-    # batch 1, 8 kv heads, 4096 keys: the heuristic's 16 (choose_splits(8, 64, 264)) becomes 8
+    # 64 key tiles (4k keys): 16 splits of 4 tiles are short
+    assert [flash_decode.prefer_cluster(n, 8, 264, 64, H100) for n in (2, 8, 9, 16, 17, 32)] == [2, 8, 8, 8, 17, 32]
+    assert flash_decode.prefer_cluster(16, 17, 264, 64, H100) == 16  # 8 splits would not merge in a cluster
+    assert flash_decode.prefer_cluster(16, 8, 264, 64, A100) == 16
+    # batch 1, 8 kv heads, 4096 keys: the heuristic's 16 (one per SM) becomes 8
     problem = decode_problem(heads_kv=8, heads_q=32, capacity=4096, page_size=4096)
     assert kvcache.split_plan(problem, DecodeConfig(1, 3), 0) == (8, 0)
+
+
+def test_long_splits_keep_their_count_rather_than_a_cluster() -> None:
+    # 16 splits of 128 tiles (8 each) are short enough; of 129 tiles (9 each) they are not.
+    assert flash_decode.prefer_cluster(16, 8, 264, 128, H100) == 8
+    assert flash_decode.prefer_cluster(16, 8, 264, 129, H100) == 16
+    assert flash_decode.prefer_cluster(16, 8, 264, 512, H100) == 16  # 1 x 32k keys, 8 kv heads
 
 
 # ---------------------------------------------------------------------------------------------

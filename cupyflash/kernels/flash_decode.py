@@ -109,15 +109,18 @@ def cluster_size(num_splits: int, blocks: int, slots: int, limits: DeviceLimits)
     return num_splits if blocks * num_splits <= wave else 0
 
 
-def prefer_cluster(num_splits: int, blocks: int, slots: int, limits: DeviceLimits) -> int:
+def prefer_cluster(num_splits: int, blocks: int, slots: int, key_tiles: int, limits: DeviceLimits) -> int:
     """The heuristic's split count, or the largest cluster in its place where that is at least half
-    of it and merges in a cluster: the combine launch saved outweighs the fewer splits. On an
-    H200 (bf16, d 128, 32/8 heads, 1 x 4k keys): 8 splits in a cluster 15.9 us, 16 with the
-    combine 17.5; 4 tokens 16.6 against 18.8 (scripts/decode_splits.py;
-    benchmarks/results/h200-2026-12-04-decode-l2/). With 1 kv head (8/1) it is about even: 14.7
-    against 14.4."""
+    of it, merges in a cluster, and the heuristic's splits are short (at most twice
+    MIN_TILES_PER_SPLIT tiles): the combine launch saved outweighs the fewer splits only where
+    each split's reading is short. On an H200 (bf16, d 128, 32/8 heads, 1 x 4k keys): 8 splits
+    in a cluster 15.9 us, 16 with the combine 17.5; 4 tokens 16.6 against 18.8
+    (scripts/decode_splits.py; benchmarks/results/h200-2026-12-04-decode-l2/). With 1 kv head
+    (8/1) it is about even: 14.7 against 14.4. Longer splits lose by halving the blocks: H100,
+    1 x 32k keys, 8 kv heads, 8 splits 73.7 us against 16 at 66.5 (both with the combine)."""
     largest = CLUSTER_SPLITS[-1]
-    if largest < num_splits <= 2 * largest and cluster_size(largest, blocks, slots, limits):
+    short = math.ceil(key_tiles / num_splits) <= 2 * MIN_TILES_PER_SPLIT
+    if short and largest < num_splits <= 2 * largest and cluster_size(largest, blocks, slots, limits):
         return largest
     return num_splits
 
@@ -168,6 +171,22 @@ def blocks_per_sm(cfg: DecodeConfig, head_dim: int, limits: DeviceLimits) -> int
 
 
 MIN_TILES_PER_SPLIT = 4
+
+
+def one_block_per_sm_splits(blocks: int, key_tiles: int, sm_count: int, max_splits: int = MAX_SPLITS) -> int:
+    """The most splits (2 or more) whose grid keeps to one block per SM and fills at least 85% of
+    the SMs, or 0 where there is none (choose_splits decides). Every SM then reads the same share
+    of the keys through 4 stages (deeper_pipeline), where choose_splits' count over the resident
+    slots puts a second block on some SMs only. Measured on an H100, 2026-12-07 (bf16, d 128,
+    one query token, merged by the combine; benchmarks/results/h100-2026-12-07-wide-pv-decode-clusters/):
+    batch 16 x 1 kv head, 8 splits against choose_splits' 14-16: 4k keys 27.7 us against 29.3,
+    32k 112.0 against 119.2, 128k 382.8 against 391.3; batch 1 x 8 kv heads, 16 against 29: 32k
+    66.5 against 70.4, 128k 200.7 against 208.0; batch 64 x 1 kv head, 2 against 4: 128k 1455.7
+    against 1478.4, 32k 391.5 against 388.1."""
+    if blocks == 0:
+        return 0
+    splits = min(max_splits, max(1, key_tiles // MIN_TILES_PER_SPLIT), sm_count // blocks)
+    return splits if splits >= 2 and blocks * splits >= 0.85 * sm_count else 0
 
 
 def choose_splits(blocks: int, key_tiles: int, slots: int, max_splits: int = MAX_SPLITS) -> int:
