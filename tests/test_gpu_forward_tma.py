@@ -76,3 +76,39 @@ def test_a_packed_batch_cannot_be_forced_onto_it() -> None:
     cu = cupy.asarray([0, 17, 40], dtype=cupy.int32)
     with plan.forced(fwd=flash_fwd_tma.TmaFwdConfig(128, 2)), pytest.raises(ValueError, match="packed"):
         cupyflash.attention_varlen(q, q, q, cu, cu, 23, 23)
+
+
+def test_arrays_without_a_tensor_map_take_the_next_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # kernel_ready gives every array 16-byte strides, which a tensor map always describes; a map
+    # the driver's rules refuse (here: every one) must send the call to flash_fwd_sm90, not fail.
+    import cupy
+
+    from cupyflash import launch, tma
+    from cupyflash.device import device_limits
+
+    if device_limits(cupy.cuda.runtime.getDevice()).compute_capability != (9, 0):
+        pytest.skip("flash_fwd_tma runs on sm_90 only")
+    refused: list[tuple[int, ...]] = []
+
+    def refuse(array: object, box: tuple[int, ...], swizzle: int = 0) -> str:
+        refused.append(array.shape)
+        return "refused by this test"
+
+    built: list[plan.Plan] = []
+    build_forward = plan.build_forward
+
+    def record(*args: object) -> plan.Plan:
+        built.append(build_forward(*args))
+        return built[-1]
+
+    monkeypatch.setattr(tma, "describe", refuse)
+    monkeypatch.setattr(plan, "build_forward", record)
+    plan.clear()
+    try:
+        results = validation.run_gpu_case(validation.Case("bfloat16", 128, True, 300, 300, 2), backward=False)
+    finally:
+        plan.clear()  # no plan built without tensor maps outlives this test
+    failures = [r.message() for r in results if not r.ok]
+    assert not failures, "\n".join(failures)
+    assert refused and built
+    assert not any(isinstance(p.params, launch.TensorMapParams) for p in built)
