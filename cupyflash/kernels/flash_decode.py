@@ -173,6 +173,12 @@ def blocks_per_sm(cfg: DecodeConfig, head_dim: int, limits: DeviceLimits) -> int
 MIN_TILES_PER_SPLIT = 4
 
 
+def most_splits(key_tiles: int, max_splits: int) -> int:
+    """The most splits of key_tiles that keep MIN_TILES_PER_SPLIT tiles each (at least 1), up to
+    max_splits."""
+    return min(max_splits, max(1, key_tiles // MIN_TILES_PER_SPLIT))
+
+
 def one_block_per_sm_splits(blocks: int, key_tiles: int, sm_count: int, max_splits: int = MAX_SPLITS) -> int:
     """The most splits (2 or more) whose grid keeps to one block per SM and fills at least 85% of
     the SMs, or 0 where there is none (choose_splits decides). Every SM then reads the same share
@@ -185,7 +191,7 @@ def one_block_per_sm_splits(blocks: int, key_tiles: int, sm_count: int, max_spli
     against 1478.4, 32k 391.5 against 388.1."""
     if blocks == 0:
         return 0
-    splits = min(max_splits, max(1, key_tiles // MIN_TILES_PER_SPLIT), sm_count // blocks)
+    splits = min(most_splits(key_tiles, max_splits), sm_count // blocks)
     return splits if splits >= 2 and blocks * splits >= 0.85 * sm_count else 0
 
 
@@ -201,7 +207,7 @@ def choose_splits(blocks: int, key_tiles: int, slots: int, max_splits: int = MAX
     heads, 0.87 at 16 splits against 0.80 at 32."""
     if blocks == 0 or blocks >= 0.8 * slots or key_tiles <= 1:
         return 1
-    limit = min(max_splits, slots, max(1, key_tiles // MIN_TILES_PER_SPLIT))
+    limit = min(most_splits(key_tiles, max_splits), slots)
     efficiency = {}
     for splits in range(1, limit + 1):
         if splits > 1 and math.ceil(key_tiles / splits) == math.ceil(key_tiles / (splits - 1)):
