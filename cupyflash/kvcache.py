@@ -308,6 +308,13 @@ def build_plan(problem: DecodeProblem, t: dict[str, Any], device_id: int) -> pla
     blocks, slots = grid_fill(problem, cfg, limits)
     cluster = 0 if split_tiles else flash_decode.cluster_size(num_splits, blocks, slots, limits)
     cfg = flash_decode.deeper_pipeline(cfg, problem.head_dim, blocks * num_splits, limits)
+    bulk = flash_decode.bulk_copies(cfg, problem.head_dim, flash_decode.box_rows(problem.page_size, problem.paged),
+                                    blocks * num_splits, limits)
+    maps = flash_decode.tensor_maps(t["k_cache"], t["v_cache"], bulk) if bulk.box_rows else None
+    if isinstance(maps, str):  # strides a tensor map cannot describe: cp.async copies
+        maps = None
+    else:
+        cfg = bulk
     partials = num_splits > 1 and not cluster  # merged by flash_decode_combine
     q_shape = (problem.batch, problem.seqlen_q, problem.heads_q, problem.head_dim)
     stats = (problem.batch, problem.heads_q, problem.seqlen_q)
@@ -337,6 +344,8 @@ def build_plan(problem: DecodeProblem, t: dict[str, Any], device_id: int) -> pla
     if problem.paged:
         values["block_table_batch_stride"] = t["block_table"].strides[0] // 4
     params = launch.ParamBlock("DecodeParams", values, arrays)
+    if maps:
+        params = launch.TensorMapParams(params, maps)
 
     dtype = problem.dtype
     calls = []

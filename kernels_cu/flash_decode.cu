@@ -21,6 +21,12 @@
 //   is found through its page. The page numbers of the next tile are read one tile ahead, so
 //   the table lookup never stalls the copy it addresses.
 //
+// - Compiled with CF_KV_TMA (sm_90 and up), the K/V tiles come by Hopper's bulk tensor copies
+//   instead: one thread issues each stage's boxes (CF_KV_TMA keys by 64 columns, through the
+//   tensor maps of k_cache and v_cache, 128-byte swizzled) and the warps wait on the stage's
+//   mbarrier. The copy engine then keeps up to kStages tiles in flight for a block of 4 warps,
+//   which at one block per SM is more than its cp.async copies can (see the config's note).
+//
 // flash_decode_append writes the new keys and values into the cache first (a launch of its own,
 // so the attention reads them like any cached key).
 //
@@ -31,7 +37,8 @@
 //
 // Compile-time macros: CF_ELEMENT (Half | BFloat16), CF_HEAD_DIM (64, 96, 128, 192, 256),
 // CF_ROW_WARPS (1, 2, 4: kKeyWarps = 4 / CF_ROW_WARPS), CF_STAGES, CF_WINDOW_LEFT / CF_WINDOW_RIGHT
-// (mask.cuh), CF_SMEM_BYTES, CF_CLUSTER (0: no cluster; else num_splits, the blocks of a cluster).
+// (mask.cuh), CF_SMEM_BYTES, CF_CLUSTER (0: no cluster; else num_splits, the blocks of a cluster),
+// CF_KV_TMA (0: cp.async copies; else the keys of one tensor-map box: 64, or a page of 16 or 32).
 #include "gemm.cuh"
 #include "mask.cuh"
 #include "params.cuh"
@@ -73,6 +80,11 @@ struct DecodeTraits {
   // A full tile's rows lie in at most this many pages on the fast path (pages of 16 keys).
   static constexpr int kMaxCopyRuns = 4;
 
+  // Bulk tensor copies (CF_KV_TMA): a tile is kColBoxes boxes of 64 columns side by side.
+  static constexpr int kColBoxes = HeadDim / 64;
+  static constexpr int kBoxRows = CF_KV_TMA > 0 ? CF_KV_TMA : kBlockN;
+  static constexpr int kTileBytes = kBlockN * HeadDim * 2;  // one K or V tile, swizzled, unpadded
+
   static_assert(RowWarps == 1 || RowWarps == 2 || RowWarps == 4, "4 warps in a rows x keys grid");
   static_assert(HeadDim % 32 == 0 && HeadDim <= 256, "head dims are multiples of 32 up to 256");
   static_assert(kNTiles % 2 == 0, "each warp's keys are whole k16 steps");
@@ -80,10 +92,42 @@ struct DecodeTraits {
   static_assert(kCopyThreads % 32 == 0, "whole warps copy or skip the K/V copies");
   static_assert(kCopySteps % kMaxCopyRuns == 0 && kCopyRows <= kBlockN / kMaxCopyRuns,
                 "a page of kBlockN / kMaxCopyRuns keys holds whole copy steps");
+  static_assert(CF_KV_TMA == 0 || (HeadDim % 64 == 0 && kQInRegisters && kBlockN % kBoxRows == 0 && kBoxRows % 8 == 0),
+                "bulk tensor copies: whole 64-column boxes, Q in registers, boxes of whole swizzle atoms");
 };
 using T = DecodeTraits<CF_HEAD_DIM, CF_ROW_WARPS, CF_STAGES>;
 
-// The pipeline's tiles, and after the last tile the same bytes for merging the warps' results.
+// After the last tile the tiles' bytes hold the merge of the warps' results.
+struct DecodeMerge {
+  float max_log2[T::kKeyWarps][T::kBlockM];  // each warp's row max, exponent units; -inf: no key
+  float sum[T::kKeyWarps][T::kBlockM];       // each warp's row sum relative to it
+  float weight[T::kKeyWarps][T::kBlockM];    // exp2(max_w - max) / total sum
+  float lse[T::kBlockM];
+  float o[T::kKeyWarps][T::kBlockM][T::kHeadDim];  // each warp's unnormalised O
+};
+
+#if CF_KV_TMA
+// The tiles first, on the 1024-byte boundary the swizzle needs (the kernel aligns the struct):
+// stage s of K is kColBoxes boxes of kBlockN rows x 64 columns (gemm.cuh, gemm_ft_sw128). Then Q
+// (padded rows, cp.async) and each stage's "full" mbarrier.
+struct DecodeSmem {
+  union {
+    struct {
+      alignas(1024) u16 k[T::kStages][T::kColBoxes][T::kBlockN][64];
+      u16 v[T::kStages][T::kColBoxes][T::kBlockN][64];
+    } tiles;
+    DecodeMerge merge;
+  };
+  u16 q[T::kBlockM][T::kStride];
+  u64 full[T::kStages];
+};
+constexpr int kDecodeSmemSlack = kSmemAlignSlack;
+
+// flash_decode's second parameter: the maps of k_cache and v_cache (cupyflash/kvcache.py).
+struct DecodeTensorMaps {
+  TensorMap k, v;
+};
+#else
 struct DecodeSmem {
   u16 q[T::kBlockM][T::kStride];
   union {
@@ -91,15 +135,11 @@ struct DecodeSmem {
       u16 k[T::kStages][T::kBlockN][T::kStride];
       u16 v[T::kStages][T::kBlockN][T::kStride];
     } tiles;
-    struct {
-      float max_log2[T::kKeyWarps][T::kBlockM];  // each warp's row max, exponent units; -inf: no key
-      float sum[T::kKeyWarps][T::kBlockM];       // each warp's row sum relative to it
-      float weight[T::kKeyWarps][T::kBlockM];    // exp2(max_w - max) / total sum
-      float lse[T::kBlockM];
-      float o[T::kKeyWarps][T::kBlockM][T::kHeadDim];  // each warp's unnormalised O
-    } merge;
+    DecodeMerge merge;
   };
 };
+constexpr int kDecodeSmemSlack = 0;
+#endif
 
 // One sequence of the batch as the cache holds it.
 struct CacheSequence {
@@ -225,7 +265,7 @@ __device__ __forceinline__ void copy_step_tile(const KvCopy& c, const DecodePara
 }
 }  // namespace cf
 
-static_assert(sizeof(cf::DecodeSmem) == CF_SMEM_BYTES,
+static_assert(sizeof(cf::DecodeSmem) + cf::kDecodeSmemSlack == CF_SMEM_BYTES,
               "cupyflash/kernels/flash_decode.py smem_bytes() disagrees with the kernel's layout");
 
 namespace cf {
@@ -296,16 +336,29 @@ __device__ __forceinline__ void merge_in_cluster(const DecodeSmem& sm, const Dec
 #define CF_DECODE_CLUSTER
 #endif
 
-// Reads DecodeParams (params.cuh). Grid: (heads_kv * m_tiles * num_splits, batch), kv head fastest
-// (blocks that run together read neighbouring 256-byte pieces of the same key rows), then m tile;
-// with CF_CLUSTER split fastest (a cluster is CF_CLUSTER consecutive blocks), then kv head, then
-// m tile. Block: 128 threads; dynamic smem: DecodeSmem. Writes out and lse (num_splits 1, or
-// CF_CLUSTER) or the split's out_partial and lse_partial rows.
+#if CF_KV_TMA
+#define CF_DECODE_MAPS , const __grid_constant__ cf::DecodeTensorMaps maps
+#else
+#define CF_DECODE_MAPS
+#endif
+
+// Reads DecodeParams (params.cuh), and with CF_KV_TMA the tensor maps after it. Grid: (heads_kv *
+// m_tiles * num_splits, batch), kv head fastest (blocks that run together read neighbouring
+// 256-byte pieces of the same key rows), then m tile; with CF_CLUSTER split fastest (a cluster
+// is CF_CLUSTER consecutive blocks), then kv head, then m tile. Block: 128 threads; dynamic
+// smem: DecodeSmem plus kDecodeSmemSlack. Writes out and lse (num_splits 1, or CF_CLUSTER) or
+// the split's out_partial and lse_partial rows.
 extern "C" __global__ void __launch_bounds__(cf::T::kThreads) CF_DECODE_CLUSTER
-    flash_decode(const __grid_constant__ cf::DecodeParams p) {
+    flash_decode(const __grid_constant__ cf::DecodeParams p CF_DECODE_MAPS) {
   using namespace cf;
   extern __shared__ Vec16 smem_raw[];
+#if CF_KV_TMA
+  const u32 raw_address = smem_addr(smem_raw);
+  const u32 smem_base = (raw_address + kDecodeSmemSlack - 1) & ~static_cast<u32>(kDecodeSmemSlack - 1);
+  DecodeSmem& sm = *reinterpret_cast<DecodeSmem*>(reinterpret_cast<char*>(smem_raw) + (smem_base - raw_address));
+#else
   DecodeSmem& sm = *reinterpret_cast<DecodeSmem*>(smem_raw);
+#endif
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = warp / T::kKeyWarps, wk = warp % T::kKeyWarps;
   const int group_size = p.group_size, seqlen_q = p.seqlen_q, head_dim = p.head_dim;
@@ -346,6 +399,54 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) CF_DECODE_CLUSTER
     cp_async_16(smem_addr(&sm.q[row][col]), valid ? src : p.q.ptr, valid ? 16 : 0);
   }
 
+#if CF_KV_TMA
+  // K/V tiles by bulk tensor copies, issued by thread 0 into each stage a tile is free: every box
+  // of the tile (kBoxRows keys x 64 columns of K and of V) completes the stage's mbarrier. A
+  // contiguous cache's box is at (column, kv head, key, slot); a paged one's at (column, kv head,
+  // key in its page, page), every box inside one page. Boxes past the array's ends read zeros;
+  // rows past seqlen_k but inside it are cleared before use (see the loop).
+  const u32 full_bar = smem_addr(&sm.full[0]);
+  const u32 k_tiles = smem_addr(&sm.tiles.k[0]), v_tiles = smem_addr(&sm.tiles.v[0]);
+  const int cache_slot = p.cache_batch_idx != nullptr ? min(max(p.cache_batch_idx[b], 0), p.batch_cache - 1) : b;
+  // Thread 0 reads the pages of the next tile it will issue as it issues one, so that the table
+  // read has a tile's time to arrive (a contiguous cache has none).
+  constexpr int kBoxes = T::kBlockN / T::kBoxRows;
+  int box_pages[kBoxes] = {};
+  auto read_box_pages = [&](int n_block) {
+    if (seq.pages == nullptr) return;
+#pragma unroll
+    for (int box = 0; box < kBoxes; ++box) {  // a row past seqlen_k may have no table entry: any page will do
+      const int j = n_block * T::kBlockN + box * T::kBoxRows;
+      box_pages[box] = j < seq.seqlen_k ? page_of<true>(p, seq, j) : 0;
+    }
+  };
+  auto issue_tile = [&](int stage, int n_block) {
+    const u32 bar = full_bar + 8 * stage;
+    mbarrier_arrive_expect_tx(bar, 2 * T::kTileBytes);
+#pragma unroll
+    for (int box = 0; box < kBoxes; ++box) {
+      const int j = n_block * T::kBlockN + box * T::kBoxRows;
+      const int key = seq.pages != nullptr ? j & (p.page_size - 1) : j;
+      const int outer = seq.pages != nullptr ? box_pages[box] : cache_slot;
+#pragma unroll
+      for (int col = 0; col < T::kColBoxes; ++col) {
+        const u32 at = stage * T::kTileBytes + (col * T::kBlockN + box * T::kBoxRows) * 128;
+        tma_load_4d(k_tiles + at, &maps.k, bar, 64 * col, kv_head, key, outer);
+        tma_load_4d(v_tiles + at, &maps.v, bar, 64 * col, kv_head, key, outer);
+      }
+    }
+    read_box_pages(n_block + 1);  // (past the split's last tile: read, never used)
+  };
+  if (tid == 0) {
+    for (int s = 0; s < T::kStages; ++s) mbarrier_init(full_bar + 8 * s, 1);  // the issuing thread's arrival
+    fence_mbarrier_init();
+    prefetch_tensormap(&maps.k);
+    prefetch_tensormap(&maps.v);
+    read_box_pages(n_begin);
+    for (int s = 0; s < min(T::kStages, n_tiles); ++s) issue_tile(s, n_begin + s);
+  }
+  cp_async_commit();  // Q's copies
+#else
   // K/V copies (KvCopy), and the pages of their rows read a tile ahead. A tile below seqlen_k
   // whose rows lie in at most kMaxCopyRuns pages (a contiguous slot; pages of 16 keys and up,
   // a power of two) is copied run by run; any other one step by step.
@@ -402,6 +503,7 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) CF_DECODE_CLUSTER
     cp_async_commit();
   }
   if (T::kStages - 1 < n_tiles) read_pages(n_begin + T::kStages - 1);
+#endif
 
   float acc_o[1][T::kDTiles][4];
   zero(acc_o);
@@ -411,18 +513,42 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) CF_DECODE_CLUSTER
   const int g = lane >> 2, t4 = lane & 3;
 
   // Q landed with the first commit group (the first K/V tile's): the same wait as the first
-  // tile's, so only the barrier before it comes early.
+  // tile's, so only the barrier before it comes early. (With CF_KV_TMA Q is the only group,
+  // and the barrier also publishes the initialised mbarriers.)
   u32 q_frag[T::kHeadDim / 16][1][4];  // unused (and not allocated) without kQInRegisters
   if constexpr (T::kQInRegisters) {
-    cp_async_wait<T::kStages - 2>();
+    cp_async_wait<CF_KV_TMA ? 0 : T::kStages - 2>();
     __syncthreads();
     load_a_frags<1, T::kHeadDim>(q_frag, sm.q, 16 * wm, lane);
   }
+#if CF_KV_TMA
+  // The lane's ldmatrix addresses in stage 0 (gemm_ft_sw128, gemm_rn_sw128).
+  u32 k_addrs[4], v_addrs[4];
+  b_pair_sw128_addrs(k_addrs, k_tiles, wk * T::kWarpKeys, lane);
+  b_pair_trans_sw128_addrs(v_addrs, v_tiles, wk * T::kWarpKeys, lane);
+#else
   // The warp's ldmatrix addresses of its keys in slot 0 of K and V; a slot is a constant further.
   const u32 k_lane_addr = b_pair_addr(sm.tiles.k[0], wk * T::kWarpKeys, 0, lane);
   const u32 v_lane_addr = b_pair_trans_addr(sm.tiles.v[0], 0, wk * T::kWarpKeys, lane);
+#endif
 
   for (int it = 0; it < n_tiles; ++it) {
+#if CF_KV_TMA
+    const int slot = it % T::kStages;
+    mbarrier_wait(full_bar + 8 * slot, (it / T::kStages) & 1);
+    const int tile_keys = seq.seqlen_k - (n_begin + it) * T::kBlockN;
+    if (tile_keys < T::kBlockN) {
+      // The sequence's last tile: its V rows past seqlen_k hold whatever the cache holds there,
+      // and P is 0 for them but 0 * NaN is not 0. Zero them (K's are masked to -inf).
+      const int chunks = (T::kBlockN - tile_keys) * 8;  // 16-byte chunks of one box's rows
+      for (int idx = tid; idx < chunks * T::kColBoxes; idx += T::kThreads) {
+        const int col = idx / chunks, rest = idx % chunks;
+        *reinterpret_cast<Vec16*>(&sm.tiles.v[slot][col][tile_keys + rest / 8][8 * (rest % 8)]) = Vec16{};
+      }
+      __syncthreads();
+    }
+    const u32 slot_bytes = slot * T::kTileBytes;
+#else
     cp_async_wait<T::kStages - 2>();
     __syncthreads();
     const int next = it + T::kStages - 1;
@@ -434,13 +560,18 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) CF_DECODE_CLUSTER
 
     const int slot = it % T::kStages;
     const u32 slot_bytes = slot * sizeof(sm.tiles.k[0]);
+#endif
     const int key0 = (n_begin + it) * T::kBlockN + wk * T::kWarpKeys;
     float s[1][T::kNTiles][4];
     zero(s);
+#if CF_KV_TMA
+    gemm_ft_sw128<Element, 1, T::kNTiles, T::kHeadDim, T::kBlockN>(s, q_frag, k_addrs, slot_bytes);
+#else
     if constexpr (T::kQInRegisters)
       gemm_ft<Element, 1, T::kNTiles, T::kHeadDim, T::kStride>(s, q_frag, k_lane_addr + slot_bytes);
     else
       gemm_nt<Element, 1, T::kNTiles, T::kHeadDim>(s, sm.q, 16 * wm, sm.tiles.k[slot], wk * T::kWarpKeys, lane);
+#endif
     if (!mask.tile_is_full(token_begin, token_end, key0, key0 + T::kWarpKeys)) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -456,11 +587,17 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) CF_DECODE_CLUSTER
       }
     }
     softmax.update<true>(s, acc_o, scale_log2);  // over a long cache the row max settles early
+#if CF_KV_TMA
+    gemm_rn_sw128<Element, 1, T::kDTiles, T::kNTiles, T::kBlockN>(acc_o, s, v_addrs, slot_bytes);
+    __syncthreads();  // every warp is done with this stage: its next tile may come in
+    if (tid == 0 && it + T::kStages < n_tiles) issue_tile(slot, n_begin + it + T::kStages);
+#else
     gemm_rn<Element, 1, T::kDTiles, T::kNTiles, T::kStride>(acc_o, s, v_lane_addr + slot_bytes);
+#endif
   }
 
   // Merge the kKeyWarps partial results of each row. The tiles' bytes are reused: wait for
-  // every copy and every warp's last reads first.
+  // every copy and every warp's last reads first (bulk copies: every one issued was waited for).
   cp_async_wait<0>();
   __syncthreads();
 #pragma unroll

@@ -7,7 +7,9 @@
 // of the kernels is one of these:
 //   gemm_nt        S = Q K^T, S^T = K Q^T, dP = dO V^T, dP^T = V dO^T
 //   gemm_ft        S = Q K^T with Q's fragments held across K tiles (decoding)
+//   gemm_ft_sw128  the same on a K tile a TMA copy laid out in 128-byte swizzled boxes
 //   gemm_rn        O += P V, dQ += dS K (P, dS still in registers)
+//   gemm_rn_sw128  O += P V on such a V tile
 //   gemm_sn<false> dV += P^T dO, dK += dS^T Q (P^T, dS^T in shared memory)
 //   gemm_sn<true>  dQ += dS K (dS stored transposed, as dS^T)
 //
@@ -129,6 +131,70 @@ __device__ __forceinline__ void gemm_ft(float (&acc)[kMTiles][kNTiles][4], const
       ldmatrix_x4(b, b_addr + (8 * nt * kStrideB + 16 * ks) * sizeof(u16));
       mma_pairs<Element>(acc, a[ks], b, nt);
     }
+}
+
+// Tiles copied by TMA with the 128-byte swizzle (flash_decode's CF_KV_TMA): a tile of kRows rows
+// is a row of boxes, box c holding columns [64 c, 64 c + 64) of every row, 128 bytes a row, and
+// 16-byte chunk j of row r stored at chunk j ^ (r % 8) of it (so the 8 rows an ldmatrix reads
+// hit 8 different bank groups). In both products below every lane's rows keep r % 8 = lane % 8
+// across the loops, and the chunk a lane reads is an even constant c plus its own bit y (0 or
+// 1), so its swizzled chunk is c ^ (y ^ lane % 8): four addresses per lane, one per c % 8,
+// cover every load, the rest being constants. sw128_lane_addrs forms them: addrs[i] is the
+// lane's row at `row_addr` (128-byte aligned) with chunk (2 i) ^ y ^ (lane % 8).
+__device__ __forceinline__ void sw128_lane_addrs(u32 (&addrs)[4], u32 row_addr, int y, int lane) {
+  const int x = (y ^ lane) & 7;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) addrs[i] = row_addr + (((2 * i) ^ x) << 4);
+}
+
+// The lane's four addresses for gemm_ft_sw128 over the keys [n0, n0 + 8 kNTiles) (n0 a multiple
+// of 8) of the tile at tile_addr: ldmatrix_x4 of B^T pairs, lane l reading key n0 + l % 8 +
+// 8 (l / 16) at chunk 2 ks + (l / 8) % 2.
+__device__ __forceinline__ void b_pair_sw128_addrs(u32 (&addrs)[4], u32 tile_addr, int n0, int lane) {
+  sw128_lane_addrs(addrs, tile_addr + (n0 + (lane & 7) + (lane >> 4) * 8) * 128, (lane >> 3) & 1, lane);
+}
+
+// The same for gemm_rn_sw128 over the keys [k0, ..) (k0 a multiple of 8): ldmatrix_x4_trans, lane
+// l reading key k0 + l % 8 + 8 ((l / 8) % 2) at chunk nt + l / 16.
+__device__ __forceinline__ void b_pair_trans_sw128_addrs(u32 (&addrs)[4], u32 tile_addr, int k0, int lane) {
+  sw128_lane_addrs(addrs, tile_addr + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * 128, lane >> 4, lane);
+}
+
+// gemm_ft with B^T (kRows keys x kK columns) in 128-byte swizzled boxes; b_addrs from
+// b_pair_sw128_addrs, plus the byte offset of the tile's copy in use (`offset`). The same MMAs
+// in the same order as gemm_ft, so the same sums.
+template <class Element, int kMTiles, int kNTiles, int kK, int kRows>
+__device__ __forceinline__ void gemm_ft_sw128(float (&acc)[kMTiles][kNTiles][4], const u32 (&a)[kK / 16][kMTiles][4],
+                                              const u32 (&b_addrs)[4], u32 offset) {
+  static_assert(kK % 16 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
+#pragma unroll
+  for (int ks = 0; ks < kK / 16; ++ks)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; nt += 2) {
+      u32 b[4];  // columns 16 ks..: box ks / 4, chunk 2 (ks % 4) + the lane's bit
+      ldmatrix_x4(b, b_addrs[ks % 4] + offset + (ks / 4) * kRows * 128 + 8 * nt * 128);
+      mma_pairs<Element>(acc, a[ks], b, nt);
+    }
+}
+
+// gemm_rn with B (kRows keys x 8 kNTiles columns) in 128-byte swizzled boxes; b_addrs from
+// b_pair_trans_sw128_addrs, offset as in gemm_ft_sw128. The same MMAs in the same order as gemm_rn.
+template <class Element, int kMTiles, int kNTiles, int kKTiles, int kRows>
+__device__ __forceinline__ void gemm_rn_sw128(float (&acc)[kMTiles][kNTiles][4], const float (&p)[kMTiles][kKTiles][4],
+                                              const u32 (&b_addrs)[4], u32 offset) {
+  static_assert(kKTiles % 2 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
+#pragma unroll
+  for (int kt = 0; kt < kKTiles; kt += 2) {
+    u32 a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) pack_a<Element>(a[mt], p[mt][kt], p[mt][kt + 1]);
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; nt += 2) {
+      u32 b[4];  // columns 8 nt..: box nt / 8, chunk nt % 8 + the lane's bit
+      ldmatrix_x4_trans(b, b_addrs[(nt / 2) % 4] + offset + (nt / 8) * kRows * 128 + 8 * kt * 128);
+      mma_pairs<Element>(acc, a, b, nt);
+    }
+  }
 }
 
 // acc += P * B[0..8 kKTiles, b_col0 + (0..8 kNTiles)], P given as fp32 accumulator fragments.

@@ -222,57 +222,12 @@ __device__ __forceinline__ float2 cluster_load_f32x2(u32 addr) {
   asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(x.x), "=f"(x.y) : "r"(addr) : "memory");
   return x;
 }
-#endif  // __CUDA_ARCH__ >= 900
 
-// ---- Hopper only (sm_90a): warpgroup MMA. Used by flash_fwd_sm90.cu, compiled for sm_90a. ----
-// A warpgroup (4 consecutive warps) computes a 64 x N tile; each warp holds rows 16w..16w+15 in
-// the m16n8 accumulator layout, N / 8 tiles of 4 floats. Shared operands are described by a
-// 64-bit matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address >> 4 in bits
-// 0-13, leading-dimension byte offset >> 4 in bits 16-29, stride-dimension byte offset >> 4 in
-// bits 32-45, swizzle mode in bits 62-63 (1 = 128-byte swizzle).
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-__device__ __forceinline__ u64 wgmma_desc_sw128(u32 smem_address, u32 leading_bytes, u32 stride_bytes) {
-  return static_cast<u64>((smem_address & 0x3FFFF) >> 4) | (static_cast<u64>(leading_bytes >> 4) << 16) |
-         (static_cast<u64>(stride_bytes >> 4) << 32) | (1ull << 62);
-}
-
-// wgmma.fence.sync.aligned: order earlier register writes (accumulators, A fragments) before
-// the warpgroup MMAs that read them.
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-
-// wgmma.commit_group.sync.aligned: close the group of MMAs issued so far.
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-
-// wgmma.wait_group.sync.aligned N: wait until at most N groups are in flight.
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-// fence.proxy.async.shared::cta: make this thread's (cp.async) shared-memory writes visible to
-// the async proxy that wgmma reads shared operands through.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// An empty asm that "reads and writes" a register: the compiler must keep the value in it, and
-// not move its uses, across the wgmma_wait before it. For accumulators (float), which wgmma
-// writes asynchronously, and for the 16-bit A fragments (u32) a register-sourced wgmma reads
-// asynchronously: until its wait, their registers must still hold them.
-__device__ __forceinline__ void hold_register(float& x) { asm volatile("" : "+f"(x)::"memory"); }
-__device__ __forceinline__ void hold_register(u32& x) { asm volatile("" : "+r"(x)::"memory"); }
-
-template <class Register, int kTiles>
-__device__ __forceinline__ void wgmma_fence_operands(Register (&d)[kTiles][4]) {
-#pragma unroll
-  for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) hold_register(d[i][c]);
-}
-
-// ---- Hopper's asynchronous copies: mbarriers, bulk tensor copies (TMA), register moves. ----
-// Used by flash_fwd_tma.cu. An mbarrier is a 64-bit word in shared memory that completes a phase
-// when its expected arrivals and its expected transaction bytes (what TMA copies deliver) have
-// all come in; waiters poll the phase's parity (PTX ISA, "mbarrier").
+// ---- Hopper's asynchronous copies: mbarriers and bulk tensor copies (TMA), plain sm_90. ----
+// Used by flash_fwd_tma.cu and flash_decode.cu (CF_KV_TMA). An mbarrier is a 64-bit word in
+// shared memory that completes a phase when its expected arrivals and its expected transaction
+// bytes (what TMA copies deliver) have all come in; waiters poll the phase's parity (PTX ISA,
+// "mbarrier").
 
 // A bulk tensor copy's descriptor (CUtensorMap: 128 bytes, 64-byte aligned), encoded by the host
 // (cupyflash/tma.py) and passed inside a __grid_constant__ parameter.
@@ -340,6 +295,52 @@ __device__ __forceinline__ void tma_store_4d(const TensorMap* map, u32 src, int 
 // prefetch.tensormap: bring a descriptor into the cache before its first copy.
 __device__ __forceinline__ void prefetch_tensormap(const TensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<u64>(map)) : "memory");
+}
+#endif  // __CUDA_ARCH__ >= 900
+
+// ---- Hopper only (sm_90a): warpgroup MMA. Used by flash_fwd_sm90.cu, compiled for sm_90a. ----
+// A warpgroup (4 consecutive warps) computes a 64 x N tile; each warp holds rows 16w..16w+15 in
+// the m16n8 accumulator layout, N / 8 tiles of 4 floats. Shared operands are described by a
+// 64-bit matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address >> 4 in bits
+// 0-13, leading-dimension byte offset >> 4 in bits 16-29, stride-dimension byte offset >> 4 in
+// bits 32-45, swizzle mode in bits 62-63 (1 = 128-byte swizzle).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ u64 wgmma_desc_sw128(u32 smem_address, u32 leading_bytes, u32 stride_bytes) {
+  return static_cast<u64>((smem_address & 0x3FFFF) >> 4) | (static_cast<u64>(leading_bytes >> 4) << 16) |
+         (static_cast<u64>(stride_bytes >> 4) << 32) | (1ull << 62);
+}
+
+// wgmma.fence.sync.aligned: order earlier register writes (accumulators, A fragments) before
+// the warpgroup MMAs that read them.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+
+// wgmma.commit_group.sync.aligned: close the group of MMAs issued so far.
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+
+// wgmma.wait_group.sync.aligned N: wait until at most N groups are in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// fence.proxy.async.shared::cta: make this thread's (cp.async) shared-memory writes visible to
+// the async proxy that wgmma reads shared operands through.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// An empty asm that "reads and writes" a register: the compiler must keep the value in it, and
+// not move its uses, across the wgmma_wait before it. For accumulators (float), which wgmma
+// writes asynchronously, and for the 16-bit A fragments (u32) a register-sourced wgmma reads
+// asynchronously: until its wait, their registers must still hold them.
+__device__ __forceinline__ void hold_register(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void hold_register(u32& x) { asm volatile("" : "+r"(x)::"memory"); }
+
+template <class Register, int kTiles>
+__device__ __forceinline__ void wgmma_fence_operands(Register (&d)[kTiles][4]) {
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) hold_register(d[i][c]);
 }
 
 // setmaxnreg.{inc,dec}.sync.aligned.u32: this warpgroup's registers per thread become N (a

@@ -65,7 +65,8 @@ def decode_specs(limits: DeviceLimits, dtype: str) -> list[tuple[str, build.Kern
     """attention_with_kvcache's kernels: each compiled head dim and block (1, 2, 4 row warps) as
     decoding runs them (causal), the other mask variants at head_dim 128, append and combine;
     where the GPU merges splits in a cluster, each block with 8 splits, and 2 and 4 at 128; the
-    4-stage blocks of grids with one block per SM, alone and with 8 splits in a cluster."""
+    4-stage blocks of grids with one block per SM, alone and with 8 splits in a cluster; on sm_90,
+    the bulk-copy blocks (flash_decode.bulk_copies) of both kinds of grid."""
     causal, arch = Variant(False, True, False), limits.arch
     specs = []
     for dim in flash_decode.KERNEL_HEAD_DIMS:
@@ -81,6 +82,14 @@ def decode_specs(limits: DeviceLimits, dtype: str) -> list[tuple[str, build.Kern
             deeper = flash_decode.deeper_pipeline(cfg, dim, 1, limits)  # a grid of one block per SM
             if deeper != cfg:
                 specs += [(arch, flash_decode.spec(dtype, dim, deeper, causal, n)) for n in [0, *clusters[-1:]]]
+            # Bulk tensor copies: one block per SM (the most stages) and a full grid, contiguous and in
+            # pages of 16 and 32 keys; with 8 splits in a cluster where the GPU has them.
+            for blocks in (1, 10 ** 6):
+                for box in (64, 16, 32):
+                    bulk = flash_decode.bulk_copies(cfg, dim, box, blocks, limits)
+                    if bulk.box_rows:
+                        specs += [(arch, flash_decode.spec(dtype, dim, bulk, causal, n))
+                                  for n in [0, *clusters[-1:]] if box == 64 or n == 0]
     specs += [(arch, flash_decode.helper_spec(dtype, e)) for e in (flash_decode.APPEND_ENTRY, flash_decode.COMBINE_ENTRY)]
     return specs
 

@@ -549,7 +549,8 @@ def test_blocks_per_sm_by_shared_memory_with_1kb_reserved() -> None:
 # DecodeConfig.smem_bytes against the DecodeSmem struct of kernels_cu/flash_decode.cu
 
 # The struct's fields as (type, name, dimensions), in order, and the part of the struct each is
-# in: "q" before the union, then the union's "tiles" and "merge" structs.
+# in: "q" before the union, then the union's "tiles" struct and DecodeMerge (the cp.async layout;
+# the bulk-copy one, under CF_KV_TMA, is checked by its static_assert when test_build compiles it).
 DECODE_SMEM_FIELDS = [
     ("q", "u16", "q", ("kBlockM", "kStride")),
     ("tiles", "u16", "k", ("kStages", "kBlockN", "kStride")),
@@ -565,12 +566,17 @@ TYPE_BYTES = {"u16": 2, "float": 4}
 
 def test_the_smem_model_lists_the_fields_of_decode_smem() -> None:
     source = (KERNELS_CU / "flash_decode.cu").read_text()
-    body = source[source.index("struct DecodeSmem {"):]
-    body = body[:body.index("\n};") + 3]
-    declared = re.findall(r"^\s*(u16|float) (\w+)((?:\[T::\w+\])+);", body, re.MULTILINE)
+
+    def struct(opening: str, after: int = 0) -> str:
+        body = source[source.index(opening, after):]
+        return body[:body.index("\n};") + 3]
+
+    merge = struct("struct DecodeMerge {")
+    body = struct("struct DecodeSmem {", source.index("#else", source.index("struct DecodeSmem {")))
+    declared = re.findall(r"^\s*(u16|float) (\w+)((?:\[T::\w+\])+);", body + merge, re.MULTILINE)
     assert [(t, n, tuple(re.findall(r"T::(\w+)", dims))) for t, n, dims in declared] == \
         [(t, n, dims) for _, t, n, dims in DECODE_SMEM_FIELDS]
-    assert "union {" in body and "} tiles;" in body and "} merge;" in body
+    assert "union {" in body and "} tiles;" in body and "DecodeMerge merge;" in body
     # The traits the sizes below use (DecodeTraits in flash_decode.cu, traits.cuh, params.cuh).
     assert "kBlockM = 16 * RowWarps;" in source and "kKeyWarps = kDecodeWarps / RowWarps;" in source
     assert "kStride = HeadDim + kSmemPad;" in source and "kBlockN = kDecodeBlockN;" in source
@@ -610,6 +616,16 @@ def test_smem_bytes_is_the_size_of_decode_smem(row_warps: int, stages: int, head
 ])
 def test_smem_bytes_by_hand(row_warps: int, stages: int, head_dim: int, expected: int) -> None:
     assert DecodeConfig(row_warps, stages).smem_bytes(head_dim) == expected
+
+
+@pytest.mark.parametrize("row_warps,stages,head_dim,expected", [
+    # tiles 6 x 2 x 64 x 128 x 2 = 196608, q 4352, 6 mbarriers: 201008 -> 201728, + 1024 slack
+    (1, 6, 128, 201728 + 1024),
+    # tiles 2 x 2 x 64 x 64 x 2 = 32768 (merge 17408), q 64 x 72 x 2 = 9216, 2 mbarriers: 42000 -> 43008
+    (4, 2, 64, 43008 + 1024),
+])
+def test_bulk_copy_smem_bytes_by_hand(row_warps: int, stages: int, head_dim: int, expected: int) -> None:
+    assert DecodeConfig(row_warps, stages, 64).smem_bytes(head_dim) == expected
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ import functools
 import math
 from dataclasses import dataclass
 
-from .. import build
+from typing import Any
+
+from .. import build, tma
 from ..device import DeviceLimits
-from ..launch import APPEND_THREADS, DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_WARPS
+from ..launch import APPEND_THREADS, DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_WARPS, SMEM_ALIGN_SLACK
 from .common import ELEMENT_BYTES, SMEM_PAD, Variant, defines
 
 SOURCE = "flash_decode.cu"
@@ -30,12 +32,19 @@ MAX_SPLITS = DECODE_MAX_SPLITS  # the heuristic may go up to a full wave of one-
 # Split counts merged inside a thread-block cluster (CF_CLUSTER) on sm_90 and up: the portable
 # cluster sizes. Other counts, and older GPUs, write partials for flash_decode_combine.
 CLUSTER_SPLITS = (2, 4, 8)
+# Bulk tensor copies of the K/V tiles (CF_KV_TMA) on sm_90 and up: the compiled head dims that
+# take them (whole 64-column boxes, Q in registers), the most stages a block gets, and whether
+# calls use them at all (scripts set it False to measure the cp.async copies beside them).
+BULK_HEAD_DIMS = (64, 128)
+MAX_BULK_STAGES = 8
+bulk_copies_enabled = True
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
     row_warps: int  # 1, 2 or 4; the other 4 / row_warps warps split the keys of a tile
     stages: int
+    box_rows: int = 0  # K/V by bulk tensor copies (CF_KV_TMA) in boxes of this many keys; 0: cp.async
 
     @property
     def block_m(self) -> int:
@@ -47,12 +56,16 @@ class DecodeConfig:
         return DECODE_WARPS // self.row_warps
 
     def smem_bytes(self, head_dim: int) -> int:
-        """DecodeSmem: Q, then the larger of the K/V pipeline and the merge scratch."""
+        """DecodeSmem: Q and the larger of the K/V pipeline and the merge scratch; with bulk copies
+        the tiles unpadded on a 1024-byte boundary, then Q and a mbarrier per stage, the struct a
+        multiple of 1024 bytes, and the slack the kernel aligns it with."""
         stride = head_dim + SMEM_PAD
         q = self.block_m * stride * ELEMENT_BYTES
-        tiles = 2 * self.stages * BLOCK_N * stride * ELEMENT_BYTES
         merge = 4 * (3 * self.key_warps * self.block_m + self.block_m + self.key_warps * self.block_m * head_dim)
-        return q + max(tiles, merge)
+        if not self.box_rows:
+            return q + max(2 * self.stages * BLOCK_N * stride * ELEMENT_BYTES, merge)
+        tiles = 2 * self.stages * BLOCK_N * head_dim * ELEMENT_BYTES
+        return _round_up(_round_up(max(tiles, merge), 1024) + q + 8 * self.stages, 1024) + SMEM_ALIGN_SLACK
 
     def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
         return self.smem_bytes(head_dim) <= limits.smem_per_block_optin
@@ -67,6 +80,52 @@ def deeper_pipeline(cfg: DecodeConfig, head_dim: int, blocks: int, limits: Devic
     if cfg.stages == 3 and blocks <= limits.sm_count and deeper.fits(kernel_head_dim(head_dim), limits):
         return deeper
     return cfg
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+def box_rows(page_size: int, paged: bool) -> int:
+    """Keys per bulk-copy box: a whole 64-key tile, or a page of 16 or 32 keys (a tile's boxes must
+    each lie in one page); 0 where pages of page_size keys cannot be boxed (not a power of two,
+    or under 16 keys)."""
+    if not paged:
+        return BLOCK_N
+    if page_size < 16 or page_size & (page_size - 1):
+        return 0
+    return min(page_size, BLOCK_N)
+
+
+def bulk_copies(cfg: DecodeConfig, head_dim: int, rows: int, blocks: int, limits: DeviceLimits) -> DecodeConfig:
+    """cfg with its K/V tiles by bulk tensor copies in boxes of `rows` keys (box_rows) where they can
+    be: sm_90 and up, a compiled head dim of BULK_HEAD_DIMS. It takes the most stages (up to
+    MAX_BULK_STAGES) that keep the blocks resident as cfg's are: one per SM where the grid of
+    `blocks` has no more than the SMs, else cfg's blocks per SM (the split count assumed them).
+    The copy engine keeps every stage in flight for one issuing thread, where 128 threads' cp.async
+    copies kept about as many bytes in flight as 4 stages at most."""
+    dim = kernel_head_dim(head_dim)
+    if not (bulk_copies_enabled and rows and dim in BULK_HEAD_DIMS and tuple(limits.compute_capability) >= (9, 0)):
+        return cfg
+    per_sm = 1 if blocks <= limits.sm_count else blocks_per_sm(cfg, dim, limits)
+    for stages in range(MAX_BULK_STAGES, 1, -1):
+        bulk = DecodeConfig(cfg.row_warps, stages, rows)
+        if bulk.fits(dim, limits) and blocks_per_sm(bulk, dim, limits) >= per_sm:
+            return bulk
+    return cfg
+
+
+def tensor_maps(k_cache: Any, v_cache: Any, cfg: DecodeConfig) -> list[tuple[str, tma.TiledMap]] | str:
+    """The maps a bulk-copy config reads (DecodeTensorMaps): k_cache and v_cache, each boxed
+    (1, box_rows, 1, 64) and 128-byte swizzled; or why one of them has none (the caller takes
+    the cp.async copies)."""
+    maps = []
+    for name, array in (("k_cache", k_cache), ("v_cache", v_cache)):
+        tmap = tma.describe(array, (1, cfg.box_rows, 1, 64), swizzle=128)
+        if isinstance(tmap, str):
+            return f"{name} with shape {array.shape} and strides {array.strides}: {tmap}"
+        maps.append((name, tmap))
+    return maps
 
 
 def kernel_head_dim(head_dim: int) -> int:
@@ -131,7 +190,7 @@ def spec(dtype: str, head_dim: int, cfg: DecodeConfig, variant: Variant, cluster
     cluster > 0: that many splits, merged in their cluster (cluster_size)."""
     return build.KernelSpec(SOURCE, ENTRY, defines(
         dtype, head_dim=head_dim, row_warps=cfg.row_warps, stages=cfg.stages, smem_bytes=cfg.smem_bytes(head_dim),
-        window_left=variant.window_left, window_right=variant.window_right, cluster=cluster))
+        window_left=variant.window_left, window_right=variant.window_right, cluster=cluster, kv_tma=cfg.box_rows))
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,7 +200,7 @@ def helper_spec(dtype: str, entry: str) -> build.KernelSpec:
     cfg = DecodeConfig(1, 2)
     return build.KernelSpec(SOURCE, entry, defines(
         dtype, head_dim=64, row_warps=cfg.row_warps, stages=cfg.stages, smem_bytes=cfg.smem_bytes(64),
-        window_left=False, window_right=False, cluster=0))
+        window_left=False, window_right=False, cluster=0, kv_tma=0))
 
 
 def m_tiles(packed_rows: int, cfg: DecodeConfig) -> int:
