@@ -169,3 +169,76 @@ def _after(case: DecodeCase, q: np.ndarray, k_cache: object, v_cache: object, ta
         host[f"{name}_logical"] = logical
         host[f"{name}_new"] = np.stack([logical[b, n:n + 1] for b, n in enumerate(case.lengths)])
     return host
+
+
+# The K/V copies of flash_decode: by bulk tensor copies (sm_90, head dims 64 and 128, contiguous
+# caches and pages of a power of two from 16 keys) and by cp.async (every other call, and every
+# GPU before sm_90). Contiguous, slotted, pages of 16, 32, 64 and 256; a last tile cut short; a
+# window; appends; 8 splits in a cluster; MQA with 16 query tokens (4 row warps).
+COPY_CASES = [
+    DecodeCase("bfloat16", 128, 1, (4097, 100, 1, 0)),
+    DecodeCase("float16", 64, 2, (3000, 65), page_size=16, seqlen_new=2),
+    DecodeCase("bfloat16", 128, 4, (1000, 31), page_size=32, group=2, num_splits=3),
+    DecodeCase("float16", 128, 1, (4000, 130), page_size=64, seqlen_new=1, num_splits=8),
+    DecodeCase("bfloat16", 64, 8, (2000, 300), page_size=256, causal=False, window=(100, 4)),
+    DecodeCase("float16", 128, 3, (500, 5000, 64), seqlen_new=3, slots=True),
+    DecodeCase("bfloat16", 128, 16, (4097, 77), group=4, heads_kv=1),
+]
+
+
+@pytest.fixture(params=[True, False], ids=["bulk", "cp_async"])
+def copies(request, monkeypatch):
+    """flash_decode's K/V copies by bulk tensor copies where they can be (True) or by cp.async;
+    the plans of either kind are dropped before and after."""
+    from cupyflash import plan
+    from cupyflash.kernels import flash_decode
+
+    monkeypatch.setattr(flash_decode, "bulk_copies_enabled", request.param)
+    plan.clear()
+    yield request.param
+    plan.clear()
+
+
+@pytest.mark.parametrize("case", COPY_CASES, ids=lambda c: c.id)
+def test_nan_past_the_lengths_never_reaches_the_output(case: DecodeCase, copies: bool) -> None:
+    """Every cache row past a sequence's keys holds NaN (a reused cache's stale rows might): the
+    last tile's rows past seqlen_k must weigh exactly nothing, through either kind of copy."""
+    host = case.inputs(seed=5)
+    for name in ("k_logical", "v_logical"):
+        for b, length in enumerate(case.lengths):
+            host[name][b, length + case.seqlen_new:] = np.nan
+    failures = [f"{case.id} {c.message()}" for c in compare_case(case, host, run_case(case, host, seed=5)) if not c.ok]
+    assert not failures, "\n".join(failures)
+
+
+def test_bulk_copies_run_where_they_can_and_give_the_cp_async_bits(monkeypatch) -> None:
+    """On sm_90 the bulk-copy kernel runs each COPY_CASES call (its tensor maps are built), and
+    its out and lse equal the cp.async kernel's bit for bit: the same products in the same order."""
+    import cupy
+
+    from cupyflash import plan
+    from cupyflash.device import device_limits
+    from cupyflash.kernels import flash_decode
+
+    if device_limits(cupy.cuda.runtime.getDevice()).compute_capability < (9, 0):
+        pytest.skip("bulk tensor copies need sm_90")
+    built = []
+    tensor_maps = flash_decode.tensor_maps
+    monkeypatch.setattr(flash_decode, "tensor_maps", lambda *a: built.append(a[2]) or tensor_maps(*a))
+    failures = []
+    for case in COPY_CASES:
+        host = case.inputs(seed=8)
+        results = {}
+        for bulk in (True, False):
+            monkeypatch.setattr(flash_decode, "bulk_copies_enabled", bulk)
+            plan.clear()
+            built.clear()
+            got = run_case(case, host, seed=8)
+            results[bulk] = [cupy.asnumpy(got[n]).view(np.uint8) for n in ("out", "lse")]
+            if bulk != bool(built):
+                failures.append(f"{case.id}: bulk copies {'not ' if bulk else ''}built with bulk_copies_enabled={bulk}")
+        for name, a, b in zip(("out", "lse"), results[True], results[False]):
+            if not np.array_equal(a, b):
+                failures.append(f"{case.id}: {name} differs between bulk and cp.async copies")
+    plan.clear()
+    assert not failures, "\n".join(failures)
