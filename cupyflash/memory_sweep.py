@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from . import gpu_classes, plan, validation
+from .kernels import flash_decode
 from .kernels.common import kernel_head_dim
 from .kvcache_cases import DecodeCase, compare_case, run_case
 from .merge_cases import MergeCase, compare_merge, run_merge
@@ -39,6 +40,9 @@ PATHS = ("default", *gpu_classes.SMALLER_THAN_HOPPER)  # default, a100, rtx4090
 # not all use: turn-taking warpgroups and the deepest pipeline. On other GPUs this path runs the
 # default kernels.
 TMA_PATH = "tma"
+# Decode cases again with flash_decode's cp.async copies where an sm_90 GPU takes bulk copies (the
+# copies every GPU before it runs).
+CP_ASYNC_DECODE = "cp-async"
 # Every compiled head dim (32 ... 256) is reached, and padded ones between them: 8 and 40 run on
 # the 32 and 64 kernels, 72 on 96, 200 on 256.
 HEAD_DIMS = (8, 32, 40, 48, 64, 72, 96, 128, 160, 192, 200, 256)
@@ -63,8 +67,8 @@ VARLEN_SMALL = (("default", 128, 0), ("a100", 72, 1))
 MERGE_CASES = (MergeCase("bfloat16", 128, 33, (50, 0, 77, 1), group=4), MergeCase("float16", 40, 1, (17,)),
                MergeCase("bfloat16", 256, 130, (0, 0)), MergeCase("float16", 72, 203, (1, 2, 3, 4, 5, 6, 7, 300)))
 
-# attention_with_kvcache (its kernels run on every GPU alike: default path only): paged caches with
-# pages of 1, 3, 16, 32 and 128 keys and appends, contiguous and slotted ones; split counts from the
+# attention_with_kvcache (default path; on sm_90 again with cp.async copies where the default takes
+# bulk tensor copies: CP_ASYNC_DECODE): paged caches with pages of 1, 3, 16, 32 and 128 keys and appends, contiguous and slotted ones; split counts from the
 # heuristic, forced ones and split_size; sequences of 0 and 1 keys; 17 query tokens and windows;
 # 16 to 128 packed rows; head dims 64, 72 (run on 96), 128, 192 and 256. Split counts 2, 4 and 8
 # merge inside a thread-block cluster on sm_90 and up (the third case is in the small set): their
@@ -78,12 +82,13 @@ DECODE_CASES = (DecodeCase("float16", 128, 1, (0, 1, 255), page_size=16, seqlen_
                 DecodeCase("bfloat16", 64, 16, (130, 7), group=8, page_size=1, num_splits=5),
                 DecodeCase("bfloat16", 192, 2, (70,), group=16, heads_kv=1, split_size=64, page_size=3),
                 DecodeCase("bfloat16", 80, 1, (700, 129), page_size=32, seqlen_new=1),  # 2 pages per full tile
-                DecodeCase("float16", 128, 4, (1000,), page_size=128, num_splits=2))
+                DecodeCase("float16", 128, 4, (1000,), page_size=128, num_splits=2),
+                DecodeCase("float16", 64, 2, (90, 33), page_size=32, seqlen_new=2, num_splits=3))  # 2 boxes a tile
 
 
 @dataclass(frozen=True)
 class SweepCase:
-    path: str  # "default" or a key of gpu_classes.SMALLER_THAN_HOPPER
+    path: str  # "default", a key of gpu_classes.SMALLER_THAN_HOPPER, TMA_PATH or CP_ASYNC_DECODE
     case: validation.Case | PackedCase | MergeCase | DecodeCase
     deterministic: bool = False
 
@@ -111,7 +116,11 @@ def cases(small: bool = False) -> list[SweepCase]:
         found.append(SweepCase(TMA_PATH, validation.Case(dtype, dim, causal, seqlen_q, seqlen_k, group=group,
                                                          window=window)))
     merges = [SweepCase("default", c) for c in (MERGE_CASES[:1] if small else MERGE_CASES)]
-    decodes = [SweepCase("default", c) for c in (DECODE_CASES[:3] if small else DECODE_CASES)]
+    chosen = DECODE_CASES[:3] if small else DECODE_CASES
+    decodes = [SweepCase("default", c) for c in chosen]
+    decodes += [SweepCase(CP_ASYNC_DECODE, c) for c in chosen
+                if flash_decode.kernel_head_dim(c.head_dim) in flash_decode.BULK_HEAD_DIMS
+                and flash_decode.box_rows(c.page_size, c.page_size > 0)]
     return found + varlen_cases(small) + merges + decodes
 
 
@@ -146,10 +155,28 @@ def configs_of(path: str, head_dim: int) -> Iterator[None]:
         with _tma_forward(head_dim):
             yield
         return
+    if path == CP_ASYNC_DECODE:
+        with _cp_async_decode():
+            yield
+        return
     limits = gpu_classes.SMALLER_THAN_HOPPER[path]
     kernel_dim = kernel_head_dim(head_dim)  # (the compiled head dims are multiples of 8: padding changes nothing)
     with plan.forced(plan.default_fwd_config(kernel_dim, limits), plan.default_bwd_config(kernel_dim, limits)):
         yield
+
+
+@contextlib.contextmanager
+def _cp_async_decode() -> Iterator[None]:
+    from .kernels import flash_decode
+
+    enabled = flash_decode.bulk_copies_enabled
+    flash_decode.bulk_copies_enabled = False
+    plan.clear()
+    try:
+        yield
+    finally:
+        flash_decode.bulk_copies_enabled = enabled
+        plan.clear()
 
 
 @contextlib.contextmanager
