@@ -308,13 +308,13 @@ def build_plan(problem: DecodeProblem, t: dict[str, Any], device_id: int) -> pla
     blocks, slots = grid_fill(problem, cfg, limits)
     cluster = 0 if split_tiles else flash_decode.cluster_size(num_splits, blocks, slots, limits)
     cfg = flash_decode.deeper_pipeline(cfg, problem.head_dim, blocks * num_splits, limits)
-    bulk = flash_decode.bulk_copies(cfg, problem.head_dim, flash_decode.box_rows(problem.page_size, problem.paged),
-                                    blocks * num_splits, limits)
-    maps = flash_decode.tensor_maps(t["k_cache"], t["v_cache"], bulk) if bulk.box_rows else None
-    if isinstance(maps, str):  # strides a tensor map cannot describe: cp.async copies
-        maps = None
-    else:
-        cfg = bulk
+    maps = None  # the tensor maps of bulk tensor copies, where calls take them and the caches have maps
+    if flash_decode.bulk_copies_enabled:
+        bulk = flash_decode.bulk_copies(cfg, problem.head_dim, flash_decode.box_rows(problem.page_size, problem.paged),
+                                        blocks * num_splits, limits)
+        found = flash_decode.tensor_maps(t["k_cache"], t["v_cache"], bulk) if bulk.box_rows else None
+        if isinstance(found, list):  # (a string: strides no tensor map describes; cp.async copies then)
+            cfg, maps = bulk, found
     partials = num_splits > 1 and not cluster  # merged by flash_decode_combine
     q_shape = (problem.batch, problem.seqlen_q, problem.heads_q, problem.head_dim)
     stats = (problem.batch, problem.heads_q, problem.seqlen_q)

@@ -40,9 +40,9 @@ PATHS = ("default", *gpu_classes.SMALLER_THAN_HOPPER)  # default, a100, rtx4090
 # not all use: turn-taking warpgroups and the deepest pipeline. On other GPUs this path runs the
 # default kernels.
 TMA_PATH = "tma"
-# Decode cases again with flash_decode's cp.async copies where an sm_90 GPU takes bulk copies (the
-# copies every GPU before it runs).
-CP_ASYNC_DECODE = "cp-async"
+# Decode cases again with flash_decode's bulk tensor copies forced on (flash_decode.bulk_copies_enabled),
+# where an sm_90 GPU can take them; on other GPUs the default copies.
+BULK_DECODE = "bulk-copies"
 # Every compiled head dim (32 ... 256) is reached, and padded ones between them: 8 and 40 run on
 # the 32 and 64 kernels, 72 on 96, 200 on 256.
 HEAD_DIMS = (8, 32, 40, 48, 64, 72, 96, 128, 160, 192, 200, 256)
@@ -67,8 +67,8 @@ VARLEN_SMALL = (("default", 128, 0), ("a100", 72, 1))
 MERGE_CASES = (MergeCase("bfloat16", 128, 33, (50, 0, 77, 1), group=4), MergeCase("float16", 40, 1, (17,)),
                MergeCase("bfloat16", 256, 130, (0, 0)), MergeCase("float16", 72, 203, (1, 2, 3, 4, 5, 6, 7, 300)))
 
-# attention_with_kvcache (default path; on sm_90 again with cp.async copies where the default takes
-# bulk tensor copies: CP_ASYNC_DECODE): paged caches with pages of 1, 3, 16, 32 and 128 keys and appends, contiguous and slotted ones; split counts from the
+# attention_with_kvcache (default path, and BULK_DECODE for the cases whose head dim and pages bulk
+# tensor copies take): paged caches with pages of 1, 3, 16, 32 and 128 keys and appends, contiguous and slotted ones; split counts from the
 # heuristic, forced ones and split_size; sequences of 0 and 1 keys; 17 query tokens and windows;
 # 16 to 128 packed rows; head dims 64, 72 (run on 96), 128, 192 and 256. Split counts 2, 4 and 8
 # merge inside a thread-block cluster on sm_90 and up (the third case is in the small set): their
@@ -88,7 +88,7 @@ DECODE_CASES = (DecodeCase("float16", 128, 1, (0, 1, 255), page_size=16, seqlen_
 
 @dataclass(frozen=True)
 class SweepCase:
-    path: str  # "default", a key of gpu_classes.SMALLER_THAN_HOPPER, TMA_PATH or CP_ASYNC_DECODE
+    path: str  # "default", a key of gpu_classes.SMALLER_THAN_HOPPER, TMA_PATH or BULK_DECODE
     case: validation.Case | PackedCase | MergeCase | DecodeCase
     deterministic: bool = False
 
@@ -118,7 +118,7 @@ def cases(small: bool = False) -> list[SweepCase]:
     merges = [SweepCase("default", c) for c in (MERGE_CASES[:1] if small else MERGE_CASES)]
     chosen = DECODE_CASES[:3] if small else DECODE_CASES
     decodes = [SweepCase("default", c) for c in chosen]
-    decodes += [SweepCase(CP_ASYNC_DECODE, c) for c in chosen
+    decodes += [SweepCase(BULK_DECODE, c) for c in chosen
                 if flash_decode.kernel_head_dim(c.head_dim) in flash_decode.BULK_HEAD_DIMS
                 and flash_decode.box_rows(c.page_size, c.page_size > 0)]
     return found + varlen_cases(small) + merges + decodes
@@ -155,8 +155,8 @@ def configs_of(path: str, head_dim: int) -> Iterator[None]:
         with _tma_forward(head_dim):
             yield
         return
-    if path == CP_ASYNC_DECODE:
-        with _cp_async_decode():
+    if path == BULK_DECODE:
+        with _bulk_decode():
             yield
         return
     limits = gpu_classes.SMALLER_THAN_HOPPER[path]
@@ -166,11 +166,9 @@ def configs_of(path: str, head_dim: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _cp_async_decode() -> Iterator[None]:
-    from .kernels import flash_decode
-
+def _bulk_decode() -> Iterator[None]:
     enabled = flash_decode.bulk_copies_enabled
-    flash_decode.bulk_copies_enabled = False
+    flash_decode.bulk_copies_enabled = True
     plan.clear()
     try:
         yield

@@ -171,9 +171,9 @@ def _after(case: DecodeCase, q: np.ndarray, k_cache: object, v_cache: object, ta
     return host
 
 
-# The K/V copies of flash_decode: by bulk tensor copies (sm_90, head dims 64 and 128, contiguous
-# caches and pages of a power of two from 16 keys) and by cp.async (every other call, and every
-# GPU before sm_90). Contiguous, slotted, pages of 16, 32, 64 and 256; a last tile cut short; a
+# The K/V copies of flash_decode: by bulk tensor copies (opt-in, flash_decode.bulk_copies_enabled;
+# sm_90, head dims 64 and 128, contiguous caches and pages of a power of two from 16 keys) and by
+# cp.async (every other call, and every GPU before sm_90). Contiguous, slotted, pages of 16, 32, 64 and 256; a last tile cut short; a
 # window; appends; 8 splits in a cluster; MQA with 16 query tokens (4 row warps).
 COPY_CASES = [
     DecodeCase("bfloat16", 128, 1, (4097, 100, 1, 0)),

@@ -33,11 +33,13 @@ MAX_SPLITS = DECODE_MAX_SPLITS  # the heuristic may go up to a full wave of one-
 # cluster sizes. Other counts, and older GPUs, write partials for flash_decode_combine.
 CLUSTER_SPLITS = (2, 4, 8)
 # Bulk tensor copies of the K/V tiles (CF_KV_TMA) on sm_90 and up: the compiled head dims that
-# take them (whole 64-column boxes, Q in registers), the most stages a block gets, and whether
-# calls use them at all (scripts set it False to measure the cp.async copies beside them).
+# take them (whole 64-column boxes, Q in registers) and the most stages a block gets. Calls use
+# them only with bulk_copies_enabled: the kernel was written on 2026-12-07 without a GPU to run
+# it on, so until a GPU run has passed the suite and the sanitizer with them and measured them
+# against the cp.async copies, they stay opt-in (the GPU tests and the memory sweep run both).
 BULK_HEAD_DIMS = (64, 128)
 MAX_BULK_STAGES = 8
-bulk_copies_enabled = True
+bulk_copies_enabled = False
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,14 @@ def box_rows(page_size: int, paged: bool) -> int:
 
 def bulk_copies(cfg: DecodeConfig, head_dim: int, rows: int, blocks: int, limits: DeviceLimits) -> DecodeConfig:
     """cfg with its K/V tiles by bulk tensor copies in boxes of `rows` keys (box_rows) where they can
-    be: sm_90 and up, a compiled head dim of BULK_HEAD_DIMS. It takes the most stages (up to
+    be: sm_90 and up, a compiled head dim of BULK_HEAD_DIMS (whether calls take it is
+    bulk_copies_enabled's, the caller's to check). It takes the most stages (up to
     MAX_BULK_STAGES) that keep the blocks resident as cfg's are: one per SM where the grid of
     `blocks` has no more than the SMs, else cfg's blocks per SM (the split count assumed them).
     The copy engine keeps every stage in flight for one issuing thread, where 128 threads' cp.async
     copies kept about as many bytes in flight as 4 stages at most."""
     dim = kernel_head_dim(head_dim)
-    if not (bulk_copies_enabled and rows and dim in BULK_HEAD_DIMS and tuple(limits.compute_capability) >= (9, 0)):
+    if not (rows and dim in BULK_HEAD_DIMS and tuple(limits.compute_capability) >= (9, 0)):
         return cfg
     per_sm = 1 if blocks <= limits.sm_count else blocks_per_sm(cfg, dim, limits)
     for stages in range(MAX_BULK_STAGES, 1, -1):
