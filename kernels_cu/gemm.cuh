@@ -116,21 +116,71 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[kMTiles][kNTiles][4], const
   }
 }
 
-// gemm_nt with A already in registers (load_a_frags) and B^T[b_row0.., 0..] given by its lane
-// address b_pair_addr(b_smem, b_row0, 0, lane), kStrideB its row pitch: the same MMAs in the
-// same order, so the same sums, without reloading A from shared memory on every call.
-template <class Element, int kMTiles, int kNTiles, int kK, int kStrideB>
-__device__ __forceinline__ void gemm_ft(float (&acc)[kMTiles][kNTiles][4], const u32 (&a)[kK / 16][kMTiles][4],
-                                        u32 b_addr) {
+// The loop of every S = Q K^T whose A fragments stay in registers (load_a_frags): for each k16
+// step ks and pair of n8 tiles nt, nt + 1, load_b(b, ks, nt) fills B's ldmatrix_x4 fragments.
+template <class Element, int kMTiles, int kNTiles, int kK, class LoadB>
+__device__ __forceinline__ void gemm_f_by(float (&acc)[kMTiles][kNTiles][4], const u32 (&a)[kK / 16][kMTiles][4],
+                                          LoadB load_b) {
   static_assert(kK % 16 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks)
 #pragma unroll
     for (int nt = 0; nt < kNTiles; nt += 2) {
       u32 b[4];
-      ldmatrix_x4(b, b_addr + (8 * nt * kStrideB + 16 * ks) * sizeof(u16));
+      load_b(b, ks, nt);
       mma_pairs<Element>(acc, a[ks], b, nt);
     }
+}
+
+// gemm_nt with A already in registers (load_a_frags) and B^T[b_row0.., 0..] given by its lane
+// address b_pair_addr(b_smem, b_row0, 0, lane), kStrideB its row pitch: the same MMAs in the
+// same order, so the same sums, without reloading A from shared memory on every call.
+template <class Element, int kMTiles, int kNTiles, int kK, int kStrideB>
+__device__ __forceinline__ void gemm_ft(float (&acc)[kMTiles][kNTiles][4], const u32 (&a)[kK / 16][kMTiles][4],
+                                        u32 b_addr) {
+  gemm_f_by<Element, kMTiles, kNTiles, kK>(acc, a, [&](u32 (&b)[4], int ks, int nt) {
+    ldmatrix_x4(b, b_addr + (8 * nt * kStrideB + 16 * ks) * sizeof(u16));
+  });
+}
+
+// The loop of every O += P V: for each k16 step kt, P (fp32 accumulator fragments, rows of the
+// A operand) repacked as A fragments, and for each pair of n8 tiles nt, nt + 1, load_b(b, kt, nt)
+// fills B's ldmatrix_x4 fragments.
+template <class Element, int kMTiles, int kNTiles, int kKTiles, class LoadB>
+__device__ __forceinline__ void gemm_r_by(float (&acc)[kMTiles][kNTiles][4], const float (&p)[kMTiles][kKTiles][4],
+                                          LoadB load_b) {
+  static_assert(kKTiles % 2 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
+#pragma unroll
+  for (int kt = 0; kt < kKTiles; kt += 2) {
+    u32 a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) pack_a<Element>(a[mt], p[mt][kt], p[mt][kt + 1]);
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; nt += 2) {
+      u32 b[4];
+      load_b(b, kt, nt);
+      mma_pairs<Element>(acc, a, b, nt);
+    }
+  }
+}
+
+// acc += P * B[0..8 kKTiles, b_col0 + (0..8 kNTiles)], P given as fp32 accumulator fragments.
+template <class Element, int kMTiles, int kNTiles, int kKTiles, int kStrideB>
+__device__ __forceinline__ void gemm_rn(float (&acc)[kMTiles][kNTiles][4], const float (&p)[kMTiles][kKTiles][4],
+                                        const u16 (*b_smem)[kStrideB], int b_col0, int lane) {
+  gemm_r_by<Element, kMTiles, kNTiles, kKTiles>(acc, p, [&](u32 (&b)[4], int kt, int nt) {
+    load_b_pair_trans(b, b_smem, b_col0 + 8 * nt, 8 * kt, lane);
+  });
+}
+
+// gemm_rn with B[0.., b_col0..] given by its lane address b_pair_trans_addr(b_smem, b_col0, 0,
+// lane), kStrideB its row pitch (the same MMAs, addresses formed as constants from it).
+template <class Element, int kMTiles, int kNTiles, int kKTiles, int kStrideB>
+__device__ __forceinline__ void gemm_rn(float (&acc)[kMTiles][kNTiles][4], const float (&p)[kMTiles][kKTiles][4],
+                                        u32 b_addr) {
+  gemm_r_by<Element, kMTiles, kNTiles, kKTiles>(acc, p, [&](u32 (&b)[4], int kt, int nt) {
+    ldmatrix_x4_trans(b, b_addr + (8 * kt * kStrideB + 8 * nt) * sizeof(u16));
+  });
 }
 
 // Tiles copied by TMA with the 128-byte swizzle (flash_decode's CF_KV_TMA): a tile of kRows rows
@@ -166,15 +216,10 @@ __device__ __forceinline__ void b_pair_trans_sw128_addrs(u32 (&addrs)[4], u32 ti
 template <class Element, int kMTiles, int kNTiles, int kK, int kRows>
 __device__ __forceinline__ void gemm_ft_sw128(float (&acc)[kMTiles][kNTiles][4], const u32 (&a)[kK / 16][kMTiles][4],
                                               const u32 (&b_addrs)[4], u32 offset) {
-  static_assert(kK % 16 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
-#pragma unroll
-  for (int ks = 0; ks < kK / 16; ++ks)
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; nt += 2) {
-      u32 b[4];  // columns 16 ks..: box ks / 4, chunk 2 (ks % 4) + the lane's bit
-      ldmatrix_x4(b, b_addrs[ks % 4] + offset + (ks / 4) * kRows * 128 + 8 * nt * 128);
-      mma_pairs<Element>(acc, a[ks], b, nt);
-    }
+  gemm_f_by<Element, kMTiles, kNTiles, kK>(acc, a, [&](u32 (&b)[4], int ks, int nt) {
+    // columns 16 ks..: box ks / 4, chunk 2 (ks % 4) + the lane's bit
+    ldmatrix_x4(b, b_addrs[ks % 4] + offset + (ks / 4) * kRows * 128 + 8 * nt * 128);
+  });
 }
 
 // gemm_rn with B (kRows keys x 8 kNTiles columns) in 128-byte swizzled boxes; b_addrs from
@@ -182,58 +227,10 @@ __device__ __forceinline__ void gemm_ft_sw128(float (&acc)[kMTiles][kNTiles][4],
 template <class Element, int kMTiles, int kNTiles, int kKTiles, int kRows>
 __device__ __forceinline__ void gemm_rn_sw128(float (&acc)[kMTiles][kNTiles][4], const float (&p)[kMTiles][kKTiles][4],
                                               const u32 (&b_addrs)[4], u32 offset) {
-  static_assert(kKTiles % 2 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
-#pragma unroll
-  for (int kt = 0; kt < kKTiles; kt += 2) {
-    u32 a[kMTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) pack_a<Element>(a[mt], p[mt][kt], p[mt][kt + 1]);
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; nt += 2) {
-      u32 b[4];  // columns 8 nt..: box nt / 8, chunk nt % 8 + the lane's bit
-      ldmatrix_x4_trans(b, b_addrs[(nt / 2) % 4] + offset + (nt / 8) * kRows * 128 + 8 * kt * 128);
-      mma_pairs<Element>(acc, a, b, nt);
-    }
-  }
-}
-
-// acc += P * B[0..8 kKTiles, b_col0 + (0..8 kNTiles)], P given as fp32 accumulator fragments.
-template <class Element, int kMTiles, int kNTiles, int kKTiles, int kStrideB>
-__device__ __forceinline__ void gemm_rn(float (&acc)[kMTiles][kNTiles][4], const float (&p)[kMTiles][kKTiles][4],
-                                        const u16 (*b_smem)[kStrideB], int b_col0, int lane) {
-  static_assert(kKTiles % 2 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
-#pragma unroll
-  for (int kt = 0; kt < kKTiles; kt += 2) {
-    u32 a[kMTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) pack_a<Element>(a[mt], p[mt][kt], p[mt][kt + 1]);
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; nt += 2) {
-      u32 b[4];
-      load_b_pair_trans(b, b_smem, b_col0 + 8 * nt, 8 * kt, lane);
-      mma_pairs<Element>(acc, a, b, nt);
-    }
-  }
-}
-
-// gemm_rn with B[0.., b_col0..] given by its lane address b_pair_trans_addr(b_smem, b_col0, 0,
-// lane), kStrideB its row pitch (the same MMAs, addresses formed as constants from it).
-template <class Element, int kMTiles, int kNTiles, int kKTiles, int kStrideB>
-__device__ __forceinline__ void gemm_rn(float (&acc)[kMTiles][kNTiles][4], const float (&p)[kMTiles][kKTiles][4],
-                                        u32 b_addr) {
-  static_assert(kKTiles % 2 == 0 && kNTiles % 2 == 0, "k16 steps, n8 tiles in pairs");
-#pragma unroll
-  for (int kt = 0; kt < kKTiles; kt += 2) {
-    u32 a[kMTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) pack_a<Element>(a[mt], p[mt][kt], p[mt][kt + 1]);
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; nt += 2) {
-      u32 b[4];
-      ldmatrix_x4_trans(b, b_addr + (8 * kt * kStrideB + 8 * nt) * sizeof(u16));
-      mma_pairs<Element>(acc, a, b, nt);
-    }
-  }
+  gemm_r_by<Element, kMTiles, kNTiles, kKTiles>(acc, p, [&](u32 (&b)[4], int kt, int nt) {
+    // columns 8 nt..: box nt / 8, chunk nt % 8 + the lane's bit
+    ldmatrix_x4_trans(b, b_addrs[(nt / 2) % 4] + offset + (nt / 8) * kRows * 128 + 8 * kt * 128);
+  });
 }
 
 // acc += A[a_row0 + (0..16 kMTiles), 0..kK] * B[0..kK, b_col0 + (0..8 kNTiles)], A and B in
