@@ -212,9 +212,18 @@ def _record_gpu() -> dict[str, Any]:
             "driver_version": quiet(cuda_driver_version), "runtime_version": quiet(cuda_runtime_version)}
 
 
+def _decode_copies() -> str:
+    """How decoding reads the cache on Hopper in this process: "bulk" (bulk tensor copies, opt-in
+    while experimental) or "cp.async"."""
+    from .kernels import flash_decode
+
+    return "bulk" if flash_decode.bulk_copies_enabled else "cp.async"
+
+
 def record() -> dict[str, Any]:
     """What produced a set of numbers: GPU, CUDA driver / runtime / NVRTC, CuPy, NumPy, PyTorch
-    (None when it does not import), Python, cupyflash version, kernel source hash, git commit
+    (None when it does not import), Python, cupyflash version, kernel source hash, how decoding
+    copies the cache (_decode_copies), git commit
     ("unknown" outside a checkout) and whether the checkout had local changes, date (UTC, ISO
     8601). Plain JSON values; a fact that cannot be read is None."""
     env = _record_gpu()
@@ -227,6 +236,7 @@ def record() -> dict[str, Any]:
         "python_version": platform.python_version(),
         "cupyflash_version": __version__,
         "source_hash": quiet(build.source_hash),
+        "decode_copies": _decode_copies(),
         "git_commit": git_commit() or "unknown",
         "git_dirty": git_dirty(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -242,6 +252,7 @@ def describe(env: dict[str, Any]) -> str:
                    f"runtime {env.get('runtime_version')}, NVRTC {env.get('nvrtc_version')})")
     commit = str(env.get("git_commit") or "unknown")[:12] + (" (dirty)" if env.get("git_dirty") else "")
     fa4 = f" · flash-attn-4 {env['flash_attn_4_version']}" if env.get("flash_attn_4_version") else ""
+    fa4 += " · decoding by bulk copies" if env.get("decode_copies") == "bulk" else ""  # (opt-in)
     return (f"{device} · CuPy {env.get('cupy_version')} · torch {env.get('torch_version') or 'not installed'}{fa4} · "
             f"cupyflash {env.get('cupyflash_version')} · kernel source {env.get('source_hash')} · "
             f"commit {commit} · {env.get('date')}")

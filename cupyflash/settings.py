@@ -13,6 +13,10 @@ CUPYFLASH_TUNING_DIR
     overriding ``<root>/tuning``.
 CUPYFLASH_NO_DISK_CACHE
     Set to 1 to compile every kernel in memory and never read or write cubins on disk.
+CUPYFLASH_DECODE_BULK_COPIES
+    Set to 1 for decoding (``attention_with_kvcache``) to read its key and value tiles by bulk
+    tensor copies on sm_90 where they can (``flash_decode.bulk_copies_enabled``'s starting value).
+    Experimental: written without a GPU to run it on, off until measured. Read at import.
 """
 
 from __future__ import annotations
@@ -54,3 +58,7 @@ def _tuning_dir(explicit: str | None, cache: str | None, xdg: str | None, home: 
 
 def disk_cache_enabled() -> bool:
     return os.environ.get("CUPYFLASH_NO_DISK_CACHE", "0") not in ("1", "true", "yes")
+
+
+def decode_bulk_copies() -> bool:
+    return os.environ.get("CUPYFLASH_DECODE_BULK_COPIES", "0") in ("1", "true", "yes")

@@ -15,6 +15,9 @@
 #   bench-varlen  cupyflash bench --varlen (VARLEN_DTYPE, default bfloat16) -> $OUT/bench-varlen.log, bench-varlen/
 #   bench-decode  cupyflash bench --decode: attention_with_kvcache in TB/s beside the copy bandwidth and torch
 #            (DECODE_QUICK=1 for --quick)                      -> $OUT/bench-decode.log, bench-decode/
+#   decode-copies  scripts/decode_copies.py: decoding's bulk tensor copies against cp.async, same process
+#            (run the other steps with CUPYFLASH_DECODE_BULK_COPIES=1 to test and bench the bulk ones)
+#                                                              -> $OUT/decode-copies.md
 #   overhead scripts/host_overhead.py: host time per call against PyTorch -> $OUT/overhead.log
 #   tune     cupyflash autotune on the default buckets        -> $OUT/tune.log
 # Usage: scripts/gpu_check.sh [STEP ...]   (default: info tests sanitize validate bench-fp16 bench-bf16 overhead)
@@ -111,6 +114,7 @@ for step in "${steps[@]}"; do
       run_step bench-decode "$OUT/bench-decode.log" $PY -m cupyflash bench --decode ${DECODE_QUICK:+--quick} \
         --runs "${BENCH_RUNS:-10}" --out "$OUT/bench-decode"
       tail -n 120 "$OUT/bench-decode.log" ;;
+    decode-copies) run_step decode-copies "$OUT/decode-copies.md" $PY scripts/decode_copies.py; cat "$OUT/decode-copies.md" ;;
     overhead) run_step overhead "$OUT/overhead.log" $PY scripts/host_overhead.py; cat "$OUT/overhead.log" ;;
     bench-quick) run_step bench-quick "$OUT/bench.log" $PY scripts/bench.py --quick --out "$OUT"
                  tail -n 60 "$OUT/bench.log" ;;

@@ -618,6 +618,42 @@ def test_smem_bytes_by_hand(row_warps: int, stages: int, head_dim: int, expected
     assert DecodeConfig(row_warps, stages).smem_bytes(head_dim) == expected
 
 
+@pytest.mark.parametrize("head_dim,rows,blocks,expected", [
+    (128, 64, 100, DecodeConfig(1, 6, 64)),   # one block per SM: the most stages that fit 227 KB
+    (64, 16, 100, DecodeConfig(1, 8, 16)),    # (MAX_BULK_STAGES), pages of 16 keys
+    (128, 64, 1000, DecodeConfig(1, 3, 64)),  # a full grid: 2 blocks per SM, as the split count assumed
+    (120, 32, 1000, DecodeConfig(1, 3, 32)),  # stored 120 on the 128 kernel
+    (256, 64, 100, None),                     # head dims above 128: cp.async (Q is not in registers)
+    (96, 64, 100, None),                      # not whole 64-column boxes
+    (128, 0, 100, None),                      # pages no box can hold (box_rows 0)
+])
+def test_bulk_copies_takes_the_most_stages_that_keep_the_residency(head_dim: int, rows: int, blocks: int,
+                                                                    expected: DecodeConfig | None) -> None:
+    cfg = flash_decode.config(16, head_dim, H100)  # the cp.async block a call starts from
+    assert flash_decode.bulk_copies(cfg, head_dim, rows, blocks, H100) == (expected or cfg)
+
+
+def test_bulk_copies_need_sm_90() -> None:
+    assert flash_decode.bulk_copies(DecodeConfig(1, 3), 128, 64, 10, A100) == DecodeConfig(1, 3)
+
+
+@pytest.mark.parametrize("page_size,paged,expected", [(4096, False, 64), (16, True, 16), (32, True, 32),
+                                                      (64, True, 64), (256, True, 64), (8, True, 0),
+                                                      (48, True, 0), (1, True, 0)])
+def test_box_rows_hold_whole_pages_or_whole_tiles(page_size: int, paged: bool, expected: int) -> None:
+    assert flash_decode.box_rows(page_size, paged) == expected
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("yes", True), ("0", False), ("", False)])
+def test_decode_bulk_copies_setting(monkeypatch, value: str, expected: bool) -> None:
+    from cupyflash import settings
+
+    monkeypatch.setenv("CUPYFLASH_DECODE_BULK_COPIES", value)
+    assert settings.decode_bulk_copies() is expected
+    monkeypatch.delenv("CUPYFLASH_DECODE_BULK_COPIES")
+    assert settings.decode_bulk_copies() is False
+
+
 @pytest.mark.parametrize("row_warps,stages,head_dim,expected", [
     # tiles 6 x 2 x 64 x 128 x 2 = 196608, q 4352, 6 mbarriers: 201008 -> 201728, + 1024 slack
     (1, 6, 128, 201728 + 1024),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from typing import Any
 
-from .. import build, tma
+from .. import build, settings, tma
 from ..device import DeviceLimits
 from ..launch import APPEND_THREADS, DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_WARPS, SMEM_ALIGN_SLACK
 from .common import ELEMENT_BYTES, SMEM_PAD, Variant, defines
@@ -36,10 +36,11 @@ CLUSTER_SPLITS = (2, 4, 8)
 # take them (whole 64-column boxes, Q in registers) and the most stages a block gets. Calls use
 # them only with bulk_copies_enabled: the kernel was written on 2026-12-07 without a GPU to run
 # it on, so until a GPU run has passed the suite and the sanitizer with them and measured them
-# against the cp.async copies, they stay opt-in (the GPU tests and the memory sweep run both).
+# against the cp.async copies, they stay opt-in (CUPYFLASH_DECODE_BULK_COPIES=1; the GPU tests and
+# the memory sweep run both). Plans remember their copies: plan.clear() after changing it.
 BULK_HEAD_DIMS = (64, 128)
 MAX_BULK_STAGES = 8
-bulk_copies_enabled = False
+bulk_copies_enabled = settings.decode_bulk_copies()
 
 
 @dataclass(frozen=True)
