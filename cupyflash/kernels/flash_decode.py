@@ -7,7 +7,8 @@ the q heads of one kv head): 4 warps as 1 x 4, 2 x 2 or 4 x 1 (row warps x key w
 block holds 16, 32 or 64 packed rows and the rest of its warps split each 64-key tile. Any
 sm_80 or newer GPU runs it (mma.sync): decoding is bound by reading the cache, not by the
 tensor cores. GPUs with 99 KB of shared memory per block (RTX 3090/4090, A10, L4) run head dims
-up to 128; above that no block fits them yet, and the call says so.
+up to 128; above that no block fits them yet, and the call says so. The K/V tiles come by
+cp.async, or on sm_90, opt-in while untested on a GPU, by bulk tensor copies (bulk_copies).
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def bulk_copies(cfg: DecodeConfig, head_dim: int, rows: int, blocks: int, limits
     bulk_copies_enabled's, the caller's to check). It takes the most stages (up to
     MAX_BULK_STAGES) that keep the blocks resident as cfg's are: one per SM where the grid of
     `blocks` has no more than the SMs, else cfg's blocks per SM (the split count assumed them).
-    The copy engine keeps every stage in flight for one issuing thread, where 128 threads' cp.async
-    copies kept about as many bytes in flight as 4 stages at most."""
+    The copy engine keeps every stage in flight for one issuing thread, and the unpadded tiles let
+    more stages fit than the cp.async block's padded ones (at most 4)."""
     dim = kernel_head_dim(head_dim)
     if not (rows and dim in BULK_HEAD_DIMS and tuple(limits.compute_capability) >= (9, 0)):
         return cfg
