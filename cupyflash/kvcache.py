@@ -16,8 +16,9 @@ only allocates the outputs, writes the pointers and launches.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -278,6 +279,21 @@ def split_plan(problem: DecodeProblem, cfg: flash_decode.DecodeConfig, device_id
     splits = (flash_decode.one_block_per_sm_splits(blocks, key_tiles, limits.sm_count)
               or flash_decode.choose_splits(blocks, key_tiles, slots))
     return flash_decode.prefer_cluster(splits, blocks, slots, key_tiles, limits), 0
+
+
+@contextmanager
+def decode_copies(bulk: bool) -> Iterator[None]:
+    """Inside it, decoding takes bulk tensor copies where it can (bulk) or cp.async copies only
+    (flash_decode.bulk_copies_enabled); the plans built either way are dropped on entry and exit,
+    since a plan keeps the copies it was built with."""
+    enabled = flash_decode.bulk_copies_enabled
+    flash_decode.bulk_copies_enabled = bulk
+    plans.clear()
+    try:
+        yield
+    finally:
+        flash_decode.bulk_copies_enabled = enabled
+        plans.clear()
 
 
 def grid_fill(problem: DecodeProblem, cfg: flash_decode.DecodeConfig, limits: Any) -> tuple[int, int]:

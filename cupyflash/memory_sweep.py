@@ -30,6 +30,7 @@ from typing import Iterator
 from . import gpu_classes, plan, validation
 from .kernels import flash_decode
 from .kernels.common import kernel_head_dim
+from .kvcache import decode_copies
 from .kvcache_cases import DecodeCase, compare_case, run_case
 from .merge_cases import MergeCase, compare_merge, run_merge
 from .packed_cases import PackedCase, compare_varlen, varlen_calls, varlen_inputs, varlen_references, varlen_to_device
@@ -156,25 +157,13 @@ def configs_of(path: str, head_dim: int) -> Iterator[None]:
             yield
         return
     if path == BULK_DECODE:
-        with _bulk_decode():
+        with decode_copies(bulk=True):
             yield
         return
     limits = gpu_classes.SMALLER_THAN_HOPPER[path]
     kernel_dim = kernel_head_dim(head_dim)  # (the compiled head dims are multiples of 8: padding changes nothing)
     with plan.forced(plan.default_fwd_config(kernel_dim, limits), plan.default_bwd_config(kernel_dim, limits)):
         yield
-
-
-@contextlib.contextmanager
-def _bulk_decode() -> Iterator[None]:
-    enabled = flash_decode.bulk_copies_enabled
-    flash_decode.bulk_copies_enabled = True
-    plan.clear()
-    try:
-        yield
-    finally:
-        flash_decode.bulk_copies_enabled = enabled
-        plan.clear()
 
 
 @contextlib.contextmanager

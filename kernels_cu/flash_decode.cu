@@ -150,13 +150,17 @@ struct CacheSequence {
   int page_shift;    // log2(page_size) when it is a power of two, else -1 (then / and %, ~20x the work)
 };
 
+// Sequence b's slot of a contiguous cache (cache_batch_idx[b] clamped into it, or b).
+__device__ __forceinline__ int cache_slot_of(const DecodeParams& p, int b) {
+  return p.cache_batch_idx != nullptr ? min(max(p.cache_batch_idx[b], 0), p.batch_cache - 1) : b;
+}
+
 __device__ __forceinline__ CacheSequence cache_sequence_of(const DecodeParams& p, int b) {
   CacheSequence s;
   const int cached = p.cache_seqlens != nullptr ? p.cache_seqlens[b] : p.cache_seqlen;
   s.cached = min(max(cached, 0), p.capacity - p.seqlen_new);
   s.seqlen_k = s.cached + p.seqlen_new;
-  const int slot = p.cache_batch_idx != nullptr ? min(max(p.cache_batch_idx[b], 0), p.batch_cache - 1) : b;
-  s.slot = static_cast<i64>(slot) * p.k_cache.batch_stride;
+  s.slot = static_cast<i64>(cache_slot_of(p, b)) * p.k_cache.batch_stride;
   s.pages = p.block_table != nullptr ? p.block_table + b * p.block_table_batch_stride : nullptr;
   s.page_shift = (p.page_size & (p.page_size - 1)) == 0 ? __ffs(p.page_size) - 1 : -1;
   return s;
@@ -407,7 +411,7 @@ extern "C" __global__ void __launch_bounds__(cf::T::kThreads) CF_DECODE_CLUSTER
   // rows past seqlen_k but inside it are cleared before use (see the loop).
   const u32 full_bar = smem_addr(&sm.full[0]);
   const u32 k_tiles = smem_addr(&sm.tiles.k[0]), v_tiles = smem_addr(&sm.tiles.v[0]);
-  const int cache_slot = p.cache_batch_idx != nullptr ? min(max(p.cache_batch_idx[b], 0), p.batch_cache - 1) : b;
+  const int cache_slot = cache_slot_of(p, b);
   // Thread 0 reads the pages of the next tile it will issue as it issues one, so that the table
   // read has a tile's time to arrive (a contiguous cache has none).
   constexpr int kBoxes = T::kBlockN / T::kBoxRows;

@@ -19,8 +19,7 @@ import ml_dtypes
 import numpy as np
 
 import cupyflash as cf
-from cupyflash import plan
-from cupyflash.kernels import flash_decode
+from cupyflash import kvcache
 from cupyflash.timing import do_bench
 
 BF16 = ml_dtypes.bfloat16
@@ -45,7 +44,6 @@ def cache_arrays(batch: int, cache: int, heads_kv: int, page: int) -> tuple:
 
 def main() -> None:
     cells = [tuple(int(x) for x in arg.split(",")) for arg in sys.argv[1:]] or CELLS
-    enabled = flash_decode.bulk_copies_enabled
     print("| q | batch | cache | heads | page | cp.async TB/s (us) | bulk TB/s (us) | ratio | max diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     for seqlen_q, batch, cache, heads_q, heads_kv in cells:
@@ -56,13 +54,11 @@ def main() -> None:
             kv_bytes = 2 * batch * (cache - 3) * heads_kv * 128 * 2
             results = {}
             for bulk in (False, True):
-                flash_decode.bulk_copies_enabled = bulk
-                plan.clear()
-
-                def call() -> object:
-                    return cf.attention_with_kvcache(q, k, v, cache_seqlens=lengths, block_table=table)
-                out = cupy.asnumpy(call().astype(cupy.float32))
-                results[bulk] = (out, do_bench(call, runs=30).median_ms)
+                with kvcache.decode_copies(bulk):
+                    def call() -> object:
+                        return cf.attention_with_kvcache(q, k, v, cache_seqlens=lengths, block_table=table)
+                    out = cupy.asnumpy(call().astype(cupy.float32))
+                    results[bulk] = (out, do_bench(call, runs=30).median_ms)
             diff = float(np.max(np.abs(results[False][0] - results[True][0])))
             (_, slow), (_, fast) = results[False], results[True]
             print(f"| {seqlen_q} | {batch} | {cache} | {heads_q}/{heads_kv} | {page or '-'} | "
@@ -70,8 +66,6 @@ def main() -> None:
                   f"{slow / fast:.3f} | {diff:.1e} |", flush=True)
             del q, k, v, table
             cupy.get_default_memory_pool().free_all_blocks()
-    flash_decode.bulk_copies_enabled = enabled
-    plan.clear()
 
 
 if __name__ == "__main__":

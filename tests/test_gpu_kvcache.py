@@ -187,16 +187,12 @@ COPY_CASES = [
 
 
 @pytest.fixture(params=[True, False], ids=["bulk", "cp_async"])
-def copies(request, monkeypatch):
-    """flash_decode's K/V copies by bulk tensor copies where they can be (True) or by cp.async;
-    the plans of either kind are dropped before and after."""
-    from cupyflash import plan
-    from cupyflash.kernels import flash_decode
+def copies(request):
+    """flash_decode's K/V copies by bulk tensor copies where they can be (True) or by cp.async."""
+    from cupyflash.kvcache import decode_copies
 
-    monkeypatch.setattr(flash_decode, "bulk_copies_enabled", request.param)
-    plan.clear()
-    yield request.param
-    plan.clear()
+    with decode_copies(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("case", COPY_CASES, ids=lambda c: c.id)
@@ -216,9 +212,9 @@ def test_bulk_copies_run_where_they_can_and_give_the_cp_async_bits(monkeypatch) 
     its out and lse equal the cp.async kernel's bit for bit: the same products in the same order."""
     import cupy
 
-    from cupyflash import plan
     from cupyflash.device import device_limits
     from cupyflash.kernels import flash_decode
+    from cupyflash.kvcache import decode_copies
 
     if device_limits(cupy.cuda.runtime.getDevice()).compute_capability < (9, 0):
         pytest.skip("bulk tensor copies need sm_90")
@@ -230,15 +226,13 @@ def test_bulk_copies_run_where_they_can_and_give_the_cp_async_bits(monkeypatch) 
         host = case.inputs(seed=8)
         results = {}
         for bulk in (True, False):
-            monkeypatch.setattr(flash_decode, "bulk_copies_enabled", bulk)
-            plan.clear()
             built.clear()
-            got = run_case(case, host, seed=8)
+            with decode_copies(bulk):
+                got = run_case(case, host, seed=8)
             results[bulk] = [cupy.asnumpy(got[n]).view(np.uint8) for n in ("out", "lse")]
             if bulk != bool(built):
                 failures.append(f"{case.id}: bulk copies {'not ' if bulk else ''}built with bulk_copies_enabled={bulk}")
         for name, a, b in zip(("out", "lse"), results[True], results[False]):
             if not np.array_equal(a, b):
                 failures.append(f"{case.id}: {name} differs between bulk and cp.async copies")
-    plan.clear()
     assert not failures, "\n".join(failures)

@@ -853,3 +853,17 @@ def test_check_values_names_a_slot_out_of_range_and_a_shared_slot_while_appendin
         kvcache.check_values(contiguous, {"cache_batch_idx": OnDevice([0, 3])})
     with raises(ValueError, "cache_batch_idx names one cache slot for two sequences while appending k, v"):
         kvcache.check_values(contiguous, {"cache_batch_idx": OnDevice([1, 1])})
+
+
+def test_decode_copies_switches_the_copies_and_drops_plans_both_ways(monkeypatch) -> None:
+    from cupyflash import plan
+
+    cleared = []
+    monkeypatch.setattr(plan, "clear", lambda: cleared.append(flash_decode.bulk_copies_enabled))
+    monkeypatch.setattr(flash_decode, "bulk_copies_enabled", False)
+    with kvcache.decode_copies(True):
+        assert flash_decode.bulk_copies_enabled is True
+    assert flash_decode.bulk_copies_enabled is False and cleared == [True, False]
+    with pytest.raises(KeyError), kvcache.decode_copies(True):
+        raise KeyError("a failing call inside")
+    assert flash_decode.bulk_copies_enabled is False

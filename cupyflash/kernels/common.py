@@ -24,6 +24,11 @@ def kernel_head_dim(head_dim: int) -> int:
     return next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
 
 
+def round_up(n: int, unit: int) -> int:
+    """n rounded up to a multiple of unit (a shared struct's 1024-byte boundaries, say)."""
+    return -(-n // unit) * unit
+
+
 def padded_row_bytes(head_dim: int) -> int:
     """One shared-memory row of an mma.sync tile: head_dim elements and the bank-conflict pad."""
     return (head_dim + SMEM_PAD) * ELEMENT_BYTES

@@ -18,7 +18,7 @@ from .. import build
 from ..device import DeviceLimits
 from ..launch import DQ_UNIT_COLS, DQ_UNIT_ROWS, SMEM_ALIGN_SLACK
 from ..problem import Problem
-from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems, Variant
+from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems, round_up, Variant
 from .flash_bwd_dkdv import MAX_ACC_FLOATS
 
 SOURCE, ENTRY = "flash_bwd_dkdv_sm90.cu", "flash_bwd_dkdv_sm90"
@@ -68,7 +68,7 @@ class Sm90DkdvConfig:
         dq_stage = 2 * 64 * dq_stage_cols(head_dim) * 4  # per warpgroup, 64 rows of float32
         size = tiles + self.block_n * self.block_m * ELEMENT_BYTES + stats + dq_stage
         if head_dim > 128:
-            size = -(-size // 1024) * 1024 + self.block_n * self.block_m * ELEMENT_BYTES
+            size = round_up(size, 1024) + self.block_n * self.block_m * ELEMENT_BYTES
         return size + SMEM_ALIGN_SLACK
 
     def fits(self, head_dim: int, limits: DeviceLimits) -> bool:

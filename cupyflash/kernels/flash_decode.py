@@ -22,7 +22,7 @@ from typing import Any
 from .. import build, settings, tma
 from ..device import DeviceLimits
 from ..launch import APPEND_THREADS, DECODE_BLOCK_N, DECODE_MAX_SPLITS, DECODE_WARPS, SMEM_ALIGN_SLACK
-from .common import ELEMENT_BYTES, SMEM_PAD, Variant, defines
+from .common import ELEMENT_BYTES, SMEM_PAD, Variant, defines, round_up
 
 SOURCE = "flash_decode.cu"
 APPEND_ENTRY, ENTRY, COMBINE_ENTRY = "flash_decode_append", "flash_decode", "flash_decode_combine"
@@ -69,7 +69,7 @@ class DecodeConfig:
         if not self.box_rows:
             return q + max(2 * self.stages * BLOCK_N * stride * ELEMENT_BYTES, merge)
         tiles = 2 * self.stages * BLOCK_N * head_dim * ELEMENT_BYTES
-        return _round_up(_round_up(max(tiles, merge), 1024) + q + 8 * self.stages, 1024) + SMEM_ALIGN_SLACK
+        return round_up(round_up(max(tiles, merge), 1024) + q + 8 * self.stages, 1024) + SMEM_ALIGN_SLACK
 
     def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
         return self.smem_bytes(head_dim) <= limits.smem_per_block_optin
@@ -84,10 +84,6 @@ def deeper_pipeline(cfg: DecodeConfig, head_dim: int, blocks: int, limits: Devic
     if cfg.stages == 3 and blocks <= limits.sm_count and deeper.fits(kernel_head_dim(head_dim), limits):
         return deeper
     return cfg
-
-
-def _round_up(n: int, unit: int) -> int:
-    return -(-n // unit) * unit
 
 
 def box_rows(page_size: int, paged: bool) -> int:
