@@ -13,9 +13,10 @@
 //                                        dq_accum by the copy engine (cp.reduce.async.bulk)
 // Masking, tails, GQA and the lse / delta conventions are flash_bwd_dkdv.cu's. Head dim 256
 // splits head_dim between the warpgroups instead (kSplitD, see Sm90DkdvTraits): S^T and dP^T
-// are one GEMM per warpgroup, and dV, dK read P^T and dS^T from shared memory.
+// are one GEMM per warpgroup, and dV, dK read P^T and dS^T from shared memory. Other head dims
+// run in the tiles of the next of these up (Sm90DkdvTraits::kTileDim), zero-filled.
 //
-// Compile-time macros: CF_ELEMENT, CF_HEAD_DIM (64 | 128 | 256), CF_BLOCK_M (64 | 128),
+// Compile-time macros: CF_ELEMENT, CF_HEAD_DIM (a multiple of 32 up to 256), CF_BLOCK_M (64 | 128),
 // CF_NUM_WARPS (4 | 8), CF_STAGES, CF_ACCUM_DQ (0 | 1), CF_SMEM_BYTES.
 #include "gemm.cuh"
 #include "mask.cuh"
@@ -107,13 +108,15 @@ __device__ __forceinline__ void stage_dq_part(u32 stage, const float (&acc)[8][4
 // dq_accum += one 64 x 64 dQ piece of a warpgroup, kDqStageCols columns at a time: every thread
 // stores its fragments into the warpgroup's staging buffer, then the warpgroup's first thread
 // (the leader) hands the part to the copy engine as one bulk reduction and goes on. piece_dst is
-// the piece's first unit in dq_accum (DqUnits::unit). Without `inside` (a piece past the last
-// query row, whose unit does not exist) nothing is added.
+// the piece's first unit in dq_accum (DqUnits::unit), col0 its first column. Without `inside` (a
+// piece past the last query row, whose unit does not exist) nothing is added; nor are the units
+// at and past column kHeadDim of a head dim that is not whole slabs (dq_accum has none there).
 template <class T>
 __device__ __forceinline__ void add_dq_piece(float* piece_dst, u32 stage, const float (&acc)[8][4], int warp,
-                                             int lane, bool inside) {
+                                             int lane, bool inside, int col0) {
   const int barrier = 1 + warp / 4;  // one per warpgroup; named barrier 0 is __syncthreads'
   const bool leader = warp % 4 == 0 && lane == 0;
+  constexpr int kStageUnits = T::kDqStageCols / DqUnits::kCols;
 #pragma unroll
   for (int part = 0; part < 64 / T::kDqStageCols; ++part) {
     if (leader) bulk_wait_read<0>();  // the previous part has been read out of the buffer
@@ -122,9 +125,11 @@ __device__ __forceinline__ void add_dq_piece(float* piece_dst, u32 stage, const 
     if (part == 1) stage_dq_part<T, 1>(stage, acc, warp, lane);
     fence_proxy_async();  // the stores, to the copy engine's (async) proxy
     named_barrier_sync(barrier, 128);
-    if (leader && inside) {
-      bulk_reduce_add_f32(piece_dst + part * (T::kDqStageCols / DqUnits::kCols) * DqUnits::kFloats, stage,
-                          T::kDqStageFloats * 4);
+    int units = kStageUnits;  // of this part that dq_accum has
+    if constexpr (T::kHeadDim != T::kTileDim)
+      units = min(kStageUnits, (T::kHeadDim - col0 - part * T::kDqStageCols) / DqUnits::kCols);
+    if (leader && inside && units > 0) {
+      bulk_reduce_add_f32(piece_dst + part * kStageUnits * DqUnits::kFloats, stage, units * DqUnits::kFloats * 4);
       bulk_commit();
     }
   }
@@ -205,30 +210,30 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
   int m_begin, m_end;
   mask.query_tiles<T::kBlockM>(key_begin, key_begin + keys, m_begin, m_end);
   if (m_end <= m_begin) {  // no query sees these keys: their gradients are 0
-    store_zero_tile<T::kBlockN, T::kHeadDim, T::kThreads>(dk_tile, dk_row_stride, keys, head_dim, tid);
-    store_zero_tile<T::kBlockN, T::kHeadDim, T::kThreads>(dv_tile, dv_row_stride, keys, head_dim, tid);
+    store_zero_tile<T::kBlockN, T::kTileDim, T::kThreads>(dk_tile, dk_row_stride, keys, head_dim, tid);
+    store_zero_tile<T::kBlockN, T::kTileDim, T::kThreads>(dv_tile, dv_row_stride, keys, head_dim, tid);
     return;
   }
   const int m_tiles = m_end - m_begin;
   const int iters = group_size * m_tiles;  // (q head of the group, Q tile) pairs
 
-  constexpr int kQTileBytes = T::kBlockM * T::kHeadDim * 2;
+  constexpr int kQTileBytes = T::kBlockM * T::kTileDim * 2;
   const u32 k_smem = smem_addr(sm.k), v_smem = smem_addr(sm.v);
   const u32 q_smem = smem_addr(sm.q[0]), do_smem = smem_addr(sm.dout[0]), dst_smem = smem_addr(sm.dst);
-  load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
+  load_tile_swizzled_async<T::kBlockN, T::kTileDim, T::kThreads>(
       k_smem, k + batch * k_batch_stride + kv_head * k_head_stride + key_begin * k_row_stride, k_row_stride, keys,
       head_dim, tid);
-  load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
+  load_tile_swizzled_async<T::kBlockN, T::kTileDim, T::kThreads>(
       v_smem, v + batch * v_batch_stride + kv_head * v_head_stride + key_begin * v_row_stride, v_row_stride, keys,
       head_dim, tid);
   auto load_q_tile = [&](int slot, int it) {
     const int head = kv_head * group_size + it / m_tiles;
     const int row0 = (m_begin + it % m_tiles) * T::kBlockM;
     const int rows = min(T::kBlockM, seqlen_q - row0);
-    load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(
+    load_tile_swizzled_async<T::kBlockM, T::kTileDim, T::kThreads>(
         q_smem + slot * kQTileBytes, q + batch * q_batch_stride + head * q_head_stride + row0 * q_row_stride,
         q_row_stride, rows, head_dim, tid);
-    load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(
+    load_tile_swizzled_async<T::kBlockM, T::kTileDim, T::kThreads>(
         do_smem + slot * kQTileBytes,
         dout + batch * do_batch_stride + head * do_head_stride + row0 * do_row_stride, do_row_stride, rows,
         head_dim, tid);
@@ -366,7 +371,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
       }
 #pragma unroll
       for (int piece = warpgroup; piece < T::kDqPieces; piece += T::kWarpgroups) {
-        const int mq = piece / T::kSlabs, slab = piece % T::kSlabs;  // query block, head_dim slab
+        const int mq = piece / T::kDqSlabs, slab = piece % T::kDqSlabs;  // query block, head_dim slab
         float acc_dq[8][4];
         wgmma_fence();
 #pragma unroll
@@ -392,7 +397,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
         } else {
           unit = DqUnits::unit(dq_accum, batch, head, heads_q, seqlen_q, T::kHeadDim, row0 + 64 * mq, 64 * slab);
         }
-        add_dq_piece<T>(unit, smem_addr(sm.dq_stage[warpgroup]), acc_dq, warp, lane, inside);
+        add_dq_piece<T>(unit, smem_addr(sm.dq_stage[warpgroup]), acc_dq, warp, lane, inside, 64 * slab);
       }
     }
     wgmma_wait<0>();
@@ -410,8 +415,8 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
   store_frags_swizzled<Element, T::kBlockN, T::kDTiles>(sm.k + acc_col0, acc_dk, key_row0, lane);
   store_frags_swizzled<Element, T::kBlockN, T::kDTiles>(sm.v + acc_col0, acc_dv, key_row0, lane);
   __syncthreads();
-  store_tile_swizzled<T::kBlockN, T::kHeadDim, T::kThreads>(dk_tile, dk_row_stride, sm.k, keys, head_dim, tid);
-  store_tile_swizzled<T::kBlockN, T::kHeadDim, T::kThreads>(dv_tile, dv_row_stride, sm.v, keys, head_dim, tid);
+  store_tile_swizzled<T::kBlockN, T::kTileDim, T::kThreads>(dk_tile, dk_row_stride, sm.k, keys, head_dim, tid);
+  store_tile_swizzled<T::kBlockN, T::kTileDim, T::kThreads>(dv_tile, dv_row_stride, sm.v, keys, head_dim, tid);
   if constexpr (T::kAccumDq)
     if (tid % 128 == 0) bulk_wait<0>();  // the staging buffer stays allocated until the last reduction is done
 }

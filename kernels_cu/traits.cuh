@@ -191,39 +191,44 @@ struct DqUnits {
 
 // Hopper backward dK/dV (flash_bwd_dkdv_sm90.cu): two 4-warp warpgroups; Q / dO tiles of
 // kBlockM queries stream through kStages slots; tiles are 128-byte swizzled like Sm90FwdTraits'.
-// Head dims 64 and 128: each warpgroup owns 64 keys (block_n 128) and all of head_dim.
-// Head dim 256 (kSplitD): dK and dV of 64 keys x 256 would need 256 floats per thread, so both
-// warpgroups share the block's 64 keys and split head_dim: warpgroup w keeps columns
-// [128 w, 128 w + 128) of dK, dV and dQ; warpgroup 0 computes S^T and warpgroup 1 dP^T, and
-// P^T and dS^T meet in shared memory. dQ's (kBlockM x kHeadDim) share of the tile is cut into
-// 64 x 64 pieces, dealt out to the warpgroups in turn.
+// Shared tiles hold whole 64-column slabs, kTileDim columns: 64 up to head dim 64, 128 up to 128,
+// 256 above (96 runs in tiles of 128, 160 and 192 in tiles of 256); the copies zero-fill the
+// columns past head_dim, S^T and dP^T stop at kHeadDim, and dQ has kHeadDim columns (DqUnits).
+// Tiles of 64 and 128: each warpgroup owns 64 keys (block_n 128) and all the columns.
+// Tiles of 256 (kSplitD): dK and dV of 64 keys x 256 would need 256 floats per thread, so both
+// warpgroups share the block's 64 keys and split the columns: warpgroup w keeps columns
+// [128 w, 128 w + 128) of dK and dV; warpgroup 0 computes S^T and warpgroup 1 dP^T, and P^T and
+// dS^T meet in shared memory. dQ's (kBlockM x kHeadDim) share of the tile is cut into 64 x 64
+// pieces, dealt out to the warpgroups in turn.
 template <int HeadDim, int BlockM, int NWarps, int Stages, bool AccumDq>
 struct Sm90DkdvTraits {
-  static constexpr int kHeadDim = HeadDim;
+  static constexpr int kHeadDim = HeadDim;  // the compiled head dim
+  static constexpr int kTileDim = HeadDim <= 64 ? 64 : HeadDim <= 128 ? 128 : 256;
   static constexpr int kBlockM = BlockM;
   static constexpr int kNWarps = NWarps;
   static constexpr int kStages = Stages;
   static constexpr bool kAccumDq = AccumDq;
   static constexpr int kThreads = NWarps * 32;
   static constexpr int kWarpgroups = NWarps / 4;
-  static constexpr bool kSplitD = HeadDim > 128;
+  static constexpr bool kSplitD = kTileDim > 128;
   static constexpr int kBlockN = kSplitD ? 64 : 64 * kWarpgroups;  // keys per block
-  static constexpr int kAccCols = kSplitD ? HeadDim / kWarpgroups : HeadDim;  // dK, dV columns per warpgroup
+  static constexpr int kAccCols = kSplitD ? kTileDim / kWarpgroups : kTileDim;  // dK, dV columns per warpgroup
   static constexpr int kQTiles = BlockM / 8;     // n8 query tiles of S^T, dP^T per warp
   static constexpr int kDTiles = kAccCols / 8;   // n8 tiles of dK, dV per warp
   static constexpr int kAccSlabs = kAccCols / 64;
-  static constexpr int kSlabs = HeadDim / 64;    // 128-byte column slabs of a Q/dO/K/V tile
-  static constexpr int kDqPieces = (BlockM / 64) * kSlabs;  // 64 x 64 pieces of the dQ tile
+  static constexpr int kSlabs = kTileDim / 64;   // 128-byte column slabs of a Q/dO/K/V tile
+  static constexpr int kDqSlabs = (HeadDim + 63) / 64;  // the slabs that hold some of dQ's columns
+  static constexpr int kDqPieces = (BlockM / 64) * kDqSlabs;  // 64 x 64 pieces of the dQ tile
   static constexpr int kSwizzleBytes = 1024;
   // A warpgroup stages kDqStageCols columns of a 64 x 64 dQ piece at a time in shared memory and
   // adds them into the accumulator (DqUnits) with one bulk reduction: the whole piece (16 KB)
-  // where it fits, half of it at head_dim 256 (whose tiles leave 17 KB).
+  // where it fits, half of it in tiles of 256 (which leave 17 KB).
   static constexpr int kDqStageCols = kSplitD ? 32 : 64;
   static constexpr int kDqStageFloats = 64 * kDqStageCols;
 
   static_assert(NWarps == 4 || NWarps == 8, "one or two warpgroups (kernels/flash_bwd_dkdv_sm90.py offers two: one spills)");
-  static_assert(!kSplitD || NWarps == 8, "head_dim 256 splits its columns over two warpgroups");
-  static_assert(HeadDim == 64 || HeadDim == 128 || HeadDim == 256, "head dims 64, 128, 256");
+  static_assert(!kSplitD || NWarps == 8, "tiles of 256 columns split them over two warpgroups");
+  static_assert(HeadDim % 32 == 0 && HeadDim <= 256, "head dims are whole dQ units of 32 columns, up to 256");
   static_assert(BlockM == 64 || BlockM == 128, "S^T is one m64n64 or m64n128 wgmma per k16 step");
   static_assert(Stages >= 2, "Q/dO tiles are at least double-buffered");
 };
@@ -231,10 +236,10 @@ struct Sm90DkdvTraits {
 // Every tile is a whole number of 1024-byte swizzle atoms and the struct is 1024-byte aligned.
 template <class T>
 struct Sm90DkdvSmem {
-  u16 k[T::kBlockN * T::kHeadDim];  // reused to stage dK for coalesced stores
-  u16 v[T::kBlockN * T::kHeadDim];  // reused to stage dV
-  u16 q[T::kStages][T::kBlockM * T::kHeadDim];
-  u16 dout[T::kStages][T::kBlockM * T::kHeadDim];
+  u16 k[T::kBlockN * T::kTileDim];  // reused to stage dK for coalesced stores
+  u16 v[T::kBlockN * T::kTileDim];  // reused to stage dV
+  u16 q[T::kStages][T::kBlockM * T::kTileDim];
+  u16 dout[T::kStages][T::kBlockM * T::kTileDim];
   u16 dst[T::kBlockN * T::kBlockM];  // dS^T (keys x queries), the A operand of dQ = dS K
   float lse_log2[T::kStages][T::kBlockM];  // 0 for rows past seqlen_q (their Q and dO rows are 0 too)
   float delta[T::kStages][T::kBlockM];

@@ -215,7 +215,7 @@ def test_wgmma_smem_arithmetic_matches_the_kernel(config: Sm90FwdConfig, head_di
     assert "-arch=sm_90a" in spec.options("sm_90")
 
 
-@pytest.mark.parametrize("head_dim,config", [(d, c) for d in (64, 128, 256)
+@pytest.mark.parametrize("head_dim,config", [(d, c) for d in KERNEL_HEAD_DIMS
                                              for c in flash_bwd_dkdv_sm90.candidates(d, H100)],
                          ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_m}x{x.block_n}s{x.stages}")
 @pytest.mark.parametrize("accum_dq", [True, False])
@@ -267,6 +267,21 @@ def test_wgmma_dkdv_runs_on_sm90_only() -> None:
     assert not config.fits(256, H100) and config.problems(256)  # 256 shares 64 keys per block
     assert Sm90DkdvConfig(64, 64, 2).fits(256, H100)
     assert Sm90DkdvConfig(64, 64, 2).problems(128)
+
+
+@pytest.mark.parametrize("head_dim,tile", [(32, 64), (64, 64), (96, 128), (128, 128), (160, 256), (192, 256),
+                                           (256, 256)])
+def test_wgmma_dkdv_runs_each_head_dim_in_tiles_of_whole_slabs(head_dim: int, tile: int) -> None:
+    """Head dims between 64, 128 and 256 take the shared memory, registers and keys per block of
+    the next of those up; dQ keeps its own head dim's units (the accumulator is no wider)."""
+    assert flash_bwd_dkdv_sm90.tile_dim(head_dim) == tile
+    config = flash_bwd_dkdv_sm90.default(head_dim, H100)
+    assert config == flash_bwd_dkdv_sm90.default(tile, H100)
+    assert config.block_n == (64 if tile == 256 else 128)
+    assert config.smem_bytes(head_dim) == config.smem_bytes(tile)
+    assert config.acc_floats(head_dim) == config.acc_floats(tile)
+    problem = Problem(2, 130, 70, 4, 2, head_dim, "bfloat16", False, head_dim ** -0.5, (-1, -1))
+    assert config.dq_accum_shape(problem) == (2, 4, 3, head_dim // 32, 64, 32)
 
 
 def _layout_with(monkeypatch: pytest.MonkeyPatch, struct: str, fields: tuple, constants: dict | None = None) -> None:

@@ -111,7 +111,8 @@ def test_wgmma_configs_fit_hopper_only() -> None:
     (Sm90FwdConfig(128, 128, 2), 96, "head_dim 96 must be a multiple of 64"),
     (Sm90DkdvConfig(64, 128, 2), 256, "block_n must be 64 at head_dim 256"),
     (Sm90DkdvConfig(32, 128, 2), 128, "block_m 32 must be 64 or 128"),
-    (Sm90DkdvConfig(64, 128, 2), 192, "head_dim 192 must be 64, 128 or 256"),
+    (Sm90DkdvConfig(64, 128, 2), 192, "block_n must be 64 at head_dim 192"),
+    (Sm90DkdvConfig(64, 128, 2), 80, "head_dim 80 has no kernel"),
 ])
 def test_wgmma_problems_name_the_rule(cfg, head_dim: int, reason: str) -> None:
     assert any(reason in p for p in cfg.problems(head_dim))
@@ -125,8 +126,9 @@ def test_hopper_defaults_use_wgmma_where_it_applies() -> None:
     assert type(plan.default_fwd_config(128, H100, varlen=True)) is Sm90FwdConfig
     assert type(plan.default_fwd_config(96, H100, varlen=True)) is FwdConfig
     assert type(plan.default_fwd_config(128, A100)) is FwdConfig
-    assert type(plan.default_bwd_config(256, H100).dkdv) is Sm90DkdvConfig
-    assert type(plan.default_bwd_config(192, H100).dkdv) is DkdvConfig
+    for dim in (32, 64, 96, 128, 160, 192, 256):  # wgmma dK/dV, in tiles of 64, 128 or 256 columns
+        assert type(plan.default_bwd_config(dim, H100).dkdv) is Sm90DkdvConfig, dim
+    assert type(plan.default_bwd_config(128, A100).dkdv) is DkdvConfig
 
 
 def test_atomic_dq_defaults() -> None:

@@ -1,7 +1,8 @@
-"""The Hopper dK/dV kernel (kernels_cu/flash_bwd_dkdv_sm90.cu): wgmma, sm_90 only, head dims
-64, 128 and 256.
+"""The Hopper dK/dV kernel (kernels_cu/flash_bwd_dkdv_sm90.cu): wgmma, sm_90 only, every compiled
+head dim. Its shared tiles are 64, 128 or 256 columns wide (tile_dim): 96 runs in tiles of 128,
+160 and 192 in tiles of 256, zero-filled by the copies.
 
-Two warpgroups of 4 warps own 64 keys each (block_n 128); at head dim 256 they share 64 keys
+Two warpgroups of 4 warps own 64 keys each (block_n 128); in tiles of 256 they share 64 keys
 and split the columns (block_n 64). Q / dO tiles of block_m queries stream through `stages`
 slots; tiles are 128-byte swizzled. dQ always goes out by bulk reductions (cp.reduce.async.bulk)
 into a float32 accumulator of 64 x 32 units (DqUnits, traits.cuh), which flash_bwd_prep.py's
@@ -26,15 +27,21 @@ CONVERT_ENTRY = "flash_bwd_convert_dq_tiled"
 NUM_WARPS = 8  # two warpgroups; one compiles too, but spills with atomic dQ (ptxas, NVRTC 12.9)
 
 
+def tile_dim(head_dim: int) -> int:
+    """Columns of the shared tiles (Sm90DkdvTraits::kTileDim): whole 64-column slabs, and in tiles
+    of 256 two warpgroups of whole slabs each, so 96 takes 128 and 160 and 192 take 256."""
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+
+
 def dq_stage_cols(head_dim: int) -> int:
     """Columns of a 64 x 64 dQ piece staged at once (kDqStageCols): 32 where shared memory is short."""
-    return 32 if head_dim > 128 else 64
+    return 32 if tile_dim(head_dim) > 128 else 64
 
 
 @dataclass(frozen=True)
 class Sm90DkdvConfig:
     block_m: int  # 64 or 128 queries per Q / dO tile
-    block_n: int  # 128 keys (64 per warpgroup), or 64 shared by both at head dim 256
+    block_n: int  # 128 keys (64 per warpgroup), or 64 shared by both in tiles of 256 columns
     stages: int = 2
 
     kernel = ENTRY
@@ -46,28 +53,27 @@ class Sm90DkdvConfig:
 
     def problems(self, head_dim: int) -> list[str]:
         reasons = []
-        block_n = 64 if head_dim > 128 else 128
+        block_n = 64 if tile_dim(head_dim) > 128 else 128
         if self.block_n != block_n:
             reasons.append(f"block_n must be {block_n} at head_dim {head_dim} (got {self.block_n})")
         if self.block_m not in (64, 128):
             reasons.append(f"block_m {self.block_m} must be 64 or 128")
-        if head_dim not in (64, 128, 256):
-            reasons.append(f"head_dim {head_dim} must be 64, 128 or 256")
         return reasons + pipeline_and_dim_problems(self.stages, head_dim)
 
     def acc_floats(self, head_dim: int) -> int:
-        """64 keys x (2 head_dim + 2 block_m) over 128 threads; head_dim 256 is split in two."""
-        return (head_dim if head_dim <= 128 else head_dim // 2) + self.block_m
+        """64 keys x (2 tile columns + 2 block_m) over 128 threads; tiles of 256 are split in two."""
+        tile = tile_dim(head_dim)
+        return (tile if tile <= 128 else tile // 2) + self.block_m
 
     def smem_bytes(self, head_dim: int) -> int:
         """Sm90DkdvSmem: K, V + stages x (Q, dO, lse_log2, delta) + dS^T, unpadded, and each
-        warpgroup's dQ staging buffer; head_dim 256 adds P^T on the next 1024-byte boundary
+        warpgroup's dQ staging buffer; tiles of 256 add P^T on the next 1024-byte boundary
         (Sm90DkdvSplitSmem). Plus the alignment slack."""
-        tiles = (2 * self.block_n + 2 * self.stages * self.block_m) * head_dim * ELEMENT_BYTES
+        tiles = (2 * self.block_n + 2 * self.stages * self.block_m) * tile_dim(head_dim) * ELEMENT_BYTES
         stats = 2 * self.stages * self.block_m * 4
         dq_stage = 2 * 64 * dq_stage_cols(head_dim) * 4  # per warpgroup, 64 rows of float32
         size = tiles + self.block_n * self.block_m * ELEMENT_BYTES + stats + dq_stage
-        if head_dim > 128:
+        if tile_dim(head_dim) > 128:
             size = round_up(size, 1024) + self.block_n * self.block_m * ELEMENT_BYTES
         return size + SMEM_ALIGN_SLACK
 
