@@ -32,13 +32,17 @@ using Element = CF_ELEMENT;
 using Sm90DkdvShared = Select<Sm90Dkdv::kSplitD, Sm90DkdvSplitSmem<Sm90Dkdv>, Sm90DkdvSmem<Sm90Dkdv>>::type;
 
 // acc (64 x kAccCols) += A B for kSplitD: A (64 keys x kBlockM) a K-major shared tile, B a
-// shared tile of kBlockM rows read MN-major, from column slab b_slab0 on.
+// shared tile of kBlockM rows read MN-major, from column slab b_slab0 on. Slabs past head_dim's
+// last one (warpgroup 1's second at head dims 160 and 192) are left out: their columns are never
+// stored, and their accumulators stay 0.
 template <class T>
 __device__ __forceinline__ void wgmma_ss_over_q(float (&acc)[T::kDTiles][4], u64 a_desc, u64 b_desc, int b_slab0) {
 #pragma unroll
   for (int kk = 0; kk < T::kBlockM / 16; ++kk)
 #pragma unroll
     for (int slab = 0; slab < T::kAccSlabs; ++slab) {
+      if constexpr (T::kUsedSlabs != T::kSlabs)
+        if (b_slab0 + slab >= T::kUsedSlabs) continue;  // (the same for the whole warpgroup)
       const int a_offset = (kk / 4) * T::kBlockN * 128 + (kk % 4) * 32;
       const int b_offset = (b_slab0 + slab) * T::kBlockM * 128 + kk * 16 * 128;
       wgmma_ss_tb<Element::kIsBf16, false>(*reinterpret_cast<float(*)[8][4]>(&acc[8 * slab][0]),
@@ -371,7 +375,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
       }
 #pragma unroll
       for (int piece = warpgroup; piece < T::kDqPieces; piece += T::kWarpgroups) {
-        const int mq = piece / T::kDqSlabs, slab = piece % T::kDqSlabs;  // query block, head_dim slab
+        const int mq = piece / T::kUsedSlabs, slab = piece % T::kUsedSlabs;  // query block, head_dim slab
         float acc_dq[8][4];
         wgmma_fence();
 #pragma unroll
