@@ -11,7 +11,8 @@
 #   validate cupyflash validate --quick                       -> $OUT/validate.log
 #   bench    cupyflash bench: the paper grid against naive CuPy and PyTorch, one dtype per step
 #            (bench-fp16 / bench-bf16; BENCH_RUNS timed runs, default 10; BENCH_HEAD_DIMS="80 96 160 192"
-#            for other head dims than the papers' 64, 128, 256) -> $OUT/bench-*.log, .png, bench-*/*.json/.md
+#            for other head dims than the papers' 64, 128, 256; BENCH_SEQLENS="4096" for fewer lengths)
+#                                                              -> $OUT/bench-*.log, .png, bench-*/*.json/.md
 #   bench-varlen  cupyflash bench --varlen (VARLEN_DTYPE, default bfloat16) -> $OUT/bench-varlen.log, bench-varlen/
 #   bench-decode  cupyflash bench --decode: attention_with_kvcache in TB/s beside the copy bandwidth and torch
 #            (DECODE_QUICK=1 for --quick)                      -> $OUT/bench-decode.log, bench-decode/
@@ -103,6 +104,7 @@ for step in "${steps[@]}"; do
       dtype=$([[ $step == bench-fp16 ]] && echo float16 || echo bfloat16)
       dims=()
       for d in ${BENCH_HEAD_DIMS:-}; do dims+=(--head-dim "$d"); done
+      for s in ${BENCH_SEQLENS:-}; do dims+=(--seqlen "$s"); done
       run_step "$step" "$OUT/$step.log" $PY -m cupyflash bench --dtype "$dtype" --runs "${BENCH_RUNS:-10}" \
         "${dims[@]}" --out "$OUT/$step" --plot "$OUT/$step.png"
       tail -n 100 "$OUT/$step.log" ;;
