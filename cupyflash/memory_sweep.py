@@ -44,6 +44,10 @@ TMA_PATH = "tma"
 # Decode cases again with flash_decode's bulk tensor copies forced on (flash_decode.bulk_copies_enabled),
 # where an sm_90 GPU can take them; on other GPUs the default copies.
 BULK_DECODE = "bulk-copies"
+# Hopper's wgmma dK/dV forced at the head dims it runs in wider tiles (not yet its default there,
+# kernels/flash_bwd_dkdv_sm90.py DEFAULT_HEAD_DIMS); on other GPUs the default kernels.
+WGMMA_DKDV = "wgmma-dkdv"
+WGMMA_DKDV_HEAD_DIMS = (32, 72, 96, 160, 192)  # 72: padded to 80, in the 96 build
 # Every compiled head dim (32 ... 256) is reached, and padded ones between them: 8 and 40 run on
 # the 32 and 64 kernels, 72 on 96, 200 on 256.
 HEAD_DIMS = (8, 32, 40, 48, 64, 72, 96, 128, 160, 192, 200, 256)
@@ -111,8 +115,11 @@ def cases(small: bool = False) -> list[SweepCase]:
         if group > 1 and not small:
             found.append(SweepCase(path, case, deterministic=True))
     found.append(SweepCase("default", validation.Case("float16", 40, False, 33, 33, batch=1)))  # the first report
-    if small:  # Hopper's dK/dV in tiles of 256 at head dim 160: a dQ stage and a slab of dV, dK left out
-        found.append(SweepCase("default", validation.Case("bfloat16", 160, True, 33, 130, group=2)))
+    for dim, (seqlen_q, seqlen_k, group, causal, window) in itertools.product(
+            (96, 160) if small else WGMMA_DKDV_HEAD_DIMS, SHAPES[1:3] if small else SHAPES):
+        dtype = "bfloat16" if (dim // 8) % 2 else "float16"
+        found.append(SweepCase(WGMMA_DKDV, validation.Case(dtype, dim, causal, seqlen_q, seqlen_k, group=group,
+                                                           window=window)))
     for dim, (seqlen_q, seqlen_k, group, causal, window) in itertools.product(
             SMALL_HEAD_DIMS[1:3] if small else SMALL_HEAD_DIMS, SHAPES[1:3] if small else SHAPES):
         dtype = "bfloat16" if (dim // 8) % 2 else "float16"
@@ -158,6 +165,10 @@ def configs_of(path: str, head_dim: int) -> Iterator[None]:
         with _tma_forward(head_dim):
             yield
         return
+    if path == WGMMA_DKDV:
+        with _wgmma_dkdv(head_dim):
+            yield
+        return
     if path == BULK_DECODE:
         with decode_copies(bulk=True):
             yield
@@ -180,6 +191,22 @@ def _tma_forward(head_dim: int) -> Iterator[None]:
         yield
         return
     with plan.forced(configs[-1], plan.default_bwd_config(kernel_dim, limits)):
+        yield
+
+
+@contextlib.contextmanager
+def _wgmma_dkdv(head_dim: int) -> Iterator[None]:
+    from .device import current_device_id, device_limits
+    from .kernels import flash_bwd_dkdv_sm90
+
+    limits = device_limits(current_device_id())
+    kernel_dim = kernel_head_dim(head_dim)
+    dkdv = flash_bwd_dkdv_sm90.default(flash_bwd_dkdv_sm90.tile_dim(kernel_dim), limits)
+    if dkdv is None:  # not a Hopper GPU
+        yield
+        return
+    bwd = plan.BwdConfig(dkdv, plan.default_bwd_config(kernel_dim, limits).dq, dq_atomic=True)
+    with plan.forced(bwd=bwd):
         yield
 
 

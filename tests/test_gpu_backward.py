@@ -89,7 +89,8 @@ def test_backward_memory_is_gradients_plus_o_n(seqlen: int) -> None:
     assert tracker.extra <= grads + dq_accum + delta + 4 * 2**20, (tracker.extra, grads)
 
 
-# On Hopper the defaults run the wgmma dK/dV kernel at every head dim. The mma.sync
+# On Hopper the defaults run the wgmma dK/dV kernel at head dims 64, 128 and 256 (its builds in
+# wider tiles, forced, below). The mma.sync
 # kernels (what sm_80/86/89 run) must stay correct there too: the quick matrix, forced.
 MMA_SYNC_BWD = {64: BwdConfig(DkdvConfig(32, 128, 4, 2, 1), DqConfig(128, 64, 8, 2), dq_atomic=True),
                 128: BwdConfig(DkdvConfig(64, 128, 8, 2, 2), DqConfig(128, 64, 8, 2), dq_atomic=False),
@@ -107,9 +108,9 @@ def test_mma_sync_backward_matches_reference(case: validation.Case) -> None:
 
 def _wgmma_dkdv_candidates() -> list[tuple[int, flash_bwd_dkdv_sm90.Sm90DkdvConfig]]:
     hopper = DeviceLimits("H100", (9, 0), 132, 232448, 233472)
-    # 64, 128, 256: whole tiles; 96 in tiles of 128 (half a dQ stage left out) and 160 in tiles
-    # of 256 (a dQ stage and a slab left out); the gpu_matrix reaches the rest on the defaults.
-    return [(d, c) for d in (64, 96, 128, 160, 256) for c in flash_bwd_dkdv_sm90.candidates(d, hopper)]
+    # 64, 128, 256: whole tiles; 32 in tiles of 64; 96 in tiles of 128 (half a dQ stage left
+    # out); 160 and 192 in tiles of 256 (160: a dQ stage and a slab left out).
+    return [(d, c) for d in (32, 64, 96, 128, 160, 192, 256) for c in flash_bwd_dkdv_sm90.candidates(d, hopper)]
 
 
 # Every wgmma dK/dV tile the autotuner may pick, with dQ by atomics and in its own pass, on two
