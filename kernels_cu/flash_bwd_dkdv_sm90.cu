@@ -32,17 +32,15 @@ using Element = CF_ELEMENT;
 using Sm90DkdvShared = Select<Sm90Dkdv::kSplitD, Sm90DkdvSplitSmem<Sm90Dkdv>, Sm90DkdvSmem<Sm90Dkdv>>::type;
 
 // acc (64 x kAccCols) += A B for kSplitD: A (64 keys x kBlockM) a K-major shared tile, B a
-// shared tile of kBlockM rows read MN-major, from column slab b_slab0 on. Slabs past head_dim's
-// last one (warpgroup 1's second at head dims 160 and 192) are left out: their columns are never
-// stored, and their accumulators stay 0.
+// shared tile of kBlockM rows read MN-major, from column slab b_slab0 on. (Every slab, also
+// warpgroup 1's second one past head dims 160 and 192: leaving it out is a branch on the
+// warpgroup around wgmma, and ptxas then serialised every wgmma of the kernel, C7520.)
 template <class T>
 __device__ __forceinline__ void wgmma_ss_over_q(float (&acc)[T::kDTiles][4], u64 a_desc, u64 b_desc, int b_slab0) {
 #pragma unroll
   for (int kk = 0; kk < T::kBlockM / 16; ++kk)
 #pragma unroll
     for (int slab = 0; slab < T::kAccSlabs; ++slab) {
-      if constexpr (T::kUsedSlabs != T::kSlabs)
-        if (b_slab0 + slab >= T::kUsedSlabs) continue;  // (the same for the whole warpgroup)
       const int a_offset = (kk / 4) * T::kBlockN * 128 + (kk % 4) * 32;
       const int b_offset = (b_slab0 + slab) * T::kBlockM * 128 + kk * 16 * 128;
       wgmma_ss_tb<Element::kIsBf16, false>(*reinterpret_cast<float(*)[8][4]>(&acc[8 * slab][0]),
@@ -368,13 +366,20 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
       // dQ needs dS over all of the block's keys: every warpgroup writes its dS^T rows, then each
       // computes its 64 x 64 pieces of dQ = dS K from shared memory while dK and dV run, and adds
       // them into dq_accum (add_dq_piece).
+      constexpr int kDealtPieces = (T::kDqPieces + T::kWarpgroups - 1) / T::kWarpgroups * T::kWarpgroups;
       if constexpr (!T::kSplitD) {  // (kSplitD wrote dS^T above)
         store_frags_swizzled<Element, T::kBlockN, T::kQTiles>(sm.dst, dpt, key_row0, lane);
         fence_proxy_async();
         __syncthreads();
       }
 #pragma unroll
-      for (int piece = warpgroup; piece < T::kDqPieces; piece += T::kWarpgroups) {
+      for (int dealt = warpgroup; dealt < kDealtPieces; dealt += T::kWarpgroups) {
+        // Both warpgroups run as many pieces, so as many named barriers: with an odd count of
+        // pieces (head dims 160 and 192; Q tiles of 64 at 32 and 64) racecheck reported hazards
+        // on P^T and on the dK staging, as it did on 2026-12-02 (below). The extra one repeats the
+        // last piece and adds nothing.
+        const bool extra = dealt >= T::kDqPieces;
+        const int piece = extra ? T::kDqPieces - 1 : dealt;
         const int mq = piece / T::kUsedSlabs, slab = piece % T::kUsedSlabs;  // query block, head_dim slab
         float acc_dq[8][4];
         wgmma_fence();
@@ -393,7 +398,7 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dkdv::kThreads, 1)
         // lies beyond the buffer. Only its reduction is left out; the warpgroup still runs every
         // barrier of the piece (skipping the whole piece made racecheck report a hazard on the
         // dK staging at the end of the kernel, 2026-12-02).
-        const bool inside = row0 + 64 * mq < seqlen_q;
+        const bool inside = row0 + 64 * mq < seqlen_q && !extra;
         float* unit;
         if constexpr (kVarlen) {
           unit = DqUnits::packed_unit(dq_accum, head, dq_unit_rows, first_dq_unit, T::kHeadDim, row0 + 64 * mq,
