@@ -108,23 +108,16 @@ def cases(small: bool = False) -> list[SweepCase]:
     dims = SMALL_HEAD_DIMS if small else HEAD_DIMS
     shapes = SHAPES[1:3] if small else SHAPES
     found = []
-    for path, dim, (seqlen_q, seqlen_k, group, causal, window) in itertools.product(PATHS, dims, shapes):
-        dtype = "bfloat16" if (dim // 8) % 2 else "float16"  # both dtypes, spread over the head dims
-        case = validation.Case(dtype, dim, causal, seqlen_q, seqlen_k, group=group, window=window)
+    for path, dim, shape in itertools.product(PATHS, dims, shapes):
+        case = _dense_case(dim, shape)
         found.append(SweepCase(path, case))
-        if group > 1 and not small:
+        if case.group > 1 and not small:
             found.append(SweepCase(path, case, deterministic=True))
     found.append(SweepCase("default", validation.Case("float16", 40, False, 33, 33, batch=1)))  # the first report
-    for dim, (seqlen_q, seqlen_k, group, causal, window) in itertools.product(
-            (96, 160) if small else WGMMA_DKDV_HEAD_DIMS, SHAPES[1:3] if small else SHAPES):
-        dtype = "bfloat16" if (dim // 8) % 2 else "float16"
-        found.append(SweepCase(WGMMA_DKDV, validation.Case(dtype, dim, causal, seqlen_q, seqlen_k, group=group,
-                                                           window=window)))
-    for dim, (seqlen_q, seqlen_k, group, causal, window) in itertools.product(
-            SMALL_HEAD_DIMS[1:3] if small else SMALL_HEAD_DIMS, SHAPES[1:3] if small else SHAPES):
-        dtype = "bfloat16" if (dim // 8) % 2 else "float16"
-        found.append(SweepCase(TMA_PATH, validation.Case(dtype, dim, causal, seqlen_q, seqlen_k, group=group,
-                                                         window=window)))
+    found += [SweepCase(WGMMA_DKDV, _dense_case(dim, shape))
+              for dim, shape in itertools.product((96, 160) if small else WGMMA_DKDV_HEAD_DIMS, shapes)]
+    found += [SweepCase(TMA_PATH, _dense_case(dim, shape))
+              for dim, shape in itertools.product(SMALL_HEAD_DIMS[1:3] if small else SMALL_HEAD_DIMS, shapes)]
     merges = [SweepCase("default", c) for c in (MERGE_CASES[:1] if small else MERGE_CASES)]
     chosen = DECODE_CASES[:3] if small else DECODE_CASES
     decodes = [SweepCase("default", c) for c in chosen]
@@ -134,10 +127,19 @@ def cases(small: bool = False) -> list[SweepCase]:
     return found + varlen_cases(small) + merges + decodes
 
 
+def _dtype_of(dim: int) -> str:
+    """Both dtypes, spread over the head dims."""
+    return "bfloat16" if (dim // 8) % 2 else "float16"
+
+
+def _dense_case(dim: int, shape: tuple) -> validation.Case:
+    seqlen_q, seqlen_k, group, causal, window = shape
+    return validation.Case(_dtype_of(dim), dim, causal, seqlen_q, seqlen_k, group=group, window=window)
+
+
 def _varlen_sweep_case(dim: int, shape: int) -> PackedCase:
     seqlens_q, seqlens_k, seqused_k, spare_k, group, causal, window = VARLEN_SHAPES[shape]
-    dtype = "bfloat16" if (dim // 8) % 2 else "float16"  # the rule of cases(): both dtypes over the head dims
-    return PackedCase(dtype, dim, causal, seqlens_q, seqlens_k, seqused_k, group=group, window=window,
+    return PackedCase(_dtype_of(dim), dim, causal, seqlens_q, seqlens_k, seqused_k, group=group, window=window,
                       spare_k=spare_k)
 
 
@@ -201,7 +203,7 @@ def _wgmma_dkdv(head_dim: int) -> Iterator[None]:
 
     limits = device_limits(current_device_id())
     kernel_dim = kernel_head_dim(head_dim)
-    dkdv = flash_bwd_dkdv_sm90.default(flash_bwd_dkdv_sm90.tile_dim(kernel_dim), limits)
+    dkdv = flash_bwd_dkdv_sm90.table_config(kernel_dim, limits)
     if dkdv is None:  # not a Hopper GPU
         yield
         return

@@ -216,8 +216,7 @@ struct Sm90DkdvTraits {
   static constexpr int kQTiles = BlockM / 8;     // n8 query tiles of S^T, dP^T per warp
   static constexpr int kDTiles = kAccCols / 8;   // n8 tiles of dK, dV per warp
   static constexpr int kAccSlabs = kAccCols / 64;
-  static constexpr int kSlabs = kTileDim / 64;   // 128-byte column slabs of a Q/dO/K/V tile
-  static constexpr int kUsedSlabs = (HeadDim + 63) / 64;  // the slabs that hold some of head_dim's columns
+  static constexpr int kUsedSlabs = (HeadDim + 63) / 64;  // the tile's 64-column slabs that hold some of head_dim
   static constexpr int kDqPieces = (BlockM / 64) * kUsedSlabs;  // 64 x 64 pieces of the dQ tile
   static constexpr int kSwizzleBytes = 1024;
   // A warpgroup stages kDqStageCols columns of a 64 x 64 dQ piece at a time in shared memory and

@@ -25,6 +25,12 @@ from cupyflash.problem import Problem
 # before (a branch on the warpgroup around a wgmma did it once, 8c4baed). NVRTC 12.9 and 13.0 say so.
 SERIALIZED_WGMMA = "wgmma.mma_async instructions are serialized"
 
+
+def assert_built_clean(spec: build.KernelSpec, kernel: build.CompiledKernel) -> None:
+    """ptxas spilled nothing and kept the kernel's wgmma asynchronous."""
+    assert kernel.spill_bytes == 0, f"{spec} spills {kernel.spill_bytes} bytes:\n{kernel.log}"
+    assert SERIALIZED_WGMMA not in kernel.log, f"{spec}: ptxas serialised its wgmma:\n{kernel.log}"
+
 cupy = pytest.importorskip("cupy", reason="the build tests need CuPy's NVRTC bindings")
 
 # The devices the heuristics must serve (gpu_classes.PROMISED); the 99 KB class is compiled for
@@ -103,8 +109,7 @@ def decode_specs(limits: DeviceLimits, dtype: str) -> list[tuple[str, build.Kern
 def test_every_heuristic_variant_compiles_without_spills(arch: str, spec: build.KernelSpec) -> None:
     kernel = build.compile_kernel(spec, arch)
     assert kernel.cubin[:4] == b"\x7fELF", "NVRTC must produce a cubin (ELF), not PTX"
-    assert kernel.spill_bytes == 0, f"{spec} spills {kernel.spill_bytes} bytes:\n{kernel.log}"
-    assert SERIALIZED_WGMMA not in kernel.log, f"{spec}: ptxas serialised its wgmma:\n{kernel.log}"
+    assert_built_clean(spec, kernel)
     assert kernel.registers <= 255
 
 
@@ -230,8 +235,7 @@ def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, confi
                                                             accum_dq: bool, variant: Variant) -> None:
     spec = flash_bwd_dkdv_sm90.spec("float16", head_dim, config, accum_dq, variant=variant)
     kernel = build.compile_kernel(spec, "sm_90")  # static_asserts the family's smem arithmetic
-    assert kernel.spill_bytes == 0, f"{spec} spills {kernel.spill_bytes} bytes:\n{kernel.log}"
-    assert SERIALIZED_WGMMA not in kernel.log, f"{spec}: ptxas serialised its wgmma:\n{kernel.log}"
+    assert_built_clean(spec, kernel)
     assert "-arch=sm_90a" in spec.options("sm_90")
 
 
@@ -247,8 +251,7 @@ def tma_id(config) -> str:
 def test_every_tma_forward_candidate_compiles_without_spills(head_dim: int, config, variant: Variant) -> None:
     spec = flash_fwd_tma.spec("bfloat16", head_dim, config, variant=variant)
     kernel = build.compile_kernel(spec, "sm_90")  # static_asserts the family's smem arithmetic
-    assert kernel.spill_bytes == 0, f"{spec} spills {kernel.spill_bytes} bytes:\n{kernel.log}"
-    assert SERIALIZED_WGMMA not in kernel.log, f"{spec}: ptxas serialised its wgmma:\n{kernel.log}"
+    assert_built_clean(spec, kernel)
     assert "-arch=sm_90a" in spec.options("sm_90")
 
 

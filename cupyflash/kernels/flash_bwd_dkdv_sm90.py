@@ -143,7 +143,10 @@ TABLE: tuple[tuple[int, Sm90DkdvConfig, str], ...] = (
 DEFAULT_HEAD_DIMS = (64, 128, 256)
 
 
-def default(head_dim: int, limits: DeviceLimits) -> Sm90DkdvConfig | None:
-    if head_dim not in DEFAULT_HEAD_DIMS:
-        return None
+def table_config(head_dim: int, limits: DeviceLimits) -> Sm90DkdvConfig | None:
+    """TABLE's config for head_dim on this device, whether or not it is the default there."""
     return first_fitting(TABLE, head_dim, lambda c: c.fits(head_dim, limits))
+
+
+def default(head_dim: int, limits: DeviceLimits) -> Sm90DkdvConfig | None:
+    return table_config(head_dim, limits) if head_dim in DEFAULT_HEAD_DIMS else None
