@@ -19,6 +19,8 @@
 #   decode-copies  scripts/decode_copies.py: decoding's bulk tensor copies against cp.async, same process
 #            (run the other steps with CUPYFLASH_DECODE_BULK_COPIES=1 to test and bench the bulk ones)
 #                                                              -> $OUT/decode-copies.md
+#   bwd-variants  scripts/bwd_variants.py: the backward with its default dK/dV kernel against every
+#            forced wgmma dK/dV candidate and cuDNN (BWD_CELLS, default the script's) -> $OUT/bwd-variants.md
 #   overhead scripts/host_overhead.py: host time per call against PyTorch -> $OUT/overhead.log
 #   tune     cupyflash autotune on the default buckets        -> $OUT/tune.log
 # Usage: scripts/gpu_check.sh [STEP ...]   (default: info tests sanitize validate bench-fp16 bench-bf16 overhead)
@@ -117,6 +119,8 @@ for step in "${steps[@]}"; do
         --runs "${BENCH_RUNS:-10}" --out "$OUT/bench-decode"
       tail -n 120 "$OUT/bench-decode.log" ;;
     decode-copies) run_step decode-copies "$OUT/decode-copies.md" $PY scripts/decode_copies.py; cat "$OUT/decode-copies.md" ;;
+    bwd-variants) run_step bwd-variants "$OUT/bwd-variants.md" $PY scripts/bwd_variants.py ${BWD_CELLS:-}
+                  cat "$OUT/bwd-variants.md" ;;
     overhead) run_step overhead "$OUT/overhead.log" $PY scripts/host_overhead.py; cat "$OUT/overhead.log" ;;
     bench-quick) run_step bench-quick "$OUT/bench.log" $PY scripts/bench.py --quick --out "$OUT"
                  tail -n 60 "$OUT/bench.log" ;;

@@ -1,0 +1,117 @@
+"""EXPERIMENT: the backward pass with its default dK/dV kernel against every Hopper (wgmma) dK/dV
+candidate forced, and torch's cuDNN backward, on a few cells of the paper grid (not a test;
+`cupyflash bench` is the record). It answers whether the wgmma dK/dV should become the default at
+head dims 80, 96, 160 and 192, where the mma.sync kernel runs today.
+
+    PYTHONPATH=$PWD python scripts/bwd_variants.py [CELL ...]   CELL = DTYPE,HEAD_DIM,SEQLEN,CAUSAL (0/1)
+
+For each cell: TFLOP/s (2.5x the forward's matrix work, as the bench counts it) from the median of
+timing.do_bench (L2 flushed), batch = 16384 / seqlen and heads = 2048 / head_dim as in the paper
+grid; each forced config's largest dq/dk/dv difference from the default config's (both exact:
+expect float32-atomic noise of a few ulps of the dtype).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import cupy
+import numpy
+
+import cupyflash as cf
+from cupyflash import autotune, plan
+from cupyflash.device import device_limits
+from cupyflash.kernels import flash_bwd_dkdv_sm90, flash_bwd_dq
+from cupyflash.kernels.common import kernel_head_dim
+from cupyflash.problem import Problem, numpy_dtype
+from cupyflash.timing import do_bench
+
+CELLS = [f"bfloat16,{d},4096,{c}" for d in (80, 96, 160, 192) for c in (0, 1)] + ["bfloat16,128,4096,0"]
+
+
+def cudnn_backward(q, k, v, dout, causal):
+    """torch's cuDNN SDPA backward on contiguous (B, H, S, D) copies, or None without it."""
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    from cupyflash.bench.peers import _to_torch
+    tq, tk, tv, tdo = (_to_torch(torch, x, contiguous=True) for x in (q, k, v, dout))
+    qg, kg, vg = (t.detach().requires_grad_(True) for t in (tq, tk, tv))
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+    except RuntimeError as error:
+        print(f"  cuDNN: {str(error).splitlines()[0]}")
+        return None
+    return lambda: torch.autograd.grad(out, (qg, kg, vg), tdo, retain_graph=True)
+
+
+def parse(cell: str) -> tuple[str, int, int, bool]:
+    dtype, dim, seqlen, causal = cell.split(",")
+    return dtype, int(dim), int(seqlen), bool(int(causal))
+
+
+def configs_of(dim: int, limits) -> list[plan.BwdConfig]:
+    """Every wgmma dK/dV candidate at dim's kernel head dim (80 runs on 96's), with atomic dQ."""
+    kdim = kernel_head_dim(dim)
+    dq = flash_bwd_dq.default(kdim, limits)
+    return [plan.BwdConfig(c, dq, dq_atomic=True) for c in flash_bwd_dkdv_sm90.candidates(kdim, limits)]
+
+
+def precompile(cells: list[str], limits) -> None:
+    """Every kernel the cells run, compiled into the disk cache in parallel first: one process
+    would spend minutes in NVRTC between the timings."""
+    specs = []
+    for cell in cells:
+        dtype, dim, seqlen, causal = parse(cell)
+        problem = Problem.from_arrays(*(numpy.empty((1, 64, 2048 // dim, dim), numpy_dtype(dtype)),) * 3,
+                                      causal=causal)
+        specs += [c.spec for c in plan.forward_kernels(problem, plan.choose("fwd", problem, limits))]
+        for config in [plan.choose("bwd", problem, limits), *configs_of(dim, limits)]:
+            specs += [c.spec for c in plan.backward_kernels(problem, config, deterministic=False)]
+    autotune.precompile(specs, limits.arch)
+
+
+def main() -> None:
+    cells = sys.argv[1:] or CELLS
+    limits = device_limits(0)
+    print(limits.name)
+    precompile(cells, limits)
+    print("| dtype | d | S | causal | dK/dV kernel | TFLOP/s | vs default | max diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for cell in cells:
+        dtype, dim, seqlen, causal = parse(cell)
+        batch, heads = max(1, 16384 // seqlen), 2048 // dim
+        q, k, v, dout = (cupy.random.standard_normal((batch, seqlen, heads, dim), dtype=cupy.float32).astype(
+            numpy_dtype(dtype)) for _ in range(4))
+        flops = 2.5 * 4 * batch * heads * seqlen * seqlen * dim / (2 if causal else 1)
+        out, lse = cf.attention(q, k, v, causal=causal, return_lse=True)
+
+        def backward():
+            return cf.attention_backward(dout, q, k, v, out, lse, causal=causal)
+
+        base = backward()
+        base_ms = do_bench(backward, runs=30).median_ms
+        default = plan.choose("bwd", Problem.from_arrays(q, k, v, causal=causal), limits)
+        rows = [(f"default {default.dkdv}", base_ms, 0.0)]
+        for config in configs_of(dim, limits):
+            with plan.forced(bwd=config):
+                grads = backward()
+                diff = max(float(cupy.abs(g.astype(cupy.float32) - b.astype(cupy.float32)).max())
+                           for g, b in zip(grads, base))
+                ms = do_bench(backward, runs=30).median_ms
+            dkdv = config.dkdv
+            rows.append((f"wgmma m{dkdv.block_m} n{dkdv.block_n} s{dkdv.stages}", ms, diff))
+        run = cudnn_backward(q, k, v, dout, causal)
+        if run is not None:
+            rows.append(("cuDNN", do_bench(run, runs=30).median_ms, float("nan")))
+        for name, ms, diff in rows:
+            print(f"| {dtype} | {dim} | {seqlen} | {int(causal)} | {name} | {flops / ms / 1e9:.0f} | "
+                  f"{base_ms / ms:.2f} | {diff:.3g} |")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
