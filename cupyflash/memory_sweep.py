@@ -44,8 +44,9 @@ TMA_PATH = "tma"
 # Decode cases again with flash_decode's bulk tensor copies forced on (flash_decode.bulk_copies_enabled),
 # where an sm_90 GPU can take them; on other GPUs the default copies.
 BULK_DECODE = "bulk-copies"
-# Hopper's wgmma dK/dV forced at the head dims it runs in wider tiles (not yet its default there,
-# kernels/flash_bwd_dkdv_sm90.py DEFAULT_HEAD_DIMS); on other GPUs the default kernels.
+# Hopper's wgmma dK/dV forced at the head dims it runs in wider tiles (its default at 72 ... 192
+# since 2026-12-07, not yet at 32: kernels/flash_bwd_dkdv_sm90.py DEFAULT_HEAD_DIMS), so those
+# builds are swept whatever the default; on other GPUs the default kernels.
 WGMMA_DKDV = "wgmma-dkdv"
 WGMMA_DKDV_HEAD_DIMS = (32, 72, 96, 160, 192)  # 72: padded to 80, in the 96 build
 # Every compiled head dim (32 ... 256) is reached, and padded ones between them: 8 and 40 run on
@@ -115,7 +116,7 @@ def cases(small: bool = False) -> list[SweepCase]:
             found.append(SweepCase(path, case, deterministic=True))
     found.append(SweepCase("default", validation.Case("float16", 40, False, 33, 33, batch=1)))  # the first report
     found += [SweepCase(WGMMA_DKDV, _dense_case(dim, shape))
-              for dim, shape in itertools.product((96, 160) if small else WGMMA_DKDV_HEAD_DIMS, shapes)]
+              for dim, shape in itertools.product((32, 96, 160) if small else WGMMA_DKDV_HEAD_DIMS, shapes)]
     found += [SweepCase(TMA_PATH, _dense_case(dim, shape))
               for dim, shape in itertools.product(SMALL_HEAD_DIMS[1:3] if small else SMALL_HEAD_DIMS, shapes)]
     merges = [SweepCase("default", c) for c in (MERGE_CASES[:1] if small else MERGE_CASES)]

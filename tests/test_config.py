@@ -126,11 +126,10 @@ def test_hopper_defaults_use_wgmma_where_it_applies() -> None:
     assert type(plan.default_fwd_config(128, H100, varlen=True)) is Sm90FwdConfig
     assert type(plan.default_fwd_config(96, H100, varlen=True)) is FwdConfig
     assert type(plan.default_fwd_config(128, A100)) is FwdConfig
-    for dim in (64, 128, 256):  # wgmma dK/dV where its tiles are the head dim
+    for dim in (64, 96, 128, 160, 192, 256):  # wgmma dK/dV, in tiles of 128 or 256 at 96 ... 192
         assert type(plan.default_bwd_config(dim, H100).dkdv) is Sm90DkdvConfig, dim
-    for dim in (32, 96, 160, 192):  # in wider tiles: mma.sync until racecheck is clean on them
-        assert type(plan.default_bwd_config(dim, H100).dkdv) is DkdvConfig, dim
-        assert flash_bwd_dkdv_sm90.candidates(dim, H100)  # (the autotuner may pick them)
+    assert type(plan.default_bwd_config(32, H100).dkdv) is DkdvConfig  # not yet timed in tiles of 64
+    assert flash_bwd_dkdv_sm90.candidates(32, H100)  # (the autotuner may pick them)
     assert type(plan.default_bwd_config(128, A100).dkdv) is DkdvConfig
 
 

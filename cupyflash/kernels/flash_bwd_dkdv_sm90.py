@@ -135,12 +135,12 @@ TABLE: tuple[tuple[int, Sm90DkdvConfig, str], ...] = (
 )
 
 
-# The head dims this family is the default for. Its builds in tiles wider than the head dim (32,
-# 96, 160, 192) passed their forced GPU tests (H100, 2026-12-07), but racecheck reported hazards at
-# 160 on that build (dQ pieces dealt unevenly; the fix, equal pieces, has not yet run): until the
-# sweep is clean, those head dims keep the mma.sync kernel by default (the autotuner and a forced
-# config can still pick them).
-DEFAULT_HEAD_DIMS = (64, 128, 256)
+# The head dims this family is the default for. 96 (and 80 on it), 160 and 192 run in tiles
+# wider than the head dim; H100, 2026-12-07, bf16, S 4096, paper-grid heads, against the mma.sync
+# kernel in the same process (benchmarks/results/h100-2026-12-07-wgmma-dkdv-default/): 1.78-1.87x at
+# 80 and 96, 1.30-1.35x at 160, 1.50-1.52x at 192, with racecheck and synccheck clean on the 96 and
+# 160 builds. 32 (tiles of 64) passed its forced tests but has not been timed: mma.sync until it is.
+DEFAULT_HEAD_DIMS = (64, 96, 128, 160, 192, 256)
 
 
 def table_config(head_dim: int, limits: DeviceLimits) -> Sm90DkdvConfig | None:
