@@ -1,5 +1,5 @@
-"""The mma.sync dK/dV kernel (kernels_cu/flash_bwd_dkdv.cu): sm_80 and up; on sm_90 it runs the
-head dims the wgmma dK/dV kernel does not cover (32, 96, 160, 192).
+"""The mma.sync dK/dV kernel (kernels_cu/flash_bwd_dkdv.cu): sm_80 and up; on sm_90 it runs head
+dims up to 32 by default (flash_bwd_dkdv_sm90.DEFAULT_HEAD_DIMS).
 
 A block owns block_n keys of one kv head and walks the Q / dO tiles (block_m queries, `stages`
 slots) of every q head of its group. Warps form a (num_warps / warps_d) x warps_d grid over

@@ -1,5 +1,5 @@
-"""The mma.sync forward kernel (kernels_cu/flash_fwd.cu): sm_80 and up; on sm_90 it runs the
-head dims the wgmma forward does not cover (32, 96, 160).
+"""The mma.sync forward kernel (kernels_cu/flash_fwd.cu): sm_80 and up; on sm_90 it runs head dims
+up to 32, and packed batches (varlen) at head dims that are not whole 64-column slabs (96, 160).
 
 Each warp owns block_m / num_warps query rows (16 or 32); K/V tiles of block_n keys stream
 through `stages` shared-memory slots. Shared memory is FwdSmem (traits.cuh): Q, then `stages`
