@@ -2,7 +2,11 @@
 (flash_decode.bulk_copies_enabled, sm_90) and cp.async, on one-token cells and a few speculative
 ones, contiguous and in shuffled pages of 16 and 256 keys (a measurement, not a test):
 
-    PYTHONPATH=$PWD python scripts/decode_copies.py [Q,BATCH,CACHE,HEADS_Q,HEADS_KV ...]
+    PYTHONPATH=$PWD [DECODE_COPIES_ALL_PAGES=1] python scripts/decode_copies.py [Q,BATCH,CACHE,HEADS_Q,HEADS_KV ...]
+
+DECODE_COPIES_ALL_PAGES=1 runs every cell in pages too (else only the (batch, cache) of PAGED): the
+grid run of 2026-12-07 (two processes) had bulk copies slower in 16-key pages at 16 query tokens
+with one kv head, e.g. `16,16,32768,8,1 16,1,131072,8,1 16,16,131072,8,1`, which this checks in one.
 
 Each sequence holds CACHE - 3 keys, so its last tile is cut short. TB/s = bytes of K and V read
 once over the median time (timing.do_bench: L2 flushed, host work hidden); "ratio" is the
@@ -12,6 +16,7 @@ same order: expect 0).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import cupy
@@ -47,7 +52,8 @@ def main() -> None:
     print("| q | batch | cache | heads | page | cp.async TB/s (us) | bulk TB/s (us) | ratio | max diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     for seqlen_q, batch, cache, heads_q, heads_kv in cells:
-        for page in (0, 16, 256) if (batch, cache) in PAGED else (0,):
+        paged = (batch, cache) in PAGED or os.environ.get("DECODE_COPIES_ALL_PAGES") == "1"
+        for page in (0, 16, 256) if paged else (0,):
             q = cupy.random.standard_normal((batch, seqlen_q, heads_q, 128), dtype=cupy.float32).astype(BF16)
             k, v, table = cache_arrays(batch, cache, heads_kv, page)
             lengths = cupy.full(batch, cache - 3, cupy.int32)
