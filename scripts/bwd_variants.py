@@ -25,6 +25,7 @@ from cupyflash.kernels import flash_bwd_dkdv_sm90, flash_bwd_dq
 from cupyflash.kernels.common import kernel_head_dim
 from cupyflash.problem import Problem, numpy_dtype
 from cupyflash.timing import do_bench
+from variant_cells import HEADER, paper_grid_arrays, parse, print_rows
 
 CELLS = [f"bfloat16,{d},4096,{c}" for d in (80, 96, 160, 192) for c in (0, 1)] + ["bfloat16,128,4096,0"]
 
@@ -46,11 +47,6 @@ def cudnn_backward(q, k, v, dout, causal):
         print(f"  cuDNN: {str(error).splitlines()[0]}")
         return None
     return lambda: torch.autograd.grad(out, (qg, kg, vg), tdo, retain_graph=True)
-
-
-def parse(cell: str) -> tuple[str, int, int, bool]:
-    dtype, dim, seqlen, causal = cell.split(",")
-    return dtype, int(dim), int(seqlen), bool(int(causal))
 
 
 def configs_of(dim: int, limits) -> list[plan.BwdConfig]:
@@ -79,14 +75,11 @@ def main() -> None:
     limits = device_limits(0)
     print(limits.name)
     precompile(cells, limits)
-    print("| dtype | d | S | causal | dK/dV kernel | TFLOP/s | vs default | max diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(HEADER)
     for cell in cells:
         dtype, dim, seqlen, causal = parse(cell)
-        batch, heads = max(1, 16384 // seqlen), 2048 // dim
-        q, k, v, dout = (cupy.random.standard_normal((batch, seqlen, heads, dim), dtype=cupy.float32).astype(
-            numpy_dtype(dtype)) for _ in range(4))
-        flops = 2.5 * 4 * batch * heads * seqlen * seqlen * dim / (2 if causal else 1)
+        q, k, v, dout = paper_grid_arrays(dtype, dim, seqlen, 4)
+        flops = 2.5 * 4 * q.size * seqlen / (2 if causal else 1)
         out, lse = cf.attention(q, k, v, causal=causal, return_lse=True)
 
         def backward():
@@ -107,10 +100,7 @@ def main() -> None:
         run = cudnn_backward(q, k, v, dout, causal)
         if run is not None:
             rows.append(("cuDNN", do_bench(run, runs=30).median_ms, float("nan")))
-        for name, ms, diff in rows:
-            print(f"| {dtype} | {dim} | {seqlen} | {int(causal)} | {name} | {flops / ms / 1e9:.0f} | "
-                  f"{base_ms / ms:.2f} | {diff:.3g} |")
-        sys.stdout.flush()
+        print_rows((dtype, dim, seqlen, causal), flops, rows)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ import cupy
 import cupyflash as cf
 from cupyflash import plan
 from cupyflash.device import device_limits
-from cupyflash.problem import numpy_dtype
 from cupyflash.kernels import flash_fwd_tma
 from cupyflash.kernels.common import kernel_head_dim
 from cupyflash.problem import Problem
 from cupyflash.timing import do_bench
+from variant_cells import HEADER, paper_grid_arrays, parse, print_rows
 
 CELLS = ["bfloat16,128,8192,0", "bfloat16,128,8192,1", "float16,64,4096,0", "bfloat16,256,4096,1",
          "bfloat16,96,4096,0", "bfloat16,160,4096,0"]
@@ -56,15 +56,11 @@ def main() -> None:
     cells = sys.argv[1:] or CELLS
     limits = device_limits(0)
     print(f"{limits.name}")
-    print("| dtype | d | S | causal | kernel | TFLOP/s | vs default | max diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(HEADER)
     for cell in cells:
-        dtype, dim, seqlen, causal = cell.split(",")
-        dim, seqlen, causal = int(dim), int(seqlen), bool(int(causal))
-        batch, heads = max(1, 16384 // seqlen), 2048 // dim
-        q, k, v = (cupy.random.standard_normal((batch, seqlen, heads, dim), dtype=cupy.float32).astype(
-            numpy_dtype(dtype)) for _ in range(3))
-        flops = 4 * batch * heads * seqlen * seqlen * dim // (2 if causal else 1)
+        dtype, dim, seqlen, causal = parse(cell)
+        q, k, v = paper_grid_arrays(dtype, dim, seqlen, 3)
+        flops = 4 * q.size * seqlen // (2 if causal else 1)
         base_out = cf.attention(q, k, v, causal=causal)
         base_ms = do_bench(lambda: cf.attention(q, k, v, causal=causal), runs=30).median_ms
         rows = [("default " + str(plan.choose("fwd", Problem.from_arrays(q, k, v, causal=causal), limits)),
@@ -84,10 +80,7 @@ def main() -> None:
         run = cudnn(q, k, v, causal)
         if run is not None:
             rows.append(("cuDNN", do_bench(run, runs=30).median_ms, float("nan")))
-        for name, ms, diff in rows:
-            print(f"| {dtype} | {dim} | {seqlen} | {int(causal)} | {name} | {flops / ms / 1e9:.0f} | "
-                  f"{base_ms / ms:.2f} | {diff:.3g} |")
-        sys.stdout.flush()
+        print_rows((dtype, dim, seqlen, causal), flops, rows)
 
 
 if __name__ == "__main__":
