@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from . import gpu_classes, plan, validation
-from .kernels import flash_decode
+from .kernels import flash_bwd_dkdv_sm90, flash_decode
 from .kernels.common import kernel_head_dim
 from .kvcache import decode_copies
 from .kvcache_cases import DecodeCase, compare_case, run_case
@@ -44,11 +44,15 @@ TMA_PATH = "tma"
 # Decode cases again with flash_decode's bulk tensor copies forced on (flash_decode.bulk_copies_enabled),
 # where an sm_90 GPU can take them; on other GPUs the default copies.
 BULK_DECODE = "bulk-copies"
-# Hopper's wgmma dK/dV forced at the head dims it runs in wider tiles (its default at 72 ... 192
-# since 2026-12-07, not yet at 32: kernels/flash_bwd_dkdv_sm90.py DEFAULT_HEAD_DIMS), so those
-# builds are swept whatever the default; on other GPUs the default kernels.
+# Hopper's wgmma dK/dV forced at the head dims it runs in wider tiles (72: padded to 80, in the 96
+# build) where it is not their default (flash_bwd_dkdv_sm90.DEFAULT_HEAD_DIMS): where it is, the
+# default path sweeps the same build. On other GPUs the default kernels.
 WGMMA_DKDV = "wgmma-dkdv"
-WGMMA_DKDV_HEAD_DIMS = (32, 72, 96, 160, 192)  # 72: padded to 80, in the 96 build
+WGMMA_DKDV_HEAD_DIMS = tuple(d for d in (32, 72, 96, 160, 192)
+                             if kernel_head_dim(d) not in flash_bwd_dkdv_sm90.DEFAULT_HEAD_DIMS)
+# The small set's default head dims (SMALL_HEAD_DIMS) have no build whose 256-column tiles the two
+# warpgroups split below 256; 160 is one (racecheck reported hazards on it, 2026-12-07).
+WGMMA_DKDV_SMALL_HEAD_DIMS = WGMMA_DKDV_HEAD_DIMS + (160,)
 # Every compiled head dim (32 ... 256) is reached, and padded ones between them: 8 and 40 run on
 # the 32 and 64 kernels, 72 on 96, 200 on 256.
 HEAD_DIMS = (8, 32, 40, 48, 64, 72, 96, 128, 160, 192, 200, 256)
@@ -116,7 +120,8 @@ def cases(small: bool = False) -> list[SweepCase]:
             found.append(SweepCase(path, case, deterministic=True))
     found.append(SweepCase("default", validation.Case("float16", 40, False, 33, 33, batch=1)))  # the first report
     found += [SweepCase(WGMMA_DKDV, _dense_case(dim, shape))
-              for dim, shape in itertools.product((32, 96, 160) if small else WGMMA_DKDV_HEAD_DIMS, shapes)]
+              for dim, shape in itertools.product(WGMMA_DKDV_SMALL_HEAD_DIMS if small else WGMMA_DKDV_HEAD_DIMS,
+                                                  shapes)]
     found += [SweepCase(TMA_PATH, _dense_case(dim, shape))
               for dim, shape in itertools.product(SMALL_HEAD_DIMS[1:3] if small else SMALL_HEAD_DIMS, shapes)]
     merges = [SweepCase("default", c) for c in (MERGE_CASES[:1] if small else MERGE_CASES)]
@@ -200,7 +205,6 @@ def _tma_forward(head_dim: int) -> Iterator[None]:
 @contextlib.contextmanager
 def _wgmma_dkdv(head_dim: int) -> Iterator[None]:
     from .device import current_device_id, device_limits
-    from .kernels import flash_bwd_dkdv_sm90
 
     limits = device_limits(current_device_id())
     kernel_dim = kernel_head_dim(head_dim)

@@ -89,9 +89,9 @@ def test_backward_memory_is_gradients_plus_o_n(seqlen: int) -> None:
     assert tracker.extra <= grads + dq_accum + delta + 4 * 2**20, (tracker.extra, grads)
 
 
-# On Hopper the defaults run the wgmma dK/dV kernel at head dims 64, 128 and 256 (its builds in
-# wider tiles, forced, below). The mma.sync
-# kernels (what sm_80/86/89 run) must stay correct there too: the quick matrix, forced.
+# On Hopper the defaults run the wgmma dK/dV kernel above head dim 32 (every build of it, forced,
+# below). The mma.sync kernels (what sm_80/86/89 run) must stay correct there too: the quick
+# matrix, forced.
 MMA_SYNC_BWD = {64: BwdConfig(DkdvConfig(32, 128, 4, 2, 1), DqConfig(128, 64, 8, 2), dq_atomic=True),
                 128: BwdConfig(DkdvConfig(64, 128, 8, 2, 2), DqConfig(128, 64, 8, 2), dq_atomic=False),
                 256: BwdConfig(DkdvConfig(64, 64, 8, 2, 2), DqConfig(128, 32, 8, 2), dq_atomic=False)}

@@ -8,7 +8,8 @@ block holds 16, 32 or 64 packed rows and the rest of its warps split each 64-key
 sm_80 or newer GPU runs it (mma.sync): decoding is bound by reading the cache, not by the
 tensor cores. GPUs with 99 KB of shared memory per block (RTX 3090/4090, A10, L4) run head dims
 up to 128; above that no block fits them yet, and the call says so. The K/V tiles come by
-cp.async, or on sm_90, opt-in until their GPU tests have run, by bulk tensor copies (bulk_copies).
+cp.async, or on sm_90, opt-in until one process has timed them against cp.async over the decode
+grid, by bulk tensor copies (bulk_copies).
 """
 
 from __future__ import annotations
