@@ -12,6 +12,9 @@ cache (B, S, H, D) in memory and viewed as (B, H, S, D), as bench --decode gives
 torch; Q must be 1: no mask is passed). varlen-bwd COUNT LENGTH: the
 backward of attention_varlen over COUNT equal sequences, then of attention on the same tokens
 (bf16, 16 heads, head_dim 128, not causal), so their kernels can be compared one by one.
+bwd BATCH SEQLEN HEADS HEAD_DIM CAUSAL and bwd-cudnn (the same through torch SDPA's cuDNN
+backend): the second backward of a dense bf16 call alone between cudaProfilerStart and Stop, the
+forward outside it, so `ncu --profile-from-start off --set full` reports the backward's kernels.
 """
 
 from __future__ import annotations
@@ -87,9 +90,34 @@ def varlen_bwd(count: int, length: int) -> None:
     cupy.cuda.runtime.deviceSynchronize()
 
 
+def backward(batch: int, seqlen: int, heads: int, head_dim: int, causal: int) -> None:
+    q, k, v, dout = (_normal(batch, seqlen, heads, head_dim) for _ in range(4))
+    out, lse = cf.attention(q, k, v, causal=bool(causal), return_lse=True)
+    cf.attention_backward(dout, q, k, v, out, lse, causal=bool(causal))
+    profile_once(lambda: cf.attention_backward(dout, q, k, v, out, lse, causal=bool(causal)))
+
+
+def backward_cudnn(batch: int, seqlen: int, heads: int, head_dim: int, causal: int) -> None:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, dout = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=torch.bfloat16)
+                     for _ in range(4))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
+        for profiled in (False, True):
+            torch.cuda.synchronize()
+            if profiled:
+                torch.cuda.profiler.start()
+            torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+            torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+
+
 if __name__ == "__main__":
     kind, numbers = sys.argv[1], [int(x) for x in sys.argv[2:]]
-    kinds = {"decode": decode, "varlen-bwd": varlen_bwd,
+    kinds = {"decode": decode, "varlen-bwd": varlen_bwd, "bwd": backward, "bwd-cudnn": backward_cudnn,
              "decode-cudnn": functools.partial(decode_torch, "CUDNN_ATTENTION"),
              "decode-flash": functools.partial(decode_torch, "FLASH_ATTENTION")}
     kinds[kind](*numbers)

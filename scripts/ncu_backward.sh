@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Nsight Compute's full report of one dense backward call, ours beside torch SDPA's cuDNN
+# backend, for each case given as "BATCH SEQLEN HEADS HEAD_DIM CAUSAL" (bf16):
+#   scripts/ncu_backward.sh "4 4096 16 128 0" "4 4096 11 192 0"
+# One report (.ncu-rep, its details and raw pages as text) per case and implementation under $OUT/ncu (or ./ncu), and per kernel the lines
+# that say where its time goes (duration, tensor pipe, issue slots, stall reasons) on stdout.
+# Clocks are left alone.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dir=${OUT:-.}/ncu
+mkdir -p "$dir"
+export PYTHONPATH=$PWD
+for case in "$@"; do
+  name=bwd-$(echo "$case" | tr ' ' '_')
+  python3 scripts/profile_cases.py bwd $case >/dev/null  # compile outside ncu
+  for kind in bwd bwd-cudnn; do
+    ncu --clock-control none --profile-from-start off --set full -f -o "$dir/$kind-$name" \
+      python3 scripts/profile_cases.py $kind $case >"$dir/$kind-$name.log" 2>&1
+    ncu --import "$dir/$kind-$name.ncu-rep" --print-details all >"$dir/$kind-$name.txt" 2>&1
+    ncu --import "$dir/$kind-$name.ncu-rep" --page raw >"$dir/$kind-$name-raw.txt" 2>&1
+    echo "== $kind $case"
+    grep -E "^  [A-Za-z_].*\(|Duration  |Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Registers Per Thread|Block Size|Grid Size|Achieved Occupancy|Dynamic Shared|L2 Cache Throughput" \
+      "$dir/$kind-$name.txt" | sed 's/  */ /g'
+    grep -E "pipe_tensor.*pct_of_peak_sustained_active|pcsamp_warps_issue_stalled_[a-z_]+ " \
+      "$dir/$kind-$name-raw.txt" | sed 's/  */ /g' | sort -k3 -g -r | head -n 24
+  done
+done
