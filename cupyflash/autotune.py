@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import build, plan, timing, tuning, validation
-from .kernels import flash_bwd_dq
 from .plan import BwdConfig
 from .device import DeviceLimits, current_device_id, device_limits, require_cupy
 from .problem import Problem
@@ -67,7 +66,7 @@ def candidates(bucket: Bucket, limits: DeviceLimits) -> list[Any]:
         default = plan.default_bwd_config(dim, limits)
         found = [BwdConfig(dkdv, default.dq, atomic) for dkdv in plan.dkdv_candidates(dim, limits)
                  for atomic in (True, False)]
-        found += [BwdConfig(default.dkdv, dq, False) for dq in flash_bwd_dq.candidates(dim, limits)]
+        found += [BwdConfig(default.dkdv, dq, False) for dq in plan.dq_candidates(dim, limits)]
     return [default] + [c for c in dict.fromkeys(found) if c != default]
 
 

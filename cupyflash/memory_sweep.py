@@ -53,6 +53,10 @@ WGMMA_DKDV_HEAD_DIMS = tuple(d for d in (32, 72, 96, 160, 192)
 # The small set's default head dims (SMALL_HEAD_DIMS) have no build whose 256-column tiles the two
 # warpgroups split below 256; 160 is one (racecheck reported hazards on it, 2026-12-07).
 WGMMA_DKDV_SMALL_HEAD_DIMS = WGMMA_DKDV_HEAD_DIMS + (160,)
+# The deterministic dQ pass in the small set, on the causal GQA shape with rows that see no key:
+# on Hopper its wgmma builds of tiles 64 (two warpgroups), 128 (96 zero-filled), 192 (160) and 256
+# (one warpgroup); the mma.sync ones elsewhere.
+DETERMINISTIC_SMALL_HEAD_DIMS = (40, 96, 160, 256)
 # Every compiled head dim (32 ... 256) is reached, and padded ones between them: 8 and 40 run on
 # the 32 and 64 kernels, 72 on 96, 200 on 256.
 HEAD_DIMS = (8, 32, 40, 48, 64, 72, 96, 128, 160, 192, 200, 256)
@@ -119,6 +123,9 @@ def cases(small: bool = False) -> list[SweepCase]:
         if case.group > 1 and not small:
             found.append(SweepCase(path, case, deterministic=True))
     found.append(SweepCase("default", validation.Case("float16", 40, False, 33, 33, batch=1)))  # the first report
+    if small:
+        found += [SweepCase("default", _dense_case(dim, SHAPES[2]), deterministic=True)
+                  for dim in DETERMINISTIC_SMALL_HEAD_DIMS]
     found += [SweepCase(WGMMA_DKDV, _dense_case(dim, shape))
               for dim, shape in itertools.product(WGMMA_DKDV_SMALL_HEAD_DIMS if small else WGMMA_DKDV_HEAD_DIMS,
                                                   shapes)]

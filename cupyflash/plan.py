@@ -31,17 +31,19 @@ import numpy as np
 from . import build, launch, tuning
 from .arrays import POINTER_ALIGN
 from .device import DeviceLimits, current_device_id, device_limits, require_cupy
-from .kernels import (flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_prep, flash_fwd, flash_fwd_sm90,
-                      flash_fwd_tma)
+from .kernels import (flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_dq_sm90, flash_bwd_prep, flash_fwd,
+                      flash_fwd_sm90, flash_fwd_tma)
 from .kernels.common import no_config_error
 from .problem import Problem, array_signature, is_text_or_flag
 
 # Tried in this order: the first that has a fitting row (and, for a packed batch, runs those).
 FORWARD_FAMILIES = (flash_fwd_tma, flash_fwd_sm90, flash_fwd)
 DKDV_FAMILIES = (flash_bwd_dkdv_sm90, flash_bwd_dkdv)
-FAMILIES = {family.ENTRY: family for family in (*FORWARD_FAMILIES, *DKDV_FAMILIES, flash_bwd_dq)}
+DQ_FAMILIES = (flash_bwd_dq_sm90, flash_bwd_dq)  # the dQ pass of deterministic=True
+FAMILIES = {family.ENTRY: family for family in (*FORWARD_FAMILIES, *DKDV_FAMILIES, *DQ_FAMILIES)}
 FwdConfig = flash_fwd.FwdConfig | flash_fwd_sm90.Sm90FwdConfig | flash_fwd_tma.TmaFwdConfig
 DkdvConfig = flash_bwd_dkdv.DkdvConfig | flash_bwd_dkdv_sm90.Sm90DkdvConfig
+DqConfig = flash_bwd_dq.DqConfig | flash_bwd_dq_sm90.Sm90DqConfig
 FORWARD_RESULTS = ("out", "lse")
 BACKWARD_RESULTS = ("dq", "dk", "dv")
 MAX_PLANS = 256  # per thread; the cache is cleared when full, like the other memo caches
@@ -55,7 +57,7 @@ class BwdConfig:
     deterministic=True forces the latter."""
 
     dkdv: DkdvConfig
-    dq: flash_bwd_dq.DqConfig
+    dq: DqConfig
     dq_atomic: bool = True
 
     def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
@@ -120,7 +122,7 @@ def default_bwd_config(head_dim: int, limits: DeviceLimits) -> BwdConfig:
     dkdv = next((c for c in (family.default(head_dim, limits) for family in DKDV_FAMILIES) if c is not None), None)
     if dkdv is None:
         raise no_config_error("backward dK/dV", head_dim, limits)
-    dq = flash_bwd_dq.default(head_dim, limits)
+    dq = next((c for c in (family.default(head_dim, limits) for family in DQ_FAMILIES) if c is not None), None)
     if dq is None:
         raise no_config_error("backward dQ", head_dim, limits)
     return BwdConfig(dkdv, dq, dq_atomic=dkdv.atomic_dq_by_default(head_dim))
@@ -163,6 +165,10 @@ def dkdv_candidates(head_dim: int, limits: DeviceLimits) -> list[DkdvConfig]:
     return [c for family in DKDV_FAMILIES for c in family.candidates(head_dim, limits)]
 
 
+def dq_candidates(head_dim: int, limits: DeviceLimits) -> list[DqConfig]:
+    return [c for family in DQ_FAMILIES for c in family.candidates(head_dim, limits)]
+
+
 # --------------------------------------------------------------------------- the kernels of a call
 
 class KernelCall(NamedTuple):
@@ -202,8 +208,9 @@ def backward_kernels(problem: Problem, config: BwdConfig, deterministic: bool) -
                          dkdv_family.grid(problem, config.dkdv), config.dkdv.threads, config.dkdv.smem_bytes(dim))]
     if accum:
         return calls + [prep(dkdv_family.CONVERT_ENTRY)]
-    return calls + [KernelCall(flash_bwd_dq.spec(dtype, dim, config.dq, variant=variant),
-                               flash_bwd_dq.grid(problem, config.dq), config.dq.threads, config.dq.smem_bytes(dim))]
+    dq_family = family_of(config.dq)
+    return calls + [KernelCall(dq_family.spec(dtype, dim, config.dq, variant=variant),
+                               dq_family.grid(problem, config.dq), config.dq.threads, config.dq.smem_bytes(dim))]
 
 
 # --------------------------------------------------------------------------- plans

@@ -1,9 +1,11 @@
 """EXPERIMENT: the backward pass with its default dK/dV kernel against every Hopper (wgmma) dK/dV
 candidate forced, and torch's cuDNN backward, on a few cells of the paper grid (not a test;
 `cupyflash bench` is the record). It answers whether the wgmma dK/dV should become the default at
-head dims 80, 96, 160 and 192, where the mma.sync kernel runs today.
+head dims 80, 96, 160 and 192, where the mma.sync kernel runs today. It also times
+deterministic=True with its default dQ pass and with the mma.sync one (flash_bwd_dq) forced.
 
-    PYTHONPATH=$PWD python scripts/bwd_variants.py [CELL ...]   CELL = DTYPE,HEAD_DIM,SEQLEN,CAUSAL (0/1)
+    PYTHONPATH=$PWD [BWD_VARIANTS_DKDV=0] python scripts/bwd_variants.py [CELL ...]
+    CELL = DTYPE,HEAD_DIM,SEQLEN,CAUSAL (0/1); BWD_VARIANTS_DKDV=0 leaves out the forced dK/dV candidates.
 
 For each cell: TFLOP/s (2.5x the forward's matrix work, as the bench counts it) from the median of
 timing.do_bench (L2 flushed), batch = 16384 / seqlen and heads = 2048 / head_dim as in the paper
@@ -13,6 +15,8 @@ expect float32-atomic noise of a few ulps of the dtype).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 import cupy
@@ -51,9 +55,17 @@ def cudnn_backward(q, k, v, dout, causal):
 
 def configs_of(dim: int, limits) -> list[plan.BwdConfig]:
     """Every wgmma dK/dV candidate at dim's kernel head dim (80 runs on 96's), with atomic dQ."""
+    if os.environ.get("BWD_VARIANTS_DKDV", "1") == "0":
+        return []
     kdim = kernel_head_dim(dim)
-    dq = flash_bwd_dq.default(kdim, limits)
+    dq = plan.default_bwd_config(kdim, limits).dq
     return [plan.BwdConfig(c, dq, dq_atomic=True) for c in flash_bwd_dkdv_sm90.candidates(kdim, limits)]
+
+
+def mma_sync_dq_config(dim: int, limits) -> plan.BwdConfig:
+    """The default dK/dV with the mma.sync dQ pass (deterministic=True before flash_bwd_dq_sm90)."""
+    kdim = kernel_head_dim(dim)
+    return plan.BwdConfig(plan.default_bwd_config(kdim, limits).dkdv, flash_bwd_dq.default(kdim, limits), False)
 
 
 def precompile(cells: list[str], limits) -> None:
@@ -67,6 +79,8 @@ def precompile(cells: list[str], limits) -> None:
         specs += [c.spec for c in plan.forward_kernels(problem, plan.choose("fwd", problem, limits))]
         for config in [plan.choose("bwd", problem, limits), *configs_of(dim, limits)]:
             specs += [c.spec for c in plan.backward_kernels(problem, config, deterministic=False)]
+        for config in (plan.choose("bwd", problem, limits), mma_sync_dq_config(dim, limits)):
+            specs += [c.spec for c in plan.backward_kernels(problem, config, deterministic=True)]
     autotune.precompile(specs, limits.arch)
 
 
@@ -82,8 +96,8 @@ def main() -> None:
         flops = 2.5 * 4 * q.size * seqlen / (2 if causal else 1)
         out, lse = cf.attention(q, k, v, causal=causal, return_lse=True)
 
-        def backward():
-            return cf.attention_backward(dout, q, k, v, out, lse, causal=causal)
+        def backward(deterministic=False):
+            return cf.attention_backward(dout, q, k, v, out, lse, causal=causal, deterministic=deterministic)
 
         base = backward()
         base_ms = do_bench(backward, runs=30).median_ms
@@ -97,6 +111,13 @@ def main() -> None:
                 ms = do_bench(backward, runs=30).median_ms
             dkdv = config.dkdv
             rows.append((f"wgmma m{dkdv.block_m} n{dkdv.block_n} s{dkdv.stages}", ms, diff))
+        for name, config in (("deterministic", None), ("deterministic, mma.sync dQ", mma_sync_dq_config(dim, limits))):
+            with plan.forced(bwd=config) if config else contextlib.nullcontext():
+                grads = backward(True)
+                diff = max(float(cupy.abs(g.astype(cupy.float32) - b.astype(cupy.float32)).max())
+                           for g, b in zip(grads, base))
+                ms = do_bench(lambda: backward(True), runs=30).median_ms
+            rows.append((name, ms, diff))
         run = cudnn_backward(q, k, v, dout, causal)
         if run is not None:
             rows.append(("cuDNN", do_bench(run, runs=30).median_ms, float("nan")))

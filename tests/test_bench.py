@@ -599,10 +599,10 @@ def test_measure_compile_times_without_gpu() -> None:
     entries = [(r["pass"], r["entry"]) for r in rows]
     # Hopper's forward and dK/dV kernels are the wgmma ones (sm_90a); head_dim 64's default
     # backward makes dQ with atomics (in the sm90 kernel's own accumulator layout), so the
-    # deterministic one has its own two kernels
+    # deterministic one has its own two kernels, the dQ pass on wgmma too
     assert entries == [("fwd", "flash_fwd_tma"), ("bwd", "flash_bwd_delta"), ("bwd", "flash_bwd_dkdv_sm90"),
                        ("bwd", "flash_bwd_convert_dq_tiled"), ("bwd-det", "flash_bwd_dkdv_sm90"),
-                       ("bwd-det", "flash_bwd_dq")]
+                       ("bwd-det", "flash_bwd_dq_sm90")]
     for r in rows:
         assert r["seconds"] >= 0 and r["arch"] == ("sm_90a" if r["entry"].endswith(("_sm90", "_tma")) else "sm_90")
         assert "failure" not in r, r  # every default kernel compiles

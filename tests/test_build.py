@@ -15,8 +15,8 @@ import pytest
 
 from cupyflash import build, gpu_classes, plan
 from cupyflash.device import DeviceLimits
-from cupyflash.kernels import (flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_prep, flash_decode,
-                               flash_fwd, flash_fwd_sm90, flash_fwd_tma, flash_merge)
+from cupyflash.kernels import (flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_dq_sm90, flash_bwd_prep,
+                               flash_decode, flash_fwd, flash_fwd_sm90, flash_fwd_tma, flash_merge)
 from cupyflash.kernels.common import KERNEL_HEAD_DIMS, Variant
 from cupyflash.plan import BwdConfig
 from cupyflash.problem import Problem
@@ -234,6 +234,18 @@ def test_wgmma_smem_arithmetic_matches_the_kernel(config: Sm90FwdConfig, head_di
 def test_every_wgmma_dkdv_candidate_compiles_without_spills(head_dim: int, config: Sm90DkdvConfig,
                                                             accum_dq: bool, variant: Variant) -> None:
     spec = flash_bwd_dkdv_sm90.spec("float16", head_dim, config, accum_dq, variant=variant)
+    kernel = build.compile_kernel(spec, "sm_90")  # static_asserts the family's smem arithmetic
+    assert_built_clean(spec, kernel)
+    assert "-arch=sm_90a" in spec.options("sm_90")
+
+
+@pytest.mark.parametrize("head_dim,config", [(d, c) for d in KERNEL_HEAD_DIMS
+                                             for c in flash_bwd_dq_sm90.candidates(d, H100)],
+                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_m}x{x.block_n}s{x.stages}")
+@pytest.mark.parametrize("variant", [UNMASKED, GENERAL, Variant(True, True, True)], ids=("unmasked", "windowed",
+                                                                                       "windowed-varlen"))
+def test_every_wgmma_dq_candidate_compiles_without_spills(head_dim: int, config, variant: Variant) -> None:
+    spec = flash_bwd_dq_sm90.spec("bfloat16", head_dim, config, variant=variant)
     kernel = build.compile_kernel(spec, "sm_90")  # static_asserts the family's smem arithmetic
     assert_built_clean(spec, kernel)
     assert "-arch=sm_90a" in spec.options("sm_90")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cupyflash import plan, validation
-from cupyflash.kernels import flash_bwd_dkdv_sm90
+from cupyflash.kernels import flash_bwd_dkdv_sm90, flash_bwd_dq_sm90
 from cupyflash.kernels.common import kernel_head_dim
 from cupyflash.kernels.flash_bwd_dkdv import DkdvConfig
 from cupyflash.kernels.flash_bwd_dq import DqConfig
@@ -29,14 +29,18 @@ def test_backward_matches_reference(case: validation.Case) -> None:
 
 @pytest.mark.parametrize("case", [validation.Case("float16", 128, True, 1023, 1024, group=4),
                                   validation.Case("bfloat16", 64, False, 203, 113),
-                                  validation.Case("float16", 256, False, 1024, 1024)], ids=lambda c: c.id)
+                                  validation.Case("float16", 256, False, 1024, 1024),
+                                  validation.Case("bfloat16", 80, True, 300, 177, group=2),
+                                  validation.Case("float16", 160, False, 129, 1000, window=(70, 3)),
+                                  validation.Case("bfloat16", 192, True, 1000, 129),
+                                  validation.Case("float16", 32, False, 77, 333, group=8)], ids=lambda c: c.id)
 def test_deterministic_backward_matches_reference(case: validation.Case) -> None:
     results = validation.run_gpu_case(case, backward=True, deterministic=True)
     failures = [r.message() for r in results if not r.ok]
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 160, 256])
 def test_deterministic_backward_is_bitwise_repeatable(head_dim: int) -> None:
     import cupy
 
@@ -134,5 +138,36 @@ def test_every_wgmma_dkdv_tile_matches_reference(head_dim: int, config: flash_bw
     dq_pass = plan.default_bwd_config(head_dim, device_limits(cupy.cuda.runtime.getDevice())).dq
     with plan.forced(bwd=BwdConfig(config, dq_pass, dq_atomic=dq_atomic)):
         results = validation.run_gpu_case(case, backward=True)
+    failures = [r.message() for r in results if not r.ok]
+    assert not failures, "\n".join(failures)
+
+
+def _wgmma_dq_candidates() -> list[tuple[int, flash_bwd_dq_sm90.Sm90DqConfig]]:
+    hopper = DeviceLimits("H100", (9, 0), 132, 232448, 233472)
+    # 32 and 96 zero-filled in tiles of 64 and 128, 160 in tiles of 192.
+    return [(d, c) for d in (32, 64, 96, 128, 160, 192, 256) for c in flash_bwd_dq_sm90.candidates(d, hopper)]
+
+
+# Every wgmma dQ-pass tile the autotuner may pick (deterministic=True's dQ on Hopper), on an
+# awkward causal GQA case with rows that see no key and on a windowed one with tails.
+@pytest.mark.parametrize("head_dim,config", _wgmma_dq_candidates(),
+                         ids=lambda x: f"d{x}" if isinstance(x, int) else f"{x.block_m}x{x.block_n}s{x.stages}")
+@pytest.mark.parametrize("case_args", [("float16", True, 203, 113, 4, (-1, -1)),
+                                       ("bfloat16", False, 130, 1000, 1, (100, 17))],
+                         ids=["fp16-causal-203x113-gqa4", "bf16-130x1000-window"])
+def test_deterministic_backward_on_every_wgmma_dq_tile(head_dim: int, config: flash_bwd_dq_sm90.Sm90DqConfig,
+                                               case_args: tuple) -> None:
+    import cupy
+
+    from cupyflash.device import device_limits
+
+    limits = device_limits(cupy.cuda.runtime.getDevice())
+    if limits.compute_capability != (9, 0):
+        pytest.skip("wgmma runs on sm_90 only")
+    dtype, causal, seqlen_q, seqlen_k, group, window = case_args
+    case = validation.Case(dtype, head_dim, causal, seqlen_q, seqlen_k, group, window=window)
+    bwd = BwdConfig(plan.default_bwd_config(head_dim, limits).dkdv, config, dq_atomic=False)
+    with plan.forced(bwd=bwd):
+        results = validation.run_gpu_case(case, backward=True, deterministic=True)
     failures = [r.message() for r in results if not r.ok]
     assert not failures, "\n".join(failures)

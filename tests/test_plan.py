@@ -247,7 +247,8 @@ def test_every_launch_reads_the_right_parameters(fake_cupy: FakeCupy, monkeypatc
     hopper = limits is H100 and head_dim in (64, 128, 256)  # the wgmma dK/dV kernel: always atomic dQ
     assert entries[:2] == ["flash_bwd_delta", "flash_bwd_dkdv_sm90" if hopper else "flash_bwd_dkdv"]
     convert = "flash_bwd_convert_dq_tiled" if hopper else "flash_bwd_convert_dq"  # the sm90 kernel's own layout
-    assert entries[2] == (convert if "dq_accum" in t else "flash_bwd_dq")
+    dq_pass = "flash_bwd_dq_sm90" if limits is H100 else "flash_bwd_dq"  # deterministic=True's dQ
+    assert entries[2] == (convert if "dq_accum" in t else dq_pass)
     if hopper and "dq_accum" in t:
         assert t["dq_accum"].shape == (p.batch, p.heads_q, -(-p.seqlen_q // 64), kernel_head_dim(head_dim) // 32,
                                        64, 32)

@@ -12,6 +12,7 @@ families a call runs, and in what order, is plan.py's.
     flash_bwd_dkdv.py       mma.sync dK/dV, optionally adding dQ by atomics
     flash_bwd_dkdv_sm90.py  wgmma dK/dV, adding dQ by bulk reductions (sm_90)
     flash_bwd_dq.py         mma.sync dQ in its own pass (deterministic)
+    flash_bwd_dq_sm90.py    wgmma dQ in its own pass (deterministic, sm_90)
     flash_bwd_prep.py       delta before dK/dV, and the dQ conversions after it
     flash_merge.py          results over disjoint key sets merged by their lse (merge_attention)
 """
