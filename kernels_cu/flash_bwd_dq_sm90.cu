@@ -163,23 +163,26 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dq::kThreads, 1)
 
     const u64 slot_offset = static_cast<u64>((it % T::kStages) * kKvTileBytes) >> 4;
     const int key0 = (n_begin + it) * T::kBlockN;
+    // S and dP in two commit groups: P = exp2(...) runs while the tensor cores compute dP.
     wgmma_fence();
     wgmma_k_major<Element, T::kBlockN, T::kBlockM, T::kHeadDim>(s[0], q_desc, k_desc0 + slot_offset);  // S
-    wgmma_k_major<Element, T::kBlockN, T::kBlockM, T::kHeadDim>(dp, do_desc, v_desc0 + slot_offset);   // dP
     wgmma_commit();
-    wgmma_wait<0>();
+    wgmma_k_major<Element, T::kBlockN, T::kBlockM, T::kHeadDim>(dp, do_desc, v_desc0 + slot_offset);  // dP
+    wgmma_commit();
+    wgmma_wait<1>();
     wgmma_fence_operands(s[0]);
-    wgmma_fence_operands(dp);
-
     if (!mask.tile_is_full(row_begin, row_begin + rows, key0, key0 + T::kBlockN))
       mask_scores(s, mask, row_begin + warp_row0, key0, lane);
 #pragma unroll
     for (int nt = 0; nt < T::kNTiles; ++nt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const float prob = exp2_approx(fmaf(s[0][nt][c], scale_log2, -row_lse_log2[c / 2]));
-        dp[nt][c] = prob * (dp[nt][c] - row_delta[c / 2]);
-      }
+      for (int c = 0; c < 4; ++c) s[0][nt][c] = exp2_approx(fmaf(s[0][nt][c], scale_log2, -row_lse_log2[c / 2]));
+    wgmma_wait<0>();
+    wgmma_fence_operands(dp);
+#pragma unroll
+    for (int nt = 0; nt < T::kNTiles; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) dp[nt][c] = s[0][nt][c] * (dp[nt][c] - row_delta[c / 2]);
     pack_a_frags<Element, T::kBlockN>(ds_frag, dp);
 
     wgmma_fence();
