@@ -44,15 +44,18 @@ TMA_PATH = "tma"
 # Decode cases again with flash_decode's bulk tensor copies forced on (flash_decode.bulk_copies_enabled),
 # where an sm_90 GPU can take them; on other GPUs the default copies.
 BULK_DECODE = "bulk-copies"
-# Hopper's wgmma dK/dV forced at the head dims it runs in wider tiles (72: padded to 80, in the 96
-# build) where it is not their default (flash_bwd_dkdv_sm90.DEFAULT_HEAD_DIMS): where it is, the
-# default path sweeps the same build. On other GPUs the default kernels.
+# Hopper's wgmma dK/dV forced, adding dQ by bulk reductions, at the head dims where that is not
+# their default (flash_bwd_dkdv_sm90.DEFAULT_HEAD_DIMS and atomic_dq_by_default): there the default
+# path sweeps the same build. Today 160, 192 and 256, whose default leaves dQ to its own pass. On
+# other GPUs the default kernels.
 WGMMA_DKDV = "wgmma-dkdv"
-WGMMA_DKDV_HEAD_DIMS = tuple(d for d in (32, 72, 96, 160, 192)
-                             if kernel_head_dim(d) not in flash_bwd_dkdv_sm90.DEFAULT_HEAD_DIMS)
-# The small set's default head dims (SMALL_HEAD_DIMS) have no build whose 256-column tiles the two
-# warpgroups split below 256; 160 is one (racecheck reported hazards on it, 2026-12-07).
-WGMMA_DKDV_SMALL_HEAD_DIMS = WGMMA_DKDV_HEAD_DIMS + (160,)
+WGMMA_DKDV_HEAD_DIMS = tuple(d for d in (32, 72, 96, 160, 192, 256)
+                             if kernel_head_dim(d) not in flash_bwd_dkdv_sm90.DEFAULT_HEAD_DIMS
+                             or not flash_bwd_dkdv_sm90.atomic_dq_by_default(kernel_head_dim(d)))
+# Racecheck and synccheck: builds the small set's default head dims (SMALL_HEAD_DIMS) lack. 32 (tiles
+# of 64 over a depth of 32) and 160 (256-column tiles that the two warpgroups split below 256; racecheck
+# reported hazards on it, 2026-12-07), both adding dQ.
+WGMMA_DKDV_SMALL_HEAD_DIMS = (32, 160)
 # The deterministic dQ pass in the small set, on the causal GQA shape with rows that see no key:
 # on Hopper its wgmma builds of tiles 64 (two warpgroups), 128 (96 zero-filled), 192 (160) and 256
 # (one warpgroup); the mma.sync ones elsewhere.

@@ -4,8 +4,9 @@ candidate forced, and torch's cuDNN backward, on a few cells of the paper grid (
 head dims 80, 96, 160 and 192, where the mma.sync kernel runs today. It also times
 deterministic=True with its default dQ pass and with the mma.sync one (flash_bwd_dq) forced.
 
-    PYTHONPATH=$PWD [BWD_VARIANTS_DKDV=0] python scripts/bwd_variants.py [CELL ...]
-    CELL = DTYPE,HEAD_DIM,SEQLEN,CAUSAL (0/1); BWD_VARIANTS_DKDV=0 leaves out the forced dK/dV candidates.
+    PYTHONPATH=$PWD [BWD_VARIANTS_DKDV=0] [BWD_VARIANTS_DQ=1] python scripts/bwd_variants.py [CELL ...]
+    CELL = DTYPE,HEAD_DIM,SEQLEN,CAUSAL (0/1); BWD_VARIANTS_DKDV=0 leaves out the forced dK/dV
+    candidates, BWD_VARIANTS_DQ=1 adds every wgmma dQ-pass candidate (flash_bwd_dq_sm90) forced.
 
 For each cell: TFLOP/s (2.5x the forward's matrix work, as the bench counts it) from the median of
 timing.do_bench (L2 flushed), batch = 16384 / seqlen and heads = 2048 / head_dim as in the paper
@@ -25,7 +26,7 @@ import numpy
 import cupyflash as cf
 from cupyflash import autotune, plan
 from cupyflash.device import device_limits
-from cupyflash.kernels import flash_bwd_dkdv_sm90, flash_bwd_dq
+from cupyflash.kernels import flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_dq_sm90
 from cupyflash.kernels.common import kernel_head_dim
 from cupyflash.problem import Problem, numpy_dtype
 from cupyflash.timing import do_bench
@@ -62,6 +63,15 @@ def configs_of(dim: int, limits) -> list[plan.BwdConfig]:
     return [plan.BwdConfig(c, dq, dq_atomic=True) for c in flash_bwd_dkdv_sm90.candidates(kdim, limits)]
 
 
+def dq_pass_configs_of(dim: int, limits) -> list[plan.BwdConfig]:
+    """The default dK/dV with each wgmma dQ-pass candidate (BWD_VARIANTS_DQ=1), else none."""
+    if os.environ.get("BWD_VARIANTS_DQ", "0") != "1":
+        return []
+    kdim = kernel_head_dim(dim)
+    dkdv = plan.default_bwd_config(kdim, limits).dkdv
+    return [plan.BwdConfig(dkdv, c, False) for c in flash_bwd_dq_sm90.candidates(kdim, limits)]
+
+
 def mma_sync_dq_config(dim: int, limits) -> plan.BwdConfig:
     """The default dK/dV with the mma.sync dQ pass (deterministic=True before flash_bwd_dq_sm90)."""
     kdim = kernel_head_dim(dim)
@@ -79,7 +89,8 @@ def precompile(cells: list[str], limits) -> None:
         specs += [c.spec for c in plan.forward_kernels(problem, plan.choose("fwd", problem, limits))]
         for config in [plan.choose("bwd", problem, limits), *configs_of(dim, limits)]:
             specs += [c.spec for c in plan.backward_kernels(problem, config, deterministic=False)]
-        for config in (plan.choose("bwd", problem, limits), mma_sync_dq_config(dim, limits)):
+        for config in (plan.choose("bwd", problem, limits), mma_sync_dq_config(dim, limits),
+                       *dq_pass_configs_of(dim, limits)):
             specs += [c.spec for c in plan.backward_kernels(problem, config, deterministic=True)]
     autotune.precompile(specs, limits.arch)
 
@@ -118,6 +129,11 @@ def main() -> None:
                            for g, b in zip(grads, base))
                 ms = do_bench(lambda: backward(True), runs=30).median_ms
             rows.append((name, ms, diff))
+        for config in dq_pass_configs_of(dim, limits):
+            with plan.forced(bwd=config):
+                ms = do_bench(lambda: backward(True), runs=30).median_ms
+            dq = config.dq
+            rows.append((f"dq pass m{dq.block_m} n{dq.block_n} s{dq.stages}", ms, float("nan")))
         run = cudnn_backward(q, k, v, dout, causal)
         if run is not None:
             rows.append(("cuDNN", do_bench(run, runs=30).median_ms, float("nan")))

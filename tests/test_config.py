@@ -7,14 +7,16 @@ import pytest
 
 from cupyflash import autotune, gpu_classes, plan
 from cupyflash.device import DeviceLimits
-from cupyflash.kernels import flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_fwd, flash_fwd_sm90, flash_fwd_tma
+from cupyflash.kernels import (flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_dq_sm90, flash_fwd,
+                               flash_fwd_sm90, flash_fwd_tma)
 from cupyflash.kernels.common import KERNEL_HEAD_DIMS
 
 H100, A100 = gpu_classes.H100, gpu_classes.A100
 TINY = DeviceLimits("tiny", (8, 6), 8, 48 * 1024, 64 * 1024)
-FAMILIES = (flash_fwd, flash_fwd_sm90, flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq)
+FAMILIES = (flash_fwd, flash_fwd_sm90, flash_bwd_dkdv, flash_bwd_dkdv_sm90, flash_bwd_dq, flash_bwd_dq_sm90)
 FwdConfig, Sm90FwdConfig, TmaFwdConfig = flash_fwd.FwdConfig, flash_fwd_sm90.Sm90FwdConfig, flash_fwd_tma.TmaFwdConfig
 DkdvConfig, Sm90DkdvConfig = flash_bwd_dkdv.DkdvConfig, flash_bwd_dkdv_sm90.Sm90DkdvConfig
+Sm90DqConfig = flash_bwd_dq_sm90.Sm90DqConfig
 
 
 @pytest.mark.parametrize("limits", gpu_classes.PROMISED, ids=lambda l: l.name)
@@ -23,7 +25,7 @@ def test_candidates_all_fit(limits: DeviceLimits, head_dim: int) -> None:
     """Every promised GPU class has autotune candidates for every pass, and each one fits."""
     fwd = plan.fwd_candidates(head_dim, limits)
     dkdv = plan.dkdv_candidates(head_dim, limits)
-    dq = flash_bwd_dq.candidates(head_dim, limits)
+    dq = plan.dq_candidates(head_dim, limits)
     assert fwd and dkdv and dq, (len(fwd), len(dkdv), len(dq))
     for cfg in fwd + dkdv + dq:
         assert cfg.smem_bytes(head_dim) <= limits.smem_per_block_optin and not cfg.problems(head_dim), cfg
@@ -126,16 +128,19 @@ def test_hopper_defaults_use_wgmma_where_it_applies() -> None:
     assert type(plan.default_fwd_config(128, H100, varlen=True)) is Sm90FwdConfig
     assert type(plan.default_fwd_config(96, H100, varlen=True)) is FwdConfig
     assert type(plan.default_fwd_config(128, A100)) is FwdConfig
-    for dim in (64, 96, 128, 160, 192, 256):  # wgmma dK/dV, in tiles of 128 or 256 at 96 ... 192
+    for dim in (32, 64, 96, 128, 160, 192, 256):  # wgmma dK/dV, in tiles of 64 at 32, 128 or 256 at 96 ... 192
         assert type(plan.default_bwd_config(dim, H100).dkdv) is Sm90DkdvConfig, dim
-    assert type(plan.default_bwd_config(32, H100).dkdv) is DkdvConfig  # not yet timed in tiles of 64
-    assert flash_bwd_dkdv_sm90.candidates(32, H100)  # (the autotuner may pick them)
+        assert type(plan.default_bwd_config(dim, H100).dq) is Sm90DqConfig, dim
     assert type(plan.default_bwd_config(128, A100).dkdv) is DkdvConfig
 
 
 def test_atomic_dq_defaults() -> None:
-    """wgmma dK/dV always adds dQ; mma.sync only up to flash_bwd_dkdv.MAX_ATOMIC_DQ_HEAD_DIM."""
-    assert plan.default_bwd_config(128, H100).dq_atomic
+    """wgmma dK/dV adds dQ in tiles of up to 128 columns, else the dQ pass runs; mma.sync adds it only
+    up to flash_bwd_dkdv.MAX_ATOMIC_DQ_HEAD_DIM."""
+    for dim in (32, 64, 96, 128):
+        assert plan.default_bwd_config(dim, H100).dq_atomic, dim
+    for dim in (160, 192, 256):
+        assert not plan.default_bwd_config(dim, H100).dq_atomic, dim
     assert plan.default_bwd_config(64, A100).dq_atomic
     assert not plan.default_bwd_config(128, A100).dq_atomic
 

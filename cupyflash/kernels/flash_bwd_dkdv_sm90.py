@@ -4,9 +4,10 @@ head dim. Its shared tiles are 64, 128 or 256 columns wide (tile_dim): 96 runs i
 
 Two warpgroups of 4 warps own 64 keys each (block_n 128); in tiles of 256 they share 64 keys
 and split the columns (block_n 64). Q / dO tiles of block_m queries stream through `stages`
-slots; tiles are 128-byte swizzled. dQ always goes out by bulk reductions (cp.reduce.async.bulk)
-into a float32 accumulator of 64 x 32 units (DqUnits, traits.cuh), which flash_bwd_prep.py's
-flash_bwd_convert_dq_tiled turns into dq.
+slots; tiles are 128-byte swizzled. dQ goes out by bulk reductions (cp.reduce.async.bulk) into a
+float32 accumulator of 64 x 32 units (DqUnits, traits.cuh), which flash_bwd_prep.py's
+flash_bwd_convert_dq_tiled turns into dq; by default only in tiles of up to 128 columns
+(atomic_dq_by_default), else dQ comes from its own pass (flash_bwd_dq_sm90.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ from .flash_bwd_dkdv import MAX_ACC_FLOATS
 SOURCE, ENTRY = "flash_bwd_dkdv_sm90.cu", "flash_bwd_dkdv_sm90"
 CONVERT_ENTRY = "flash_bwd_convert_dq_tiled"
 NUM_WARPS = 8  # two warpgroups; one compiles too, but spills with atomic dQ (ptxas, NVRTC 12.9)
+
+
+def atomic_dq_by_default(head_dim: int) -> bool:
+    """Whether this kernel adds dQ (bulk reductions) by default, or leaves it to the dQ pass
+    (flash_bwd_dq_sm90). Adds it in tiles of up to 128 columns. In tiles of 256 (160, 192, 256) the
+    two warpgroups split the columns and deal out dQ's pieces, and there the dQ pass was faster:
+    H100, bf16, S 4096, 2026-12-07, backward 1.13x at 256, 1.25x at 192, 1.23x at 160 causal,
+    against 0.90-0.96x at 96 and 128 and 1.02x at 64
+    (benchmarks/results/h100-2026-12-07-wgmma-dq-pass/). On the H100 of 2026-11-23 its atomic dQ
+    had beaten the mma.sync dQ pass by 6-45% everywhere (bwd-sweep-fp16.json)."""
+    return tile_dim(head_dim) <= 128
 
 
 def tile_dim(head_dim: int) -> int:
@@ -83,9 +95,7 @@ class Sm90DkdvConfig:
                 and self.acc_floats(head_dim) <= MAX_ACC_FLOATS)
 
     def atomic_dq_by_default(self, head_dim: int) -> bool:
-        """Always: on the H100 its atomic dQ beat its own-pass variant by 6-45% in every cell of
-        the sweep (bwd-sweep-fp16.json), and the bulk reductions since only widened that."""
-        return True
+        return atomic_dq_by_default(head_dim)
 
     def dq_accum_shape(self, p: Problem) -> tuple[int, ...]:
         """DqUnits (traits.cuh) float32: [batch][heads_q][ceil(seqlen_q / 64)][kernel head dim / 32]
@@ -136,11 +146,12 @@ TABLE: tuple[tuple[int, Sm90DkdvConfig, str], ...] = (
 
 
 # The head dims this family is the default for. 96 (and 80 on it), 160 and 192 run in tiles
-# wider than the head dim; H100, 2026-12-07, bf16, S 4096, paper-grid heads, against the mma.sync
-# kernel in the same process (benchmarks/results/h100-2026-12-07-wgmma-dkdv-default/): 1.78-1.87x at
-# 80 and 96, 1.30-1.35x at 160, 1.50-1.52x at 192, with racecheck and synccheck clean on the 96 and
-# 160 builds. 32 (tiles of 64) passed its forced tests but has not been timed: mma.sync until it is.
-DEFAULT_HEAD_DIMS = (64, 96, 128, 160, 192, 256)
+# wider than the head dim, 32 in tiles of 64; H100, 2026-12-07, bf16, S 4096, paper-grid heads,
+# against the mma.sync kernel in the same process (benchmarks/results/h100-2026-12-07-wgmma-dkdv-default/):
+# 1.78-1.87x at 80 and 96, 1.30-1.35x at 160, 1.50-1.52x at 192, 1.09-1.10x at 32, with racecheck
+# and synccheck clean on the 96 and 160 builds and racecheck on the 32 one
+# (benchmarks/results/h100-2026-12-07-wgmma-dq-pass/run1/sanitize-d32.log).
+DEFAULT_HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)
 
 
 def table_config(head_dim: int, limits: DeviceLimits) -> Sm90DkdvConfig | None:
