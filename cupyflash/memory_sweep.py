@@ -266,8 +266,9 @@ def run_varlen(case: PackedCase, *, deterministic: bool = False, check: bool = T
 
 
 def by_id(case_id: str) -> SweepCase:
-    """The case of that id (scripts/sanitize.py hands one id to each sanitized process)."""
-    for sweep_case in cases():
+    """The case of that id (scripts/sanitize.py hands one id to each sanitized process), from the
+    sweep or its small set (which has cases of its own, e.g. the wgmma dK/dV at head dim 32)."""
+    for sweep_case in itertools.chain(cases(), cases(small=True)):
         if sweep_case.id == case_id:
             return sweep_case
     raise KeyError(f"no memory-sweep case {case_id!r}; `python scripts/sanitize.py --list` lists them")
