@@ -1,5 +1,6 @@
 // Warpgroup GEMMs over 128-byte swizzled shared tiles (layout in Sm90FwdTraits), shared by the
-// Hopper kernels (flash_fwd_sm90.cu, flash_bwd_dkdv_sm90.cu). Each warpgroup computes 64 rows.
+// Hopper kernels (flash_fwd_sm90.cu, flash_fwd_tma.cu, flash_bwd_dkdv_sm90.cu, flash_bwd_dq_sm90.cu).
+// Each warpgroup computes 64 rows.
 #pragma once
 #include "gemm.cuh"
 
