@@ -1,6 +1,8 @@
-// The deterministic dQ pass of flash_bwd_dq.cu on Hopper warpgroup MMAs (wgmma, sm_90a): one
-// thread block per Q tile walks the K/V tiles in a fixed order and keeps dQ in registers, so no
-// atomics and bitwise-repeatable results. Each 4-warp warpgroup owns 64 query rows.
+// The dQ pass of flash_bwd_dq.cu on Hopper warpgroup MMAs (wgmma, sm_90a): one thread block per
+// Q tile walks the K/V tiles in a fixed order and keeps dQ in registers, so no atomics and
+// bitwise-repeatable results. Each 4-warp warpgroup owns 64 query rows. deterministic=True runs
+// it, and so does the default backward at head dims above 128, where it was faster than adding
+// dQ from the dK/dV kernel (cupyflash/kernels/flash_bwd_dkdv_sm90.py, atomic_dq_by_default).
 //
 // Why a second kernel: deterministic=True ran this pass on mma.sync, at 0.61-0.87x the default
 // backward on an H200 (README, 2026-12-02), while the dK/dV kernel beside it runs on wgmma. The

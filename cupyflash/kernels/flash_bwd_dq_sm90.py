@@ -1,26 +1,27 @@
-"""The Hopper deterministic dQ kernel (kernels_cu/flash_bwd_dq_sm90.cu): wgmma, sm_90 only, every
-compiled head dim. The shape of flash_fwd_sm90.py's kernel: warpgroups of 4 warps own 64 query
-rows each, so block_m (64 or 128) sets the warps; K/V tiles of block_n keys stream through
-`stages` slots. Shared tiles hold whole 64-column slabs (96 runs in tiles of 128, 160 in 192),
-unpadded and 128-byte swizzled: Sm90DqSmem (traits.cuh) plus the alignment slack.
+"""The Hopper dQ pass (kernels_cu/flash_bwd_dq_sm90.cu): wgmma, sm_90 only, every compiled head
+dim. deterministic=True runs it, and so does the default backward where the dK/dV kernel leaves
+dQ out (flash_bwd_dkdv_sm90.atomic_dq_by_default). The shape of flash_fwd_sm90.py's kernel
+(WarpgroupRowConfig): warpgroups of 4 warps own 64 query rows each, so block_m (64 or 128) sets
+the warps; K/V tiles of block_n keys stream through `stages` slots. Shared tiles hold whole
+64-column slabs (96 runs in tiles of 128, 160 in 192), unpadded and 128-byte swizzled:
+Sm90DqSmem (traits.cuh) plus the alignment slack.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from .. import build
 from ..device import DeviceLimits
 from ..launch import SMEM_ALIGN_SLACK
 from ..problem import Problem
-from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems, round_up, Variant
+from .common import ELEMENT_BYTES, defines, first_fitting, pipeline_and_dim_problems, round_up, Variant
 from .flash_bwd_dkdv import MAX_ACC_FLOATS
+from .flash_fwd_sm90 import WarpgroupRowConfig
 
 SOURCE, ENTRY = "flash_bwd_dq_sm90.cu", "flash_bwd_dq_sm90"
-ROWS_PER_WARPGROUP = 64
 
 
 def tile_dim(head_dim: int) -> int:
@@ -29,20 +30,9 @@ def tile_dim(head_dim: int) -> int:
 
 
 @dataclass(frozen=True)
-class Sm90DqConfig:
-    block_m: int  # 64 per warpgroup
-    block_n: int
-    stages: int = 2
-
+class Sm90DqConfig(WarpgroupRowConfig):
     kernel = ENTRY
-
-    @property
-    def num_warps(self) -> int:
-        return 4 * self.block_m // ROWS_PER_WARPGROUP
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.num_warps
+    max_acc_floats = MAX_ACC_FLOATS  # the dK/dV kernels' bound: dQ and two score tiles at d256
 
     def problems(self, head_dim: int) -> list[str]:
         reasons = []
@@ -60,14 +50,6 @@ class Sm90DqConfig:
         """Sm90DqSmem: Q, dO + stages x (K, V), unpadded, plus the alignment slack."""
         rows = 2 * self.block_m + 2 * self.stages * self.block_n
         return rows * tile_dim(head_dim) * ELEMENT_BYTES + SMEM_ALIGN_SLACK
-
-    def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
-        return (limits.compute_capability == HOPPER and not self.problems(head_dim)
-                and self.smem_bytes(head_dim) <= limits.smem_per_block_optin
-                and self.acc_floats(head_dim) <= MAX_ACC_FLOATS)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kernel": self.kernel, **asdict(self)}
 
 
 CONFIG = Sm90DqConfig  # the config class of this family (plan.config_from_dict)

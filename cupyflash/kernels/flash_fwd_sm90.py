@@ -25,12 +25,17 @@ ROWS_PER_WARPGROUP = 64
 
 
 @dataclass(frozen=True)
-class Sm90FwdConfig:
+class WarpgroupRowConfig:
+    """The tile shape of the Hopper kernels whose warpgroups own 64 query rows each (this one and
+    the dQ pass, flash_bwd_dq_sm90.py): block_m sets the warps, K/V tiles of block_n keys stream
+    through `stages` slots. Subclasses give the kernel, its rules and its shared memory."""
+
     block_m: int  # 64 per warpgroup
     block_n: int
     stages: int = 2
 
-    kernel = ENTRY
+    kernel = ""  # the family's entry point, which names it in to_dict (tuning files)
+    max_acc_floats = MAX_ACC_FLOATS  # accumulator floats per thread that compile without spills
 
     @property
     def num_warps(self) -> int:
@@ -39,6 +44,28 @@ class Sm90FwdConfig:
     @property
     def threads(self) -> int:
         return 32 * self.num_warps
+
+    def problems(self, head_dim: int) -> list[str]:
+        raise NotImplementedError
+
+    def acc_floats(self, head_dim: int) -> int:
+        raise NotImplementedError
+
+    def smem_bytes(self, head_dim: int) -> int:
+        raise NotImplementedError
+
+    def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
+        return (limits.compute_capability == HOPPER and not self.problems(head_dim)
+                and self.smem_bytes(head_dim) <= limits.smem_per_block_optin
+                and self.acc_floats(head_dim) <= self.max_acc_floats)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Sm90FwdConfig(WarpgroupRowConfig):
+    kernel = ENTRY
 
     def problems(self, head_dim: int) -> list[str]:
         reasons = []
@@ -57,14 +84,6 @@ class Sm90FwdConfig:
     def smem_bytes(self, head_dim: int) -> int:
         """Sm90FwdSmem: Q + stages x (K, V), unpadded, plus the alignment slack."""
         return (self.block_m + 2 * self.stages * self.block_n) * head_dim * ELEMENT_BYTES + SMEM_ALIGN_SLACK
-
-    def fits(self, head_dim: int, limits: DeviceLimits) -> bool:
-        return (limits.compute_capability == HOPPER and not self.problems(head_dim)
-                and self.smem_bytes(head_dim) <= limits.smem_per_block_optin
-                and self.acc_floats(head_dim) <= MAX_ACC_FLOATS)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kernel": self.kernel, **asdict(self)}
 
 
 CONFIG = Sm90FwdConfig  # the config class of this family (plan.config_from_dict)
