@@ -24,8 +24,20 @@
 #include "wgmma_gemm.cuh"
 
 namespace cf {
-using Sm90Dq = Sm90DqTraits<CF_HEAD_DIM, CF_BLOCK_N, CF_NUM_WARPS, CF_STAGES>;
+// The forward's tile shape (Sm90FwdTraits) over tiles of whole 64-column slabs: head dims 96 and 160
+// are stored as 128 and 192, zero-filled past head_dim by the copies. S and dP run over the
+// kernel's own head dim only (kQkDepth); dQ = dS K over every slab (its zero columns are not stored).
+constexpr int kQkDepth = CF_HEAD_DIM;
+using Sm90Dq = Sm90FwdTraits<(CF_HEAD_DIM + 63) / 64 * 64, CF_BLOCK_N, CF_NUM_WARPS, CF_STAGES>;
 using Element = CF_ELEMENT;
+
+template <class T>
+struct Sm90DqSmem {
+  u16 q[T::kBlockM * T::kHeadDim];  // reused to stage dQ for coalesced stores
+  u16 dout[T::kBlockM * T::kHeadDim];
+  u16 k[T::kStages][T::kBlockN * T::kHeadDim];
+  u16 v[T::kStages][T::kBlockN * T::kHeadDim];
+};
 }  // namespace cf
 
 // cupyflash/kernels/flash_bwd_dq_sm90.py computes the same size for the launch; the build passes it here.
@@ -92,30 +104,30 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dq::kThreads, 1)
   int n_begin, n_end;
   mask.key_tiles<T::kBlockN>(row_begin, row_begin + rows, n_begin, n_end);
   if (n_end <= n_begin) {  // these rows see no key: their dQ is 0
-    store_zero_tile<T::kBlockM, T::kTileDim, T::kThreads>(dq_tile, dq_row_stride, rows, head_dim, tid);
+    store_zero_tile<T::kBlockM, T::kHeadDim, T::kThreads>(dq_tile, dq_row_stride, rows, head_dim, tid);
     return;
   }
   const int n_tiles = n_end - n_begin;
   const u16* k_head = k + batch * k_batch_stride + kv_head * k_head_stride;
   const u16* v_head = v + batch * v_batch_stride + kv_head * v_head_stride;
-  constexpr int kKvTileBytes = T::kBlockN * T::kTileDim * 2;
+  constexpr int kKvTileBytes = T::kBlockN * T::kHeadDim * 2;
   const u32 q_smem = smem_addr(sm.q), do_smem = smem_addr(sm.dout);
   const u32 k_smem = smem_addr(sm.k[0]), v_smem = smem_addr(sm.v[0]);
   auto load_kv = [&](int slot, int n_block) {
     const int key0 = n_block * T::kBlockN;
     const int keys = min(T::kBlockN, seqlen_k - key0);
-    load_tile_swizzled_async<T::kBlockN, T::kTileDim, T::kThreads>(
+    load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
         k_smem + slot * kKvTileBytes, k_head + key0 * k_row_stride, k_row_stride, keys, head_dim, tid);
-    load_tile_swizzled_async<T::kBlockN, T::kTileDim, T::kThreads>(
+    load_tile_swizzled_async<T::kBlockN, T::kHeadDim, T::kThreads>(
         v_smem + slot * kKvTileBytes, v_head + key0 * v_row_stride, v_row_stride, keys, head_dim, tid);
   };
 
   // Prologue: Q, dO and the first kStages - 1 K/V tiles, one commit group per tile (Q and dO join
   // the first).
-  load_tile_swizzled_async<T::kBlockM, T::kTileDim, T::kThreads>(
+  load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(
       q_smem, q + batch * q_batch_stride + head * q_head_stride + row_begin * q_row_stride, q_row_stride, rows,
       head_dim, tid);
-  load_tile_swizzled_async<T::kBlockM, T::kTileDim, T::kThreads>(
+  load_tile_swizzled_async<T::kBlockM, T::kHeadDim, T::kThreads>(
       do_smem, dout + batch * do_batch_stride + head * do_head_stride + row_begin * do_row_stride, do_row_stride,
       rows, head_dim, tid);
 #pragma unroll
@@ -167,9 +179,9 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dq::kThreads, 1)
     const int key0 = (n_begin + it) * T::kBlockN;
     // S and dP in two commit groups: P = exp2(...) runs while the tensor cores compute dP.
     wgmma_fence();
-    wgmma_k_major<Element, T::kBlockN, T::kBlockM, T::kHeadDim>(s[0], q_desc, k_desc0 + slot_offset);  // S
+    wgmma_k_major<Element, T::kBlockN, T::kBlockM, kQkDepth>(s[0], q_desc, k_desc0 + slot_offset);  // S
     wgmma_commit();
-    wgmma_k_major<Element, T::kBlockN, T::kBlockM, T::kHeadDim>(dp, do_desc, v_desc0 + slot_offset);  // dP
+    wgmma_k_major<Element, T::kBlockN, T::kBlockM, kQkDepth>(dp, do_desc, v_desc0 + slot_offset);  // dP
     wgmma_commit();
     wgmma_wait<1>();
     wgmma_fence_operands(s[0]);
@@ -203,5 +215,5 @@ extern "C" __global__ void __launch_bounds__(cf::Sm90Dq::kThreads, 1)
   __syncthreads();
   store_frags_swizzled<Element, T::kBlockM, T::kDTiles>(sm.q, acc_dq, warp_row0, lane);
   __syncthreads();
-  store_tile_swizzled<T::kBlockM, T::kTileDim, T::kThreads>(dq_tile, dq_row_stride, sm.q, rows, head_dim, tid);
+  store_tile_swizzled<T::kBlockM, T::kHeadDim, T::kThreads>(dq_tile, dq_row_stride, sm.q, rows, head_dim, tid);
 }

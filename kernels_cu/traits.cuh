@@ -149,40 +149,6 @@ struct Sm90FwdSmem {
   u16 v[T::kStages][T::kBlockN * T::kHeadDim];
 };
 
-// Hopper deterministic dQ (flash_bwd_dq_sm90.cu): the forward's shape, kNWarps / 4 warpgroups
-// owning 64 query rows each, K/V tiles of kBlockN keys through kStages slots, 128-byte swizzled.
-// Tiles hold whole 64-column slabs, kTileDim columns (96 in 128, 160 in 192), zero-filled past
-// head_dim by the copies; S = Q K^T and dP = dO V^T stop at kHeadDim.
-template <int HeadDim, int BlockN, int NWarps, int Stages>
-struct Sm90DqTraits {
-  static constexpr int kHeadDim = HeadDim;  // the compiled head dim
-  static constexpr int kTileDim = (HeadDim + 63) / 64 * 64;
-  static constexpr int kBlockN = BlockN;
-  static constexpr int kNWarps = NWarps;
-  static constexpr int kStages = Stages;
-  static constexpr int kThreads = NWarps * 32;
-  static constexpr int kWarpgroups = NWarps / 4;
-  static constexpr int kBlockM = 64 * kWarpgroups;  // query rows per block
-  static constexpr int kWarpRows = 16;              // each warp's rows of its warpgroup's 64
-  static constexpr int kNTiles = BlockN / 8;        // n8 tiles of S and dP per warp
-  static constexpr int kDTiles = kTileDim / 8;      // n8 tiles of dQ per warp
-  static constexpr int kSlabs = kTileDim / 64;
-  static constexpr int kSwizzleBytes = 1024;
-
-  static_assert(NWarps % 4 == 0 && NWarps >= 4 && NWarps <= 8, "one or two warpgroups");
-  static_assert(HeadDim % 16 == 0 && HeadDim <= 256, "S and dP are k16 steps over head_dim");
-  static_assert(BlockN == 64 || BlockN == 128, "S = Q K^T is one m64n64 or m64n128 wgmma per k16 step");
-  static_assert(Stages >= 2, "K/V tiles are at least double-buffered");
-};
-
-template <class T>
-struct Sm90DqSmem {
-  u16 q[T::kBlockM * T::kTileDim];  // reused to stage dQ for coalesced stores
-  u16 dout[T::kBlockM * T::kTileDim];
-  u16 k[T::kStages][T::kBlockN * T::kTileDim];
-  u16 v[T::kStages][T::kBlockN * T::kTileDim];
-};
-
 // The float32 dQ accumulator of the Hopper dK/dV kernel (plan.py allocates it, zeroed; the kernel
 // adds into it, flash_bwd_convert_dq_tiled reads it): [batch][heads_q][ceil(seqlen_q / 64)]
 // [head_dim / 32][64 rows][32 columns] for the kernel's head_dim. Each 64 x 32 unit is one

@@ -4,7 +4,7 @@ dQ out (flash_bwd_dkdv_sm90.atomic_dq_by_default). The shape of flash_fwd_sm90.p
 (WarpgroupRowConfig): warpgroups of 4 warps own 64 query rows each, so block_m (64 or 128) sets
 the warps; K/V tiles of block_n keys stream through `stages` slots. Shared tiles hold whole
 64-column slabs (96 runs in tiles of 128, 160 in 192), unpadded and 128-byte swizzled:
-Sm90DqSmem (traits.cuh) plus the alignment slack.
+Sm90DqSmem (flash_bwd_dq_sm90.cu) plus the alignment slack.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ SOURCE, ENTRY = "flash_bwd_dq_sm90.cu", "flash_bwd_dq_sm90"
 
 
 def tile_dim(head_dim: int) -> int:
-    """Columns of the shared tiles (Sm90DqTraits::kTileDim): whole 64-column slabs."""
+    """Columns of the shared tiles (the kernel's Sm90FwdTraits head dim): whole 64-column slabs."""
     return round_up(head_dim, 64)
 
 
