@@ -25,3 +25,8 @@ for case in "$@"; do
       "$dir/$kind-$name-raw.txt" | sed 's/  */ /g' | sort -k3 -g -r | head -n 24
   done
 done
+# The device tool brings back at most 8 files: with $OUT set, the text reports go back as one tar
+# (the .ncu-rep files, 6-7 MB each, stay behind).
+if [[ -n ${OUT:-} ]]; then
+  tar -czf "$OUT/ncu-backward.tar.gz" -C "$dir" --exclude='*.ncu-rep' . && rm -rf "$dir"
+fi
