@@ -2,8 +2,9 @@
 # Nsight Compute's full report of one dense backward call, ours beside torch SDPA's cuDNN
 # backend, for each case given as "BATCH SEQLEN HEADS HEAD_DIM CAUSAL" (bf16):
 #   scripts/ncu_backward.sh "4 4096 16 128 0" "4 4096 11 192 0"
-# One report (.ncu-rep, its details and raw pages as text) per case and implementation under $OUT/ncu (or ./ncu), and per kernel the lines
-# that say where its time goes (duration, tensor pipe, issue slots, stall reasons) on stdout.
+# One report (.ncu-rep, its details and raw pages as text) per case and implementation under
+# $OUT/ncu (or ./ncu), and per kernel the lines that say where its time goes (duration, tensor
+# pipe, issue slots, stall reasons) on stdout.
 # Clocks are left alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
