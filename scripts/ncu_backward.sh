@@ -22,8 +22,17 @@ for case in "$@"; do
     echo "== $kind $case"
     grep -E "^  [A-Za-z_].*\(|Duration  |Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Registers Per Thread|Block Size|Grid Size|Achieved Occupancy|Dynamic Shared|L2 Cache Throughput" \
       "$dir/$kind-$name.txt" | sed 's/  */ /g'
-    grep -E "pipe_tensor.*pct_of_peak_sustained_active|pcsamp_warps_issue_stalled_[a-z_]+ " \
-      "$dir/$kind-$name-raw.txt" | sed 's/  */ /g' | sort -k3 -g -r | head -n 24
+    python3 - "$dir/$kind-$name-raw.txt" | tee "$dir/$kind-$name-summary.txt" <<'PY'
+import re, sys
+# Per kernel (the raw page names each before its metrics): time, tensor-pipe use, stall samples.
+for line in open(sys.argv[1]):
+    if re.match(r"  \S+ \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\)", line):
+        print("== " + line.strip())
+    elif re.search(r"gpu__time_duration.sum |sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active "
+                   r"|pcsamp_warps_issue_stalled_[a-z_]+ ", line) and "not_issued" not in line:
+        parts = line.split()
+        print(parts[0], " ".join(parts[1:]))  # unit, value
+PY
   done
 done
 # The device tool brings back at most 8 files: with $OUT set, the text reports go back as one tar
