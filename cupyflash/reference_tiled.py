@@ -10,7 +10,10 @@ side with the kernel source.
 * Backward (Algorithm 2): one thread block per (batch, kv head, K/V tile).  It loops over
   the q heads sharing that kv head and over the Q tiles that can see the K/V tile,
   recomputes ``P_ij`` from the saved ``lse``, accumulates ``dK_j``, ``dV_j`` locally and
-  adds into ``dQ_i`` (atomically, in the kernel).
+  adds into ``dQ_i`` (atomically, in the kernel). With ``dq_pass=True`` it leaves dQ out, and
+  a second pass makes it the forward's way: one thread block per (batch, q head, Q tile) walks
+  its K/V tiles in order and keeps ``dQ_i`` locally (the dQ kernels, flash_bwd_dq*.cu: what
+  deterministic=True runs, and the Hopper default above head dim 128).
 
 Layout and conventions are those of :mod:`cupyflash.reference`: q (B, Sq, Hq, D),
 k and v (B, Sk, Hkv, D), lse (B, Hq, Sq), bottom-right aligned masks.
@@ -235,12 +238,13 @@ def flash_backward(dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray
                    causal: bool = False, softmax_scale: float | None = None,
                    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                    alibi_slopes: np.ndarray | None = None, dropout_p: float = 0.0,
-                   dropout_mask: np.ndarray | None = None
+                   dropout_mask: np.ndarray | None = None, dq_pass: bool = False
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FlashAttention-2 backward (Algorithm 2) in float64.
 
     dout, out (B, Sq, Hq, D) and lse (B, Hq, Sq) come from the forward pass; other
-    arguments as in flash_forward.  Returns dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D).
+    arguments as in flash_forward; dq_pass makes dQ in a pass of its own (module docstring).
+    Returns dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D).
     """
     pb = _problem(q, k, v, block_m, block_n, causal, softmax_scale, window_size, softcap,
                   alibi_slopes, dropout_p, dropout_mask)
@@ -260,15 +264,23 @@ def flash_backward(dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray
             for n_block in range(ceil_div(seqlen_k, block_n)):
                 cols = _tile(n_block, block_n, seqlen_k)
                 dk[b, cols, kv_head], dv[b, cols, kv_head] = _backward_kv_tile(
-                    pb, g, b, kv_head, n_block)
+                    pb, g, b, kv_head, n_block, add_dq=not dq_pass)
+    if dq_pass:
+        # Each (b, q head, m_block) is one thread block of the dQ kernel's grid.
+        for b in range(batch):
+            for h in range(pb.q.shape[2]):
+                for m_block in range(ceil_div(pb.opts.seqlen_q, block_m)):
+                    rows = _tile(m_block, block_m, pb.opts.seqlen_q)
+                    g.dq[b, rows, h] = _dq_q_tile(pb, g, b, h, m_block)
     return g.dq, dk, dv
 
 
-def _backward_kv_tile(pb: _Problem, g: _Grads, b: int, kv_head: int, n_block: int
+def _backward_kv_tile(pb: _Problem, g: _Grads, b: int, kv_head: int, n_block: int, add_dq: bool
                       ) -> tuple[np.ndarray, np.ndarray]:
     """One K/V tile: loop over the q heads of its group and the Q tiles that can see it.
 
-    Returns dK_j and dV_j (N, D), summed over the q heads of the group; adds into g.dq.
+    Returns dK_j and dV_j (N, D), summed over the q heads of the group; adds into g.dq
+    when add_dq.
     """
     cols = _tile(n_block, pb.block_n, pb.opts.seqlen_k)
     dK_j = np.zeros((cols.stop - cols.start, pb.k.shape[3]))
@@ -277,27 +289,50 @@ def _backward_kv_tile(pb: _Problem, g: _Grads, b: int, kv_head: int, n_block: in
     for h in range(kv_head * pb.group, (kv_head + 1) * pb.group):
         for m_block in range(m_block_min, m_block_max):  # other Q tiles see no key here
             rows = _tile(m_block, pb.block_m, pb.opts.seqlen_q)
-            _backward_tile_pair(pb, g, b, h, rows, cols, dK_j, dV_j)
+            _backward_tile_pair(pb, g, b, h, rows, cols, dK_j, dV_j, add_dq)
     return dK_j, dV_j
 
 
 def _backward_tile_pair(pb: _Problem, g: _Grads, b: int, h: int, rows: slice, cols: slice,
-                        dK_j: np.ndarray, dV_j: np.ndarray) -> None:
+                        dK_j: np.ndarray, dV_j: np.ndarray, add_dq: bool) -> None:
     """Algorithm 2 inner step for Q tile ``rows`` x K/V tile ``cols`` of q head h.
 
-    Adds into dK_j and dV_j (N, D) and into g.dq[b, rows, h] (M, D).
+    Adds into dK_j and dV_j (N, D) and, when add_dq, into g.dq[b, rows, h] (M, D).
     """
     Q_i, dO_i = pb.q[b, rows, h], g.dout[b, rows, h]
-    K_j, V_j = pb.k[b, cols, h // pb.group], pb.v[b, cols, h // pb.group]
+    K_j = pb.k[b, cols, h // pb.group]
+    P_dropped, dS_ij = _tile_gradients(pb, g, b, h, rows, cols)
+    dV_j += P_dropped.T @ dO_i
+    dK_j += dS_ij.T @ Q_i
+    if add_dq:
+        g.dq[b, rows, h] += dS_ij @ K_j  # an atomicAdd in the kernel: K/V tiles run in parallel
+
+
+def _dq_q_tile(pb: _Problem, g: _Grads, b: int, h: int, m_block: int) -> np.ndarray:
+    """The dQ pass for Q tile ``m_block`` of q head h: dQ_i (M, D) over its K/V tiles, in order."""
+    rows = _tile(m_block, pb.block_m, pb.opts.seqlen_q)
+    dQ_i = np.zeros((rows.stop - rows.start, pb.q.shape[3]))
+    n_block_min, n_block_max = n_block_range(m_block, **pb.ranges())
+    for n_block in range(n_block_min, n_block_max):  # other K/V tiles hold no key these rows see
+        cols = _tile(n_block, pb.block_n, pb.opts.seqlen_k)
+        _, dS_ij = _tile_gradients(pb, g, b, h, rows, cols)
+        dQ_i += dS_ij @ pb.k[b, cols, h // pb.group]
+    return dQ_i
+
+
+def _tile_gradients(pb: _Problem, g: _Grads, b: int, h: int, rows: slice, cols: slice
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """P_ij after dropout (for dV) and dS_ij with respect to q.k (for dK and dQ) of Q tile
+    ``rows`` x K/V tile ``cols`` of q head h, recomputed from the saved lse."""
+    dO_i = g.dout[b, rows, h]
+    V_j = pb.v[b, cols, h // pb.group]
     S_ij, s_ij = _tile_logits(pb, b, h, rows, cols)
     lse_i = g.lse[b, h, rows]
     dead = lse_i == -np.inf  # rows that see no key at all: nothing flows back from them
     P_ij = np.exp(S_ij - np.where(dead, 0.0, lse_i)[:, None])  # exactly the forward's P
     P_ij = np.where(dead[:, None], 0.0, P_ij)
     drop = _dropout_scale(pb, b, h, rows, cols)
-    dV_j += (P_ij * drop).T @ dO_i
     dP_ij = (dO_i @ V_j.T) * drop  # through dropout: d(loss)/d(P_ij) before dropping
     dS_ij = P_ij * (dP_ij - g.delta[b, h, rows][:, None])  # softmax backward
     dS_ij = dS_ij * softcap_grad(s_ij, pb.opts.softcap) * pb.opts.scale  # back to q.k
-    dK_j += dS_ij.T @ Q_i
-    g.dq[b, rows, h] += dS_ij @ K_j  # an atomicAdd in the kernel: K/V tiles run in parallel
+    return P_ij * drop, dS_ij

@@ -56,7 +56,7 @@ def make_problem(feature: str, seqlen_q: int, seqlen_k: int, seed: int = 0,
 
 
 def check_tiled_matches_dense(feature: str, seqlen_q: int, seqlen_k: int, block_m: int,
-                              block_n: int, batch: int = 1) -> None:
+                              block_n: int, batch: int = 1, dq_pass: bool = False) -> None:
     """Forward (out, lse) and backward (dq, dk, dv) of both references agree to TOL."""
     arrays, opts = make_problem(feature, seqlen_q, seqlen_k, batch=batch)
     q, k, v, dout = arrays["q"], arrays["k"], arrays["v"], arrays["dout"]
@@ -64,7 +64,7 @@ def check_tiled_matches_dense(feature: str, seqlen_q: int, seqlen_k: int, block_
     grads = ref.attention_backward(dout, q, k, v, **opts)
     t_out, t_lse = tiled.flash_forward(q, k, v, block_m=block_m, block_n=block_n, **opts)
     t_grads = tiled.flash_backward(dout, q, k, v, t_out, t_lse, block_m=block_m,
-                                   block_n=block_n, **opts)
+                                   block_n=block_n, dq_pass=dq_pass, **opts)
     np.testing.assert_array_equal(np.isinf(t_lse), np.isinf(lse))  # the same dead rows
     live = np.isfinite(lse)
     assert np.max(np.abs(t_lse[live] - lse[live]), initial=0.0) <= TOL
@@ -101,6 +101,14 @@ def test_tiled_matches_dense_large(feature, seqlen_q, seqlen_k, block_m, block_n
 
 def test_tiled_two_batches() -> None:
     check_tiled_matches_dense("everything", 17, 23, 4, 8, batch=2)
+
+
+# dQ in a pass of its own (the dQ kernels: deterministic=True, and Hopper above head dim 128).
+@pytest.mark.parametrize("block_m, block_n", LARGE_BLOCKS[:2], ids=[f"bm{m}_bn{n}" for m, n in LARGE_BLOCKS[:2]])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LARGE, ids=[f"sq{q}_sk{k}" for q, k in LARGE])
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_tiled_dq_pass_matches_dense(feature, seqlen_q, seqlen_k, block_m, block_n) -> None:
+    check_tiled_matches_dense(feature, seqlen_q, seqlen_k, block_m, block_n, dq_pass=True)
 
 
 # --------------------------------------------------------------------------- tile ranges
