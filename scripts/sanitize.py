@@ -89,7 +89,8 @@ def main() -> int:
         run_one(args.case)
         return 0
     if args.list:
-        print("\n".join(c.id for c in memory_sweep.cases() if args.match in c.id))
+        ids = dict.fromkeys(c.id for c in (*memory_sweep.cases(), *memory_sweep.cases(small=True)))
+        print("\n".join(i for i in ids if args.match in i))  # the sweep, then the small set's own cases
         return 0
     sanitizer = (os.environ.get("COMPUTE_SANITIZER") or shutil.which("compute-sanitizer")
                  or next((str(p) for p in Path("/usr/local").glob("cuda*/bin/compute-sanitizer")), None))
