@@ -102,29 +102,30 @@ def is_forced() -> bool:
     return getattr(_override, "configs", _NOTHING_FORCED) != _NOTHING_FORCED
 
 
+def _first_default(families: Sequence[Any], what: str, head_dim: int, limits: DeviceLimits) -> Any:
+    """The default config of the first family that has one for head_dim on this device."""
+    for family in families:
+        config = family.default(head_dim, limits)
+        if config is not None:
+            return config
+    raise no_config_error(what, head_dim, limits)
+
+
 @functools.lru_cache(maxsize=None)  # pure in its (hashable) arguments; called on every full-path call
 def default_fwd_config(head_dim: int, limits: DeviceLimits, varlen: bool = False,
                        tensor_maps: bool = True) -> FwdConfig:
     """The first fitting row of the families' tables; for a packed batch (varlen) or arrays a
     tensor map cannot describe (not tensor_maps), of the families that run those."""
-    for family in FORWARD_FAMILIES:
-        reads_maps = hasattr(family, "tensor_maps")
-        if varlen and not getattr(family, "PACKED_BATCHES", True) or reads_maps and not tensor_maps:
-            continue
-        config = family.default(head_dim, limits)
-        if config is not None:
-            return config
-    raise no_config_error("forward", head_dim, limits)
+    families = [family for family in FORWARD_FAMILIES
+                if not (varlen and not getattr(family, "PACKED_BATCHES", True)
+                        or hasattr(family, "tensor_maps") and not tensor_maps)]
+    return _first_default(families, "forward", head_dim, limits)
 
 
 @functools.lru_cache(maxsize=None)
 def default_bwd_config(head_dim: int, limits: DeviceLimits) -> BwdConfig:
-    dkdv = next((c for c in (family.default(head_dim, limits) for family in DKDV_FAMILIES) if c is not None), None)
-    if dkdv is None:
-        raise no_config_error("backward dK/dV", head_dim, limits)
-    dq = next((c for c in (family.default(head_dim, limits) for family in DQ_FAMILIES) if c is not None), None)
-    if dq is None:
-        raise no_config_error("backward dQ", head_dim, limits)
+    dkdv = _first_default(DKDV_FAMILIES, "backward dK/dV", head_dim, limits)
+    dq = _first_default(DQ_FAMILIES, "backward dQ", head_dim, limits)
     return BwdConfig(dkdv, dq, dq_atomic=dkdv.atomic_dq_by_default(head_dim))
 
 

@@ -35,6 +35,11 @@ from variant_cells import HEADER, paper_grid_arrays, parse, print_rows
 CELLS = [f"bfloat16,{d},4096,{c}" for d in (80, 96, 160, 192) for c in (0, 1)] + ["bfloat16,128,4096,0"]
 
 
+def max_diff(grads, base) -> float:
+    """The largest difference between two sets of gradients, in float32."""
+    return max(float(cupy.abs(g.astype(cupy.float32) - b.astype(cupy.float32)).max()) for g, b in zip(grads, base))
+
+
 def cudnn_backward(q, k, v, dout, causal):
     """torch's cuDNN SDPA backward on contiguous (B, H, S, D) copies, or None without it."""
     try:
@@ -116,17 +121,13 @@ def main() -> None:
         rows = [(f"default {default.dkdv}", base_ms, 0.0)]
         for config in configs_of(dim, limits):
             with plan.forced(bwd=config):
-                grads = backward()
-                diff = max(float(cupy.abs(g.astype(cupy.float32) - b.astype(cupy.float32)).max())
-                           for g, b in zip(grads, base))
+                diff = max_diff(backward(), base)
                 ms = do_bench(backward, runs=30).median_ms
             dkdv = config.dkdv
             rows.append((f"wgmma m{dkdv.block_m} n{dkdv.block_n} s{dkdv.stages}", ms, diff))
         for name, config in (("deterministic", None), ("deterministic, mma.sync dQ", mma_sync_dq_config(dim, limits))):
             with plan.forced(bwd=config) if config else contextlib.nullcontext():
-                grads = backward(True)
-                diff = max(float(cupy.abs(g.astype(cupy.float32) - b.astype(cupy.float32)).max())
-                           for g, b in zip(grads, base))
+                diff = max_diff(backward(True), base)
                 ms = do_bench(lambda: backward(True), runs=30).median_ms
             rows.append((name, ms, diff))
         for config in dq_pass_configs_of(dim, limits):

@@ -20,7 +20,8 @@
 #            (run the other steps with CUPYFLASH_DECODE_BULK_COPIES=1 to test and bench the bulk ones)
 #                                                              -> $OUT/decode-copies.md
 #   bwd-variants  scripts/bwd_variants.py: the backward with its default dK/dV kernel against every
-#            forced wgmma dK/dV candidate and cuDNN (BWD_CELLS, default the script's) -> $OUT/bwd-variants.md
+#            forced wgmma dK/dV candidate, deterministic=True on both dQ passes, and cuDNN (BWD_CELLS,
+#            default the script's; BWD_VARIANTS_DKDV=0, BWD_VARIANTS_DQ=1 as in the script) -> $OUT/bwd-variants.md
 #   overhead scripts/host_overhead.py: host time per call against PyTorch -> $OUT/overhead.log
 #   tune     cupyflash autotune on the default buckets        -> $OUT/tune.log
 # Usage: scripts/gpu_check.sh [STEP ...]   (default: info tests sanitize validate bench-fp16 bench-bf16 overhead)

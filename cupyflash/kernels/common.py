@@ -29,6 +29,12 @@ def round_up(n: int, unit: int) -> int:
     return -(-n // unit) * unit
 
 
+def whole_slabs(head_dim: int) -> int:
+    """head_dim rounded up to whole 64-column slabs: one 128-byte swizzle span of 16-bit elements,
+    the width of the Hopper kernels' shared tiles (and of flash_fwd_tma's boxes)."""
+    return round_up(head_dim, 64)
+
+
 def padded_row_bytes(head_dim: int) -> int:
     """One shared-memory row of an mma.sync tile: head_dim elements and the bank-conflict pad."""
     return (head_dim + SMEM_PAD) * ELEMENT_BYTES

@@ -17,39 +17,27 @@ from .. import build
 from ..device import DeviceLimits
 from ..launch import SMEM_ALIGN_SLACK
 from ..problem import Problem
-from .common import ELEMENT_BYTES, defines, first_fitting, pipeline_and_dim_problems, round_up, Variant
+from .common import ELEMENT_BYTES, defines, first_fitting, whole_slabs, Variant
 from .flash_bwd_dkdv import MAX_ACC_FLOATS
 from .flash_fwd_sm90 import WarpgroupRowConfig
 
 SOURCE, ENTRY = "flash_bwd_dq_sm90.cu", "flash_bwd_dq_sm90"
 
 
-def tile_dim(head_dim: int) -> int:
-    """Columns of the shared tiles (the kernel's Sm90FwdTraits head dim): whole 64-column slabs."""
-    return round_up(head_dim, 64)
-
-
 @dataclass(frozen=True)
 class Sm90DqConfig(WarpgroupRowConfig):
     kernel = ENTRY
     max_acc_floats = MAX_ACC_FLOATS  # the dK/dV kernels' bound: dQ and two score tiles at d256
-
-    def problems(self, head_dim: int) -> list[str]:
-        reasons = []
-        if self.block_m not in (64, 128):
-            reasons.append(f"block_m {self.block_m} must be 64 or 128 (64 rows per warpgroup)")
-        if self.block_n not in (64, 128):
-            reasons.append(f"block_n {self.block_n} must be 64 or 128")
-        return reasons + pipeline_and_dim_problems(self.stages, head_dim)
+    block_ms = (64, 128)  # one or two warpgroups
 
     def acc_floats(self, head_dim: int) -> int:
         """dQ (64 rows x tile columns) plus the S and dP tiles over the warpgroup's 128 threads."""
-        return tile_dim(head_dim) // 2 + self.block_n
+        return whole_slabs(head_dim) // 2 + self.block_n
 
     def smem_bytes(self, head_dim: int) -> int:
         """Sm90DqSmem: Q, dO + stages x (K, V), unpadded, plus the alignment slack."""
         rows = 2 * self.block_m + 2 * self.stages * self.block_n
-        return rows * tile_dim(head_dim) * ELEMENT_BYTES + SMEM_ALIGN_SLACK
+        return rows * whole_slabs(head_dim) * ELEMENT_BYTES + SMEM_ALIGN_SLACK
 
 
 CONFIG = Sm90DqConfig  # the config class of this family (plan.config_from_dict)

@@ -36,6 +36,7 @@ class WarpgroupRowConfig:
 
     kernel = ""  # the family's entry point, which names it in to_dict (tuning files)
     max_acc_floats = MAX_ACC_FLOATS  # accumulator floats per thread that compile without spills
+    block_ms = (64, 128, 192)  # one to three warpgroups
 
     @property
     def num_warps(self) -> int:
@@ -46,7 +47,18 @@ class WarpgroupRowConfig:
         return 32 * self.num_warps
 
     def problems(self, head_dim: int) -> list[str]:
-        raise NotImplementedError
+        """Why this config cannot be compiled for head_dim (empty when it can)."""
+        reasons = []
+        if self.block_m not in self.block_ms:
+            allowed = ", ".join(map(str, self.block_ms[:-1])) + f" or {self.block_ms[-1]}"
+            reasons.append(f"block_m {self.block_m} must be {allowed} (64 rows per warpgroup)")
+        if self.block_n not in (64, 128):
+            reasons.append(f"block_n {self.block_n} must be 64 or 128")
+        return reasons + self.head_dim_problems(head_dim) + pipeline_and_dim_problems(self.stages, head_dim)
+
+    def head_dim_problems(self, head_dim: int) -> list[str]:
+        """The family's own rule on head_dim, if it has one."""
+        return []
 
     def acc_floats(self, head_dim: int) -> int:
         raise NotImplementedError
@@ -67,15 +79,8 @@ class WarpgroupRowConfig:
 class Sm90FwdConfig(WarpgroupRowConfig):
     kernel = ENTRY
 
-    def problems(self, head_dim: int) -> list[str]:
-        reasons = []
-        if self.block_m not in (64, 128, 192):
-            reasons.append(f"block_m {self.block_m} must be 64, 128 or 192 (64 rows per warpgroup)")
-        if self.block_n not in (64, 128):
-            reasons.append(f"block_n {self.block_n} must be 64 or 128")
-        if head_dim % 64:
-            reasons.append(f"head_dim {head_dim} must be a multiple of 64 (128-byte slabs)")
-        return reasons + pipeline_and_dim_problems(self.stages, head_dim)
+    def head_dim_problems(self, head_dim: int) -> list[str]:
+        return [f"head_dim {head_dim} must be a multiple of 64 (128-byte slabs)"] if head_dim % 64 else []
 
     def acc_floats(self, head_dim: int) -> int:
         """O (64 rows x head_dim) plus one S tile over the warpgroup's 128 threads."""

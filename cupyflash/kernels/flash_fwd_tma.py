@@ -20,7 +20,7 @@ from .. import build, tma
 from ..device import DeviceLimits
 from ..launch import SMEM_ALIGN_SLACK
 from ..problem import Problem
-from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems, Variant
+from .common import ELEMENT_BYTES, HOPPER, defines, first_fitting, pipeline_and_dim_problems, whole_slabs, Variant
 
 SOURCE, ENTRY = "flash_fwd_tma.cu", "flash_fwd_tma"
 ROWS_PER_WARPGROUP = 64
@@ -91,7 +91,7 @@ CONFIG = TmaFwdConfig  # the config class of this family (plan.config_from_dict)
 
 def tile_dim(head_dim: int) -> int:
     """Columns of a shared tile: head_dim rounded up to whole 64-column (128-byte) slabs."""
-    return -(-head_dim // BOX_COLS) * BOX_COLS
+    return whole_slabs(head_dim)
 
 
 def unsupported(p: Problem) -> str | None:
