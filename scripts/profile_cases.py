@@ -39,7 +39,8 @@ def _normal(*shape: int) -> cupy.ndarray:
 
 def profile_once(call: Callable[[], object]) -> None:
     """call() once between cudaProfilerStart and Stop, the device idle before and after, so that
-    `ncu --profile-from-start off` sees its kernels alone."""
+    `ncu --profile-from-start off` sees its kernels alone. The profiler range and the device
+    synchronisation are the process's, so torch's kernels (the peers) are profiled the same way."""
     cupy.cuda.runtime.deviceSynchronize()
     cupy.cuda.runtime.profilerStart()
     call()
@@ -68,13 +69,8 @@ def decode_torch(backend: str, seqlen_q: int, batch: int, cache: int, heads_q: i
     k, v = (torch.randn(batch, cache, heads_kv, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
             for _ in range(2))
     with sdpa_kernel(getattr(SDPBackend, backend)):
-        for profiled in (False, True):
-            torch.cuda.synchronize()
-            if profiled:
-                torch.cuda.profiler.start()
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            torch.cuda.synchronize()
-        torch.cuda.profiler.stop()
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        profile_once(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
 
 
 def varlen_bwd(count: int, length: int) -> None:
@@ -106,13 +102,8 @@ def backward_cudnn(batch: int, seqlen: int, heads: int, head_dim: int, causal: i
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
-        for profiled in (False, True):
-            torch.cuda.synchronize()
-            if profiled:
-                torch.cuda.profiler.start()
-            torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
-            torch.cuda.synchronize()
-        torch.cuda.profiler.stop()
+        torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        profile_once(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
 
 
 if __name__ == "__main__":
